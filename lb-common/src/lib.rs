@@ -1,0 +1,366 @@
+//! Types shared by the lb datapath (`lb-ebpf`) and the node agent (`lb-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, has its padding written out as
+//! named fields (so that the bytes the kernel hashes are always initialised), and has
+//! a `const` size assertion. Fields in network byte order carry a `_be` suffix.
+//!
+//! IPv4 maps carry a `4` in their pinned names; IPv6 gets its own `*6` maps with
+//! 16-byte addresses and the same value types, as Cilium's `lb4_*`/`lb6_*` maps do.
+#![no_std]
+
+pub mod hash;
+
+/// Bumped whenever the layout of any pinned map changes. The agent refuses to reuse a
+/// pinned map whose name carries another version (see `map_names`).
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v1` suffix is
+/// [`MAP_LAYOUT_VERSION`]; change both together.
+pub mod map_names {
+    pub const SERVICES: &str = "lb4_svc_v1";
+    pub const BACKENDS: &str = "lb4_be_v1";
+    pub const AFFINITY: &str = "lb4_aff_v1";
+    pub const CONNTRACK: &str = "lb4_ct_v1";
+    pub const STATS: &str = "lb_stats_v1";
+    pub const SVC_STATS: &str = "lb4_svcst_v1";
+    /// Every pinned map, for clean-up and layout checks.
+    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, AFFINITY, CONNTRACK, STATS, SVC_STATS];
+    /// Prefixes shared by every version of our maps, to recognise stale layouts.
+    pub const PREFIXES: [&str; 6] = ["lb4_svc_v", "lb4_be_v", "lb4_aff_v", "lb4_ct_v", "lb_stats_v", "lb4_svcst_v"];
+}
+
+/// Default `max_entries` of each map; the agent may override them at load time.
+pub mod limits {
+    /// Frontends (ClusterIP, port, protocol), plus one address marker per ClusterIP.
+    pub const SERVICES: u32 = 262_144;
+    /// Backend slots over all services.
+    pub const BACKENDS: u32 = 1_048_576;
+    pub const AFFINITY: u32 = 262_144;
+    /// Each connection takes two entries (forward and reverse).
+    pub const CONNTRACK: u32 = 524_288;
+    /// Service ids run 1..SVC_STATS; id 0 is "unset".
+    pub const SVC_STATS: u32 = 262_144;
+    /// Most backends one service may have: the datapath scans at most this many slots
+    /// when it picks a backend for a new flow (rendezvous hashing, see `hash`).
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 256;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `SERVICES` key: one frontend. A key with `port_be == 0 && proto == 0` is the
+/// address marker the agent writes once per ClusterIP, so that the datapath can tell
+/// "a ClusterIP, but not one of its ports" and give fragments and malformed packets
+/// to a ClusterIP their own verdicts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey4 {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 8);
+
+impl ServiceKey4 {
+    pub const fn new(addr_be: u32, port_be: u16, proto: u8) -> Self {
+        Self { addr_be, port_be, proto, _pad: 0 }
+    }
+    pub const fn address_marker(addr_be: u32) -> Self {
+        Self::new(addr_be, 0, 0)
+    }
+}
+
+/// `ServiceValue::flags`: ClientIP session affinity is on.
+pub const SVC_F_AFFINITY: u16 = 1 << 0;
+
+/// `ServiceValue::no_backends`: answer with ICMP port unreachable, like kube-proxy's
+/// REJECT, so the client sees ECONNREFUSED at once.
+pub const NO_BACKENDS_REJECT: u8 = 0;
+/// `ServiceValue::no_backends`: drop silently.
+pub const NO_BACKENDS_DROP: u8 = 1;
+
+/// `SERVICES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Service id, unique per frontend, never 0. Keys `BACKENDS`, `AFFINITY`, `SVC_STATS`.
+    pub id: u32,
+    /// Backend slots 1..=count are valid in `BACKENDS`. 0: no ready backend.
+    pub count: u32,
+    /// ClientIP affinity timeout in seconds (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+    pub affinity_timeout_s: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u16,
+    /// `NO_BACKENDS_*`.
+    pub no_backends: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// `BACKENDS` key: slot 1..=count of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+
+/// `BACKENDS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    /// Agent-assigned id of this backend within its service, never 0 (0 = "unset").
+    /// Conntrack and affinity entries remember it to tell whether their backend still
+    /// exists after slots have been rearranged.
+    pub backend_id: u32,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 12);
+
+/// `AFFINITY` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey4 {
+    pub svc_id: u32,
+    pub client_addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
+
+/// `AFFINITY` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    /// Where the backend stood when it was chosen; checked first, then searched.
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// `CONNTRACK` key: a 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+
+/// `CtValue4::dir`: client -> frontend; rewrite the destination to the backend.
+pub const CT_DIR_FORWARD: u8 = 1;
+/// `CtValue4::dir`: backend -> client; rewrite the source to the frontend.
+pub const CT_DIR_REPLY: u8 = 2;
+
+/// `CONNTRACK` value: the NAT state of one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue4 {
+    /// Forward: the backend's address; reply: the ClusterIP.
+    pub nat_addr_be: u32,
+    /// Forward: the targetPort; reply: the service port.
+    pub nat_port_be: u16,
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    /// `SVC_F_*` of the service when the flow started.
+    pub svc_flags: u8,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 20);
+
+/// Per-CPU counter, one per `STATS` reason and per `SVC_STATS` service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Index into the per-CPU `STATS` array: every verdict and drop reason the datapath
+/// gives. The table in docs/datapath.md says when each one is used.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 (ARP, IPv6, a second VLAN tag, ...): XDP_PASS.
+    PassNotIpv4 = 0,
+    /// IPv4 to an address that is no ClusterIP: XDP_PASS.
+    PassNotService = 1,
+    /// A ClusterIP, but a port or protocol it does not serve: XDP_PASS.
+    PassUnknownPort = 2,
+    /// ICMP to a ClusterIP: XDP_PASS (the stack answers or drops it as usual).
+    PassIcmp = 3,
+    /// A frame too short for its Ethernet or VLAN header, or an IPv4 header that is
+    /// truncated or invalid (IHL < 5, total length too small): XDP_PASS, so the stack
+    /// counts it in its own error counters. We cannot tell whose it is.
+    PassMalformedL3 = 4,
+    /// First packet of a flow to a frontend: backend chosen, destination rewritten.
+    FwdNew = 5,
+    /// A later packet of a known flow: destination rewritten from conntrack.
+    FwdEstablished = 6,
+    /// A reply from a backend: source rewritten back to the frontend.
+    RevNat = 7,
+    /// New flow of an affinity service: the client's remembered backend reused.
+    AffinityHit = 8,
+    /// New flow of an affinity service: no live entry, a backend was chosen and remembered.
+    AffinityMiss = 9,
+    /// Affinity entry older than the timeout: replaced.
+    AffinityExpired = 10,
+    /// Affinity entry whose backend has left the service: replaced.
+    AffinityStale = 11,
+    /// No ready backend, service set to reject: ICMP port unreachable sent back (XDP_TX).
+    NoBackendReject = 12,
+    /// No ready backend, service set to drop: XDP_DROP.
+    NoBackendDrop = 13,
+    /// An IPv4 fragment to a ClusterIP: XDP_DROP (no reassembly; see docs/datapath.md).
+    DropFragment = 14,
+    /// TCP or UDP to a ClusterIP whose L4 header is truncated: XDP_DROP.
+    DropMalformedL4 = 15,
+    /// A mid-connection TCP packet whose backend has been removed: XDP_DROP, never sent
+    /// on to another pod.
+    DropBackendGone = 16,
+    /// UDP, or a TCP SYN, whose conntrack entry points at a removed backend: the entry
+    /// is discarded and the packet handled as a new flow (what kube-proxy's conntrack
+    /// flush for UDP achieves).
+    CtStaleRescheduled = 17,
+    /// Conntrack or affinity insert failed (map full beyond LRU eviction): the packet is
+    /// still forwarded, but later packets pick again.
+    MapInsertFailed = 18,
+    /// Rewriting the packet failed (a helper returned an error): XDP_ABORTED / TC_ACT_SHOT.
+    RewriteFailed = 19,
+    /// IPv4 with another L4 protocol (SCTP, GRE, ...) to a ClusterIP: XDP_PASS.
+    PassOtherProto = 20,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 21;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::PassNotIpv4,
+        Reason::PassNotService,
+        Reason::PassUnknownPort,
+        Reason::PassIcmp,
+        Reason::PassMalformedL3,
+        Reason::FwdNew,
+        Reason::FwdEstablished,
+        Reason::RevNat,
+        Reason::AffinityHit,
+        Reason::AffinityMiss,
+        Reason::AffinityExpired,
+        Reason::AffinityStale,
+        Reason::NoBackendReject,
+        Reason::NoBackendDrop,
+        Reason::DropFragment,
+        Reason::DropMalformedL4,
+        Reason::DropBackendGone,
+        Reason::CtStaleRescheduled,
+        Reason::MapInsertFailed,
+        Reason::RewriteFailed,
+        Reason::PassOtherProto,
+    ];
+
+    /// Stable snake_case name, used for metrics labels and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotService => "pass_not_service",
+            Reason::PassUnknownPort => "pass_unknown_port",
+            Reason::PassIcmp => "pass_icmp",
+            Reason::PassMalformedL3 => "pass_malformed_l3",
+            Reason::FwdNew => "fwd_new",
+            Reason::FwdEstablished => "fwd_established",
+            Reason::RevNat => "rev_nat",
+            Reason::AffinityHit => "affinity_hit",
+            Reason::AffinityMiss => "affinity_miss",
+            Reason::AffinityExpired => "affinity_expired",
+            Reason::AffinityStale => "affinity_stale",
+            Reason::NoBackendReject => "no_backend_reject",
+            Reason::NoBackendDrop => "no_backend_drop",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropMalformedL4 => "drop_malformed_l4",
+            Reason::DropBackendGone => "drop_backend_gone",
+            Reason::CtStaleRescheduled => "ct_stale_rescheduled",
+            Reason::MapInsertFailed => "map_insert_failed",
+            Reason::RewriteFailed => "rewrite_failed",
+            Reason::PassOtherProto => "pass_other_proto",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding (every
+    // padding byte is a named field, checked by the size assertions above).
+    unsafe impl aya::Pod for ServiceKey4 {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for AffinityKey4 {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for CtKey4 {}
+    unsafe impl aya::Pod for CtValue4 {}
+    unsafe impl aya::Pod for Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_are_what_the_kernel_side_expects() {
+        // (size, align) of every shared type: a change here is a map layout change and
+        // needs a MAP_LAYOUT_VERSION bump.
+        assert_eq!((size_of::<ServiceKey4>(), align_of::<ServiceKey4>()), (8, 4));
+        assert_eq!((size_of::<ServiceValue>(), align_of::<ServiceValue>()), (16, 4));
+        assert_eq!((size_of::<BackendKey>(), align_of::<BackendKey>()), (8, 4));
+        assert_eq!((size_of::<BackendValue>(), align_of::<BackendValue>()), (12, 4));
+        assert_eq!((size_of::<AffinityKey4>(), align_of::<AffinityKey4>()), (8, 4));
+        assert_eq!((size_of::<AffinityValue>(), align_of::<AffinityValue>()), (16, 8));
+        assert_eq!((size_of::<CtKey4>(), align_of::<CtKey4>()), (16, 4));
+        assert_eq!((size_of::<CtValue4>(), align_of::<CtValue4>()), (20, 4));
+        assert_eq!((size_of::<Counter>(), align_of::<Counter>()), (16, 8));
+        assert_eq!(size_of::<Reason>(), 4);
+    }
+
+    #[test]
+    fn field_offsets_have_no_hidden_padding() {
+        assert_eq!(core::mem::offset_of!(ServiceKey4, proto), 6);
+        assert_eq!(core::mem::offset_of!(ServiceValue, no_backends), 14);
+        assert_eq!(core::mem::offset_of!(CtKey4, proto), 12);
+        assert_eq!(core::mem::offset_of!(CtValue4, svc_id), 8);
+        assert_eq!(core::mem::offset_of!(BackendValue, port_be), 8);
+    }
+
+    #[test]
+    fn reasons_are_dense_and_named_once() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32, "{r:?} out of order");
+        }
+        let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::COUNT as usize);
+    }
+
+    #[test]
+    fn pinned_names_fit_the_kernel_and_carry_the_version() {
+        let suffix = std::format!("_v{MAP_LAYOUT_VERSION}");
+        for (name, prefix) in map_names::ALL.iter().zip(map_names::PREFIXES) {
+            assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
+            assert!(name.ends_with(&suffix), "{name} lacks {suffix}");
+            assert!(name.starts_with(prefix));
+        }
+    }
+}
