@@ -160,6 +160,15 @@ pub const CT_DIR_FORWARD: u8 = 1;
 /// `CtValue4::dir`: backend -> client; rewrite the source to the frontend.
 pub const CT_DIR_REPLY: u8 = 2;
 
+/// `CtValue4::flags`: the service had ClientIP affinity when the flow started; every
+/// forward packet refreshes the client's `AFFINITY` entry.
+pub const CT_F_AFFINITY: u8 = 1 << 0;
+/// `CtValue4::flags`: hairpin, the client is its own backend. Forward packets also get
+/// their source rewritten to the ClusterIP, so that the backend's reply leaves the pod
+/// instead of being delivered locally (kube-proxy masquerades the same case,
+/// KUBE-MARK-MASQ); replies get their destination rewritten back to the client.
+pub const CT_F_HAIRPIN: u8 = 1 << 1;
+
 /// `CONNTRACK` value: the NAT state of one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -170,8 +179,8 @@ pub struct CtValue4 {
     pub nat_port_be: u16,
     /// `CT_DIR_*`.
     pub dir: u8,
-    /// `SVC_F_*` of the service when the flow started.
-    pub svc_flags: u8,
+    /// `CT_F_*`.
+    pub flags: u8,
     pub svc_id: u32,
     pub backend_id: u32,
     pub slot: u32,

@@ -1,1 +1,120 @@
-fn main() {}
+//! Project tasks: `cargo xtask <command>`. xtask itself depends on nothing that needs the
+//! BPF toolchain, so it builds on a fresh machine and can install that toolchain.
+
+mod kube;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "lb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Install everything a fresh machine needs to build and test (idempotent).
+    Setup,
+    /// Build the datapath and the `lb` binaries (release).
+    Build,
+    /// Run the test suite (needs root: it loads BPF programs and makes namespaces).
+    Test {
+        /// Which part: all (default), unit, datapath, e2e.
+        #[arg(default_value = "all")]
+        suite: String,
+    },
+    /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN).
+    Bench {
+        /// Which benchmark: datapath.
+        what: String,
+        /// Extra arguments for the benchmark binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Demonstrations: `datapath` (crafted packets through the real program).
+    Demo {
+        #[arg(default_value = "datapath")]
+        what: String,
+    },
+    /// A real Kubernetes control plane (etcd, kube-apiserver, controller-manager).
+    Kube {
+        #[command(subcommand)]
+        cmd: kube::KubeCmd,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => {
+            setup::ensure()?;
+            cargo(&["build", "--release", "--package", "lb-userspace"])
+        }
+        Cmd::Test { suite } => test(&suite),
+        Cmd::Bench { what, args } => {
+            setup::ensure()?;
+            match what.as_str() {
+                "datapath" => lb_dev(&["bench", "datapath"], &args),
+                other => bail!("unknown benchmark {other:?}; try `cargo xtask bench datapath`"),
+            }
+        }
+        Cmd::Demo { what } => {
+            setup::ensure()?;
+            match what.as_str() {
+                "datapath" => lb_dev(&["demo", "datapath"], &[]),
+                other => bail!("unknown demo {other:?}; try `cargo xtask demo datapath`"),
+            }
+        }
+        Cmd::Kube { cmd } => kube::run(cmd),
+    }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} loads BPF programs and creates network namespaces: run it as root (sudo -E cargo xtask ...)");
+    }
+    Ok(())
+}
+
+fn test(suite: &str) -> Result<()> {
+    setup::ensure()?;
+    match suite {
+        "unit" => cargo(&["test", "--workspace", "--lib", "--bins"]),
+        "datapath" => {
+            require_root("the datapath suite")?;
+            cargo(&["test", "--package", "lb-userspace", "--test", "datapath", "--test", "netns"])
+        }
+        "all" => {
+            require_root("the test suite")?;
+            cargo(&["test", "--workspace"])
+        }
+        other => bail!("unknown suite {other:?}: all, unit or datapath"),
+    }
+}
+
+/// Runs the dev tool (bench, demo) from lb-userspace, built in release mode.
+fn lb_dev(sub: &[&str], extra: &[String]) -> Result<()> {
+    require_root("this command")?;
+    let mut args = vec!["run", "--quiet", "--release", "--package", "lb-userspace", "--bin", "lb-dev", "--"];
+    args.extend_from_slice(sub);
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

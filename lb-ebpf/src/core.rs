@@ -1,0 +1,336 @@
+//! The parse, lookup and NAT decision shared by `lb_xdp` and `lb_tc`. It reads the
+//! packet, consults and updates the maps, and returns what to do; the entry points
+//! apply it with their own rewrite and checksum mechanics.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_F_AFFINITY, CT_F_HAIRPIN, CtKey4, CtValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP,
+    Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, hash, limits,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES, count},
+    parse::{
+        ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, parse_ipv4, parse_l2,
+        parse_l4,
+    },
+};
+
+/// Old and new values of the header fields a NAT rewrite may touch, all in network
+/// byte order. Equal old and new means "leave it".
+pub struct Rewrite {
+    pub l3_off: usize,
+    pub l4_csum_off: usize,
+    pub proto: u8,
+    pub saddr: (u32, u32),
+    pub daddr: (u32, u32),
+    pub sport: (u16, u16),
+    pub dport: (u16, u16),
+}
+
+pub enum Action {
+    /// Not ours, or nothing to do: hand the packet on unchanged.
+    Pass(Reason),
+    Drop(Reason),
+    /// Rewrite the headers as given and hand the packet on.
+    Nat { reason: Reason, svc_id: u32, rw: Rewrite },
+    /// No backend and the service rejects: answer the client with ICMP port
+    /// unreachable quoting the IPv4 header (`ip_hdr_len` bytes) and 8 bytes of L4.
+    Reject { l3_off: usize, ip_hdr_len: usize, svc_id: u32 },
+}
+
+#[inline(always)]
+fn backend_at(svc_id: u32, slot: u32) -> Option<BackendValue> {
+    unsafe { BACKENDS.get(&BackendKey { svc_id, slot }) }.copied()
+}
+
+/// Where backend `backend_id` of `svc_id` stands now: at `hint_slot` (its slot when the
+/// flow started) or, after the agent rearranged slots, anywhere in 1..=count.
+#[inline(always)]
+fn find_backend(
+    svc_id: u32,
+    backend_id: u32,
+    hint_slot: u32,
+    svc: Option<&ServiceValue>,
+) -> Option<(u32, BackendValue)> {
+    if let Some(b) = backend_at(svc_id, hint_slot)
+        && b.backend_id == backend_id
+    {
+        return Some((hint_slot, b));
+    }
+    let count = svc?.count;
+    let mut slot = 1;
+    while slot <= limits::MAX_BACKENDS_PER_SERVICE {
+        if slot > count {
+            break;
+        }
+        if let Some(b) = backend_at(svc_id, slot)
+            && b.backend_id == backend_id
+        {
+            return Some((slot, b));
+        }
+        slot += 1;
+    }
+    None
+}
+
+/// Rendezvous hashing over slots 1..=count (see `lb_common::hash`).
+#[inline(always)]
+fn pick_backend(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
+    let mut best: Option<(u32, BackendValue)> = None;
+    let mut best_score = 0u32;
+    let mut slot = 1;
+    while slot <= limits::MAX_BACKENDS_PER_SERVICE {
+        if slot > svc.count {
+            break;
+        }
+        if let Some(b) = backend_at(svc.id, slot) {
+            let score = hash::hrw_score(flow, b.addr_be, b.port_be);
+            if best.is_none() || score > best_score {
+                best = Some((slot, b));
+                best_score = score;
+            }
+        }
+        slot += 1;
+    }
+    best
+}
+
+#[inline(always)]
+fn ct_key(l3: &L3, l4: &L4) -> CtKey4 {
+    CtKey4 {
+        src_addr_be: l3.saddr_be,
+        dst_addr_be: l3.daddr_be,
+        src_port_be: l4.sport_be,
+        dst_port_be: l4.dport_be,
+        proto: l3.proto,
+        _pad: [0; 3],
+    }
+}
+
+pub fn process<C: Packet>(ctx: &C) -> Action {
+    let Some(l2) = parse_l2(ctx) else {
+        return Action::Pass(Reason::PassMalformedL3);
+    };
+    if l2.ether_type != ETH_P_IP {
+        return Action::Pass(Reason::PassNotIpv4);
+    }
+    let Some(l3) = parse_ipv4(ctx, l2.l3_off) else {
+        return Action::Pass(Reason::PassMalformedL3);
+    };
+    let is_vip = || unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
+
+    if l3.proto != IPPROTO_TCP && l3.proto != IPPROTO_UDP {
+        if !is_vip() {
+            return Action::Pass(Reason::PassNotService);
+        }
+        return Action::Pass(if l3.proto == IPPROTO_ICMP {
+            Reason::PassIcmp
+        } else {
+            Reason::PassOtherProto
+        });
+    }
+    if l3.fragment {
+        // Non-first fragments carry no ports, so no frontend can be matched; we do no
+        // reassembly. Fragments to a ClusterIP are dropped and counted, the rest pass.
+        return if is_vip() {
+            Action::Drop(Reason::DropFragment)
+        } else {
+            Action::Pass(Reason::PassNotService)
+        };
+    }
+    let l4_off = l2.l3_off + l3.hdr_len;
+    let Some(l4) = parse_l4(ctx, l4_off, l3.proto) else {
+        return if is_vip() {
+            Action::Drop(Reason::DropMalformedL4)
+        } else {
+            Action::Pass(Reason::PassNotService)
+        };
+    };
+
+    let key = ct_key(&l3, &l4);
+    if let Some(ct) = unsafe { CONNTRACK.get(&key) }.copied() {
+        match established(&l3, &l4, &key, &ct, l2.l3_off) {
+            Established::Done(action) => return action,
+            Established::Reschedule => {
+                let _ = CONNTRACK.remove(&key);
+                count(Reason::CtStaleRescheduled, 0);
+            }
+        }
+    }
+
+    let svc_key = ServiceKey4::new(l3.daddr_be, l4.dport_be, l3.proto);
+    let Some(svc) = unsafe { SERVICES.get(&svc_key) }.copied() else {
+        return Action::Pass(if is_vip() { Reason::PassUnknownPort } else { Reason::PassNotService });
+    };
+    new_flow(&l3, &l4, &key, &svc, l2.l3_off)
+}
+
+enum Established {
+    Done(Action),
+    /// The flow's backend is gone and the packet may start a new flow.
+    Reschedule,
+}
+
+#[inline(always)]
+fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> Established {
+    if ct.dir == CT_DIR_REPLY {
+        let client = if ct.flags & CT_F_HAIRPIN != 0 { key.src_addr_be } else { key.dst_addr_be };
+        return Established::Done(Action::Nat {
+            reason: Reason::RevNat,
+            svc_id: ct.svc_id,
+            rw: Rewrite {
+                l3_off,
+                l4_csum_off: l4.csum_off,
+                proto: l3.proto,
+                saddr: (l3.saddr_be, ct.nat_addr_be),
+                daddr: (l3.daddr_be, client),
+                sport: (l4.sport_be, ct.nat_port_be),
+                dport: (l4.dport_be, l4.dport_be),
+            },
+        });
+    }
+    // Forward: the flow keeps its backend for as long as that backend is in the service.
+    let backend = if let Some(b) = backend_at(ct.svc_id, ct.slot)
+        && b.backend_id == ct.backend_id
+    {
+        Some(b)
+    } else {
+        let svc_key = ServiceKey4::new(l3.daddr_be, l4.dport_be, l3.proto);
+        let svc = unsafe { SERVICES.get(&svc_key) };
+        find_backend(ct.svc_id, ct.backend_id, ct.slot, svc).map(|(_, b)| b)
+    };
+    let Some(backend) = backend else {
+        let syn = l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+        if l3.proto == IPPROTO_UDP || syn {
+            return Established::Reschedule;
+        }
+        return Established::Done(Action::Drop(Reason::DropBackendGone));
+    };
+    if ct.flags & CT_F_AFFINITY != 0 {
+        refresh_affinity(ct.svc_id, l3.saddr_be, ct.backend_id);
+    }
+    Established::Done(Action::Nat {
+        reason: Reason::FwdEstablished,
+        svc_id: ct.svc_id,
+        rw: forward_rewrite(l3, l4, l3_off, &backend, ct.flags & CT_F_HAIRPIN != 0),
+    })
+}
+
+/// kube-proxy's `recent` match is refreshed by traffic; so is ours, on every packet.
+#[inline(always)]
+fn refresh_affinity(svc_id: u32, client_be: u32, backend_id: u32) {
+    let key = AffinityKey4 { svc_id, client_addr_be: client_be };
+    if let Some(a) = AFFINITY.get_ptr_mut(&key) {
+        unsafe {
+            if (*a).backend_id == backend_id {
+                (*a).last_used_ns = bpf_ktime_get_ns();
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn forward_rewrite(l3: &L3, l4: &L4, l3_off: usize, b: &BackendValue, hairpin: bool) -> Rewrite {
+    Rewrite {
+        l3_off,
+        l4_csum_off: l4.csum_off,
+        proto: l3.proto,
+        // Hairpin: the reply must leave the pod, so it has to be addressed to the
+        // ClusterIP rather than to the pod itself.
+        saddr: (l3.saddr_be, if hairpin { l3.daddr_be } else { l3.saddr_be }),
+        daddr: (l3.daddr_be, b.addr_be),
+        sport: (l4.sport_be, l4.sport_be),
+        dport: (l4.dport_be, b.port_be),
+    }
+}
+
+#[inline(always)]
+fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -> Action {
+    if svc.count == 0 {
+        return if svc.no_backends == NO_BACKENDS_DROP {
+            Action::Drop(Reason::NoBackendDrop)
+        } else {
+            Action::Reject { l3_off, ip_hdr_len: l3.hdr_len, svc_id: svc.id }
+        };
+    }
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let mut chosen = None;
+    let mut now = 0;
+    let aff_key = AffinityKey4 { svc_id: svc.id, client_addr_be: l3.saddr_be };
+    if affinity {
+        now = unsafe { bpf_ktime_get_ns() };
+        if let Some(a) = unsafe { AFFINITY.get(&aff_key) }.copied() {
+            let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
+            if now.wrapping_sub(a.last_used_ns) > timeout_ns {
+                count(Reason::AffinityExpired, 0);
+            } else if let Some(found) = find_backend(svc.id, a.backend_id, a.slot, Some(svc)) {
+                count(Reason::AffinityHit, 0);
+                chosen = Some(found);
+            } else {
+                count(Reason::AffinityStale, 0);
+            }
+        } else {
+            count(Reason::AffinityMiss, 0);
+        }
+    }
+    let (slot, backend) = match chosen {
+        Some(c) => c,
+        None => {
+            let flow = if affinity {
+                hash::client_hash(l3.saddr_be, l3.daddr_be, l4.dport_be, l3.proto)
+            } else {
+                hash::flow_hash(l3.saddr_be, l3.daddr_be, l4.sport_be, l4.dport_be, l3.proto)
+            };
+            // count > 0 but no slot found: the agent is mid-update; treat as empty.
+            let Some(p) = pick_backend(svc, flow) else {
+                return Action::Drop(Reason::NoBackendDrop);
+            };
+            p
+        }
+    };
+    if affinity {
+        let v = AffinityValue { last_used_ns: now, backend_id: backend.backend_id, slot };
+        if AFFINITY.insert(&aff_key, &v, 0).is_err() {
+            count(Reason::MapInsertFailed, 0);
+        }
+    }
+
+    let hairpin = backend.addr_be == l3.saddr_be;
+    let mut flags = if affinity { CT_F_AFFINITY } else { 0 };
+    if hairpin {
+        flags |= CT_F_HAIRPIN;
+    }
+    let fwd = CtValue4 {
+        nat_addr_be: backend.addr_be,
+        nat_port_be: backend.port_be,
+        dir: CT_DIR_FORWARD,
+        flags,
+        svc_id: svc.id,
+        backend_id: backend.backend_id,
+        slot,
+    };
+    let reply_key = CtKey4 {
+        src_addr_be: backend.addr_be,
+        dst_addr_be: if hairpin { l3.daddr_be } else { l3.saddr_be },
+        src_port_be: backend.port_be,
+        dst_port_be: l4.sport_be,
+        proto: l3.proto,
+        _pad: [0; 3],
+    };
+    let reply = CtValue4 {
+        nat_addr_be: l3.daddr_be,
+        nat_port_be: l4.dport_be,
+        dir: CT_DIR_REPLY,
+        ..fwd
+    };
+    if CONNTRACK.insert(key, &fwd, 0).is_err() || CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
+        count(Reason::MapInsertFailed, 0);
+    }
+    Action::Nat {
+        reason: Reason::FwdNew,
+        svc_id: svc.id,
+        rw: forward_rewrite(l3, l4, l3_off, &backend, hairpin),
+    }
+}

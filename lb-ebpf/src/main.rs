@@ -1,0 +1,310 @@
+//! lb datapath: Kubernetes ClusterIP load balancing in XDP (`lb_xdp`) and tc clsact
+//! (`lb_tc`). Both run the same parse, lookup and NAT core (`core::process`); only the
+//! way they rewrite packets and fix checksums differs. See docs/datapath.md.
+#![no_std]
+#![no_main]
+
+mod core;
+mod csum;
+mod maps;
+mod parse;
+mod reject;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::{
+        bpf_redirect,
+        generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    },
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{IPPROTO_UDP, Reason};
+
+use crate::{
+    core::{Action, Rewrite, process},
+    maps::{count, count_service},
+    parse::{EthHdr, IPV4_CSUM_OFF, IPV4_DADDR_OFF, IPV4_SADDR_OFF, Ipv4Hdr, ptr_at},
+    reject::{MAX_QUOTE, REJECT_HDRS, RejectHdrs},
+};
+
+/// `TC_ACT_UNSPEC`: not ours; let the next tc program or the default action decide.
+const TC_ACT_UNSPEC: i32 = -1;
+/// tc can pull this much into the linear area when headers are not there yet: the
+/// largest Ethernet + VLAN + IPv4 (with options) + TCP header we parse.
+const TC_PULL_LEN: u32 = 14 + 4 + 60 + 20;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match try_lb_xdp(&ctx) {
+        Ok(v) => v,
+        Err(()) => {
+            count(Reason::RewriteFailed, 0);
+            xdp_action::XDP_ABORTED
+        }
+    }
+}
+
+#[classifier]
+pub fn lb_tc(ctx: TcContext) -> i32 {
+    match try_lb_tc(&ctx) {
+        Ok(v) => v,
+        Err(()) => {
+            count(Reason::RewriteFailed, 0);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, ()> {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let action = process(ctx);
+    #[cfg(feature = "debug-log")]
+    log_action(ctx, &action);
+    Ok(match action {
+        Action::Pass(reason) => {
+            count(reason, len);
+            xdp_action::XDP_PASS
+        }
+        Action::Drop(reason) => {
+            count(reason, len);
+            xdp_action::XDP_DROP
+        }
+        Action::Nat { reason, svc_id, rw } => {
+            xdp_nat(ctx, &rw)?;
+            count(reason, len);
+            count_service(svc_id, len);
+            xdp_action::XDP_PASS
+        }
+        Action::Reject { l3_off, ip_hdr_len, svc_id } => {
+            xdp_reject(ctx, l3_off, ip_hdr_len)?;
+            count(Reason::NoBackendReject, len);
+            count_service(svc_id, len);
+            xdp_action::XDP_TX
+        }
+    })
+}
+
+fn try_lb_tc(ctx: &TcContext) -> Result<i32, ()> {
+    let len = ctx.len();
+    // GSO and some drivers leave headers outside the linear area, where direct packet
+    // access cannot see them; pull only what we parse, never the whole skb.
+    if ctx.data_end() - ctx.data() < TC_PULL_LEN as usize && len > (ctx.data_end() - ctx.data()) as u32 {
+        let _ = ctx.pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
+    }
+    let action = process(ctx);
+    #[cfg(feature = "debug-log")]
+    log_action(ctx, &action);
+    Ok(match action {
+        Action::Pass(reason) => {
+            count(reason, len as u64);
+            TC_ACT_UNSPEC
+        }
+        Action::Drop(reason) => {
+            count(reason, len as u64);
+            TC_ACT_SHOT as i32
+        }
+        Action::Nat { reason, svc_id, rw } => {
+            tc_nat(ctx, &rw)?;
+            count(reason, len as u64);
+            count_service(svc_id, len as u64);
+            TC_ACT_OK as i32
+        }
+        Action::Reject { l3_off, ip_hdr_len, svc_id } => {
+            tc_reject(ctx, l3_off, ip_hdr_len)?;
+            count(Reason::NoBackendReject, len as u64);
+            count_service(svc_id, len as u64);
+            // Back out of the device it came in on: to the pod on a pod veth, to the
+            // sending node on an uplink. The tc counterpart of XDP_TX.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+    })
+}
+
+#[cfg(feature = "debug-log")]
+fn log_action<C: aya_ebpf::EbpfContext>(ctx: &C, action: &Action) {
+    let reason = match action {
+        Action::Pass(r) | Action::Drop(r) | Action::Nat { reason: r, .. } => *r as u32,
+        Action::Reject { .. } => Reason::NoBackendReject as u32,
+    };
+    aya_log_ebpf::debug!(ctx, "lb verdict reason {}", reason);
+}
+
+// ---- XDP: rewrite in place, incremental checksums (there is no skb to help). ----
+
+fn xdp_nat(ctx: &XdpContext, rw: &Rewrite) -> Result<(), ()> {
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
+    let l4c = ptr_at::<u16, _>(ctx, rw.l4_csum_off).ok_or(())?;
+    // Ports sit at the start of the L4 header, 16 (TCP) or 6 (UDP) bytes before the
+    // checksum.
+    let l4_off = rw.l4_csum_off - if rw.proto == IPPROTO_UDP { 6 } else { 16 };
+    let ports = ptr_at::<parse::Ports, _>(ctx, l4_off).ok_or(())?;
+    unsafe {
+        let mut ipc = (*ip).check;
+        let mut c = *l4c;
+        let udp_no_csum = rw.proto == IPPROTO_UDP && c == 0;
+        if rw.saddr.0 != rw.saddr.1 {
+            ipc = csum::replace32(ipc, rw.saddr.0, rw.saddr.1);
+            c = csum::replace32(c, rw.saddr.0, rw.saddr.1);
+            (*ip).saddr_be = rw.saddr.1;
+        }
+        if rw.daddr.0 != rw.daddr.1 {
+            ipc = csum::replace32(ipc, rw.daddr.0, rw.daddr.1);
+            c = csum::replace32(c, rw.daddr.0, rw.daddr.1);
+            (*ip).daddr_be = rw.daddr.1;
+        }
+        if rw.sport.0 != rw.sport.1 {
+            c = csum::replace16(c, rw.sport.0, rw.sport.1);
+            (*ports).src_be = rw.sport.1;
+        }
+        if rw.dport.0 != rw.dport.1 {
+            c = csum::replace16(c, rw.dport.0, rw.dport.1);
+            (*ports).dst_be = rw.dport.1;
+        }
+        if rw.proto == IPPROTO_UDP {
+            // RFC 768: 0 means "no checksum" and stays so; a computed 0 is sent as 0xffff.
+            c = if udp_no_csum { 0 } else if c == 0 { 0xffff } else { c };
+        }
+        (*ip).check = ipc;
+        *l4c = c;
+    }
+    Ok(())
+}
+
+/// Quote the original IPv4 header and 8 bytes of L4 into a stack buffer.
+#[inline(always)]
+fn quote_len(ip_hdr_len: usize) -> Result<usize, ()> {
+    let q = ip_hdr_len + 8;
+    if q > MAX_QUOTE || q < 28 {
+        return Err(());
+    }
+    Ok(q)
+}
+
+fn xdp_reject(ctx: &XdpContext, l3_off: usize, ip_hdr_len: usize) -> Result<(), ()> {
+    let qlen = quote_len(ip_hdr_len)?;
+    let mut quote = [0u8; MAX_QUOTE];
+    let rc = unsafe {
+        bpf_xdp_load_bytes(ctx.ctx, l3_off as u32, quote.as_mut_ptr() as *mut _, qlen as u32)
+    };
+    if rc != 0 {
+        return Err(());
+    }
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, l3_off).ok_or(())?;
+    let eth = ptr_at::<EthHdr, _>(ctx, 0).ok_or(())?;
+    let (client, vip, mac_dst, mac_src) = unsafe { ((*ip).saddr_be, (*ip).daddr_be, (*eth).src, (*eth).dst) };
+    let vlan = if l3_off > 14 { Some(unsafe { *ptr_at::<[u8; 4], _>(ctx, 14).ok_or(())? }) } else { None };
+    let hdrs = reject::build(vip, client, &quote, qlen);
+
+    // Room for the new IPv4 + ICMP headers in front; XDP guarantees 256 bytes of
+    // headroom (XDP_PACKET_HEADROOM), whereas tailroom depends on the driver.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(REJECT_HDRS as i32)) } != 0 {
+        return Err(());
+    }
+    let eth = ptr_at::<EthHdr, _>(ctx, 0).ok_or(())?;
+    unsafe {
+        (*eth).dst = mac_dst;
+        (*eth).src = mac_src;
+        (*eth).ether_type_be = 0;
+    }
+    let hdr_off = match vlan {
+        Some(tag) => {
+            unsafe {
+                (*eth).ether_type_be = parse::ETH_P_8021Q.to_be();
+                *ptr_at::<[u8; 4], _>(ctx, 14).ok_or(())? = tag;
+            }
+            18
+        }
+        None => {
+            unsafe { (*eth).ether_type_be = parse::ETH_P_IP.to_be() };
+            14
+        }
+    };
+    let dst = ptr_at::<RejectHdrs, _>(ctx, hdr_off).ok_or(())?;
+    unsafe { dst.write_unaligned(hdrs) };
+    // The quote already follows: it is the start of the original IPv4 packet.
+    let want = (hdr_off + REJECT_HDRS + qlen) as i32;
+    let have = (ctx.data_end() - ctx.data()) as i32;
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - have) } != 0 {
+        return Err(());
+    }
+    Ok(())
+}
+
+// ---- tc: the kernel's checksum helpers, which also handle CHECKSUM_PARTIAL skbs. ----
+
+/// `bpf_l4_csum_replace` flags (include/uapi/linux/bpf.h).
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
+    let l4_flags = if rw.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
+    let l4_off = rw.l4_csum_off - if rw.proto == IPPROTO_UDP { 6 } else { 16 };
+    let ip_csum = rw.l3_off + IPV4_CSUM_OFF;
+    let addr = |off: usize, (old, new): (u32, u32)| -> Result<(), ()> {
+        if old == new {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(rw.l4_csum_off, old as u64, new as u64, l4_flags | BPF_F_PSEUDO_HDR | 4)
+            .map_err(|_| ())?;
+        ctx.l3_csum_replace(ip_csum, old as u64, new as u64, 4).map_err(|_| ())?;
+        ctx.store(rw.l3_off + off, &new, 0).map_err(|_| ())
+    };
+    let port = |off: usize, (old, new): (u16, u16)| -> Result<(), ()> {
+        if old == new {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(rw.l4_csum_off, old as u64, new as u64, l4_flags | 2).map_err(|_| ())?;
+        ctx.store(l4_off + off, &new, 0).map_err(|_| ())
+    };
+    addr(IPV4_SADDR_OFF, rw.saddr)?;
+    addr(IPV4_DADDR_OFF, rw.daddr)?;
+    port(0, rw.sport)?;
+    port(2, rw.dport)
+}
+
+fn tc_reject(ctx: &TcContext, l3_off: usize, ip_hdr_len: usize) -> Result<(), ()> {
+    let qlen = quote_len(ip_hdr_len)?;
+    let mut quote = [0u8; MAX_QUOTE];
+    ctx.load_bytes(l3_off, &mut quote[..qlen]).map_err(|_| ())?;
+    let eth = ptr_at::<EthHdr, _>(ctx, 0).ok_or(())?;
+    let (mac_dst, mac_src) = unsafe { ((*eth).src, (*eth).dst) };
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, l3_off).ok_or(())?;
+    let (client, vip) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
+    let hdrs = reject::build(vip, client, &quote, qlen);
+
+    // Resize to L2 + headers + quote and write it all; the L2 header (and VLAN tag, if
+    // any) stays where it is.
+    let new_len = (l3_off + REJECT_HDRS + qlen) as u32;
+    let rc = unsafe { aya_ebpf::helpers::generated::bpf_skb_change_tail(ctx.skb.skb, new_len, 0) };
+    if rc != 0 {
+        return Err(());
+    }
+    ctx.store(0, &mac_dst, 0).map_err(|_| ())?;
+    ctx.store(6, &mac_src, 0).map_err(|_| ())?;
+    ctx.store(l3_off, &hdrs, 0).map_err(|_| ())?;
+    let q = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_store_bytes(
+            ctx.skb.skb as *mut _,
+            (l3_off + REJECT_HDRS) as u32,
+            quote.as_ptr() as *const _,
+            qlen as u32,
+            0,
+        )
+    };
+    if q != 0 {
+        return Err(());
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &::core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

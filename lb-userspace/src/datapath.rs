@@ -1,0 +1,283 @@
+//! Loading the embedded datapath object, checking and reusing pinned maps, and
+//! attaching its programs to interfaces.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, MapInfo, MapType},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+};
+use lb_common::{map_names, limits, MAP_LAYOUT_VERSION};
+
+/// The datapath object, built by build.rs from the lb-ebpf crate.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+pub const XDP_PROGRAM: &str = "lb_xdp";
+pub const TC_PROGRAM: &str = "lb_tc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot prepare the bpffs directory {path}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned map {path} has layout version {found}, this lb expects v{MAP_LAYOUT_VERSION}; \
+         it is not reused. Stop the old agent and run `lb agent --cleanup`, or remove the file"
+    )]
+    StaleLayout { path: PathBuf, found: String },
+    #[error(
+        "pinned map {path} does not match this lb's layout ({what}); it is not reused. \
+         Run `lb agent --cleanup`, or remove the file"
+    )]
+    LayoutMismatch { path: PathBuf, what: String },
+    #[error("cannot inspect pinned map {path}")]
+    PinnedMap {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("loading the lb datapath object failed")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected program {name} (verifier log above the cause)")]
+    Verify {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the datapath object")]
+    MissingProgram(&'static str),
+    #[error("attaching {program} to {iface} as {mode}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        mode: AttachMode,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// How a program is hooked to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// Native (driver) XDP.
+    Xdp,
+    /// Generic (skb) XDP: any interface, after the skb has been built.
+    XdpGeneric,
+    /// tc clsact ingress.
+    Tc,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Xdp => "xdp",
+            AttachMode::XdpGeneric => "xdp-generic",
+            AttachMode::Tc => "tc",
+        })
+    }
+}
+
+impl FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "xdp" => Ok(AttachMode::Xdp),
+            "xdp-generic" => Ok(AttachMode::XdpGeneric),
+            "tc" => Ok(AttachMode::Tc),
+            other => Err(format!("unknown attach mode {other:?}: expected xdp, xdp-generic or tc")),
+        }
+    }
+}
+
+/// Where the maps are pinned and how big they are.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub pin_dir: PathBuf,
+    /// `max_entries` overrides by pinned map name.
+    pub max_entries: Vec<(&'static str, u32)>,
+}
+
+impl LoadOptions {
+    pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
+        Self { pin_dir: pin_dir.into(), max_entries: Vec::new() }
+    }
+}
+
+/// Expected (type, key size, value size) of every pinned map.
+fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
+    use std::mem::size_of as s;
+    use lb_common::*;
+    let sz = |n: usize| n as u32;
+    Some(match name {
+        map_names::SERVICES => (MapType::Hash, sz(s::<ServiceKey4>()), sz(s::<ServiceValue>())),
+        map_names::BACKENDS => (MapType::Hash, sz(s::<BackendKey>()), sz(s::<BackendValue>())),
+        map_names::AFFINITY => (MapType::LruHash, sz(s::<AffinityKey4>()), sz(s::<AffinityValue>())),
+        map_names::CONNTRACK => (MapType::LruHash, sz(s::<CtKey4>()), sz(s::<CtValue4>())),
+        map_names::STATS | map_names::SVC_STATS => (MapType::PerCpuArray, 4, sz(s::<Counter>())),
+        _ => return None,
+    })
+}
+
+/// Refuses pinned maps of another layout version, or whose type or sizes differ from
+/// this build's, before the loader would silently reuse them.
+pub fn check_pinned(pin_dir: &Path) -> Result<(), DatapathError> {
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(DatapathError::Bpffs { path: pin_dir.into(), source }),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if let Some((mtype, ksz, vsz)) = expected_layout(&name) {
+            let map = MapData::from_pin(&path)
+                .map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
+            let info = map.info().map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
+            check_info(&path, &info, mtype, ksz, vsz)?;
+        } else if let Some(prefix) = map_names::PREFIXES.iter().find(|p| name.starts_with(**p)) {
+            return Err(DatapathError::StaleLayout { found: name[prefix.len() - 1..].to_string(), path });
+        }
+    }
+    Ok(())
+}
+
+fn check_info(path: &Path, info: &MapInfo, mtype: MapType, ksz: u32, vsz: u32) -> Result<(), DatapathError> {
+    let found = info.map_type().ok();
+    let what = if found != Some(mtype) {
+        format!("type {found:?}, expected {mtype:?}")
+    } else if info.key_size() != ksz || info.value_size() != vsz {
+        format!("key/value size {}/{}, expected {ksz}/{vsz}", info.key_size(), info.value_size())
+    } else {
+        return Ok(());
+    };
+    Err(DatapathError::LayoutMismatch { path: path.into(), what })
+}
+
+/// Mounts a bpffs at `dir` unless one is there already (the agent's `--bpffs` may live
+/// outside /sys/fs/bpf, and a fresh node may have none mounted).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Bpffs { path: dir.into(), source };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// BPF_FS_MAGIC from include/uapi/linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+pub fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Loads the datapath: maps are created or reused under `opts.pin_dir` (which must be
+/// on a bpffs), and both programs are verified and loaded, not yet attached.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
+    check_pinned(&opts.pin_dir)?;
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&opts.pin_dir);
+    for (name, n) in &opts.max_entries {
+        loader.map_max_entries(name, *n);
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+    load_program::<Xdp>(&mut ebpf, XDP_PROGRAM)?;
+    load_program::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?;
+    Ok(ebpf)
+}
+
+trait Loadable {
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+impl Loadable for Xdp {
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+impl Loadable for SchedClassifier {
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+fn load_program<P>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError>
+where
+    P: Loadable,
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Verify { name, source })?;
+    prog.load_it().map_err(|source| DatapathError::Verify { name, source })
+}
+
+/// Attaches the program for `mode` to `iface` in the calling thread's network
+/// namespace. Returns nothing: the link lives as long as the `Ebpf`.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
+    match mode {
+        AttachMode::Xdp | AttachMode::XdpGeneric => {
+            let flags = if mode == AttachMode::Xdp { XdpMode::Driver } else { XdpMode::Skb };
+            let prog: &mut Xdp = program(ebpf, XDP_PROGRAM)?;
+            prog.attach(iface, flags).map_err(|source| DatapathError::Attach {
+                program: XDP_PROGRAM,
+                iface: iface.into(),
+                mode,
+                source,
+            })?;
+        }
+        AttachMode::Tc => {
+            // EEXIST: the clsact qdisc is already there, which is fine.
+            let _ = tc::qdisc_add_clsact(iface);
+            let prog: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?;
+            prog.attach(iface, TcAttachType::Ingress).map_err(|source| DatapathError::Attach {
+                program: TC_PROGRAM,
+                iface: iface.into(),
+                mode,
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Verify { name, source })
+}
+
+/// Default `max_entries`, for status output.
+pub fn default_max_entries(name: &str) -> Option<u32> {
+    Some(match name {
+        map_names::SERVICES => limits::SERVICES,
+        map_names::BACKENDS => limits::BACKENDS,
+        map_names::AFFINITY => limits::AFFINITY,
+        map_names::CONNTRACK => limits::CONNTRACK,
+        map_names::STATS => lb_common::Reason::COUNT,
+        map_names::SVC_STATS => limits::SVC_STATS,
+        _ => return None,
+    })
+}

@@ -1,0 +1,5 @@
+//! lb userspace: loading and attaching the datapath, and (in later modules) the node
+//! agent that programs it from Kubernetes.
+
+pub mod datapath;
+pub mod testing;
