@@ -36,7 +36,9 @@ fn main() -> anyhow::Result<()> {
         // Debian's rustc is a stable release; the BPF target's `core` needs the
         // unstable asm/intrinsics gates that aya-ebpf uses.
         .env("RUSTC_BOOTSTRAP", "1")
-        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", "bpf-linker");
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", "bpf-linker")
+        // BTF, for the verifier: `bpf_loop` callbacks need BTF func_info.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
     if env::var_os("CARGO_FEATURE_DEBUG_LOG").is_some() {
         cmd.args(["--features", "lb-ebpf/debug-log"]);
     }
@@ -45,7 +47,6 @@ fn main() -> anyhow::Result<()> {
         "RUSTC_WORKSPACE_WRAPPER",
         "RUSTC_WRAPPER",
         "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_TARGET",
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_RUSTFLAGS",

@@ -42,7 +42,7 @@ pub mod limits {
     pub const SVC_STATS: u32 = 262_144;
     /// Most backends one service may have: the datapath scans at most this many slots
     /// when it picks a backend for a new flow (rendezvous hashing, see `hash`).
-    pub const MAX_BACKENDS_PER_SERVICE: u32 = 256;
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
 }
 
 pub const IPPROTO_TCP: u8 = 6;

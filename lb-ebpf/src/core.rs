@@ -2,7 +2,9 @@
 //! packet, consults and updates the maps, and returns what to do; the entry points
 //! apply it with their own rewrite and checksum mechanics.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use lb_common::{
     AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_F_AFFINITY, CT_F_HAIRPIN, CtKey4, CtValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP,
@@ -19,8 +21,10 @@ use crate::{
 
 /// Old and new values of the header fields a NAT rewrite may touch, all in network
 /// byte order. Equal old and new means "leave it".
+#[derive(Clone, Copy, Default)]
 pub struct Rewrite {
     pub l3_off: usize,
+    pub l4_off: usize,
     pub l4_csum_off: usize,
     pub proto: u8,
     pub saddr: (u32, u32),
@@ -29,20 +33,106 @@ pub struct Rewrite {
     pub dport: (u16, u16),
 }
 
-pub enum Action {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
     /// Not ours, or nothing to do: hand the packet on unchanged.
-    Pass(Reason),
-    Drop(Reason),
-    /// Rewrite the headers as given and hand the packet on.
-    Nat { reason: Reason, svc_id: u32, rw: Rewrite },
+    Pass,
+    Drop,
+    /// Rewrite the headers as `rw` says and hand the packet on.
+    Nat,
     /// No backend and the service rejects: answer the client with ICMP port
     /// unreachable quoting the IPv4 header (`ip_hdr_len` bytes) and 8 bytes of L4.
-    Reject { l3_off: usize, ip_hdr_len: usize, svc_id: u32 },
+    Reject,
+}
+
+/// What to do with a packet. A plain struct with every field always initialised,
+/// rather than an enum with payloads: LLVM may copy a payload enum's unused bytes
+/// through registers the verifier considers uninitialised ("R5 !read_ok").
+#[derive(Clone, Copy)]
+pub struct Action {
+    pub kind: Kind,
+    pub reason: Reason,
+    pub svc_id: u32,
+    /// For `Reject`.
+    pub l3_off: usize,
+    pub ip_hdr_len: usize,
+    /// For `Nat`.
+    pub rw: Rewrite,
+}
+
+impl Action {
+    #[inline(always)]
+    pub fn pass(reason: Reason) -> Self {
+        Self { kind: Kind::Pass, reason, svc_id: 0, l3_off: 0, ip_hdr_len: 0, rw: Rewrite::default() }
+    }
+    #[inline(always)]
+    pub fn drop(reason: Reason) -> Self {
+        Self { kind: Kind::Drop, ..Self::pass(reason) }
+    }
+    #[inline(always)]
+    fn nat(reason: Reason, svc_id: u32, rw: Rewrite) -> Self {
+        Self { kind: Kind::Nat, svc_id, rw, ..Self::pass(reason) }
+    }
+    #[inline(always)]
+    fn reject(l3_off: usize, ip_hdr_len: usize, svc_id: u32) -> Self {
+        Self { kind: Kind::Reject, svc_id, l3_off, ip_hdr_len, ..Self::pass(Reason::NoBackendReject) }
+    }
 }
 
 #[inline(always)]
 fn backend_at(svc_id: u32, slot: u32) -> Option<BackendValue> {
     unsafe { BACKENDS.get(&BackendKey { svc_id, slot }) }.copied()
+}
+
+/// State of one slot scan, on the caller's stack, shared with `scan_slot`.
+#[repr(C)]
+struct Scan {
+    svc_id: u32,
+    /// Find this backend id; 0: pick by rendezvous hashing instead.
+    want_id: u32,
+    flow: u32,
+    best_score: u32,
+    /// Slot of the result; 0: none yet.
+    best_slot: u32,
+    best: BackendValue,
+}
+
+/// One `bpf_loop` iteration over slot `index + 1`. Returns 1 to stop early.
+///
+/// The scans run through `bpf_loop` (kernel 5.17+) rather than a bounded `for`: the
+/// verifier checks a callback once, whereas it walks every iteration of an unrolled
+/// loop, and two such loops on one path exceed its 1M-instruction budget.
+extern "C" fn scan_slot(index: u64, ctx: *mut c_void) -> i64 {
+    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    let slot = index as u32 + 1;
+    let Some(b) = backend_at(scan.svc_id, slot) else {
+        return 0;
+    };
+    if scan.want_id != 0 {
+        if b.backend_id == scan.want_id {
+            scan.best_slot = slot;
+            scan.best = b;
+            return 1;
+        }
+        return 0;
+    }
+    let score = hash::hrw_score(scan.flow, b.addr_be, b.port_be);
+    if scan.best_slot == 0 || score > scan.best_score {
+        scan.best_slot = slot;
+        scan.best_score = score;
+        scan.best = b;
+    }
+    0
+}
+
+#[inline(always)]
+fn scan(svc_id: u32, count: u32, want_id: u32, flow: u32) -> Option<(u32, BackendValue)> {
+    let mut st = Scan { svc_id, want_id, flow, best_score: 0, best_slot: 0, best: BackendValue::default() };
+    let n = if count > limits::MAX_BACKENDS_PER_SERVICE { limits::MAX_BACKENDS_PER_SERVICE } else { count };
+    unsafe {
+        bpf_loop(n, scan_slot as *mut c_void, &mut st as *mut Scan as *mut c_void, 0);
+    }
+    if st.best_slot == 0 { None } else { Some((st.best_slot, st.best)) }
 }
 
 /// Where backend `backend_id` of `svc_id` stands now: at `hint_slot` (its slot when the
@@ -59,42 +149,16 @@ fn find_backend(
     {
         return Some((hint_slot, b));
     }
-    let count = svc?.count;
-    let mut slot = 1;
-    while slot <= limits::MAX_BACKENDS_PER_SERVICE {
-        if slot > count {
-            break;
-        }
-        if let Some(b) = backend_at(svc_id, slot)
-            && b.backend_id == backend_id
-        {
-            return Some((slot, b));
-        }
-        slot += 1;
+    if backend_id == 0 {
+        return None;
     }
-    None
+    scan(svc_id, svc?.count, backend_id, 0)
 }
 
 /// Rendezvous hashing over slots 1..=count (see `lb_common::hash`).
 #[inline(always)]
 fn pick_backend(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
-    let mut best: Option<(u32, BackendValue)> = None;
-    let mut best_score = 0u32;
-    let mut slot = 1;
-    while slot <= limits::MAX_BACKENDS_PER_SERVICE {
-        if slot > svc.count {
-            break;
-        }
-        if let Some(b) = backend_at(svc.id, slot) {
-            let score = hash::hrw_score(flow, b.addr_be, b.port_be);
-            if best.is_none() || score > best_score {
-                best = Some((slot, b));
-                best_score = score;
-            }
-        }
-        slot += 1;
-    }
-    best
+    scan(svc.id, svc.count, 0, flow)
 }
 
 #[inline(always)]
@@ -111,21 +175,21 @@ fn ct_key(l3: &L3, l4: &L4) -> CtKey4 {
 
 pub fn process<C: Packet>(ctx: &C) -> Action {
     let Some(l2) = parse_l2(ctx) else {
-        return Action::Pass(Reason::PassMalformedL3);
+        return Action::pass(Reason::PassMalformedL3);
     };
     if l2.ether_type != ETH_P_IP {
-        return Action::Pass(Reason::PassNotIpv4);
+        return Action::pass(Reason::PassNotIpv4);
     }
     let Some(l3) = parse_ipv4(ctx, l2.l3_off) else {
-        return Action::Pass(Reason::PassMalformedL3);
+        return Action::pass(Reason::PassMalformedL3);
     };
     let is_vip = || unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
 
     if l3.proto != IPPROTO_TCP && l3.proto != IPPROTO_UDP {
         if !is_vip() {
-            return Action::Pass(Reason::PassNotService);
+            return Action::pass(Reason::PassNotService);
         }
-        return Action::Pass(if l3.proto == IPPROTO_ICMP {
+        return Action::pass(if l3.proto == IPPROTO_ICMP {
             Reason::PassIcmp
         } else {
             Reason::PassOtherProto
@@ -135,25 +199,26 @@ pub fn process<C: Packet>(ctx: &C) -> Action {
         // Non-first fragments carry no ports, so no frontend can be matched; we do no
         // reassembly. Fragments to a ClusterIP are dropped and counted, the rest pass.
         return if is_vip() {
-            Action::Drop(Reason::DropFragment)
+            Action::drop(Reason::DropFragment)
         } else {
-            Action::Pass(Reason::PassNotService)
+            Action::pass(Reason::PassNotService)
         };
     }
     let l4_off = l2.l3_off + l3.hdr_len;
     let Some(l4) = parse_l4(ctx, l4_off, l3.proto) else {
         return if is_vip() {
-            Action::Drop(Reason::DropMalformedL4)
+            Action::drop(Reason::DropMalformedL4)
         } else {
-            Action::Pass(Reason::PassNotService)
+            Action::pass(Reason::PassNotService)
         };
     };
 
     let key = ct_key(&l3, &l4);
     if let Some(ct) = unsafe { CONNTRACK.get(&key) }.copied() {
         match established(&l3, &l4, &key, &ct, l2.l3_off) {
-            Established::Done(action) => return action,
-            Established::Reschedule => {
+            Some(action) => return action,
+            None => {
+                // The flow's backend is gone and this packet may start a new flow.
                 let _ = CONNTRACK.remove(&key);
                 count(Reason::CtStaleRescheduled, 0);
             }
@@ -162,26 +227,18 @@ pub fn process<C: Packet>(ctx: &C) -> Action {
 
     let svc_key = ServiceKey4::new(l3.daddr_be, l4.dport_be, l3.proto);
     let Some(svc) = unsafe { SERVICES.get(&svc_key) }.copied() else {
-        return Action::Pass(if is_vip() { Reason::PassUnknownPort } else { Reason::PassNotService });
+        return Action::pass(if is_vip() { Reason::PassUnknownPort } else { Reason::PassNotService });
     };
     new_flow(&l3, &l4, &key, &svc, l2.l3_off)
 }
 
-enum Established {
-    Done(Action),
-    /// The flow's backend is gone and the packet may start a new flow.
-    Reschedule,
-}
-
 #[inline(always)]
-fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> Established {
+fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> Option<Action> {
     if ct.dir == CT_DIR_REPLY {
         let client = if ct.flags & CT_F_HAIRPIN != 0 { key.src_addr_be } else { key.dst_addr_be };
-        return Established::Done(Action::Nat {
-            reason: Reason::RevNat,
-            svc_id: ct.svc_id,
-            rw: Rewrite {
+        return Some(Action::nat(Reason::RevNat, ct.svc_id, Rewrite {
                 l3_off,
+                l4_off: l4.off,
                 l4_csum_off: l4.csum_off,
                 proto: l3.proto,
                 saddr: (l3.saddr_be, ct.nat_addr_be),
@@ -189,7 +246,7 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
                 sport: (l4.sport_be, ct.nat_port_be),
                 dport: (l4.dport_be, l4.dport_be),
             },
-        });
+        ));
     }
     // Forward: the flow keeps its backend for as long as that backend is in the service.
     let backend = if let Some(b) = backend_at(ct.svc_id, ct.slot)
@@ -204,18 +261,15 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
     let Some(backend) = backend else {
         let syn = l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
         if l3.proto == IPPROTO_UDP || syn {
-            return Established::Reschedule;
+            return None;
         }
-        return Established::Done(Action::Drop(Reason::DropBackendGone));
+        return Some(Action::drop(Reason::DropBackendGone));
     };
     if ct.flags & CT_F_AFFINITY != 0 {
         refresh_affinity(ct.svc_id, l3.saddr_be, ct.backend_id);
     }
-    Established::Done(Action::Nat {
-        reason: Reason::FwdEstablished,
-        svc_id: ct.svc_id,
-        rw: forward_rewrite(l3, l4, l3_off, &backend, ct.flags & CT_F_HAIRPIN != 0),
-    })
+    Some(Action::nat(Reason::FwdEstablished, ct.svc_id, forward_rewrite(l3, l4, l3_off, &backend, ct.flags & CT_F_HAIRPIN != 0),
+    ))
 }
 
 /// kube-proxy's `recent` match is refreshed by traffic; so is ours, on every packet.
@@ -235,6 +289,7 @@ fn refresh_affinity(svc_id: u32, client_be: u32, backend_id: u32) {
 fn forward_rewrite(l3: &L3, l4: &L4, l3_off: usize, b: &BackendValue, hairpin: bool) -> Rewrite {
     Rewrite {
         l3_off,
+        l4_off: l4.off,
         l4_csum_off: l4.csum_off,
         proto: l3.proto,
         // Hairpin: the reply must leave the pod, so it has to be addressed to the
@@ -250,9 +305,9 @@ fn forward_rewrite(l3: &L3, l4: &L4, l3_off: usize, b: &BackendValue, hairpin: b
 fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -> Action {
     if svc.count == 0 {
         return if svc.no_backends == NO_BACKENDS_DROP {
-            Action::Drop(Reason::NoBackendDrop)
+            Action::drop(Reason::NoBackendDrop)
         } else {
-            Action::Reject { l3_off, ip_hdr_len: l3.hdr_len, svc_id: svc.id }
+            Action::reject(l3_off, l3.hdr_len, svc.id)
         };
     }
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
@@ -285,7 +340,7 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
             };
             // count > 0 but no slot found: the agent is mid-update; treat as empty.
             let Some(p) = pick_backend(svc, flow) else {
-                return Action::Drop(Reason::NoBackendDrop);
+                return Action::drop(Reason::NoBackendDrop);
             };
             p
         }
@@ -328,9 +383,6 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
     if CONNTRACK.insert(key, &fwd, 0).is_err() || CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
         count(Reason::MapInsertFailed, 0);
     }
-    Action::Nat {
-        reason: Reason::FwdNew,
-        svc_id: svc.id,
-        rw: forward_rewrite(l3, l4, l3_off, &backend, hairpin),
-    }
+    Action::nat(Reason::FwdNew, svc.id, forward_rewrite(l3, l4, l3_off, &backend, hairpin),
+    )
 }

@@ -22,7 +22,7 @@ use aya_ebpf::{
 use lb_common::{IPPROTO_UDP, Reason};
 
 use crate::{
-    core::{Action, Rewrite, process},
+    core::{Kind, Rewrite, process},
     maps::{count, count_service},
     parse::{EthHdr, IPV4_CSUM_OFF, IPV4_DADDR_OFF, IPV4_SADDR_OFF, Ipv4Hdr, ptr_at},
     reject::{MAX_QUOTE, REJECT_HDRS, RejectHdrs},
@@ -61,28 +61,23 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let action = process(ctx);
     #[cfg(feature = "debug-log")]
     log_action(ctx, &action);
-    Ok(match action {
-        Action::Pass(reason) => {
-            count(reason, len);
+    let verdict = match action.kind {
+        Kind::Pass => xdp_action::XDP_PASS,
+        Kind::Drop => xdp_action::XDP_DROP,
+        Kind::Nat => {
+            xdp_nat(ctx, &action.rw)?;
             xdp_action::XDP_PASS
         }
-        Action::Drop(reason) => {
-            count(reason, len);
-            xdp_action::XDP_DROP
-        }
-        Action::Nat { reason, svc_id, rw } => {
-            xdp_nat(ctx, &rw)?;
-            count(reason, len);
-            count_service(svc_id, len);
-            xdp_action::XDP_PASS
-        }
-        Action::Reject { l3_off, ip_hdr_len, svc_id } => {
-            xdp_reject(ctx, l3_off, ip_hdr_len)?;
-            count(Reason::NoBackendReject, len);
-            count_service(svc_id, len);
+        Kind::Reject => {
+            xdp_reject(ctx, action.l3_off, action.ip_hdr_len, len as i32)?;
             xdp_action::XDP_TX
         }
-    })
+    };
+    count(action.reason, len);
+    if action.svc_id != 0 {
+        count_service(action.svc_id, len);
+    }
+    Ok(verdict)
 }
 
 fn try_lb_tc(ctx: &TcContext) -> Result<i32, ()> {
@@ -95,81 +90,80 @@ fn try_lb_tc(ctx: &TcContext) -> Result<i32, ()> {
     let action = process(ctx);
     #[cfg(feature = "debug-log")]
     log_action(ctx, &action);
-    Ok(match action {
-        Action::Pass(reason) => {
-            count(reason, len as u64);
-            TC_ACT_UNSPEC
-        }
-        Action::Drop(reason) => {
-            count(reason, len as u64);
-            TC_ACT_SHOT as i32
-        }
-        Action::Nat { reason, svc_id, rw } => {
-            tc_nat(ctx, &rw)?;
-            count(reason, len as u64);
-            count_service(svc_id, len as u64);
+    let verdict = match action.kind {
+        Kind::Pass => TC_ACT_UNSPEC,
+        Kind::Drop => TC_ACT_SHOT as i32,
+        Kind::Nat => {
+            tc_nat(ctx, &action.rw)?;
             TC_ACT_OK as i32
         }
-        Action::Reject { l3_off, ip_hdr_len, svc_id } => {
-            tc_reject(ctx, l3_off, ip_hdr_len)?;
-            count(Reason::NoBackendReject, len as u64);
-            count_service(svc_id, len as u64);
+        Kind::Reject => {
+            tc_reject(ctx, action.l3_off, action.ip_hdr_len)?;
             // Back out of the device it came in on: to the pod on a pod veth, to the
             // sending node on an uplink. The tc counterpart of XDP_TX.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
-    })
+    };
+    count(action.reason, len as u64);
+    if action.svc_id != 0 {
+        count_service(action.svc_id, len as u64);
+    }
+    Ok(verdict)
 }
 
 #[cfg(feature = "debug-log")]
-fn log_action<C: aya_ebpf::EbpfContext>(ctx: &C, action: &Action) {
-    let reason = match action {
-        Action::Pass(r) | Action::Drop(r) | Action::Nat { reason: r, .. } => *r as u32,
-        Action::Reject { .. } => Reason::NoBackendReject as u32,
-    };
-    aya_log_ebpf::debug!(ctx, "lb verdict reason {}", reason);
+fn log_action<C: aya_ebpf::EbpfContext>(ctx: &C, action: &crate::core::Action) {
+    aya_log_ebpf::debug!(ctx, "lb verdict reason {}", action.reason as u32);
 }
 
 // ---- XDP: rewrite in place, incremental checksums (there is no skb to help). ----
 
 fn xdp_nat(ctx: &XdpContext, rw: &Rewrite) -> Result<(), ()> {
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
-    let l4c = ptr_at::<u16, _>(ctx, rw.l4_csum_off).ok_or(())?;
-    // Ports sit at the start of the L4 header, 16 (TCP) or 6 (UDP) bytes before the
-    // checksum.
-    let l4_off = rw.l4_csum_off - if rw.proto == IPPROTO_UDP { 6 } else { 16 };
-    let ports = ptr_at::<parse::Ports, _>(ctx, l4_off).ok_or(())?;
-    unsafe {
-        let mut ipc = (*ip).check;
-        let mut c = *l4c;
-        let udp_no_csum = rw.proto == IPPROTO_UDP && c == 0;
-        if rw.saddr.0 != rw.saddr.1 {
-            ipc = csum::replace32(ipc, rw.saddr.0, rw.saddr.1);
-            c = csum::replace32(c, rw.saddr.0, rw.saddr.1);
-            (*ip).saddr_be = rw.saddr.1;
-        }
-        if rw.daddr.0 != rw.daddr.1 {
-            ipc = csum::replace32(ipc, rw.daddr.0, rw.daddr.1);
-            c = csum::replace32(c, rw.daddr.0, rw.daddr.1);
-            (*ip).daddr_be = rw.daddr.1;
-        }
-        if rw.sport.0 != rw.sport.1 {
-            c = csum::replace16(c, rw.sport.0, rw.sport.1);
-            (*ports).src_be = rw.sport.1;
-        }
-        if rw.dport.0 != rw.dport.1 {
-            c = csum::replace16(c, rw.dport.0, rw.dport.1);
-            (*ports).dst_be = rw.dport.1;
-        }
-        if rw.proto == IPPROTO_UDP {
-            // RFC 768: 0 means "no checksum" and stays so; a computed 0 is sent as 0xffff.
-            c = if udp_no_csum { 0 } else if c == 0 { 0xffff } else { c };
-        }
-        (*ip).check = ipc;
-        *l4c = c;
+    // Ports and checksum are read and written through one bounds-checked pointer per
+    // protocol: the verifier tracks packet ranges per pointer, not per offset.
+    if rw.proto == IPPROTO_UDP {
+        let l4 = ptr_at::<[u16; 4], _>(ctx, rw.l4_off).ok_or(())?;
+        unsafe { xdp_nat_l4(&mut *ip, &mut *l4, 3, rw, true) };
+    } else {
+        let l4 = ptr_at::<[u16; 9], _>(ctx, rw.l4_off).ok_or(())?;
+        unsafe { xdp_nat_l4(&mut *ip, &mut *l4, 8, rw, false) };
     }
     Ok(())
+}
+
+/// `l4` holds the L4 header as 16-bit words: ports at 0 and 1, the checksum at
+/// `csum_word`.
+#[inline(always)]
+fn xdp_nat_l4<const N: usize>(ip: &mut Ipv4Hdr, l4: &mut [u16; N], csum_word: usize, rw: &Rewrite, udp: bool) {
+    let mut ipc = ip.check;
+    let mut c = l4[csum_word];
+    let udp_no_csum = udp && c == 0;
+    if rw.saddr.0 != rw.saddr.1 {
+        ipc = csum::replace32(ipc, rw.saddr.0, rw.saddr.1);
+        c = csum::replace32(c, rw.saddr.0, rw.saddr.1);
+        ip.saddr_be = rw.saddr.1;
+    }
+    if rw.daddr.0 != rw.daddr.1 {
+        ipc = csum::replace32(ipc, rw.daddr.0, rw.daddr.1);
+        c = csum::replace32(c, rw.daddr.0, rw.daddr.1);
+        ip.daddr_be = rw.daddr.1;
+    }
+    if rw.sport.0 != rw.sport.1 {
+        c = csum::replace16(c, rw.sport.0, rw.sport.1);
+        l4[0] = rw.sport.1;
+    }
+    if rw.dport.0 != rw.dport.1 {
+        c = csum::replace16(c, rw.dport.0, rw.dport.1);
+        l4[1] = rw.dport.1;
+    }
+    if udp {
+        // RFC 768: 0 means "no checksum" and stays so; a computed 0 is sent as 0xffff.
+        c = if udp_no_csum { 0 } else if c == 0 { 0xffff } else { c };
+    }
+    ip.check = ipc;
+    l4[csum_word] = c;
 }
 
 /// Quote the original IPv4 header and 8 bytes of L4 into a stack buffer.
@@ -182,7 +176,7 @@ fn quote_len(ip_hdr_len: usize) -> Result<usize, ()> {
     Ok(q)
 }
 
-fn xdp_reject(ctx: &XdpContext, l3_off: usize, ip_hdr_len: usize) -> Result<(), ()> {
+fn xdp_reject(ctx: &XdpContext, l3_off: usize, ip_hdr_len: usize, orig_len: i32) -> Result<(), ()> {
     let qlen = quote_len(ip_hdr_len)?;
     let mut quote = [0u8; MAX_QUOTE];
     let rc = unsafe {
@@ -225,7 +219,9 @@ fn xdp_reject(ctx: &XdpContext, l3_off: usize, ip_hdr_len: usize) -> Result<(), 
     unsafe { dst.write_unaligned(hdrs) };
     // The quote already follows: it is the start of the original IPv4 packet.
     let want = (hdr_off + REJECT_HDRS + qlen) as i32;
-    let have = (ctx.data_end() - ctx.data()) as i32;
+    // From the length at entry, not from data_end: LLVM would fold `data_end - data`
+    // into arithmetic on pkt_end, which the verifier forbids.
+    let have = orig_len + REJECT_HDRS as i32;
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - have) } != 0 {
         return Err(());
     }
@@ -240,7 +236,7 @@ const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
     let l4_flags = if rw.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
-    let l4_off = rw.l4_csum_off - if rw.proto == IPPROTO_UDP { 6 } else { 16 };
+    let l4_off = rw.l4_off;
     let ip_csum = rw.l3_off + IPV4_CSUM_OFF;
     let addr = |off: usize, (old, new): (u32, u32)| -> Result<(), ()> {
         if old == new {
@@ -267,7 +263,19 @@ fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
 fn tc_reject(ctx: &TcContext, l3_off: usize, ip_hdr_len: usize) -> Result<(), ()> {
     let qlen = quote_len(ip_hdr_len)?;
     let mut quote = [0u8; MAX_QUOTE];
-    ctx.load_bytes(l3_off, &mut quote[..qlen]).map_err(|_| ())?;
+    // The raw helper: aya's `load_bytes` clamps the length to [0, 68], and the verifier
+    // rejects a possibly zero-sized read; `qlen` is known to be in [28, 68].
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            l3_off as u32,
+            quote.as_mut_ptr() as *mut _,
+            qlen as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(());
+    }
     let eth = ptr_at::<EthHdr, _>(ctx, 0).ok_or(())?;
     let (mac_dst, mac_src) = unsafe { ((*eth).src, (*eth).dst) };
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, l3_off).ok_or(())?;

@@ -157,6 +157,8 @@ pub fn parse_ipv4<C: Packet>(ctx: &C, off: usize) -> Option<L3> {
 }
 
 pub struct L4 {
+    /// Offset of the L4 header from the start of the packet.
+    pub off: usize,
     pub sport_be: u16,
     pub dport_be: u16,
     /// TCP flags byte; 0 for UDP.
@@ -168,18 +170,27 @@ pub struct L4 {
 /// `None`: the TCP or UDP header is truncated.
 #[inline(always)]
 pub fn parse_l4<C: Packet>(ctx: &C, off: usize, proto: u8) -> Option<L4> {
-    let ports = ptr_at::<Ports, C>(ctx, off)?;
-    let (tcp_flags, csum_off) = if proto == lb_common::IPPROTO_TCP {
-        ptr_at::<[u8; TCP_HDR_LEN], C>(ctx, off)?;
-        (unsafe { *ptr_at::<u8, C>(ctx, off + TCP_FLAGS_OFF)? }, off + TCP_CSUM_OFF)
+    // One bounds check per protocol, on the pointer that is then read through: the
+    // verifier tracks packet ranges per pointer.
+    if proto == lb_common::IPPROTO_TCP {
+        let tcp = ptr_at::<[u8; TCP_HDR_LEN], C>(ctx, off)?;
+        let tcp = unsafe { &*tcp };
+        Some(L4 {
+            off,
+            sport_be: u16::from_ne_bytes([tcp[0], tcp[1]]),
+            dport_be: u16::from_ne_bytes([tcp[2], tcp[3]]),
+            tcp_flags: tcp[TCP_FLAGS_OFF],
+            csum_off: off + TCP_CSUM_OFF,
+        })
     } else {
-        ptr_at::<[u8; UDP_HDR_LEN], C>(ctx, off)?;
-        (0, off + UDP_CSUM_OFF)
-    };
-    Some(L4 {
-        sport_be: unsafe { (*ports).src_be },
-        dport_be: unsafe { (*ports).dst_be },
-        tcp_flags,
-        csum_off,
-    })
+        let udp = ptr_at::<[u8; UDP_HDR_LEN], C>(ctx, off)?;
+        let udp = unsafe { &*udp };
+        Some(L4 {
+            off,
+            sport_be: u16::from_ne_bytes([udp[0], udp[1]]),
+            dport_be: u16::from_ne_bytes([udp[2], udp[3]]),
+            tcp_flags: 0,
+            csum_off: off + UDP_CSUM_OFF,
+        })
+    }
 }

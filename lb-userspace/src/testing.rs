@@ -1,1 +1,219 @@
-pub fn _placeholder() {}
+//! A loaded datapath on a private bpffs, with map helpers and `BPF_PROG_TEST_RUN`
+//! wrappers: shared by the fixture tests, `lb-dev demo` and `lb-dev bench`.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use lb_common::{
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, Reason,
+    ServiceKey4, ServiceValue, map_names,
+};
+
+use crate::datapath::{self, LoadOptions, TC_PROGRAM, XDP_PROGRAM};
+
+/// A bpffs mounted on a fresh directory, unmounted and removed on drop, so that tests
+/// never see each other's (or a running agent's) pinned maps.
+pub struct PrivateBpffs {
+    path: PathBuf,
+}
+
+impl PrivateBpffs {
+    pub fn new() -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "lb-bpffs-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        datapath::ensure_bpffs(&path).context("mounting a private bpffs; run as root")?;
+        Ok(Self { path })
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Which entry point a packet goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    pub const BOTH: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+}
+
+/// The verdict, normalised over both hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// XDP_PASS, or tc TC_ACT_UNSPEC/TC_ACT_OK: handed on (rewritten or not).
+    Pass,
+    /// XDP_DROP, TC_ACT_SHOT.
+    Drop,
+    /// XDP_TX, or tc's bpf_redirect back out of the ingress device.
+    Bounce,
+    /// XDP_ABORTED.
+    Aborted,
+}
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    // Dropped after `ebpf`, whose pinned maps live on it.
+    _bpffs: PrivateBpffs,
+}
+
+pub fn ip(s: &str) -> u32 {
+    u32::from_ne_bytes(s.parse::<Ipv4Addr>().expect("test address").octets())
+}
+
+impl Datapath {
+    pub fn load() -> Result<Self> {
+        Self::load_with(&[])
+    }
+
+    pub fn load_with(max_entries: &[(&'static str, u32)]) -> Result<Self> {
+        let bpffs = PrivateBpffs::new()?;
+        let mut opts = LoadOptions::new(bpffs.path());
+        opts.max_entries = max_entries.to_vec();
+        let ebpf = datapath::load(&opts).context("loading the datapath")?;
+        Ok(Self { ebpf, _bpffs: bpffs })
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.ebpf.map_mut(name).expect("map in object")).expect("hash map type")
+    }
+
+    /// Adds or replaces a frontend and its address marker.
+    pub fn put_service(&mut self, vip: &str, port: u16, proto: u8, value: ServiceValue) -> Result<()> {
+        let mut m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
+        m.insert(ServiceKey4::new(ip(vip), port.to_be(), proto), value, 0)?;
+        m.insert(ServiceKey4::address_marker(ip(vip)), ServiceValue::default(), 0)?;
+        Ok(())
+    }
+
+    pub fn remove_service(&mut self, vip: &str, port: u16, proto: u8) -> Result<()> {
+        let mut m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
+        m.remove(&ServiceKey4::new(ip(vip), port.to_be(), proto))?;
+        Ok(())
+    }
+
+    /// Writes slots 1..=n of `svc_id`: (backend id, address, port).
+    pub fn put_backends(&mut self, svc_id: u32, backends: &[(u32, &str, u16)]) -> Result<()> {
+        let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
+        for (i, (id, addr, port)) in backends.iter().enumerate() {
+            let v = BackendValue { backend_id: *id, addr_be: ip(addr), port_be: port.to_be(), _pad: [0; 2] };
+            m.insert(BackendKey { svc_id, slot: i as u32 + 1 }, v, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_backend_slot(&mut self, svc_id: u32, slot: u32) -> Result<()> {
+        let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
+        m.remove(&BackendKey { svc_id, slot })?;
+        Ok(())
+    }
+
+    pub fn conntrack(&mut self) -> Vec<(CtKey4, CtValue4)> {
+        let m = self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK);
+        m.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn affinity(&mut self) -> Vec<(AffinityKey4, AffinityValue)> {
+        let m = self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY);
+        m.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn put_affinity(&mut self, key: AffinityKey4, value: AffinityValue) -> Result<()> {
+        let mut m = self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY);
+        m.insert(key, value, 0)?;
+        Ok(())
+    }
+
+    pub fn clear_conntrack(&mut self) -> Result<()> {
+        let mut m = self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK);
+        let keys: Vec<_> = m.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            m.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Sum over CPUs of one `STATS` counter.
+    pub fn stat(&mut self, reason: Reason) -> Counter {
+        let m: PerCpuArray<&mut MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).expect("stats map")).expect("per-cpu array");
+        let per_cpu = m.get(&(reason as u32), 0).expect("stats index");
+        per_cpu.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    }
+
+    pub fn stats(&mut self) -> Vec<(Reason, Counter)> {
+        Reason::ALL.iter().map(|&r| (r, self.stat(r))).collect()
+    }
+
+    /// Runs `packet` through one entry point `repeat` times; returns the verdict, the
+    /// packet as the program left it, and the mean run time in ns.
+    pub fn run(&mut self, hook: Hook, packet: &[u8], repeat: u32) -> Result<(Verdict, Vec<u8>, u64)> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let res = match hook {
+            Hook::Xdp => {
+                let p: &Xdp = self.ebpf.program(XDP_PROGRAM).context("lb_xdp")?.try_into()?;
+                p.test_run(opts)?
+            }
+            Hook::Tc => {
+                let p: &SchedClassifier = self.ebpf.program(TC_PROGRAM).context("lb_tc")?.try_into()?;
+                p.test_run(opts)?
+            }
+        };
+        let verdict = match (hook, res.return_value) {
+            (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_UNSPEC | TC_ACT_OK) => Verdict::Pass,
+            (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Verdict::Drop,
+            (Hook::Xdp, XDP_TX) | (Hook::Tc, TC_ACT_REDIRECT) => Verdict::Bounce,
+            (Hook::Xdp, XDP_ABORTED) => Verdict::Aborted,
+            (h, v) => bail!("{h:?} returned unexpected {v}"),
+        };
+        out.truncate(res.data_size_out as usize);
+        Ok((verdict, out, res.duration.as_nanos() as u64))
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -306,18 +306,22 @@ pub fn up(opts: &UpOpts) -> Result<Cluster> {
             opts.port
         );
     }
-    if let Some(ns) = &opts.netns {
-        check_netns(ns, opts.bind)?;
+    match &opts.netns {
+        Some(ns) => check_netns(ns, opts.bind)?,
+        // Root namespace: loopback only, never a routable address.
+        None if !opts.bind.is_loopback() => bail!(
+            "--bind {} without --netns: the root namespace is loopback-only; try --bind 127.0.0.1",
+            opts.bind
+        ),
+        None => {}
     }
-    let dir = prepare_dir(&opts.dir)?;
+    down(&opts.dir).context(
+        "cannot remove the previous instance; try `cargo xtask kube down --dir ...` or another --dir",
+    )?;
     if opts.netns.is_none() {
-        for p in opts.port..=opts.port + 4 {
-            TcpListener::bind((opts.bind, p)).with_context(|| {
-                format!("{}:{p} is in use (another lb-kube instance?); try `--port {}` or `cargo xtask kube down`",
-                    opts.bind, opts.port.wrapping_add(10))
-            })?;
-        }
+        check_ports(opts.bind, opts.port)?;
     }
+    let dir = create_dir(&opts.dir)?;
     let mut opts = opts.clone();
     opts.dir = dir.clone();
     let c = Cluster {
@@ -410,9 +414,18 @@ pub fn status(dir: &Path) -> Result<Status> {
         kubeconfig: None,
         processes: vec![],
     };
+    let running = find_instance(&dir, None);
     for name in COMPONENTS.iter().rev() {
-        let pid = read_pid(&dir, name);
-        let alive = pid.is_some_and(|p| is_ours(p, &dir));
+        let pid = read_pid(&dir, name)
+            .filter(|p| running.contains(p))
+            .or_else(|| {
+                running
+                    .iter()
+                    .copied()
+                    .find(|p| component_of(*p) == Some(name))
+            })
+            .or_else(|| read_pid(&dir, name));
+        let alive = pid.is_some_and(|p| running.contains(&p));
         st.processes.push((name.to_string(), pid, alive));
     }
     if let Ok(c) = Cluster::open(&dir) {
@@ -496,10 +509,10 @@ impl Cluster {
         self.start_apiserver()
     }
 
-    /// Stops kube-apiserver only.
+    /// Stops kube-apiserver only (SIGTERM, SIGKILL after 2 s).
     pub fn stop_apiserver(&self) -> Result<()> {
         let pids = find_instance(&self.dir, Some("kube-apiserver"));
-        terminate(&pids, &self.dir);
+        terminate(&pids, &self.dir, Duration::from_secs(2));
         if !find_instance(&self.dir, Some("kube-apiserver")).is_empty() {
             bail!("kube-apiserver of {} survived SIGKILL", self.dir.display());
         }
@@ -878,9 +891,8 @@ fn check_netns(ns: &str, bind: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// Creates `dir` fresh (after stopping/removing a previous instance) and returns it absolute.
-fn prepare_dir(dir: &Path) -> Result<PathBuf> {
-    down(dir).context("cannot remove the previous instance; try `cargo xtask kube down --dir ...` or another --dir")?;
+/// Creates `dir` with its marker file and returns it absolute.
+fn create_dir(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
     let dir = fs::canonicalize(dir)?;
@@ -889,6 +901,22 @@ fn prepare_dir(dir: &Path) -> Result<PathBuf> {
         "lb-kube state dir; `cargo xtask kube down` removes it\n",
     )?;
     Ok(dir)
+}
+
+/// All ports `up` needs (port..=port+4) must be free on `bind` (root namespace only).
+fn check_ports(bind: Ipv4Addr, port: u16) -> Result<()> {
+    for p in port..=port + 4 {
+        if let Err(e) = TcpListener::bind((bind, p)) {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                bail!(
+                    "{bind}:{p} is in use (another lb-kube instance?); try `--port {}` or `cargo xtask kube down`",
+                    port.saturating_add(10).min(u16::MAX - 4)
+                );
+            }
+            bail!("cannot listen on {bind}:{p}: {e}; try `--bind 127.0.0.1`");
+        }
+    }
+    Ok(())
 }
 
 fn abs(dir: &Path) -> Result<PathBuf> {
@@ -961,7 +989,7 @@ fn find_instance(dir: &Path, only: Option<&str>) -> Vec<u32> {
 
 fn kill_instance(dir: &Path) -> Result<()> {
     let pids = find_instance(dir, None);
-    terminate(&pids, dir);
+    terminate(&pids, dir, Duration::from_secs(5));
     let left = find_instance(dir, None);
     if !left.is_empty() {
         bail!("processes {left:?} of {} survived SIGKILL", dir.display());
@@ -979,9 +1007,13 @@ fn component_of(pid: u32) -> Option<&'static str> {
     COMPONENTS.iter().copied().find(|c| *c == base)
 }
 
-/// SIGTERM, wait up to 10 s, then SIGKILL and wait up to 5 s.
-fn terminate(pids: &[u32], dir: &Path) {
-    for (sig, wait) in [(libc::SIGTERM, 10), (libc::SIGKILL, 5)] {
+/// SIGTERM, wait up to `grace`, then SIGKILL and wait up to 5 s. (A SIGTERMed kube-apiserver
+/// waits up to a minute for open watches, so the grace periods are short.)
+fn terminate(pids: &[u32], dir: &Path, grace: Duration) {
+    for (sig, wait) in [
+        (libc::SIGTERM, grace),
+        (libc::SIGKILL, Duration::from_secs(5)),
+    ] {
         let live: Vec<u32> = pids.iter().copied().filter(|p| is_ours(*p, dir)).collect();
         if live.is_empty() {
             return;
@@ -993,7 +1025,7 @@ fn terminate(pids: &[u32], dir: &Path) {
             }
         }
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(wait) && live.iter().any(|p| is_ours(*p, dir)) {
+        while t0.elapsed() < wait && live.iter().any(|p| is_ours(*p, dir)) {
             sleep(Duration::from_millis(50));
         }
     }
