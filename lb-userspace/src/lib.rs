@@ -3,3 +3,5 @@
 
 pub mod datapath;
 pub mod testing;
+pub mod netns;
+pub mod bench_veth;

@@ -159,12 +159,15 @@ impl Datapath {
     }
 
     pub fn clear_conntrack(&mut self) -> Result<()> {
-        let mut m = self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK);
-        let keys: Vec<_> = m.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            m.remove(&k)?;
-        }
-        Ok(())
+        clear(&mut self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK))
+    }
+
+    /// Empties every hash map (the counters keep counting: compare deltas).
+    pub fn reset(&mut self) -> Result<()> {
+        clear(&mut self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES))?;
+        clear(&mut self.hash::<BackendKey, BackendValue>(map_names::BACKENDS))?;
+        clear(&mut self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY))?;
+        self.clear_conntrack()
     }
 
     /// Sum over CPUs of one `STATS` counter.
@@ -209,6 +212,14 @@ impl Datapath {
         out.truncate(res.data_size_out as usize);
         Ok((verdict, out, res.duration.as_nanos() as u64))
     }
+}
+
+fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Result<()> {
+    let keys: Vec<K> = m.keys().filter_map(|k| k.ok()).collect();
+    for k in keys {
+        m.remove(&k)?;
+    }
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
