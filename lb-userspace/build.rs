@@ -70,8 +70,9 @@ fn main() -> anyhow::Result<()> {
              try `cargo xtask setup` to install the BPF toolchain"
         );
     }
-    let obj = target_dir.join("bpfel-unknown-none/release/lb");
-    std::fs::copy(&obj, out_dir.join("lb-ebpf.o"))
-        .with_context(|| format!("copying {}", obj.display()))?;
+    for (bin, dest) in [("lb", "lb-ebpf.o"), ("floor", "lb-floor.o")] {
+        let obj = target_dir.join("bpfel-unknown-none/release").join(bin);
+        std::fs::copy(&obj, out_dir.join(dest)).with_context(|| format!("copying {}", obj.display()))?;
+    }
     Ok(())
 }

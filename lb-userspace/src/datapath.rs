@@ -104,13 +104,19 @@ pub struct LoadOptions {
     pub pin_dir: PathBuf,
     /// `max_entries` overrides by pinned map name.
     pub max_entries: Vec<(&'static str, u32)>,
+    /// Benchmarks only: ignore conntrack hits, so every packet takes the new-flow path
+    /// (`BENCH_CT_BYPASS` in lb-ebpf/src/core.rs).
+    pub bench_ct_bypass: bool,
 }
 
 impl LoadOptions {
     pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
-        Self { pin_dir: pin_dir.into(), max_entries: Vec::new() }
+        Self { pin_dir: pin_dir.into(), max_entries: Vec::new(), bench_ct_bypass: false }
     }
 }
+
+/// The benchmark floor program (`floor`, XDP_PASS and nothing else).
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor.o"));
 
 /// Expected (type, key size, value size) of every pinned map.
 fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
@@ -196,6 +202,9 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     loader.default_map_pin_directory(&opts.pin_dir);
     for (name, n) in &opts.max_entries {
         loader.map_max_entries(name, *n);
+    }
+    if opts.bench_ct_bypass {
+        loader.override_global("BENCH_CT_BYPASS", &1u8, true);
     }
     let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
     load_program::<Xdp>(&mut ebpf, XDP_PROGRAM)?;

@@ -101,9 +101,15 @@ impl Datapath {
     }
 
     pub fn load_with(max_entries: &[(&'static str, u32)]) -> Result<Self> {
+        Self::load_opts(max_entries, false)
+    }
+
+    /// `ct_bypass`: benchmarks of the new-flow path only (see `LoadOptions`).
+    pub fn load_opts(max_entries: &[(&'static str, u32)], ct_bypass: bool) -> Result<Self> {
         let bpffs = PrivateBpffs::new()?;
         let mut opts = LoadOptions::new(bpffs.path());
         opts.max_entries = max_entries.to_vec();
+        opts.bench_ct_bypass = ct_bypass;
         let ebpf = datapath::load(&opts).context("loading the datapath")?;
         Ok(Self { ebpf, _bpffs: bpffs })
     }
@@ -185,34 +191,43 @@ impl Datapath {
     /// Runs `packet` through one entry point `repeat` times; returns the verdict, the
     /// packet as the program left it, and the mean run time in ns.
     pub fn run(&mut self, hook: Hook, packet: &[u8], repeat: u32) -> Result<(Verdict, Vec<u8>, u64)> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        };
-        let res = match hook {
-            Hook::Xdp => {
-                let p: &Xdp = self.ebpf.program(XDP_PROGRAM).context("lb_xdp")?.try_into()?;
-                p.test_run(opts)?
-            }
-            Hook::Tc => {
-                let p: &SchedClassifier = self.ebpf.program(TC_PROGRAM).context("lb_tc")?.try_into()?;
-                p.test_run(opts)?
-            }
-        };
-        let verdict = match (hook, res.return_value) {
-            (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_UNSPEC | TC_ACT_OK) => Verdict::Pass,
-            (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Verdict::Drop,
-            (Hook::Xdp, XDP_TX) | (Hook::Tc, TC_ACT_REDIRECT) => Verdict::Bounce,
-            (Hook::Xdp, XDP_ABORTED) => Verdict::Aborted,
-            (h, v) => bail!("{h:?} returned unexpected {v}"),
-        };
-        out.truncate(res.data_size_out as usize);
-        Ok((verdict, out, res.duration.as_nanos() as u64))
+        run_on(&self.ebpf, hook, packet, repeat)
+    }
+
+    /// Loads another copy of the programs on the same pinned maps (for benchmarks: a
+    /// `bench_ct_bypass` copy next to the normal one).
+    pub fn load_sharing_maps(&self, ct_bypass: bool) -> Result<Ebpf> {
+        let mut opts = LoadOptions::new(self._bpffs.path());
+        opts.bench_ct_bypass = ct_bypass;
+        datapath::load(&opts).context("loading a second copy of the datapath")
     }
 }
+
+/// `Datapath::run` for any loaded copy of the datapath.
+pub fn run_on(ebpf: &Ebpf, hook: Hook, packet: &[u8], repeat: u32) -> Result<(Verdict, Vec<u8>, u64)> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let opts = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), repeat, ..Default::default() };
+    let res = match hook {
+        Hook::Xdp => {
+            let p: &Xdp = ebpf.program(XDP_PROGRAM).context("lb_xdp")?.try_into()?;
+            p.test_run(opts)?
+        }
+        Hook::Tc => {
+            let p: &SchedClassifier = ebpf.program(TC_PROGRAM).context("lb_tc")?.try_into()?;
+            p.test_run(opts)?
+        }
+    };
+    let verdict = match (hook, res.return_value) {
+        (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_UNSPEC | TC_ACT_OK) => Verdict::Pass,
+        (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Verdict::Drop,
+        (Hook::Xdp, XDP_TX) | (Hook::Tc, TC_ACT_REDIRECT) => Verdict::Bounce,
+        (Hook::Xdp, XDP_ABORTED) => Verdict::Aborted,
+        (h, v) => bail!("{h:?} returned unexpected {v}"),
+    };
+    out.truncate(res.data_size_out as usize);
+    Ok((verdict, out, res.duration.as_nanos() as u64))
+}
+
 
 fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Result<()> {
     let keys: Vec<K> = m.keys().filter_map(|k| k.ok()).collect();

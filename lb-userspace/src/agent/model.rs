@@ -1,0 +1,606 @@
+//! From watched objects to desired datapath state: a pure function, as kube-proxy
+//! computes it.
+//!
+//! The rules follow kube-proxy (paths in kubernetes/kubernetes):
+//! - which Services get a frontend: `pkg/proxy/servicechangetracker.go`
+//!   (`shouldSkipService`: no ClusterIP / `None`, or type ExternalName) and the
+//!   informer's label selector `!service.kubernetes.io/service-proxy-name`
+//!   (`cmd/kube-proxy/app/server.go`);
+//! - how EndpointSlice ports map to Service ports: `pkg/proxy/endpointslicecache.go`
+//!   (`endpointInfoByServicePort`: by port *name* and protocol, with the number taken
+//!   from the slice, which is how named targetPorts are resolved per slice; the first
+//!   address of an endpoint; duplicates merged);
+//! - which endpoints get traffic: `pkg/proxy/topology.go` (`CategorizeEndpoints`):
+//!   ready ones, else serving-and-terminating ones (KEP-1669,
+//!   <https://github.com/kubernetes/enhancements/tree/master/keps/sig-network/1669-proxy-terminating-endpoints>),
+//!   never non-serving ones;
+//! - `publishNotReadyAddresses`: the EndpointSlice controller marks every endpoint of
+//!   such a Service ready (`pkg/controller/endpointslice/utils.go`); we honour the field
+//!   directly too, so hand-written slices behave the same;
+//! - ClientIP affinity: default 10800 s, at most 86400 s
+//!   (`v1.DefaultClientIPServiceAffinitySeconds`, `MaxClientIPServiceAffinitySeconds`).
+//!
+//! Bad objects never stop the computation: each problem becomes an [`Issue`] and the
+//! rest is still programmed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, NO_BACKENDS_REJECT, ServiceKey4};
+use serde::Serialize;
+
+/// Label that hands a Service to another proxy (kube-proxy skips it).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label set by the EndpointSlice controller on slices of headless Services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label naming the Service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Annotation choosing what a frontend with no usable endpoint does: `reject` (the
+/// default, ICMP port unreachable like kube-proxy's REJECT) or `drop`.
+pub const ANNOTATION_NO_ENDPOINTS: &str = "lb.io/no-endpoints";
+
+/// `v1.DefaultClientIPServiceAffinitySeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// `v1.MaxClientIPServiceAffinitySeconds`.
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn ipproto(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+    pub const fn from_ipproto(p: u8) -> Option<Self> {
+        match p {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One frontend: a ClusterIP, a port and a protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FrontendKey {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl FrontendKey {
+    pub fn map_key(&self) -> ServiceKey4 {
+        ServiceKey4::new(u32::from_ne_bytes(self.ip.octets()), self.port.to_be(), self.proto.ipproto())
+    }
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+/// A backend: an endpoint address and the port its slice gives for the service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ip, self.port)
+    }
+}
+
+/// What a frontend with no usable endpoint does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoEndpoints {
+    #[default]
+    Reject,
+    Drop,
+}
+
+impl NoEndpoints {
+    pub const fn map_value(self) -> u8 {
+        match self {
+            NoEndpoints::Reject => NO_BACKENDS_REJECT,
+            NoEndpoints::Drop => NO_BACKENDS_DROP,
+        }
+    }
+}
+
+/// Desired state of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frontend {
+    /// `namespace/name:portname`, for logs and metrics.
+    pub service: String,
+    /// ClientIP affinity timeout, if the Service has ClientIP affinity.
+    pub affinity_timeout_s: Option<u32>,
+    pub no_endpoints: NoEndpoints,
+    pub backends: BTreeSet<Backend>,
+}
+
+/// Everything the datapath should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+impl Desired {
+    pub fn endpoint_count(&self) -> usize {
+        self.frontends.values().map(|f| f.backends.len()).sum()
+    }
+}
+
+/// Why an object (or part of it) was not programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssueKind {
+    /// An address that is not an IP (ClusterIP or endpoint).
+    InvalidIp,
+    /// Port 0 or out of range, on a Service or an EndpointSlice.
+    InvalidPort,
+    /// The same address twice for one service port.
+    DuplicateEndpoint,
+    /// An EndpointSlice whose Service does not exist (or that names none).
+    UnknownService,
+    /// SCTP (or another protocol the datapath does not handle).
+    UnsupportedProtocol,
+    /// Two Services claim the same ClusterIP, port and protocol.
+    DuplicateFrontend,
+    /// A session affinity timeout outside 1..=86400, or an unknown affinity.
+    InvalidAffinity,
+    /// An unknown value of the `lb.io/no-endpoints` annotation.
+    InvalidAnnotation,
+    /// More endpoints for one frontend than the datapath scans.
+    TooManyEndpoints,
+}
+
+impl IssueKind {
+    pub const ALL: [IssueKind; 9] = [
+        IssueKind::InvalidIp,
+        IssueKind::InvalidPort,
+        IssueKind::DuplicateEndpoint,
+        IssueKind::UnknownService,
+        IssueKind::UnsupportedProtocol,
+        IssueKind::DuplicateFrontend,
+        IssueKind::InvalidAffinity,
+        IssueKind::InvalidAnnotation,
+        IssueKind::TooManyEndpoints,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            IssueKind::InvalidIp => "invalid_ip",
+            IssueKind::InvalidPort => "invalid_port",
+            IssueKind::DuplicateEndpoint => "duplicate_endpoint",
+            IssueKind::UnknownService => "unknown_service",
+            IssueKind::UnsupportedProtocol => "unsupported_protocol",
+            IssueKind::DuplicateFrontend => "duplicate_frontend",
+            IssueKind::InvalidAffinity => "invalid_affinity",
+            IssueKind::InvalidAnnotation => "invalid_annotation",
+            IssueKind::TooManyEndpoints => "too_many_endpoints",
+        }
+    }
+}
+
+/// A problem with one object; the rest is still programmed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Issue {
+    pub kind: IssueKind,
+    /// `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} ({})", self.object, self.detail, self.kind.name())
+    }
+}
+
+/// Why a Service gets no frontend although it is valid (not an issue, just counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    pub headless: usize,
+    pub external_name: usize,
+    pub other_proxy: usize,
+    /// No ClusterIP assigned yet.
+    pub no_cluster_ip: usize,
+    /// IPv6 ClusterIPs (the datapath is IPv4 only for now).
+    pub ipv6_cluster_ips: usize,
+}
+
+/// The result of [`compute`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Computed {
+    pub desired: Desired,
+    pub issues: Vec<Issue>,
+    pub skipped: Skipped,
+}
+
+fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+    // The API server defaults an unset protocol to TCP.
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(other.to_string()),
+    }
+}
+
+/// A service port as the endpoints are matched to it: by name and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PortRef {
+    name: String,
+    proto: Protocol,
+}
+
+/// Condition of one endpoint after merging duplicates.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cond {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+struct ServiceInfo<'a> {
+    svc: &'a Service,
+    /// Whether it gets frontends (false: skipped, but its slices are not "unknown").
+    proxied: bool,
+}
+
+/// Computes the desired state from all Services and EndpointSlices. Pure: the same
+/// input always gives the same output, whatever the order of the objects.
+pub fn compute<'a, S, E>(services: S, slices: E) -> Computed
+where
+    S: IntoIterator<Item = &'a Service>,
+    E: IntoIterator<Item = &'a EndpointSlice>,
+{
+    let mut out = Computed::default();
+    let mut issues = BTreeSet::new();
+
+    // Services by (namespace, name), in a fixed order so that conflicts resolve the
+    // same way every time.
+    let mut by_name: BTreeMap<(String, String), ServiceInfo<'a>> = BTreeMap::new();
+    for svc in services {
+        let key = ns_name(&svc.metadata);
+        let proxied = classify(svc, &mut out.skipped);
+        by_name.insert(key, ServiceInfo { svc, proxied });
+    }
+
+    // Endpoints per (namespace, service name) and service port, merged over slices.
+    type PortEndpoints = HashMap<PortRef, BTreeMap<Backend, Cond>>;
+    let mut endpoints: HashMap<(String, String), PortEndpoints> = HashMap::new();
+    let mut slices: Vec<&EndpointSlice> = slices.into_iter().collect();
+    slices.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
+    for slice in slices {
+        let (ns, name) = ns_name(&slice.metadata);
+        let object = format!("EndpointSlice {ns}/{name}");
+        let labels = slice.metadata.labels.as_ref();
+        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+            continue;
+        }
+        let Some(svc_name) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            issues.insert(Issue {
+                kind: IssueKind::UnknownService,
+                object,
+                detail: format!("has no {LABEL_SERVICE_NAME} label"),
+            });
+            continue;
+        };
+        let svc_key = (ns.clone(), svc_name.clone());
+        match by_name.get(&svc_key) {
+            None => {
+                issues.insert(Issue {
+                    kind: IssueKind::UnknownService,
+                    object,
+                    detail: format!("belongs to Service {ns}/{svc_name}, which does not exist"),
+                });
+                continue;
+            }
+            Some(info) if !info.proxied => continue,
+            Some(_) => {}
+        }
+        // Only IPv4 slices feed the (IPv4) datapath; "IP" is v1beta1's deprecated
+        // family-less type, whose IPv4 addresses we take.
+        match slice.address_type.as_str() {
+            "IPv4" | "IP" => {}
+            _ => continue,
+        }
+        let svc_eps = endpoints.entry(svc_key).or_default();
+        for port in slice.ports.iter().flatten() {
+            let name = port.name.clone().unwrap_or_default();
+            let proto = match parse_protocol(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(p) => {
+                    issues.insert(Issue {
+                        kind: IssueKind::UnsupportedProtocol,
+                        object: object.clone(),
+                        detail: format!("port {name:?} has protocol {p}, which lb does not handle"),
+                    });
+                    continue;
+                }
+            };
+            // kube-proxy: "TODO: handle nil ports to mean 'all'"; it ignores them.
+            let Some(num) = port.port else { continue };
+            let Some(num) = u16::try_from(num).ok().filter(|n| *n != 0) else {
+                issues.insert(Issue {
+                    kind: IssueKind::InvalidPort,
+                    object: object.clone(),
+                    detail: format!("port {name:?} has number {num}"),
+                });
+                continue;
+            };
+            let port_eps = svc_eps.entry(PortRef { name: name.clone(), proto }).or_default();
+            for ep in slice.endpoints.iter().flatten() {
+                // kube-proxy uses the first address only.
+                let Some(addr) = ep.addresses.first() else { continue };
+                let ip: Ipv4Addr = match addr.parse() {
+                    Ok(ip) => ip,
+                    Err(_) if slice.address_type == "IP" && addr.parse::<std::net::Ipv6Addr>().is_ok() => continue,
+                    Err(_) => {
+                        issues.insert(Issue {
+                            kind: IssueKind::InvalidIp,
+                            object: object.clone(),
+                            detail: format!("endpoint address {addr:?} is not an IPv4 address"),
+                        });
+                        continue;
+                    }
+                };
+                let c = ep.conditions.as_ref();
+                // Unset ready and serving mean true, unset terminating false
+                // (EndpointConditions API doc; endpointslicecache.go).
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let cond = Cond {
+                    ready,
+                    serving: c.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                };
+                let backend = Backend { ip, port: num };
+                match port_eps.get_mut(&backend) {
+                    None => {
+                        port_eps.insert(backend, cond);
+                    }
+                    Some(prev) => {
+                        issues.insert(Issue {
+                            kind: IssueKind::DuplicateEndpoint,
+                            object: object.clone(),
+                            detail: format!("endpoint {backend} for port {name:?} appears more than once"),
+                        });
+                        // Keep the most usable view of it.
+                        prev.ready |= cond.ready;
+                        prev.serving |= cond.serving;
+                        prev.terminating &= cond.terminating;
+                    }
+                }
+            }
+        }
+    }
+
+    for ((ns, name), info) in &by_name {
+        if !info.proxied {
+            continue;
+        }
+        service_frontends(ns, name, info.svc, endpoints.get(&(ns.clone(), name.clone())), &mut out, &mut issues);
+    }
+    out.issues = issues.into_iter().collect();
+    out
+}
+
+/// Whether a Service gets frontends; counts why not.
+fn classify(svc: &Service, skipped: &mut Skipped) -> bool {
+    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+        skipped.other_proxy += 1;
+        return false;
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        skipped.no_cluster_ip += 1;
+        return false;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        skipped.external_name += 1;
+        return false;
+    }
+    match spec.cluster_ip.as_deref() {
+        Some("None") => {
+            skipped.headless += 1;
+            false
+        }
+        None | Some("") if spec.cluster_ips.as_ref().is_none_or(|v| v.is_empty()) => {
+            skipped.no_cluster_ip += 1;
+            false
+        }
+        _ => true,
+    }
+}
+
+fn service_frontends(
+    ns: &str,
+    name: &str,
+    svc: &Service,
+    endpoints: Option<&HashMap<PortRef, BTreeMap<Backend, Cond>>>,
+    out: &mut Computed,
+    issues: &mut BTreeSet<Issue>,
+) {
+    let object = format!("Service {ns}/{name}");
+    let Some(spec) = svc.spec.as_ref() else { return };
+    let mut ips = Vec::new();
+    let listed: Vec<&str> = match spec.cluster_ips.as_ref().filter(|v| !v.is_empty()) {
+        Some(v) => v.iter().map(String::as_str).collect(),
+        None => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    for s in listed {
+        if s.is_empty() || s == "None" {
+            continue;
+        }
+        match s.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => ips.push(ip),
+            Ok(std::net::IpAddr::V6(_)) => out.skipped.ipv6_cluster_ips += 1,
+            Err(_) => {
+                issues.insert(Issue {
+                    kind: IssueKind::InvalidIp,
+                    object: object.clone(),
+                    detail: format!("clusterIP {s:?} is not an IP address"),
+                });
+            }
+        }
+    }
+    if ips.is_empty() {
+        return;
+    }
+
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("None") | Some("") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            Some(match t {
+                None => DEFAULT_AFFINITY_TIMEOUT_S,
+                Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT_S => t as u32,
+                Some(t) => {
+                    // API validation rejects this; a file source may not. Clamp.
+                    let clamped = if t <= 0 { DEFAULT_AFFINITY_TIMEOUT_S } else { MAX_AFFINITY_TIMEOUT_S };
+                    issues.insert(Issue {
+                        kind: IssueKind::InvalidAffinity,
+                        object: object.clone(),
+                        detail: format!("sessionAffinity timeoutSeconds {t} is outside 1..=86400; using {clamped}"),
+                    });
+                    clamped
+                }
+            })
+        }
+        Some(other) => {
+            issues.insert(Issue {
+                kind: IssueKind::InvalidAffinity,
+                object: object.clone(),
+                detail: format!("unknown sessionAffinity {other:?}; using None"),
+            });
+            None
+        }
+    };
+    let no_endpoints = match svc.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_NO_ENDPOINTS)) {
+        None => NoEndpoints::Reject,
+        Some(v) if v == "reject" => NoEndpoints::Reject,
+        Some(v) if v == "drop" => NoEndpoints::Drop,
+        Some(v) => {
+            issues.insert(Issue {
+                kind: IssueKind::InvalidAnnotation,
+                object: object.clone(),
+                detail: format!("{ANNOTATION_NO_ENDPOINTS}: {v:?} is neither reject nor drop; using reject"),
+            });
+            NoEndpoints::Reject
+        }
+    };
+    let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+
+    let mut seen_ports = HashSet::new();
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.clone().unwrap_or_default();
+        let proto = match parse_protocol(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(p) => {
+                issues.insert(Issue {
+                    kind: IssueKind::UnsupportedProtocol,
+                    object: object.clone(),
+                    detail: format!("port {port_name:?} has protocol {p}, which lb does not handle; skipped"),
+                });
+                continue;
+            }
+        };
+        let Some(num) = u16::try_from(port.port).ok().filter(|n| *n != 0) else {
+            issues.insert(Issue {
+                kind: IssueKind::InvalidPort,
+                object: object.clone(),
+                detail: format!("port {port_name:?} has number {}", port.port),
+            });
+            continue;
+        };
+        if !seen_ports.insert((num, proto)) {
+            issues.insert(Issue {
+                kind: IssueKind::DuplicateFrontend,
+                object: object.clone(),
+                detail: format!("port {num}/{proto} is listed twice; the first is used"),
+            });
+            continue;
+        }
+        let candidates = endpoints.and_then(|e| e.get(&PortRef { name: port_name.clone(), proto }));
+        let backends = select_backends(candidates, publish_not_ready);
+        if backends.len() > lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize {
+            issues.insert(Issue {
+                kind: IssueKind::TooManyEndpoints,
+                object: object.clone(),
+                detail: format!(
+                    "port {port_name:?} has {} endpoints; the datapath uses the first {}",
+                    backends.len(),
+                    lb_common::limits::MAX_BACKENDS_PER_SERVICE
+                ),
+            });
+        }
+        let backends: BTreeSet<Backend> =
+            backends.into_iter().take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize).collect();
+        for &ip in &ips {
+            let key = FrontendKey { ip, port: num, proto };
+            let frontend = Frontend {
+                service: format!("{ns}/{name}:{port_name}"),
+                affinity_timeout_s,
+                no_endpoints,
+                backends: backends.clone(),
+            };
+            if let Some(existing) = out.desired.frontends.get(&key) {
+                issues.insert(Issue {
+                    kind: IssueKind::DuplicateFrontend,
+                    object: object.clone(),
+                    detail: format!("frontend {key} is already served by {}; ignored here", existing.service),
+                });
+                continue;
+            }
+            out.desired.frontends.insert(key, frontend);
+        }
+    }
+}
+
+/// Ready endpoints (all of them with `publishNotReadyAddresses`); if there are none,
+/// serving and terminating ones (KEP-1669); never non-serving ones.
+fn select_backends(candidates: Option<&BTreeMap<Backend, Cond>>, publish_not_ready: bool) -> BTreeSet<Backend> {
+    let Some(c) = candidates else { return BTreeSet::new() };
+    let ready: BTreeSet<Backend> =
+        c.iter().filter(|(_, c)| c.ready || publish_not_ready).map(|(b, _)| *b).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    c.iter().filter(|(_, c)| c.serving && c.terminating).map(|(b, _)| *b).collect()
+}
+
+#[cfg(test)]
+mod tests;

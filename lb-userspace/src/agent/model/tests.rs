@@ -1,0 +1,397 @@
+//! Table-driven tests of [`compute`]: each case is a set of objects (as the API server
+//! would send them) and the frontends, backends and issues they must give.
+
+use serde_json::{Value, json};
+
+use super::*;
+
+fn svc(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": ns, "name": name}, "spec": spec})
+}
+
+fn svc_meta(ns: &str, name: &str, meta: Value, spec: Value) -> Value {
+    let mut v = svc(ns, name, spec);
+    for (k, val) in meta.as_object().unwrap() {
+        v["metadata"][k] = val.clone();
+    }
+    v
+}
+
+/// A slice of `service` with `ports` [(name, port, proto)] and endpoints
+/// [(address, ready, serving, terminating)].
+fn slice(ns: &str, name: &str, service: &str, ports: Value, endpoints: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": ns, "name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+    })
+}
+
+fn ep(addr: &str) -> Value {
+    json!({"addresses": [addr], "conditions": {"ready": true}})
+}
+
+fn ep_cond(addr: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+    json!({"addresses": [addr], "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+}
+
+fn http_port() -> Value {
+    json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
+}
+
+fn cluster_ip(ip: &str) -> Value {
+    json!({"type": "ClusterIP", "clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]})
+}
+
+struct Case {
+    name: &'static str,
+    services: Vec<Value>,
+    slices: Vec<Value>,
+    /// "ip:port/PROTO" -> sorted "ip:port" backends.
+    frontends: Vec<(&'static str, Vec<&'static str>)>,
+    issues: Vec<IssueKind>,
+}
+
+fn run(case: &Case) -> Computed {
+    let services: Vec<Service> = case
+        .services
+        .iter()
+        .map(|v| serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: bad Service fixture: {e}", case.name)))
+        .collect();
+    let slices: Vec<EndpointSlice> = case
+        .slices
+        .iter()
+        .map(|v| serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: bad slice fixture: {e}", case.name)))
+        .collect();
+    compute(services.iter(), slices.iter())
+}
+
+fn frontends_of(c: &Computed) -> Vec<(String, Vec<String>)> {
+    c.desired
+        .frontends
+        .iter()
+        .map(|(k, f)| (k.to_string(), f.backends.iter().map(|b| b.to_string()).collect()))
+        .collect()
+}
+
+#[test]
+fn table() {
+    let cases = vec![
+        Case {
+            name: "clusterip with ready endpoints",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![slice("default", "web-1", "web", http_port(), json!([ep("10.244.0.2"), ep("10.244.0.3")]))],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080", "10.244.0.3:8080"])],
+            issues: vec![],
+        },
+        Case {
+            name: "endpoints merged over several slices",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![
+                slice("default", "web-1", "web", http_port(), json!([ep("10.244.0.2")])),
+                slice("default", "web-2", "web", http_port(), json!([ep("10.244.0.3")])),
+            ],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080", "10.244.0.3:8080"])],
+            issues: vec![],
+        },
+        Case {
+            name: "no slice: frontend with no backends",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![],
+            frontends: vec![("10.96.0.10:80/TCP", vec![])],
+            issues: vec![],
+        },
+        Case {
+            name: "nodeport and loadbalancer get their clusterIP",
+            services: vec![
+                svc("default", "np", json!({"type": "NodePort", "clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30080}]})),
+                svc("default", "lb", json!({"type": "LoadBalancer", "clusterIP": "10.96.0.12", "ports": [{"port": 443}]})),
+            ],
+            slices: vec![
+                slice("default", "np-1", "np", json!([{"name": "", "port": 80}]), json!([ep("10.244.1.1")])),
+                slice("default", "lb-1", "lb", json!([{"port": 8443}]), json!([ep("10.244.1.2")])),
+            ],
+            frontends: vec![
+                ("10.96.0.11:80/TCP", vec!["10.244.1.1:80"]),
+                ("10.96.0.12:443/TCP", vec!["10.244.1.2:8443"]),
+            ],
+            issues: vec![],
+        },
+        Case {
+            name: "multi-port with named targetPorts resolved per slice",
+            services: vec![svc("default", "multi", json!({"clusterIP": "10.96.0.20", "ports": [
+                {"name": "http", "port": 80, "targetPort": "web"},
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+            ]}))],
+            // Two slices whose pods name their ports alike but number them differently.
+            slices: vec![
+                slice("default", "multi-a", "multi",
+                    json!([{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}]),
+                    json!([ep("10.244.0.2")])),
+                slice("default", "multi-b", "multi",
+                    json!([{"name": "http", "port": 9090, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]),
+                    json!([ep("10.244.0.3")])),
+            ],
+            frontends: vec![
+                ("10.96.0.20:53/UDP", vec!["10.244.0.2:5353", "10.244.0.3:53"]),
+                ("10.96.0.20:80/TCP", vec!["10.244.0.2:8080", "10.244.0.3:9090"]),
+            ],
+            issues: vec![],
+        },
+        Case {
+            name: "port name must match, protocol too",
+            services: vec![svc("default", "s", json!({"clusterIP": "10.96.0.21", "ports": [{"name": "a", "port": 80}]}))],
+            slices: vec![slice("default", "s-1", "s",
+                json!([{"name": "b", "port": 8080}, {"name": "a", "port": 8081, "protocol": "UDP"}]),
+                json!([ep("10.244.0.2")]))],
+            frontends: vec![("10.96.0.21:80/TCP", vec![])],
+            issues: vec![],
+        },
+        Case {
+            name: "dual-stack clusterIPs: the IPv4 one",
+            services: vec![svc("default", "ds", json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.22"], "ports": [{"port": 80}]}))],
+            slices: vec![slice("default", "ds-1", "ds", json!([{"port": 80}]), json!([ep("10.244.0.2")]))],
+            frontends: vec![("10.96.0.22:80/TCP", vec!["10.244.0.2:80"])],
+            issues: vec![],
+        },
+        Case {
+            name: "headless, externalname, other proxy and unassigned are skipped",
+            services: vec![
+                svc("default", "headless", json!({"clusterIP": "None", "ports": [{"port": 80}]})),
+                svc("default", "ext", json!({"type": "ExternalName", "externalName": "example.com", "ports": [{"port": 80}]})),
+                svc_meta("default", "other", json!({"labels": {"service.kubernetes.io/service-proxy-name": "foo"}}),
+                    json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80}]})),
+                svc("default", "pending", json!({"ports": [{"port": 80}]})),
+            ],
+            slices: vec![
+                // Slices of skipped services are not "unknown".
+                slice("default", "headless-1", "headless", json!([{"port": 80}]), json!([ep("10.244.0.2")])),
+                slice("default", "other-1", "other", json!([{"port": 80}]), json!([ep("10.244.0.3")])),
+            ],
+            frontends: vec![],
+            issues: vec![],
+        },
+        Case {
+            name: "not ready endpoints get no traffic",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![slice("default", "web-1", "web", http_port(), json!([
+                ep("10.244.0.2"),
+                ep_cond("10.244.0.3", false, false, false),
+                ep_cond("10.244.0.4", false, true, false),
+            ]))],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
+            issues: vec![],
+        },
+        Case {
+            name: "unset conditions mean ready",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![slice("default", "web-1", "web", http_port(), json!([{"addresses": ["10.244.0.2"]}, {"addresses": ["10.244.0.3"], "conditions": {}}]))],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080", "10.244.0.3:8080"])],
+            issues: vec![],
+        },
+        Case {
+            name: "terminating fallback when none is ready (KEP-1669)",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![slice("default", "web-1", "web", http_port(), json!([
+                ep_cond("10.244.0.2", false, true, true),
+                ep_cond("10.244.0.3", false, false, true),
+                ep_cond("10.244.0.4", false, true, false),
+            ]))],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
+            issues: vec![],
+        },
+        Case {
+            name: "terminating endpoints unused while one is ready",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![slice("default", "web-1", "web", http_port(), json!([
+                ep_cond("10.244.0.2", false, true, true),
+                ep("10.244.0.5"),
+            ]))],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.5:8080"])],
+            issues: vec![],
+        },
+        Case {
+            name: "publishNotReadyAddresses takes all",
+            services: vec![svc("default", "web", json!({"clusterIP": "10.96.0.10", "publishNotReadyAddresses": true, "ports": [{"name": "http", "port": 80}]}))],
+            slices: vec![slice("default", "web-1", "web", http_port(), json!([
+                ep("10.244.0.2"),
+                ep_cond("10.244.0.3", false, false, false),
+            ]))],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080", "10.244.0.3:8080"])],
+            issues: vec![],
+        },
+        Case {
+            name: "sctp port skipped with an issue, others kept",
+            services: vec![svc("default", "s", json!({"clusterIP": "10.96.0.40", "ports": [
+                {"name": "a", "port": 80}, {"name": "b", "port": 9999, "protocol": "SCTP"}]}))],
+            slices: vec![slice("default", "s-1", "s", json!([{"name": "a", "port": 80}, {"name": "b", "port": 9999, "protocol": "SCTP"}]), json!([ep("10.244.0.2")]))],
+            frontends: vec![("10.96.0.40:80/TCP", vec!["10.244.0.2:80"])],
+            issues: vec![IssueKind::UnsupportedProtocol, IssueKind::UnsupportedProtocol],
+        },
+        Case {
+            name: "invalid endpoint ip skipped, the rest kept",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![slice("default", "web-1", "web", http_port(), json!([ep("10.244.0.2"), ep("not-an-ip"), ep("10.244.0.300")]))],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
+            issues: vec![IssueKind::InvalidIp, IssueKind::InvalidIp],
+        },
+        Case {
+            name: "invalid clusterIP: an issue, other services kept",
+            services: vec![
+                svc("default", "bad", cluster_ip("10.96.0.999")),
+                svc("default", "good", cluster_ip("10.96.0.11")),
+            ],
+            slices: vec![],
+            frontends: vec![("10.96.0.11:80/TCP", vec![])],
+            issues: vec![IssueKind::InvalidIp],
+        },
+        Case {
+            name: "port 0 on service and slice",
+            services: vec![svc("default", "s", json!({"clusterIP": "10.96.0.41", "ports": [{"name": "zero", "port": 0}, {"name": "a", "port": 80}]}))],
+            slices: vec![slice("default", "s-1", "s", json!([{"name": "a", "port": 0}]), json!([ep("10.244.0.2")]))],
+            frontends: vec![("10.96.0.41:80/TCP", vec![])],
+            issues: vec![IssueKind::InvalidPort, IssueKind::InvalidPort],
+        },
+        Case {
+            name: "duplicate endpoint counted once and merged",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![
+                slice("default", "web-1", "web", http_port(), json!([ep("10.244.0.2")])),
+                slice("default", "web-2", "web", http_port(), json!([ep_cond("10.244.0.2", false, false, false)])),
+            ],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
+            issues: vec![IssueKind::DuplicateEndpoint],
+        },
+        Case {
+            name: "slice for unknown service, slice without label",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![
+                slice("default", "ghost-1", "ghost", http_port(), json!([ep("10.244.0.9")])),
+                slice("other", "web-1", "web", http_port(), json!([ep("10.244.0.8")])),
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"namespace": "default", "name": "nolabel"},
+                       "addressType": "IPv4", "endpoints": []}),
+                slice("default", "web-1", "web", http_port(), json!([ep("10.244.0.2")])),
+            ],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
+            issues: vec![IssueKind::UnknownService, IssueKind::UnknownService, IssueKind::UnknownService],
+        },
+        Case {
+            name: "ipv6 and fqdn slices ignored",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![{
+                let mut s = slice("default", "web-6", "web", http_port(), json!([ep("fd00::2")]));
+                s["addressType"] = json!("IPv6");
+                s
+            }],
+            frontends: vec![("10.96.0.10:80/TCP", vec![])],
+            issues: vec![],
+        },
+        Case {
+            name: "two services on one frontend: first by name wins",
+            services: vec![svc("default", "b", cluster_ip("10.96.0.10")), svc("default", "a", cluster_ip("10.96.0.10"))],
+            slices: vec![
+                slice("default", "a-1", "a", http_port(), json!([ep("10.244.0.1")])),
+                slice("default", "b-1", "b", http_port(), json!([ep("10.244.0.2")])),
+            ],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.1:8080"])],
+            issues: vec![IssueKind::DuplicateFrontend],
+        },
+    ];
+    for case in &cases {
+        let got = run(case);
+        let want: Vec<(String, Vec<String>)> = case
+            .frontends
+            .iter()
+            .map(|(k, b)| (k.to_string(), b.iter().map(|s| s.to_string()).collect()))
+            .collect();
+        assert_eq!(frontends_of(&got), want, "case {:?}", case.name);
+        let mut kinds: Vec<IssueKind> = got.issues.iter().map(|i| i.kind).collect();
+        kinds.sort();
+        let mut want_kinds = case.issues.clone();
+        want_kinds.sort();
+        assert_eq!(kinds, want_kinds, "case {:?}: issues {:#?}", case.name, got.issues);
+    }
+}
+
+#[test]
+fn affinity_defaults_and_limits() {
+    let cases: Vec<(Value, Option<u32>, usize)> = vec![
+        (json!({}), None, 0),
+        (json!({"sessionAffinity": "None"}), None, 0),
+        (json!({"sessionAffinity": "ClientIP"}), Some(10_800), 0),
+        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}), Some(30), 0),
+        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86400}}}), Some(86_400), 0),
+        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 100000}}}), Some(86_400), 1),
+        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}), Some(10_800), 1),
+        (json!({"sessionAffinity": "Cookie"}), None, 1),
+    ];
+    for (extra, want, n_issues) in cases {
+        let mut spec = json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let s: Service = serde_json::from_value(svc("default", "a", spec)).unwrap();
+        let got = compute([&s], []);
+        let f = got.desired.frontends.values().next().unwrap();
+        assert_eq!(f.affinity_timeout_s, want, "{extra}");
+        assert_eq!(got.issues.len(), n_issues, "{extra}: {:?}", got.issues);
+        assert!(got.issues.iter().all(|i| i.kind == IssueKind::InvalidAffinity));
+    }
+}
+
+#[test]
+fn no_endpoints_annotation() {
+    for (ann, want, n_issues) in [
+        (None, NoEndpoints::Reject, 0),
+        (Some("reject"), NoEndpoints::Reject, 0),
+        (Some("drop"), NoEndpoints::Drop, 0),
+        (Some("bogus"), NoEndpoints::Reject, 1),
+    ] {
+        let meta = match ann {
+            Some(a) => json!({"annotations": {ANNOTATION_NO_ENDPOINTS: a}}),
+            None => json!({}),
+        };
+        let s: Service = serde_json::from_value(svc_meta("default", "a", meta, cluster_ip("10.96.0.10"))).unwrap();
+        let got = compute([&s], []);
+        assert_eq!(got.desired.frontends.values().next().unwrap().no_endpoints, want);
+        assert_eq!(got.issues.len(), n_issues);
+    }
+}
+
+#[test]
+fn order_of_objects_does_not_matter() {
+    let services: Vec<Service> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| serde_json::from_value(svc("default", n, cluster_ip(&format!("10.96.0.{}", 10 + i)))).unwrap())
+        .collect();
+    let slices: Vec<EndpointSlice> = (0..6)
+        .map(|i| {
+            let svc = ["a", "b", "c"][i % 3];
+            serde_json::from_value(slice("default", &format!("{svc}-{i}"), svc, http_port(), json!([ep(&format!("10.244.0.{i}"))])))
+                .unwrap()
+        })
+        .collect();
+    let a = compute(services.iter(), slices.iter());
+    let b = compute(services.iter().rev(), slices.iter().rev());
+    assert_eq!(a, b);
+    assert_eq!(a.desired.endpoint_count(), 6);
+}
+
+#[test]
+fn v1beta1_slice_json_decodes_into_the_v1_struct() {
+    // What a 1.20 API server sends for discovery.k8s.io/v1beta1, with the apiVersion
+    // rewritten as the agent's fallback does: `topology` is dropped, the rest fits.
+    let v = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "default", "name": "web-abc", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.244.0.2"], "conditions": {"ready": true},
+                       "topology": {"kubernetes.io/hostname": "node-1"}, "targetRef": {"kind": "Pod", "name": "web-1"}}],
+    });
+    let s: EndpointSlice = serde_json::from_value(v).unwrap();
+    let svc: Service = serde_json::from_value(svc("default", "web", cluster_ip("10.96.0.10"))).unwrap();
+    let got = compute([&svc], [&s]);
+    assert_eq!(frontends_of(&got), vec![("10.96.0.10:80/TCP".to_string(), vec!["10.244.0.2:8080".to_string()])]);
+}

@@ -1,0 +1,611 @@
+//! Writing the desired state into the maps by diff, in an order that never leaves a
+//! frontend pointing at an empty or half-written slot.
+//!
+//! [`Syncer`] keeps a shadow: a faithful mirror of what it has written to `SERVICES`
+//! and `BACKENDS`, updated op by op as each write succeeds, so that a failed write
+//! leaves it exact and the next sync retries only what is missing. After a restart
+//! the shadow is rebuilt from the pinned maps ([`Syncer::from_maps`]) instead of
+//! flushing them, so established flows and affinity entries keep their service and
+//! backend ids.
+//!
+//! Order of writes for one frontend (the datapath reads `count`, then slots
+//! `1..=count`; see lb-ebpf/src/core.rs):
+//! 1. slots that change within `1..=new_count` (new backends, and backends that move
+//!    into the hole a removed one leaves, the "last" ones first),
+//! 2. the `SERVICES` entry (count, flags, timeout), which raises or lowers `count`,
+//! 3. deletion of the slots above `new_count`.
+//!
+//! So slots are always written before `count` is raised, `count` is lowered before
+//! slots go, and a backend that stays is visible in some slot at every moment (a
+//! mover is written to its new slot before its old one is cut off), which is what
+//! conntrack and affinity entries need to find it again by backend id. Slot order
+//! does not matter to backend choice: rendezvous hashing scores (address, port).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    fmt,
+    time::{Duration, Instant},
+};
+
+use lb_common::{BackendKey, BackendValue, Counter, SVC_F_AFFINITY, ServiceKey4, ServiceValue};
+
+use super::model::{Desired, Frontend, FrontendKey};
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutService(ServiceKey4, ServiceValue),
+    DeleteService(ServiceKey4),
+    PutBackend(BackendKey, BackendValue),
+    DeleteBackend(BackendKey),
+    /// Zero the `SVC_STATS` counters of a freshly allocated service id.
+    ResetStats(u32),
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::PutService(k, v) => write!(f, "put service {} -> id {} count {}", fmt_key(k), v.id, v.count),
+            Op::DeleteService(k) => write!(f, "delete service {}", fmt_key(k)),
+            Op::PutBackend(k, v) => write!(
+                f,
+                "put backend {}/{} -> {}:{} (id {})",
+                k.svc_id,
+                k.slot,
+                std::net::Ipv4Addr::from(v.addr_be.to_ne_bytes()),
+                u16::from_be(v.port_be),
+                v.backend_id
+            ),
+            Op::DeleteBackend(k) => write!(f, "delete backend {}/{}", k.svc_id, k.slot),
+            Op::ResetStats(id) => write!(f, "reset stats of service {id}"),
+        }
+    }
+}
+
+fn fmt_key(k: &ServiceKey4) -> String {
+    format!("{}:{}/{}", std::net::Ipv4Addr::from(k.addr_be.to_ne_bytes()), u16::from_be(k.port_be), k.proto)
+}
+
+pub type WriteError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where ops go: the pinned maps ([`BpfMaps`]), or a fake in tests.
+pub trait MapWriter {
+    fn apply(&mut self, op: &Op) -> Result<(), WriteError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("map write failed: {op}")]
+    Write {
+        op: String,
+        #[source]
+        source: WriteError,
+    },
+    #[error("out of service ids: all {limit} ids of the SVC_STATS map are in use; raise its size")]
+    OutOfServiceIds { limit: u32 },
+    #[error("out of backend ids (u32 exhausted); restart the agent with `--cleanup` first")]
+    OutOfBackendIds,
+}
+
+/// What one sync wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    pub services_put: usize,
+    pub services_deleted: usize,
+    pub backends_put: usize,
+    pub backends_deleted: usize,
+    pub frontends: usize,
+    pub endpoints: usize,
+}
+
+impl SyncStats {
+    pub fn ops(&self) -> usize {
+        self.services_put + self.services_deleted + self.backends_put + self.backends_deleted
+    }
+}
+
+/// A mirror of `SERVICES` and `BACKENDS` as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shadow {
+    /// Frontends and address markers.
+    pub services: HashMap<ServiceKey4, ServiceValue>,
+    /// Slots by service id.
+    pub slots: HashMap<u32, BTreeMap<u32, BackendValue>>,
+}
+
+fn is_marker(k: &ServiceKey4) -> bool {
+    k.port_be == 0 && k.proto == 0
+}
+
+/// Service ids: 1..limit, where `limit` is the size of `SVC_STATS`, which they index.
+/// Fresh ids are handed out first; freed ones are reused oldest first, so an id comes
+/// back only after every other one has been used, long after any conntrack or
+/// affinity entry of its previous frontend has aged out.
+#[derive(Clone, Debug)]
+struct ServiceIds {
+    next: u32,
+    limit: u32,
+    free: VecDeque<u32>,
+}
+
+impl ServiceIds {
+    fn alloc(&mut self) -> Result<u32, SyncError> {
+        if self.next < self.limit {
+            self.next += 1;
+            return Ok(self.next - 1);
+        }
+        self.free.pop_front().ok_or(SyncError::OutOfServiceIds { limit: self.limit })
+    }
+}
+
+/// Backend ids, global over services and never reused for another backend: one per
+/// (address, port). A backend that leaves keeps its id for `RETIRE_GRACE`, so that a
+/// pod flapping out of and back into readiness gets its old id back and its
+/// established flows, which validate their backend by id, carry on.
+#[derive(Clone, Debug)]
+struct BackendIds {
+    next: u32,
+    /// (addr_be, port_be) -> (id, slots that hold it).
+    live: HashMap<(u32, u16), (u32, u32)>,
+    retired: HashMap<(u32, u16), (u32, Instant)>,
+    /// Handed out during this sync; retired at its end if still unused.
+    pending: Vec<(u32, u16)>,
+}
+
+const RETIRE_GRACE: Duration = Duration::from_secs(600);
+
+impl BackendIds {
+    fn id_for(&mut self, addr: u32, port: u16) -> Result<u32, SyncError> {
+        if let Some((id, _)) = self.live.get(&(addr, port)) {
+            return Ok(*id);
+        }
+        let id = match self.retired.remove(&(addr, port)) {
+            Some((id, _)) => id,
+            None => {
+                let id = self.next;
+                self.next = self.next.checked_add(1).ok_or(SyncError::OutOfBackendIds)?;
+                id
+            }
+        };
+        self.live.insert((addr, port), (id, 0));
+        self.pending.push((addr, port));
+        Ok(id)
+    }
+    fn incref(&mut self, v: &BackendValue) {
+        let e = self.live.entry((v.addr_be, v.port_be)).or_insert((v.backend_id, 0));
+        e.1 += 1;
+    }
+    fn decref(&mut self, v: &BackendValue, now: Instant) {
+        let k = (v.addr_be, v.port_be);
+        if let Some(e) = self.live.get_mut(&k) {
+            e.1 = e.1.saturating_sub(1);
+            if e.1 == 0 {
+                let id = e.0;
+                self.live.remove(&k);
+                self.retired.insert(k, (id, now));
+            }
+        }
+    }
+    fn end_sync(&mut self, now: Instant) {
+        for k in std::mem::take(&mut self.pending) {
+            if let Some((id, 0)) = self.live.get(&k).copied() {
+                self.live.remove(&k);
+                self.retired.insert(k, (id, now));
+            }
+        }
+        self.retired.retain(|_, (_, at)| now.duration_since(*at) < RETIRE_GRACE);
+    }
+}
+
+/// Diffs desired state against the shadow and writes the difference.
+#[derive(Clone, Debug)]
+pub struct Syncer {
+    shadow: Shadow,
+    svc_ids: ServiceIds,
+    backend_ids: BackendIds,
+}
+
+impl Syncer {
+    /// A syncer for empty maps. `svc_id_limit` is `SVC_STATS`' `max_entries`.
+    pub fn new(svc_id_limit: u32) -> Self {
+        Self {
+            shadow: Shadow::default(),
+            svc_ids: ServiceIds { next: 1, limit: svc_id_limit.max(2), free: VecDeque::new() },
+            backend_ids: BackendIds { next: 1, live: HashMap::new(), retired: HashMap::new(), pending: Vec::new() },
+        }
+    }
+
+    /// Rebuilds the shadow and the id allocators from what the pinned maps hold, so
+    /// that the first sync after a restart writes only what changed meanwhile.
+    pub fn from_maps(
+        services: impl IntoIterator<Item = (ServiceKey4, ServiceValue)>,
+        backends: impl IntoIterator<Item = (BackendKey, BackendValue)>,
+        svc_id_limit: u32,
+    ) -> Self {
+        let mut s = Self::new(svc_id_limit);
+        let mut max_svc = 0;
+        for (k, v) in services {
+            if !is_marker(&k) {
+                max_svc = max_svc.max(v.id);
+            }
+            s.shadow.services.insert(k, v);
+        }
+        let mut max_backend = 0;
+        for (k, v) in backends {
+            max_backend = max_backend.max(v.backend_id);
+            max_svc = max_svc.max(k.svc_id);
+            s.backend_ids.incref(&v);
+            s.shadow.slots.entry(k.svc_id).or_default().insert(k.slot, v);
+        }
+        let used: HashSet<u32> = s
+            .shadow
+            .services
+            .iter()
+            .filter(|(k, _)| !is_marker(k))
+            .map(|(_, v)| v.id)
+            .chain(s.shadow.slots.keys().copied())
+            .collect();
+        s.svc_ids.next = (max_svc.saturating_add(1)).clamp(1, s.svc_ids.limit);
+        s.svc_ids.free = (1..s.svc_ids.next).filter(|id| !used.contains(id)).collect();
+        s.backend_ids.next = max_backend.saturating_add(1).max(1);
+        s
+    }
+
+    pub fn shadow(&self) -> &Shadow {
+        &self.shadow
+    }
+
+    /// Frontends (not markers) currently programmed.
+    pub fn frontend_count(&self) -> usize {
+        self.shadow.services.keys().filter(|k| !is_marker(k)).count()
+    }
+
+    /// Writes what differs between `desired` and the shadow. On error, the shadow
+    /// still matches the maps exactly; call again to retry.
+    pub fn sync<W: MapWriter>(&mut self, desired: &Desired, w: &mut W) -> Result<SyncStats, SyncError> {
+        let now = Instant::now();
+        let res = self.sync_inner(desired, w, now);
+        self.backend_ids.end_sync(now);
+        res
+    }
+
+    fn sync_inner<W: MapWriter>(&mut self, desired: &Desired, w: &mut W, now: Instant) -> Result<SyncStats, SyncError> {
+        let mut stats = SyncStats { frontends: desired.frontends.len(), endpoints: desired.endpoint_count(), ..Default::default() };
+        let wanted: HashMap<ServiceKey4, &FrontendKey> =
+            desired.frontends.keys().map(|k| (k.map_key(), k)).collect();
+        let mut ops = Vec::new();
+
+        // 1. Frontends that are gone, first, which also makes room in the maps.
+        let mut gone: Vec<ServiceKey4> = self
+            .shadow
+            .services
+            .keys()
+            .filter(|k| !is_marker(k) && !wanted.contains_key(k))
+            .copied()
+            .collect();
+        gone.sort_unstable();
+        for key in gone {
+            let id = self.shadow.services[&key].id;
+            ops.push(Op::DeleteService(key));
+            self.delete_slots_ops(id, 0, &mut ops);
+            self.apply(w, &mut ops, &mut stats, now)?;
+            if !self.id_in_use(id) {
+                self.svc_ids.free.push_back(id);
+            }
+        }
+        // Slots of ids no frontend owns (left by an interrupted write or a crash).
+        let owned: HashSet<u32> =
+            self.shadow.services.iter().filter(|(k, _)| !is_marker(k)).map(|(_, v)| v.id).collect();
+        let mut orphans: Vec<u32> = self.shadow.slots.keys().filter(|id| !owned.contains(id)).copied().collect();
+        orphans.sort_unstable();
+        for id in orphans {
+            self.delete_slots_ops(id, 0, &mut ops);
+            self.apply(w, &mut ops, &mut stats, now)?;
+            self.svc_ids.free.push_back(id);
+        }
+
+        // 2. New and changed frontends.
+        for (fkey, fe) in &desired.frontends {
+            let key = fkey.map_key();
+            match self.shadow.services.get(&key).copied() {
+                Some(cur) => self.plan_update(key, cur, fe, &mut ops)?,
+                None => self.plan_new(key, fe, &mut ops)?,
+            }
+            self.apply(w, &mut ops, &mut stats, now)?;
+        }
+
+        // 3. Address markers: present for every ClusterIP with a frontend, removed
+        //    once its last frontend has gone.
+        let vips: HashSet<u32> = wanted.keys().map(|k| k.addr_be).collect();
+        let mut stale: Vec<ServiceKey4> =
+            self.shadow.services.keys().filter(|k| is_marker(k) && !vips.contains(&k.addr_be)).copied().collect();
+        stale.sort_unstable();
+        ops.extend(stale.into_iter().map(Op::DeleteService));
+        for vip in &vips {
+            let m = ServiceKey4::address_marker(*vip);
+            if self.shadow.services.get(&m) != Some(&ServiceValue::default()) {
+                ops.push(Op::PutService(m, ServiceValue::default()));
+            }
+        }
+        self.apply(w, &mut ops, &mut stats, now)?;
+        Ok(stats)
+    }
+
+    fn id_in_use(&self, id: u32) -> bool {
+        self.shadow.slots.get(&id).is_some_and(|s| !s.is_empty())
+    }
+
+    fn delete_slots_ops(&self, id: u32, above: u32, ops: &mut Vec<Op>) {
+        if let Some(slots) = self.shadow.slots.get(&id) {
+            ops.extend(
+                slots.keys().filter(|&&s| s > above || s == 0).map(|&slot| Op::DeleteBackend(BackendKey { svc_id: id, slot })),
+            );
+        }
+    }
+
+    fn service_value(id: u32, count: u32, fe: &Frontend) -> ServiceValue {
+        ServiceValue {
+            id,
+            count,
+            affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
+            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
+            no_backends: fe.no_endpoints.map_value(),
+            _pad: 0,
+        }
+    }
+
+    fn backend_value(&mut self, b: &super::model::Backend) -> Result<BackendValue, SyncError> {
+        let addr_be = u32::from_ne_bytes(b.ip.octets());
+        let port_be = b.port.to_be();
+        Ok(BackendValue { backend_id: self.backend_ids.id_for(addr_be, port_be)?, addr_be, port_be, _pad: [0; 2] })
+    }
+
+    fn plan_new(&mut self, key: ServiceKey4, fe: &Frontend, ops: &mut Vec<Op>) -> Result<(), SyncError> {
+        let id = self.svc_ids.alloc()?;
+        ops.push(Op::ResetStats(id));
+        // Leftover slots under a reused id (should not happen; be safe).
+        self.delete_slots_ops(id, 0, ops);
+        let marker = ServiceKey4::address_marker(key.addr_be);
+        if !self.shadow.services.contains_key(&marker) {
+            ops.push(Op::PutService(marker, ServiceValue::default()));
+        }
+        let mut n = 0;
+        for b in &fe.backends {
+            n += 1;
+            ops.push(Op::PutBackend(BackendKey { svc_id: id, slot: n }, self.backend_value(b)?));
+        }
+        ops.push(Op::PutService(key, Self::service_value(id, n, fe)));
+        Ok(())
+    }
+
+    fn plan_update(&mut self, key: ServiceKey4, cur: ServiceValue, fe: &Frontend, ops: &mut Vec<Op>) -> Result<(), SyncError> {
+        let id = cur.id;
+        let want: HashSet<(u32, u16)> =
+            fe.backends.iter().map(|b| (u32::from_ne_bytes(b.ip.octets()), b.port.to_be())).collect();
+        let n = want.len() as u32;
+        let empty = BTreeMap::new();
+        let slots = self.shadow.slots.get(&id).unwrap_or(&empty);
+        let old_count = cur.count;
+
+        // Fast path: nothing about the backends changed.
+        let unchanged = n == old_count
+            && slots.len() as u32 == n
+            && (1..=n).all(|p| slots.get(&p).is_some_and(|b| want.contains(&(b.addr_be, b.port_be))));
+        if !unchanged {
+            let mut layout: Vec<Option<BackendValue>> = vec![None; n as usize];
+            let mut placed: HashSet<(u32, u16)> = HashSet::with_capacity(n as usize);
+            // Backends that stay, in a slot that stays: untouched.
+            for p in 1..=old_count.min(n) {
+                if let Some(b) = slots.get(&p)
+                    && want.contains(&(b.addr_be, b.port_be))
+                    && placed.insert((b.addr_be, b.port_be))
+                {
+                    layout[p as usize - 1] = Some(*b);
+                }
+            }
+            // Backends that stay but sit above the new count move down into holes,
+            // keeping their id; then the new ones.
+            let mut to_place: Vec<BackendValue> = Vec::new();
+            for (&p, b) in slots.range(n + 1..) {
+                if p <= old_count && want.contains(&(b.addr_be, b.port_be)) && placed.insert((b.addr_be, b.port_be)) {
+                    to_place.push(*b);
+                }
+            }
+            for b in &fe.backends {
+                let k = (u32::from_ne_bytes(b.ip.octets()), b.port.to_be());
+                if placed.insert(k) {
+                    let v = self.backend_value(b)?;
+                    to_place.push(v);
+                }
+            }
+            let mut it = to_place.into_iter();
+            for slot in layout.iter_mut().filter(|s| s.is_none()) {
+                *slot = it.next();
+            }
+            let slots = self.shadow.slots.get(&id).unwrap_or(&empty);
+            for (i, v) in layout.iter().enumerate() {
+                let p = i as u32 + 1;
+                if let Some(v) = v
+                    && slots.get(&p) != Some(v)
+                {
+                    ops.push(Op::PutBackend(BackendKey { svc_id: id, slot: p }, *v));
+                }
+            }
+        }
+        let value = Self::service_value(id, n, fe);
+        if value != cur {
+            ops.push(Op::PutService(key, value));
+        }
+        self.delete_slots_ops(id, n, ops);
+        Ok(())
+    }
+
+    /// Applies `ops` in order, recording each in the shadow as it succeeds.
+    fn apply<W: MapWriter>(&mut self, w: &mut W, ops: &mut Vec<Op>, stats: &mut SyncStats, now: Instant) -> Result<(), SyncError> {
+        for op in ops.drain(..) {
+            w.apply(&op).map_err(|source| SyncError::Write { op: op.to_string(), source })?;
+            match op {
+                Op::PutService(k, v) => {
+                    self.shadow.services.insert(k, v);
+                    stats.services_put += 1;
+                }
+                Op::DeleteService(k) => {
+                    self.shadow.services.remove(&k);
+                    stats.services_deleted += 1;
+                }
+                Op::PutBackend(k, v) => {
+                    self.backend_ids.incref(&v);
+                    if let Some(old) = self.shadow.slots.entry(k.svc_id).or_default().insert(k.slot, v) {
+                        self.backend_ids.decref(&old, now);
+                    }
+                    stats.backends_put += 1;
+                }
+                Op::DeleteBackend(k) => {
+                    if let Some(slots) = self.shadow.slots.get_mut(&k.svc_id) {
+                        if let Some(old) = slots.remove(&k.slot) {
+                            self.backend_ids.decref(&old, now);
+                        }
+                        if slots.is_empty() {
+                            self.shadow.slots.remove(&k.svc_id);
+                        }
+                    }
+                    stats.backends_deleted += 1;
+                }
+                Op::ResetStats(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The pinned `SERVICES`, `BACKENDS` and `SVC_STATS` maps, as a [`MapWriter`].
+pub struct BpfMaps {
+    pub services: aya::maps::HashMap<aya::maps::MapData, ServiceKey4, ServiceValue>,
+    pub backends: aya::maps::HashMap<aya::maps::MapData, BackendKey, BackendValue>,
+    pub svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
+    nr_cpus: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("cannot open pinned map {path}; is the datapath loaded (`lb agent`) with this --bpffs?")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {name} is missing from the loaded datapath")]
+    Missing { name: &'static str },
+    #[error("map {name} has an unexpected type")]
+    Type {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot count the possible CPUs")]
+    Cpus(#[source] std::io::Error),
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &std::path::Path) -> Result<Self, MapsError> {
+        use lb_common::map_names as n;
+        let open = |name: &'static str| {
+            let path = pin_dir.join(name);
+            aya::maps::MapData::from_pin(&path).map_err(|source| MapsError::Open { path, source })
+        };
+        Self::from_data(open(n::SERVICES)?, open(n::BACKENDS)?, open(n::SVC_STATS)?)
+    }
+
+    /// New handles on the maps of a loaded datapath (they stay usable by it).
+    pub fn from_ebpf(ebpf: &aya::Ebpf) -> Result<Self, MapsError> {
+        use lb_common::map_names as n;
+        let dup = |name: &'static str| -> Result<aya::maps::MapData, MapsError> {
+            let map = ebpf.map(name).ok_or(MapsError::Missing { name })?;
+            let data = map_data(map).ok_or(MapsError::Missing { name })?;
+            let id = data.info().map_err(|source| MapsError::Type { name, source })?.id();
+            aya::maps::MapData::from_id(id).map_err(|source| MapsError::Type { name, source })
+        };
+        Self::from_data(dup(n::SERVICES)?, dup(n::BACKENDS)?, dup(n::SVC_STATS)?)
+    }
+
+    fn from_data(
+        services: aya::maps::MapData,
+        backends: aya::maps::MapData,
+        svc_stats: aya::maps::MapData,
+    ) -> Result<Self, MapsError> {
+        use aya::maps::Map;
+        use lb_common::map_names as n;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Cpus(e))?;
+        Ok(Self {
+            services: Map::HashMap(services)
+                .try_into()
+                .map_err(|source| MapsError::Type { name: n::SERVICES, source })?,
+            backends: Map::HashMap(backends)
+                .try_into()
+                .map_err(|source| MapsError::Type { name: n::BACKENDS, source })?,
+            svc_stats: Map::PerCpuArray(svc_stats)
+                .try_into()
+                .map_err(|source| MapsError::Type { name: n::SVC_STATS, source })?,
+            nr_cpus,
+        })
+    }
+
+    /// `SVC_STATS`' size: service ids must stay below it.
+    pub fn svc_id_limit(&self) -> u32 {
+        self.svc_stats.len()
+    }
+
+    /// Everything in `SERVICES` and `BACKENDS`, for [`Syncer::from_maps`].
+    pub fn read_all(&self) -> (Vec<(ServiceKey4, ServiceValue)>, Vec<(BackendKey, BackendValue)>) {
+        (self.services.iter().filter_map(Result::ok).collect(), self.backends.iter().filter_map(Result::ok).collect())
+    }
+
+    /// A syncer whose shadow is what the maps hold now.
+    pub fn reconcile(&self) -> Syncer {
+        let (s, b) = self.read_all();
+        Syncer::from_maps(s, b, self.svc_id_limit())
+    }
+
+    /// Packets and bytes of one service id, summed over CPUs.
+    pub fn service_counter(&self, id: u32) -> Option<Counter> {
+        let v = self.svc_stats.get(&id, 0).ok()?;
+        Some(v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+    }
+}
+
+/// The `MapData` inside any `Map` variant we use.
+pub fn map_data(map: &aya::maps::Map) -> Option<&aya::maps::MapData> {
+    use aya::maps::Map;
+    match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::Array(d) | Map::PerCpuHashMap(d) => Some(d),
+        _ => None,
+    }
+}
+
+impl MapWriter for BpfMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
+        match op {
+            Op::PutService(k, v) => self.services.insert(k, v, 0)?,
+            Op::DeleteService(k) => match self.services.remove(k) {
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                r => r?,
+            },
+            Op::PutBackend(k, v) => self.backends.insert(k, v, 0)?,
+            Op::DeleteBackend(k) => match self.backends.remove(k) {
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                r => r?,
+            },
+            Op::ResetStats(id) => {
+                if *id < self.svc_stats.len() {
+                    let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); self.nr_cpus])?;
+                    self.svc_stats.set(*id, zero, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
