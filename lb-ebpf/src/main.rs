@@ -24,7 +24,7 @@ use lb_common::{IPPROTO_UDP, Reason};
 use crate::{
     core::{Kind, Rewrite, process},
     maps::{count, count_service},
-    parse::{EthHdr, IPV4_CSUM_OFF, IPV4_DADDR_OFF, IPV4_SADDR_OFF, Ipv4Hdr, ptr_at},
+    parse::{EthHdr, Ipv4Hdr, ptr_at},
     reject::{MAX_QUOTE, REJECT_HDRS, RejectHdrs},
 };
 
@@ -235,29 +235,42 @@ const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
+    // The L4 checksum goes through the helper, the only code that knows the skb's
+    // ip_summed: under CHECKSUM_PARTIAL the field holds the pseudo-header sum, which
+    // changes with the addresses (BPF_F_PSEUDO_HDR) but not with the ports.
     let l4_flags = if rw.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
-    let l4_off = rw.l4_off;
-    let ip_csum = rw.l3_off + IPV4_CSUM_OFF;
-    let addr = |off: usize, (old, new): (u32, u32)| -> Result<(), ()> {
-        if old == new {
-            return Ok(());
+    let addr_flags = l4_flags | BPF_F_PSEUDO_HDR | 4;
+    for (old, new) in [rw.saddr, rw.daddr] {
+        if old != new {
+            ctx.l4_csum_replace(rw.l4_csum_off, old as u64, new as u64, addr_flags).map_err(|_| ())?;
         }
-        ctx.l4_csum_replace(rw.l4_csum_off, old as u64, new as u64, l4_flags | BPF_F_PSEUDO_HDR | 4)
-            .map_err(|_| ())?;
-        ctx.l3_csum_replace(ip_csum, old as u64, new as u64, 4).map_err(|_| ())?;
-        ctx.store(rw.l3_off + off, &new, 0).map_err(|_| ())
-    };
-    let port = |off: usize, (old, new): (u16, u16)| -> Result<(), ()> {
-        if old == new {
-            return Ok(());
+    }
+    for (old, new) in [rw.sport, rw.dport] {
+        if old != new {
+            ctx.l4_csum_replace(rw.l4_csum_off, old as u64, new as u64, l4_flags | 2).map_err(|_| ())?;
         }
-        ctx.l4_csum_replace(rw.l4_csum_off, old as u64, new as u64, l4_flags | 2).map_err(|_| ())?;
-        ctx.store(l4_off + off, &new, 0).map_err(|_| ())
-    };
-    addr(IPV4_SADDR_OFF, rw.saddr)?;
-    addr(IPV4_DADDR_OFF, rw.daddr)?;
-    port(0, rw.sport)?;
-    port(2, rw.dport)
+    }
+    // Everything else is written directly, which saves a helper call per field: the
+    // IPv4 header checksum is always complete, so RFC 1624 applies as in XDP. The
+    // helpers above invalidated packet pointers, so they are taken afresh here.
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
+    let ports = ptr_at::<[u16; 2], _>(ctx, rw.l4_off).ok_or(())?;
+    unsafe {
+        let ip = &mut *ip;
+        let mut check = ip.check;
+        if rw.saddr.0 != rw.saddr.1 {
+            check = csum::replace32(check, rw.saddr.0, rw.saddr.1);
+            ip.saddr_be = rw.saddr.1;
+        }
+        if rw.daddr.0 != rw.daddr.1 {
+            check = csum::replace32(check, rw.daddr.0, rw.daddr.1);
+            ip.daddr_be = rw.daddr.1;
+        }
+        ip.check = check;
+        (*ports)[0] = rw.sport.1;
+        (*ports)[1] = rw.dport.1;
+    }
+    Ok(())
 }
 
 fn tc_reject(ctx: &TcContext, l3_off: usize, ip_hdr_len: usize) -> Result<(), ()> {

@@ -80,9 +80,6 @@ pub struct Ipv4Hdr {
     pub saddr_be: u32,
     pub daddr_be: u32,
 }
-pub const IPV4_CSUM_OFF: usize = 10;
-pub const IPV4_SADDR_OFF: usize = 12;
-pub const IPV4_DADDR_OFF: usize = 16;
 
 /// The first four bytes of TCP and UDP alike.
 #[repr(C)]

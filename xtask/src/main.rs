@@ -60,7 +60,14 @@ fn main() -> Result<()> {
         Cmd::Bench { what, args } => {
             setup::ensure()?;
             match what.as_str() {
-                "datapath" => lb_dev(&["bench", "datapath"], &args),
+                "datapath" => {
+                    let out = target_dir()?.join("bench/datapath.json");
+                    let mut args = args;
+                    if !args.iter().any(|a| a == "--out") {
+                        args.extend(["--out".to_string(), out.display().to_string()]);
+                    }
+                    lb_dev(&["bench", "datapath"], &args)
+                }
                 other => bail!("unknown benchmark {other:?}; try `cargo xtask bench datapath`"),
             }
         }
@@ -105,6 +112,21 @@ fn lb_dev(sub: &[&str], extra: &[String]) -> Result<()> {
     args.extend_from_slice(sub);
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
+}
+
+/// The workspace's target directory, as cargo sees it (honours CARGO_TARGET_DIR).
+fn target_dir() -> Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let dir = v["target_directory"].as_str().context("cargo metadata has no target_directory")?;
+    Ok(dir.into())
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
