@@ -81,12 +81,6 @@ pub struct Ipv4Hdr {
     pub daddr_be: u32,
 }
 
-/// The first four bytes of TCP and UDP alike.
-#[repr(C)]
-pub struct Ports {
-    pub src_be: u16,
-    pub dst_be: u16,
-}
 pub const TCP_HDR_LEN: usize = 20;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const TCP_FLAGS_OFF: usize = 13;
