@@ -1,10 +1,10 @@
 //! lb datapath: Kubernetes ClusterIP load balancing in XDP (`lb_xdp`) and tc clsact
-//! (`lb_tc`). Both run the same parse, lookup and NAT core (`core::process`); only the
+//! (`lb_tc`). Both run the same parse, lookup and NAT core (`engine::process`); only the
 //! way they rewrite packets and fix checksums differs. See docs/datapath.md.
 #![no_std]
 #![no_main]
 
-mod core;
+mod engine;
 mod csum;
 mod maps;
 mod parse;
@@ -22,7 +22,7 @@ use aya_ebpf::{
 use lb_common::{IPPROTO_UDP, Reason};
 
 use crate::{
-    core::{Kind, Rewrite, process},
+    engine::{Kind, Rewrite, process},
     maps::{count, count_service},
     parse::{EthHdr, Ipv4Hdr, ptr_at},
     reject::{MAX_QUOTE, REJECT_HDRS, RejectHdrs},
@@ -113,7 +113,7 @@ fn try_lb_tc(ctx: &TcContext) -> Result<i32, ()> {
 }
 
 #[cfg(feature = "debug-log")]
-fn log_action<C: aya_ebpf::EbpfContext>(ctx: &C, action: &crate::core::Action) {
+fn log_action<C: aya_ebpf::EbpfContext>(ctx: &C, action: &crate::engine::Action) {
     aya_log_ebpf::debug!(ctx, "lb verdict reason {}", action.reason as u32);
 }
 
@@ -322,7 +322,7 @@ fn tc_reject(ctx: &TcContext, l3_off: usize, ip_hdr_len: usize) -> Result<(), ()
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &::core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 

@@ -105,7 +105,7 @@ pub struct LoadOptions {
     /// `max_entries` overrides by pinned map name.
     pub max_entries: Vec<(&'static str, u32)>,
     /// Benchmarks only: ignore conntrack hits, so every packet takes the new-flow path
-    /// (`BENCH_CT_BYPASS` in lb-ebpf/src/core.rs).
+    /// (`BENCH_CT_BYPASS` in lb-ebpf/src/engine.rs).
     pub bench_ct_bypass: bool,
 }
 
@@ -289,4 +289,12 @@ pub fn default_max_entries(name: &str) -> Option<u32> {
         map_names::SVC_STATS => limits::SVC_STATS,
         _ => return None,
     })
+}
+
+/// With the `debug-log` feature: forwards the datapath's aya-log records to the `log`
+/// crate. Keep the returned logger alive for as long as the programs run: dropping it
+/// closes the log map's fd.
+#[cfg(feature = "debug-log")]
+pub fn init_logger(ebpf: &mut Ebpf) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+    aya_log::EbpfLogger::init(ebpf)
 }

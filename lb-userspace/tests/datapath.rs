@@ -601,7 +601,7 @@ fn packet_fixtures_through_both_entry_points() {
             if hook == Hook::Tc && input[12..14] == [0x08, 0x00] && input.len() < 14 + 20 {
                 // BPF_PROG_TEST_RUN builds an skb only from a frame that holds a whole
                 // IPv4 header (net/bpf/test_run.c, bpf_prog_test_run_skb), so tc cannot
-                // be fed one. Both hooks parse with the same code (core::process), and
+                // be fed one. Both hooks parse with the same code (engine::process), and
                 // the XDP run covers these frames.
                 assert!(dp.run(hook, &input, 1).is_err(), "{name}: the kernel accepted a short IPv4 skb");
                 continue;
