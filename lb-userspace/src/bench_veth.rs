@@ -125,7 +125,14 @@ fn measure(path: Path, seconds: u32) -> Result<Measurement> {
         Path::Direct => format!("{SERVER_IP}:{IPERF_PORT}"),
         Path::ClusterIp(mode) => {
             let mut d = Datapath::load()?;
-            let svc = ServiceValue { id: 1, count: 1, affinity_timeout_s: 0, flags: 0, no_backends: NO_BACKENDS_REJECT, _pad: 0 };
+            let svc = ServiceValue {
+                id: 1,
+                count: 1,
+                affinity_timeout_s: 0,
+                flags: 0,
+                no_backends: NO_BACKENDS_REJECT,
+                _pad: 0,
+            };
             d.put_service(VIP, SERVICE_PORT, IPPROTO_TCP, svc)?;
             d.put_backends(1, &[(1, &SERVER_IP.to_string(), IPERF_PORT)])?;
             topo.attach(&mut d.ebpf, mode)?;

@@ -17,6 +17,9 @@
 //!   node. The tc path is correct; the XDP paths are not, and cannot be: an XDP
 //!   program cannot tell a partial checksum from a full one (see
 //!   docs/datapath-veth-findings.md). The test asserts what happens in each mode.
+//!
+//! Every scenario ends with the reject case. It answers with ECONNREFUSED in tc and
+//! generic XDP; native XDP's XDP_TX answer is lost by the veth (see `check_rejects`).
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -446,7 +449,6 @@ fn xdp_native_tx_csum_off_in_pods() {
 fn xdp_native_checksum_completed_on_the_node_is_wrong() {
     run(checksum_completed_on_the_node, AttachMode::Xdp);
 }
-
 
 /// `cargo test -p lb-userspace --test netns -- --ignored --nocapture bench_veth`: the
 /// attach-mode throughput comparison (about half a minute).

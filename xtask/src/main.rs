@@ -28,7 +28,8 @@ enum Cmd {
         #[arg(default_value = "all")]
         suite: String,
     },
-    /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN).
+    /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN), `veth` (iperf3
+    /// through a ClusterIP per attach mode).
     Bench {
         /// Which benchmark: datapath.
         what: String,
@@ -68,7 +69,14 @@ fn main() -> Result<()> {
                     }
                     lb_dev(&["bench", "datapath"], &args)
                 }
-                other => bail!("unknown benchmark {other:?}; try `cargo xtask bench datapath`"),
+                "veth" => {
+                    let mut args = args;
+                    if !args.iter().any(|a| a == "--out") {
+                        args.extend(["--out".to_string(), target_dir()?.join("bench/veth.json").display().to_string()]);
+                    }
+                    lb_dev(&["bench", "veth"], &args)
+                }
+                other => bail!("unknown benchmark {other:?}; try `cargo xtask bench datapath` or `veth`"),
             }
         }
         Cmd::Demo { what } => {

@@ -58,6 +58,16 @@ enum Bench {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// iperf3 TCP throughput through a ClusterIP on veths, per attach mode (tc,
+    /// xdp-generic, xdp), against direct pod-to-pod in the same run.
+    Veth {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=60))]
+        seconds: u32,
+        /// Where to write the JSON results.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +81,10 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Bench { what: Bench::Datapath { repeat, services, backends, rounds, out } } => {
             bench_datapath(repeat, &services, backends, rounds, out)
+        }
+        Cmd::Bench { what: Bench::Veth { seconds, out } } => {
+            let json = lb_userspace::bench_veth::run(seconds)?;
+            write_json(out, &json)
         }
         Cmd::Demo { what: Demo::Datapath } => demo_datapath(),
     }
@@ -225,18 +239,21 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
     for (line, _) in &verdicts {
         println!("  {line}");
     }
-    if let Some(out) = out {
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let json = serde_json::json!({
+    let json = serde_json::json!({
             "repeat": repeat, "rounds": rounds, "backends_per_service": backends,
             "results": rows,
             "targets": verdicts.iter().map(|(l, ok)| serde_json::json!({"target": l, "met": ok})).collect::<Vec<_>>(),
-        });
-        std::fs::write(&out, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", out.display()))?;
-        println!("\nwrote {}", out.display());
+    });
+    write_json(out, &json)
+}
+
+fn write_json(out: Option<PathBuf>, json: &serde_json::Value) -> Result<()> {
+    let Some(out) = out else { return Ok(()) };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    std::fs::write(&out, serde_json::to_string_pretty(json)?).with_context(|| format!("writing {}", out.display()))?;
+    println!("\nwrote {}", out.display());
     Ok(())
 }
 
