@@ -238,9 +238,9 @@ pub enum Reason {
     /// A mid-connection TCP packet whose backend has been removed: XDP_DROP, never sent
     /// on to another pod.
     DropBackendGone = 16,
-    /// UDP, or a TCP SYN, whose conntrack entry points at a removed backend: the entry
-    /// is discarded and the packet handled as a new flow (what kube-proxy's conntrack
-    /// flush for UDP achieves).
+    /// UDP whose conntrack entry points at a removed backend: the entry is discarded and
+    /// the packet handled as a new flow (what kube-proxy's conntrack flush for UDP
+    /// achieves). A TCP SYN is always scheduled afresh and not counted here.
     CtStaleRescheduled = 17,
     /// Conntrack or affinity insert failed (map full beyond LRU eviction): the packet is
     /// still forwarded, but later packets pick again.

@@ -225,8 +225,15 @@ pub fn process<C: Packet>(ctx: &C) -> Action {
     let ct = unsafe { CONNTRACK.get(&key) }.copied();
     // SAFETY: a plain read of a constant the loader may set.
     let bypass = unsafe { core::ptr::read_volatile(&BENCH_CT_BYPASS) } != 0;
+    // A SYN starts a new connection even when its 5-tuple is still in conntrack (the
+    // client reused a source port): it is scheduled afresh, so that a change of
+    // affinity or of the backend set since the old connection takes effect. A
+    // retransmitted SYN schedules to the same backend, as the choice is a pure function
+    // of the flow, the backend set and the affinity entry.
+    let syn = l3.proto == IPPROTO_TCP && l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if let Some(ct) = ct
         && !bypass
+        && !(syn && ct.dir == CT_DIR_FORWARD)
     {
         match established(&l3, &l4, &key, &ct, l2.l3_off) {
             Some(action) => return action,

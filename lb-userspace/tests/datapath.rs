@@ -533,7 +533,22 @@ fn cases() -> Vec<Case> {
                 dp.put_backends(SVC_TCP, &[(102, "10.244.1.12", 8080)]).unwrap();
             },
             ..case("tcp syn reusing the tuple of a flow whose backend left starts over", web_syn.clone(), Pass,
-                Expect::Packet(web_syn.nat(CLIENT, 40000, [10, 244, 1, 12], 8080)), &[FwdNew, CtStaleRescheduled]) },
+                Expect::Packet(web_syn.nat(CLIENT, 40000, [10, 244, 1, 12], 8080)), &[FwdNew]) },
+        Case { before: vec![web_syn.clone()], between: |dp| {
+                // ClientIP affinity switched on, pointing this client at backend 102.
+                let v = ServiceValue { flags: SVC_F_AFFINITY, affinity_timeout_s: 10800, ..svc(SVC_TCP, 2) };
+                dp.put_service(&s(VIP), 80, IPPROTO_TCP, v).unwrap();
+                dp.put_backends(SVC_TCP, &[(101, &s(BE_TCP), 8080), (102, "10.244.1.12", 8080)]).unwrap();
+                let key = AffinityKey4 { svc_id: SVC_TCP, client_addr_be: ip(&s(CLIENT)) };
+                dp.put_affinity(key, AffinityValue { last_used_ns: monotonic_ns(), backend_id: 102, slot: 2 }).unwrap();
+            },
+            ..case("tcp syn reusing a live tuple is scheduled afresh (affinity switched on)", web_syn.clone(), Pass,
+                Expect::Packet(web_syn.nat(CLIENT, 40000, [10, 244, 1, 12], 8080)), &[FwdNew, AffinityHit]) },
+        Case { before: vec![dns.clone()], between: |dp| {
+                dp.put_backends(SVC_UDP, &[(202, "10.244.1.22", 5353)]).unwrap();
+            },
+            ..case("udp to a removed backend counts the stale entry", dns.clone(), Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)), &[CtStaleRescheduled]) },
         Case { before: vec![dns.clone()], between: |dp| {
                 dp.put_backends(SVC_UDP, &[(202, "10.244.1.22", 5353)]).unwrap();
             },
