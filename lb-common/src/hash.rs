@@ -9,7 +9,7 @@
 //! The price is O(N) work on a *new* flow only; established flows hit conntrack.
 //!
 //! The score keys on the backend's address and port, not on the agent's backend id, so
-//! every node (and every agent restart) sends the same client to the same pod.
+//! every node (and every agent restart) sends the same flow to the same pod.
 //!
 //! The mixing is MurmurHash3's x86_32 body and finaliser over 32-bit words
 //! (<https://github.com/aappleby/smhasher/blob/master/src/MurmurHash3.cpp>).
@@ -41,7 +41,8 @@ const fn finish(h: u32, words: u32) -> u32 {
     fmix32(h ^ (words * 4))
 }
 
-/// Hash of a flow's 5-tuple, for services without ClientIP affinity.
+/// Hash of a flow's 5-tuple: the input to rendezvous hashing for every new flow. With
+/// ClientIP affinity it picks the backend a client is then pinned to.
 #[inline(always)]
 pub const fn flow_hash(
     src_addr_be: u32,
@@ -56,16 +57,6 @@ pub const fn flow_hash(
     h = mix(h, ports);
     h = mix(h, proto as u32);
     finish(h, 4)
-}
-
-/// Hash of a client for a frontend, for services with ClientIP affinity: every port of
-/// the client lands on the same backend, even before an affinity entry exists.
-#[inline(always)]
-pub const fn client_hash(client_addr_be: u32, vip_be: u32, vport_be: u16, proto: u8) -> u32 {
-    let mut h = mix(SEED, client_addr_be);
-    h = mix(h, vip_be);
-    h = mix(h, ((vport_be as u32) << 8) | proto as u32);
-    finish(h, 3)
 }
 
 /// Rendezvous score of one backend for one flow hash. The highest score wins; ties go
@@ -124,18 +115,19 @@ mod tests {
         let vip = u32::from_be_bytes([10, 96, 0, 10]).to_be();
         for n in [2u32, 3, 5, 10, 16] {
             let be = backends(n);
+            // 10,000 clients each with one connection, and one client with 10,000 ports.
             let mut by_client = std::vec![0u32; n as usize];
-            let mut by_flow = std::vec![0u32; n as usize];
+            let mut by_port = std::vec![0u32; n as usize];
             for i in 0..10_000 {
-                let c = client(i);
-                by_client[pick(client_hash(c, vip, 80u16.to_be(), 6), &be).unwrap()] += 1;
-                let f = flow_hash(c, vip, (30_000 + i as u16).to_be(), 80u16.to_be(), 6);
-                by_flow[pick(f, &be).unwrap()] += 1;
+                let f = flow_hash(client(i), vip, 40_000u16.to_be(), 80u16.to_be(), 6);
+                by_client[pick(f, &be).unwrap()] += 1;
+                let f = flow_hash(client(7), vip, (30_000 + i as u16).to_be(), 80u16.to_be(), 6);
+                by_port[pick(f, &be).unwrap()] += 1;
             }
             let crit = CHI2_P01[n as usize - 2];
-            let (x1, x2) = (chi_square(&by_client, 10_000), chi_square(&by_flow, 10_000));
+            let (x1, x2) = (chi_square(&by_client, 10_000), chi_square(&by_port, 10_000));
             assert!(x1 < crit, "n={n}: client spread {by_client:?} chi2={x1:.2} >= {crit}");
-            assert!(x2 < crit, "n={n}: flow spread {by_flow:?} chi2={x2:.2} >= {crit}");
+            assert!(x2 < crit, "n={n}: port spread {by_port:?} chi2={x2:.2} >= {crit}");
         }
     }
 
@@ -145,13 +137,13 @@ mod tests {
         for n in [2u32, 4, 10, 50] {
             let be = backends(n);
             let before: Vec<(u32, u16)> =
-                (0..10_000).map(|i| be[pick(client_hash(client(i), vip, 80u16.to_be(), 6), &be).unwrap()]).collect();
+                (0..10_000).map(|i| be[pick(flow_hash(client(i), vip, 1u16.to_be(), 80u16.to_be(), 6), &be).unwrap()]).collect();
             for removed in [0usize, (n / 2) as usize, n as usize - 1] {
                 let mut left = be.clone();
                 left.remove(removed);
                 let moved = (0..10_000)
                     .filter(|&i| {
-                        let now = left[pick(client_hash(client(i), vip, 80u16.to_be(), 6), &left).unwrap()];
+                        let now = left[pick(flow_hash(client(i), vip, 1u16.to_be(), 80u16.to_be(), 6), &left).unwrap()];
                         now != before[i as usize]
                     })
                     .count();

@@ -359,11 +359,11 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
     let (slot, backend) = match chosen {
         Some(c) => c,
         None => {
-            let flow = if affinity {
-                hash::client_hash(l3.saddr_be, l3.daddr_be, l4.dport_be, l3.proto)
-            } else {
-                hash::flow_hash(l3.saddr_be, l3.daddr_be, l4.sport_be, l4.dport_be, l3.proto)
-            };
+            // The 5-tuple even with affinity: once a client's entry has expired, its next
+            // connection must be free to land on another pod, as with kube-proxy (the
+            // e2e "session affinity timeout" test checks exactly that); the entry then
+            // keeps the client's later connections on the pod chosen here.
+            let flow = hash::flow_hash(l3.saddr_be, l3.daddr_be, l4.sport_be, l4.dport_be, l3.proto);
             // count > 0 but no slot found: the agent is mid-update; treat as empty.
             let Some(p) = pick_backend(svc, flow) else {
                 return Action::drop(Reason::NoBackendDrop);

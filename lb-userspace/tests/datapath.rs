@@ -269,8 +269,10 @@ fn case(name: &'static str, input: Pkt, verdict: Verdict, expect: Expect, reason
     Case { name, setup: nothing, before: vec![], between: nothing, input, verdict, expect, reasons, after: no_check }
 }
 
-fn aff_backend_for(client: [u8; 4]) -> usize {
-    let flow = hash::client_hash(ip(&s(client)), ip(&s(VIP_AFF)), 80u16.to_be(), IPPROTO_TCP);
+/// Index into BE_AFF of the backend a new connection from `client:sport` picks when the
+/// client has no live affinity entry.
+fn aff_pick(client: [u8; 4], sport: u16) -> usize {
+    let flow = hash::flow_hash(ip(&s(client)), ip(&s(VIP_AFF)), sport.to_be(), 80u16.to_be(), IPPROTO_TCP);
     let be: Vec<(u32, u16)> = BE_AFF.iter().map(|a| (ip(&s(*a)), 8080u16.to_be())).collect();
     hash::pick(flow, &be).unwrap()
 }
@@ -326,9 +328,12 @@ fn cases() -> Vec<Case> {
         p
     };
     let aff_syn = |c: [u8; 4], port: u16| syn(c, port, VIP_AFF, 80);
-    let aff_expect = |c: [u8; 4], port: u16| {
-        Expect::Packet(aff_syn(c, port).nat(c, port, BE_AFF[aff_backend_for(c)], 8080))
+    // `port` connects; the backend is the one `first`'s connection picked.
+    let aff_expect = |c: [u8; 4], port: u16, first: u16| {
+        Expect::Packet(aff_syn(c, port).nat(c, port, BE_AFF[aff_pick(c, first)], 8080))
     };
+    // A source port whose own pick differs from port 1000's, so that reuse is visible.
+    let other_port = (2000..).find(|p| aff_pick(CLIENT, *p) != aff_pick(CLIENT, 1000)).unwrap();
 
     let mut v = vec![
         // --- TCP: new flow, established, reply, teardown.
@@ -376,45 +381,45 @@ fn cases() -> Vec<Case> {
         // --- ClientIP affinity.
         Case { after: |dp, _| {
                 let a = affinity_entry(dp, CLIENT);
-                assert_eq!(a.backend_id, 301 + aff_backend_for(CLIENT) as u32);
+                assert_eq!(a.backend_id, 301 + aff_pick(CLIENT, 1000) as u32);
                 assert!(monotonic_ns() - a.last_used_ns < 5_000_000_000);
             },
-            ..case("affinity: first flow picks by client hash and remembers it", aff_syn(CLIENT, 1000), Pass,
-                aff_expect(CLIENT, 1000), &[FwdNew, AffinityMiss]) },
+            ..case("affinity: first flow picks by hash and remembers it", aff_syn(CLIENT, 1000), Pass,
+                aff_expect(CLIENT, 1000, 1000), &[FwdNew, AffinityMiss]) },
         Case { before: vec![aff_syn(CLIENT, 1000)],
-            ..case("affinity: a new flow from another port reuses the backend", aff_syn(CLIENT, 2000), Pass,
-                aff_expect(CLIENT, 2000), &[FwdNew, AffinityHit]) },
+            ..case("affinity: a new flow from another port reuses the backend", aff_syn(CLIENT, other_port), Pass,
+                aff_expect(CLIENT, other_port, 1000), &[FwdNew, AffinityHit]) },
         {
             // Remember a backend the hash would not pick: it must still be used.
-            let other = (aff_backend_for(CLIENT) + 1) % 3;
+            let other = (aff_pick(CLIENT, 3000) + 1) % 3;
             let mut c = case("affinity: a live entry wins over the hash", aff_syn(CLIENT, 3000), Pass,
                 Expect::Packet(aff_syn(CLIENT, 3000).nat(CLIENT, 3000, BE_AFF[other], 8080)), &[FwdNew, AffinityHit]);
             c.setup = |dp| {
-                let other = (aff_backend_for(CLIENT) + 1) % 3;
+                let other = (aff_pick(CLIENT, 3000) + 1) % 3;
                 put_aff(dp, CLIENT, 301 + other as u32, other as u32 + 1, 100_000_000);
             };
             c
         },
         {
             let mut c = case("affinity: an entry older than timeoutSeconds (1 s) expires", aff_syn(CLIENT, 3001), Pass,
-                aff_expect(CLIENT, 3001), &[FwdNew, AffinityExpired]);
+                aff_expect(CLIENT, 3001, 3001), &[FwdNew, AffinityExpired]);
             c.setup = |dp| {
-                let other = (aff_backend_for(CLIENT) + 1) % 3;
+                let other = (aff_pick(CLIENT, 3001) + 1) % 3;
                 put_aff(dp, CLIENT, 301 + other as u32, other as u32 + 1, 2_000_000_000);
             };
             c.after = |dp, _| {
                 let a = affinity_entry(dp, CLIENT);
-                assert_eq!(a.backend_id, 301 + aff_backend_for(CLIENT) as u32, "expired entry replaced");
+                assert_eq!(a.backend_id, 301 + aff_pick(CLIENT, 3001) as u32, "expired entry replaced");
                 assert!(monotonic_ns() - a.last_used_ns < 1_000_000_000, "and refreshed");
             };
             c
         },
         {
             let mut c = case("affinity: an entry whose backend left is replaced", aff_syn(CLIENT, 3002), Pass,
-                aff_expect(CLIENT, 3002), &[FwdNew, AffinityStale]);
+                aff_expect(CLIENT, 3002, 3002), &[FwdNew, AffinityStale]);
             // Backend id 399 is not in the service (it was removed).
             c.setup = |dp| put_aff(dp, CLIENT, 399, 2, 1_000_000);
-            c.after = |dp, _| assert_eq!(affinity_entry(dp, CLIENT).backend_id, 301 + aff_backend_for(CLIENT) as u32);
+            c.after = |dp, _| assert_eq!(affinity_entry(dp, CLIENT).backend_id, 301 + aff_pick(CLIENT, 3002) as u32);
             c
         },
         {
@@ -427,7 +432,7 @@ fn cases() -> Vec<Case> {
         {
             let mut est = tcp(CLIENT, 1000, VIP_AFF, 80);
             est.payload = b"more".to_vec();
-            let exp = est.nat(CLIENT, 1000, BE_AFF[aff_backend_for(CLIENT)], 8080);
+            let exp = est.nat(CLIENT, 1000, BE_AFF[aff_pick(CLIENT, 1000)], 8080);
             let mut c = case("affinity: every packet of a flow refreshes last use", est, Pass, Expect::Packet(exp),
                 &[FwdEstablished]);
             c.before = vec![aff_syn(CLIENT, 1000)];
@@ -444,7 +449,7 @@ fn cases() -> Vec<Case> {
         },
         Case { before: vec![aff_syn(CLIENT, 1000)],
             ..case("affinity: another client is hashed on its own", aff_syn(CLIENT2, 1000), Pass,
-                aff_expect(CLIENT2, 1000), &[FwdNew, AffinityMiss]) },
+                aff_expect(CLIENT2, 1000, 1000), &[FwdNew, AffinityMiss]) },
         // --- No ready backend.
         Case { after: ct_empty, ..case("no backends, tcp: icmp port unreachable back to the client",
             syn(CLIENT, 40000, VIP_REJECT, 80), Bounce, Expect::IcmpPortUnreachable, &[NoBackendReject]) },
