@@ -1,7 +1,10 @@
 //! lb userspace: loading and attaching the datapath, and (in later modules) the node
 //! agent that programs it from Kubernetes.
 
+pub mod agent;
+pub mod bench_agent;
 pub mod datapath;
+pub mod inspect;
 pub mod testing;
 pub mod netns;
 pub mod bench_veth;

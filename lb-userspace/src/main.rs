@@ -1,1 +1,201 @@
-fn main() {}
+//! `lb`: the node agent that replaces kube-proxy's ClusterIP handling with an XDP/tc
+//! datapath, and the commands that inspect that datapath.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    agent::{self, AgentConfig, SourceSpec, attach::AttachConfig},
+    datapath::AttachMode,
+    inspect,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "lb", version, about = "eBPF/XDP ClusterIP load balancer: node agent and inspection", long_about = None)]
+struct Cli {
+    /// bpffs directory where the maps and links are pinned (mounted if needed).
+    #[arg(long, global = true, env = "LB_BPFFS", default_value = "/sys/fs/bpf/lb")]
+    bpffs: PathBuf,
+    /// Where the agent writes its status, which `lb status` reads.
+    #[arg(long, global = true, env = "LB_STATUS_FILE", default_value = "/run/lb/status.json")]
+    status_file: PathBuf,
+    /// Output format of the inspection commands.
+    #[arg(long, short, global = true, env = "LB_OUTPUT", value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `lb_userspace=debug`).
+    #[arg(long, global = true, env = "LB_LOG", default_value = "info")]
+    log: String,
+    /// Log format.
+    #[arg(long, global = true, env = "LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the node agent: load and attach the datapath, watch Services and
+    /// EndpointSlices, and program the maps.
+    Agent(AgentArgs),
+    /// List frontends with their backends and counters, like `ipvsadm -Ln`.
+    Services,
+    /// List conntrack entries (forward and reply).
+    Conntrack,
+    /// List ClientIP affinity entries.
+    Affinity,
+    /// Show datapath counters by verdict reason.
+    Stats,
+    /// Show attach points, program ids, map fill levels and the agent's last sync.
+    Status,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Where Services and EndpointSlices come from: `kubernetes`, or `file:PATH` (a
+    /// multi-document YAML file, followed for changes).
+    #[arg(long, env = "LB_SOURCE", default_value = "kubernetes")]
+    source: SourceSpec,
+    /// kubeconfig for the `kubernetes` source (default: in-cluster, then
+    /// $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "LB_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Uplink interface to attach to, by name (repeatable).
+    #[arg(long = "iface", env = "LB_IFACE", value_delimiter = ',')]
+    ifaces: Vec<String>,
+    /// Pod interfaces to attach to, by glob such as `veth*` or `lxc*` (repeatable);
+    /// followed as they come and go.
+    #[arg(long = "iface-glob", env = "LB_IFACE_GLOB", value_delimiter = ',')]
+    iface_globs: Vec<String>,
+    /// Hook for pod interfaces (`--iface-glob`): xdp, xdp-generic or tc. tc costs a pod
+    /// veth almost nothing, where native XDP on a veth cuts its TCP throughput (see
+    /// docs/datapath.md).
+    #[arg(long, env = "LB_POD_ATTACH", default_value = "tc")]
+    pod_attach: AttachMode,
+    /// Hook for uplinks (`--iface`): xdp, xdp-generic or tc.
+    #[arg(long, env = "LB_UPLINK_ATTACH", default_value = "xdp")]
+    uplink_attach: AttachMode,
+    /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9090).
+    #[arg(long, env = "LB_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Start a sync once changes have been quiet this long (milliseconds).
+    #[arg(long, env = "LB_DEBOUNCE_MS", default_value_t = 5)]
+    debounce_ms: u64,
+    /// Start a sync at most this long after the first pending change (milliseconds).
+    #[arg(long, env = "LB_MAX_DELAY_MS", default_value_t = 50)]
+    max_delay_ms: u64,
+    /// How often the file source checks its file (milliseconds).
+    #[arg(long, env = "LB_FILE_POLL_MS", default_value_t = 100)]
+    file_poll_ms: u64,
+    /// Rescan interfaces this often besides netlink notifications (milliseconds).
+    #[arg(long, env = "LB_IFACE_RESCAN_MS", default_value_t = 5000)]
+    iface_rescan_ms: u64,
+    /// Remove everything the agent pinned (links, which detaches the datapath, and
+    /// maps) and exit.
+    #[arg(long, env = "LB_CLEANUP")]
+    cleanup: bool,
+}
+
+fn init_logs(filter: &str, format: LogFormat) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("bad --log filter {filter:?}; try `info` or `lb_userspace=debug`"))?;
+    use std::io::IsTerminal as _;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    Ok(())
+}
+
+fn print<T: serde::Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
+    match output {
+        Output::Table => print!("{}", table(value)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?),
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logs(&cli.log, cli.log_format)?;
+    let bpffs = cli.bpffs.as_path();
+    match cli.cmd {
+        Cmd::Agent(a) => agent_main(a, bpffs, &cli.status_file),
+        Cmd::Services => print(cli.output, &inspect::services(bpffs)?, |r| inspect::services_table(r)),
+        Cmd::Conntrack => print(cli.output, &inspect::conntrack(bpffs)?, |r| inspect::conntrack_table(r)),
+        Cmd::Affinity => print(cli.output, &inspect::affinity(bpffs)?, |r| inspect::affinity_table(r)),
+        Cmd::Stats => print(cli.output, &inspect::stats(bpffs)?, |r| inspect::stats_table(r)),
+        Cmd::Status => print(cli.output, &inspect::status(bpffs, Some(&cli.status_file))?, inspect::status_table),
+    }
+}
+
+fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
+    if a.cleanup {
+        let c = agent::cleanup(bpffs, Some(status_file))?;
+        tracing::info!(links = c.links, maps = ?c.maps, bpffs = %bpffs.display(), "cleaned up");
+        return Ok(());
+    }
+    let source = match a.source {
+        SourceSpec::Kubernetes { .. } => SourceSpec::Kubernetes { kubeconfig: a.kubeconfig },
+        other => other,
+    };
+    let cfg = AgentConfig {
+        bpffs: bpffs.into(),
+        source,
+        attach: AttachConfig {
+            ifaces: a.ifaces,
+            globs: a.iface_globs,
+            uplink_mode: a.uplink_attach,
+            pod_mode: a.pod_attach,
+        },
+        metrics_addr: a.metrics_addr,
+        debounce: Duration::from_millis(a.debounce_ms),
+        max_delay: Duration::from_millis(a.max_delay_ms.max(a.debounce_ms)),
+        file_poll: Duration::from_millis(a.file_poll_ms.max(10)),
+        status_file: Some(status_file.into()),
+        iface_rescan: Duration::from_millis(a.iface_rescan_ms.max(100)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(agent::run(cfg, shutdown_signal()))
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -28,6 +28,10 @@ pub const KUBE_VERSION: &str = "1.20.2";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/lb/kube-1.20.2";
 pub const DEFAULT_DIR: &str = "/tmp/lb-kube";
 pub const DEFAULT_PORT: u16 = 16443;
+/// EndpointSlice `serving`/`terminating` conditions (KEP-1672), alpha in 1.20: without
+/// them a terminating endpoint simply vanishes from its slice, and the proxy cannot fall
+/// back to serving-terminating endpoints (KEP-1669) as a real 1.22+ cluster lets it.
+const FEATURE_GATES: &str = "--feature-gates=EndpointSliceTerminatingCondition=true";
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Name of the stand-in CRD installed by `up --v1-crd`.
 pub const V1_CRD_NAME: &str = "endpointslices.discovery.k8s.io";
@@ -736,6 +740,7 @@ impl Cluster {
             ),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--endpoint-reconciler-type=none".into(),
+            FEATURE_GATES.into(),
         ];
         if self.opts.v1_crd {
             a.push("--runtime-config=discovery.k8s.io/v1beta1=false".into());
@@ -762,6 +767,7 @@ impl Cluster {
                 d.join("certs/sa.key").display()
             ),
             format!("--root-ca-file={}", self.ca_file.display()),
+            FEATURE_GATES.into(),
         ]
     }
 

@@ -2,6 +2,7 @@
 //! BPF toolchain, so it builds on a fresh machine and can install that toolchain.
 
 mod kube;
+mod sandbox;
 mod setup;
 
 use std::process::Command;
@@ -37,15 +38,21 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Demonstrations: `datapath` (crafted packets through the real program).
+    /// Demonstrations: `sandbox` (default: the seed walkthrough on the sandbox cluster) or
+    /// `datapath` (crafted packets through the real program).
     Demo {
-        #[arg(default_value = "datapath")]
+        #[arg(default_value = "sandbox")]
         what: String,
     },
     /// A real Kubernetes control plane (etcd, kube-apiserver, controller-manager).
     Kube {
         #[command(subcommand)]
         cmd: kube::KubeCmd,
+    },
+    /// A multi-node sandbox cluster of network namespaces (up, down, exec, status).
+    Sandbox {
+        #[command(subcommand)]
+        cmd: sandbox::SandboxCmd,
     },
 }
 
@@ -83,10 +90,12 @@ fn main() -> Result<()> {
             setup::ensure()?;
             match what.as_str() {
                 "datapath" => lb_dev(&["demo", "datapath"], &[]),
+                "sandbox" => sandbox::demo::run(),
                 other => bail!("unknown demo {other:?}; try `cargo xtask demo datapath`"),
             }
         }
         Cmd::Kube { cmd } => kube::run(cmd),
+        Cmd::Sandbox { cmd } => sandbox::run(cmd),
     }
 }
 
@@ -109,7 +118,11 @@ fn test(suite: &str) -> Result<()> {
             require_root("the test suite")?;
             cargo(&["test", "--workspace"])
         }
-        other => bail!("unknown suite {other:?}: all, unit or datapath"),
+        "e2e" => {
+            require_root("the e2e suite")?;
+            sandbox::e2e::run()
+        }
+        other => bail!("unknown suite {other:?}: all, unit, datapath or e2e"),
     }
 }
 

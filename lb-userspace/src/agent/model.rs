@@ -300,7 +300,7 @@ where
     type PortEndpoints = HashMap<PortRef, BTreeMap<Backend, Cond>>;
     let mut endpoints: HashMap<(String, String), PortEndpoints> = HashMap::new();
     let mut slices: Vec<&EndpointSlice> = slices.into_iter().collect();
-    slices.sort_by(|a, b| ns_name(&a.metadata).cmp(&ns_name(&b.metadata)));
+    slices.sort_by_cached_key(|s| ns_name(&s.metadata));
     for slice in slices {
         let (ns, name) = ns_name(&slice.metadata);
         let object = format!("EndpointSlice {ns}/{name}");

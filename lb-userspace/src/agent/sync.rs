@@ -478,6 +478,9 @@ impl Syncer {
     }
 }
 
+/// What `SERVICES` and `BACKENDS` hold.
+pub type MapContents = (Vec<(ServiceKey4, ServiceValue)>, Vec<(BackendKey, BackendValue)>);
+
 /// The pinned `SERVICES`, `BACKENDS` and `SVC_STATS` maps, as a [`MapWriter`].
 pub struct BpfMaps {
     pub services: aya::maps::HashMap<aya::maps::MapData, ServiceKey4, ServiceValue>,
@@ -557,7 +560,7 @@ impl BpfMaps {
     }
 
     /// Everything in `SERVICES` and `BACKENDS`, for [`Syncer::from_maps`].
-    pub fn read_all(&self) -> (Vec<(ServiceKey4, ServiceValue)>, Vec<(BackendKey, BackendValue)>) {
+    pub fn read_all(&self) -> MapContents {
         (self.services.iter().filter_map(Result::ok).collect(), self.backends.iter().filter_map(Result::ok).collect())
     }
 

@@ -1,0 +1,400 @@
+//! Attaching the datapath to interfaces, following interfaces that come and go, and
+//! keeping the attachments alive across agent restarts.
+//!
+//! Every attachment is a BPF link (XDP link, or tcx on kernels >= 6.6) pinned under
+//! `<bpffs>/links/` as `<ifindex>_<mode>_<ifname>`. A pinned link outlives the agent
+//! process, so a killed agent leaves the datapath attached and its flows flowing.
+//! The next agent finds the pin and swaps its own, freshly loaded program in with
+//! `BPF_LINK_UPDATE` (atomic: no packet sees "no program"); the maps are the same
+//! pinned maps, so conntrack and affinity carry on.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CStr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::datapath::{AttachMode, TC_PROGRAM, XDP_PROGRAM};
+
+/// Directory, under the agent's bpffs, of the pinned links.
+pub const LINKS_DIR: &str = "links";
+
+/// Which interfaces to attach to, and how.
+#[derive(Clone, Debug)]
+pub struct AttachConfig {
+    /// Uplinks, by exact name.
+    pub ifaces: Vec<String>,
+    /// Pod interfaces, by glob (`*`, `?`).
+    pub globs: Vec<String>,
+    pub uplink_mode: AttachMode,
+    pub pod_mode: AttachMode,
+}
+
+/// One attachment, as pinned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachPoint {
+    pub iface: String,
+    pub ifindex: u32,
+    pub mode: AttachMode,
+    /// Link and program ids, if the link could be inspected.
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+}
+
+impl AttachPoint {
+    /// `<ifindex>_<mode>_<ifname>`: bpffs reserves names with dots, so a dot in the
+    /// interface name (a VLAN such as `eth0.100`) is written `%2e` (and `%` as `%25`).
+    pub fn pin_name(&self) -> String {
+        format!("{}_{}_{}", self.ifindex, self.mode, self.iface.replace('%', "%25").replace('.', "%2e"))
+    }
+    pub fn from_pin_name(name: &str) -> Option<(u32, AttachMode, String)> {
+        let mut it = name.splitn(3, '_');
+        let ifindex = it.next()?.parse().ok()?;
+        let mode = it.next()?.parse().ok()?;
+        Some((ifindex, mode, it.next()?.replace("%2e", ".").replace("%25", "%")))
+    }
+}
+
+/// Pinned links under `links_dir`, with their kernel ids.
+pub fn pinned_links(links_dir: &Path) -> Vec<(PathBuf, AttachPoint)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(links_dir) else { return out };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((ifindex, mode, iface)) = AttachPoint::from_pin_name(&name) else { continue };
+        let info = PinnedLink::from_pin(e.path()).ok().and_then(|p| FdLink::from(p).info().ok());
+        out.push((
+            e.path(),
+            AttachPoint { iface, ifindex, mode, link_id: info.as_ref().map(|i| i.id()), program_id: info.as_ref().map(|i| i.program_id()) },
+        ));
+    }
+    out.sort_by(|a, b| (a.1.ifindex, &a.1.iface).cmp(&(b.1.ifindex, &b.1.iface)));
+    out
+}
+
+/// `*` and `?` globbing, as a shell does for interface names.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn m(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], n) || (!n.is_empty() && m(p, &n[1..])),
+            (Some(b'?'), Some(_)) => m(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    m(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Interfaces of the calling thread's network namespace: (name, ifindex).
+pub fn interfaces() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns a null-terminated array that we free below.
+    unsafe {
+        let head = libc::if_nameindex();
+        if head.is_null() {
+            return out;
+        }
+        let mut p = head;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push((CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(), (*p).if_index));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("program {0} is missing from the datapath object")]
+    MissingProgram(&'static str),
+    #[error("attaching to {iface} ({mode}) failed")]
+    Attach {
+        iface: String,
+        mode: AttachMode,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("reusing the pinned link {path} failed")]
+    Reuse {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("pinning the link for {iface} at {path} failed")]
+    Pin {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+/// Owns the loaded programs and keeps the attachments in line with the config.
+pub struct Attacher {
+    ebpf: Ebpf,
+    cfg: AttachConfig,
+    links_dir: PathBuf,
+    /// Attachments made or adopted by this process, by pin name.
+    ours: BTreeSet<String>,
+    /// Interfaces whose attach failed, not retried until they change.
+    failed: BTreeMap<(u32, String), (AttachMode, String)>,
+}
+
+impl Attacher {
+    pub fn new(ebpf: Ebpf, cfg: AttachConfig, bpffs: &Path) -> std::io::Result<Self> {
+        let links_dir = bpffs.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir)?;
+        Ok(Self { ebpf, cfg, links_dir, ours: BTreeSet::new(), failed: BTreeMap::new() })
+    }
+
+    /// What should be attached now: uplinks by name (uplink mode), then pod interfaces
+    /// by glob (pod mode). `lo` only if named.
+    pub fn wanted(&self, ifaces: &[(String, u32)]) -> BTreeMap<String, (u32, AttachMode)> {
+        let mut out = BTreeMap::new();
+        for (name, idx) in ifaces {
+            if self.cfg.ifaces.iter().any(|i| i == name) {
+                out.insert(name.clone(), (*idx, self.cfg.uplink_mode));
+            } else if name != "lo" && self.cfg.globs.iter().any(|g| glob_match(g, name)) {
+                out.insert(name.clone(), (*idx, self.cfg.pod_mode));
+            }
+        }
+        out
+    }
+
+    /// Brings the attachments in line with the interfaces present. Returns the
+    /// attachments now in place and the number of failures.
+    pub fn reconcile(&mut self) -> (Vec<AttachPoint>, usize) {
+        let wanted = self.wanted(&interfaces());
+        let mut errors = 0;
+        let pinned = pinned_links(&self.links_dir);
+        let mut have = BTreeSet::new();
+        for (path, ap) in pinned {
+            let keep = wanted.get(&ap.iface).is_some_and(|(idx, mode)| *idx == ap.ifindex && *mode == ap.mode);
+            let name = ap.pin_name();
+            if !keep {
+                info!(iface = %ap.iface, mode = %ap.mode, "detaching (interface gone or no longer selected)");
+                if let Err(e) = std::fs::remove_file(&path) {
+                    warn!(path = %path.display(), error = %e, "cannot remove pinned link");
+                }
+                self.ours.remove(&name);
+                continue;
+            }
+            if !self.ours.contains(&name) {
+                // Left by a previous agent: swap our program in.
+                match self.adopt(&path, ap.mode) {
+                    Ok(()) => {
+                        info!(iface = %ap.iface, mode = %ap.mode, "adopted the pinned link; program replaced atomically");
+                        self.ours.insert(name);
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        warn!(iface = %ap.iface, error = %crate::agent::chain(&e), "cannot adopt pinned link; re-attaching");
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                }
+            }
+            have.insert(ap.iface.clone());
+        }
+        self.failed.retain(|(idx, _), (mode, iface)| wanted.get(iface).is_some_and(|w| *w == (*idx, *mode)));
+        for (iface, (ifindex, mode)) in &wanted {
+            if have.contains(iface) || self.failed.contains_key(&(*ifindex, mode.to_string())) {
+                continue;
+            }
+            let ap = AttachPoint { iface: iface.clone(), ifindex: *ifindex, mode: *mode, link_id: None, program_id: None };
+            match self.attach_new(&ap) {
+                Ok(()) => {
+                    info!(iface, %mode, "attached");
+                    self.ours.insert(ap.pin_name());
+                }
+                Err(e) => {
+                    errors += 1;
+                    warn!(iface, %mode, error = %crate::agent::chain(&e), "attach failed; not retried until the interface changes");
+                    self.failed.insert((*ifindex, mode.to_string()), (*mode, iface.clone()));
+                }
+            }
+        }
+        let now: Vec<AttachPoint> = pinned_links(&self.links_dir).into_iter().map(|(_, ap)| ap).collect();
+        (now, errors)
+    }
+
+    fn adopt(&mut self, path: &Path, mode: AttachMode) -> Result<(), AttachError> {
+        let reuse = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Reuse { path: path.into(), source };
+        let fd: FdLink = PinnedLink::from_pin(path).map_err(|e| reuse(e.into()))?.into();
+        match mode {
+            AttachMode::Xdp | AttachMode::XdpGeneric => {
+                let link = XdpLink::try_from(fd).map_err(|e| reuse(e.into()))?;
+                let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                let id = prog.attach_to_link(link).map_err(|e| reuse(e.into()))?;
+                // Out of aya's hands: dropping it closes our fd; the pin keeps the link.
+                drop(prog.take_link(id).map_err(|e| reuse(e.into()))?.try_into_fd());
+            }
+            AttachMode::Tc => {
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| reuse(e.into()))?;
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                let id = prog.attach_to_link(link).map_err(|e| reuse(e.into()))?;
+                drop(prog.take_link(id).map_err(|e| reuse(e.into()))?.try_into_fd());
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_new(&mut self, ap: &AttachPoint) -> Result<(), AttachError> {
+        let err = |source| AttachError::Attach { iface: ap.iface.clone(), mode: ap.mode, source };
+        let fd = match ap.mode {
+            AttachMode::Xdp | AttachMode::XdpGeneric => {
+                let flags = if ap.mode == AttachMode::Xdp { XdpMode::Driver } else { XdpMode::Skb };
+                let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                let id = prog.attach_to_if_index(ap.ifindex, flags).map_err(err)?;
+                prog.take_link(id).map_err(err)?.try_into_fd()
+            }
+            AttachMode::Tc => {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                let id = prog
+                    .attach_with_options(&ap.iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map_err(err)?;
+                prog.take_link(id).map_err(err)?.try_into_fd()
+            }
+        };
+        match fd {
+            Some(fd) => {
+                let path = self.links_dir.join(ap.pin_name());
+                fd.pin(&path).map_err(|source| AttachError::Pin { iface: ap.iface.clone(), path, source })?;
+            }
+            None => warn!(iface = %ap.iface, "attached without a BPF link (old kernel): it will not survive an agent restart"),
+        }
+        Ok(())
+    }
+}
+
+/// Turns an owned link into an `FdLink` (None for a netlink attachment, which stays
+/// attached on its own).
+trait IntoFd {
+    fn try_into_fd(self) -> Option<FdLink>;
+}
+impl IntoFd for XdpLink {
+    fn try_into_fd(self) -> Option<FdLink> {
+        FdLink::try_from(self).ok()
+    }
+}
+impl IntoFd for SchedClassifierLink {
+    fn try_into_fd(self) -> Option<FdLink> {
+        FdLink::try_from(self).ok()
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, AttachError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name).ok_or(AttachError::MissingProgram(name))?.try_into().map_err(|_| AttachError::MissingProgram(name))
+}
+
+/// Removes every pinned link under `bpffs` (which detaches the datapath).
+pub fn remove_links(bpffs: &Path) -> std::io::Result<usize> {
+    let dir = bpffs.join(LINKS_DIR);
+    let mut n = 0;
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                std::fs::remove_file(e.path())?;
+                n += 1;
+            }
+            std::fs::remove_dir(&dir)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(n)
+}
+
+/// Signals `notify` on every rtnetlink link message (RTMGRP_LINK): an interface
+/// appeared, went, or changed. Runs on its own thread; returns false if the socket
+/// cannot be opened (the caller's periodic rescan still catches changes).
+pub fn watch_links(notify: Arc<Notify>) -> bool {
+    // SAFETY: plain socket syscalls on a socket we own; the buffer outlives recv.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        warn!(error = %std::io::Error::last_os_error(), "no rtnetlink socket; interfaces are rescanned periodically only");
+        return false;
+    }
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = libc::RTMGRP_LINK as u32;
+    let rc = unsafe {
+        libc::bind(fd, &addr as *const libc::sockaddr_nl as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32)
+    };
+    if rc != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot join RTMGRP_LINK; interfaces are rescanned periodically only");
+        unsafe { libc::close(fd) };
+        return false;
+    }
+    std::thread::Builder::new()
+        .name("lb-netlink".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    // ENOBUFS: we missed messages; a rescan covers them.
+                    debug!(error = %e, "rtnetlink recv");
+                }
+                notify.notify_one();
+            }
+        })
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("veth*", "veth1234"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(!glob_match("veth*", "eth0"));
+        assert!(glob_match("lxc?", "lxc1"));
+        assert!(!glob_match("lxc?", "lxc12"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+    }
+
+    #[test]
+    fn pin_names_round_trip() {
+        for mode in [AttachMode::Xdp, AttachMode::XdpGeneric, AttachMode::Tc] {
+            for iface in ["veth.a_b", "eth0.100", "odd%2e"] {
+                let ap = AttachPoint { iface: iface.into(), ifindex: 42, mode, link_id: None, program_id: None };
+                assert!(!ap.pin_name().contains('.'), "bpffs refuses dots: {}", ap.pin_name());
+                assert_eq!(AttachPoint::from_pin_name(&ap.pin_name()), Some((42, mode, iface.into())));
+            }
+        }
+        assert_eq!(AttachPoint::from_pin_name("junk"), None);
+    }
+
+    #[test]
+    fn lists_interfaces() {
+        assert!(interfaces().iter().any(|(n, _)| n == "lo"));
+    }
+}

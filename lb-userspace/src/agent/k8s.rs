@@ -1,0 +1,567 @@
+//! Where Services and EndpointSlices come from: a Kubernetes API server (kube-rs
+//! reflectors) or a YAML file that is followed for changes.
+//!
+//! Both give a [`Source`]: a snapshot of all objects, a [`Notify`] that fires when the
+//! snapshot changed, and a readiness wait for the initial list.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{ApiResource, DynamicObject},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher::{self, Event},
+    },
+};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::metrics::Metrics;
+
+/// All watched objects at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+}
+
+/// Which EndpointSlice API the server serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceApi {
+    /// `discovery.k8s.io/v1` (Kubernetes 1.21+), typed.
+    V1,
+    /// `discovery.k8s.io/v1beta1` (Kubernetes 1.20, what kube-proxy 1.20 watched),
+    /// watched as `DynamicObject` and decoded into the v1 struct: the JSON is the same
+    /// but for `topology`, which is ignored.
+    V1beta1,
+}
+
+impl SliceApi {
+    pub const fn api_version(self) -> &'static str {
+        match self {
+            SliceApi::V1 => "discovery.k8s.io/v1",
+            SliceApi::V1beta1 => "discovery.k8s.io/v1beta1",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot infer a Kubernetes client configuration (no in-cluster service account, no ~/.kube/config); pass --kubeconfig")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build a Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("the API server serves neither discovery.k8s.io/v1 nor v1beta1 EndpointSlices")]
+    NoSliceApi,
+    #[error("a reflector stopped before its initial list")]
+    WriterDropped(#[source] reflector::store::WriterDropped),
+}
+
+enum Inner {
+    Kube { services: Store<Service>, slices: Store<EndpointSlice> },
+    File { state: Arc<Mutex<Snapshot>>, ready: Arc<tokio::sync::watch::Sender<bool>> },
+}
+
+/// A source of Services and EndpointSlices.
+pub struct Source {
+    /// Fires (a permit is stored) whenever the snapshot may have changed.
+    pub changed: Arc<Notify>,
+    pub description: String,
+    inner: Inner,
+}
+
+impl Source {
+    pub fn snapshot(&self) -> Snapshot {
+        match &self.inner {
+            Inner::Kube { services, slices } => Snapshot { services: services.state(), slices: slices.state() },
+            Inner::File { state, .. } => state.lock().map(|s| s.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Waits for the initial list of every watched resource.
+    pub async fn wait_ready(&self) -> Result<(), SourceError> {
+        match &self.inner {
+            Inner::Kube { services, slices } => {
+                services.wait_until_ready().await.map_err(SourceError::WriterDropped)?;
+                slices.wait_until_ready().await.map_err(SourceError::WriterDropped)?;
+            }
+            Inner::File { ready, .. } => {
+                let mut rx = ready.subscribe();
+                let _ = rx.wait_for(|r| *r).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A client from `kubeconfig`, or inferred (in-cluster, then `$KUBECONFIG` and
+/// `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|source| SourceError::Kubeconfig { path: path.into(), source })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| SourceError::Kubeconfig { path: path.into(), source })?
+        }
+        None => kube::Config::infer().await.map_err(SourceError::Infer)?,
+    };
+    Client::try_from(config).map_err(SourceError::Client)
+}
+
+/// Asks the server which EndpointSlice version it serves; retries while it cannot be
+/// reached (the agent must come up before the API server is back).
+pub async fn detect_slice_api(client: &Client) -> Result<SliceApi, SourceError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let mut reached = false;
+        for api in [SliceApi::V1, SliceApi::V1beta1] {
+            match client.list_api_group_resources(api.api_version()).await {
+                Ok(list) => {
+                    reached = true;
+                    if list.resources.iter().any(|r| r.name == "endpointslices") {
+                        return Ok(api);
+                    }
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => reached = true,
+                Err(e) => debug!(error = %e, api = api.api_version(), "API discovery failed"),
+            }
+        }
+        if reached {
+            return Err(SourceError::NoSliceApi);
+        }
+        warn!(retry_in = ?delay, "API server unreachable; retrying discovery");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Watch retry delays: 200 ms doubling to 5 s, reset by the first success.
+///
+/// kube-rs's `default_backoff()` (client-go's reflector: 800 ms doubling to 30 s)
+/// is kind to a struggling API server, but after a restart of the API server it can
+/// leave the agent blind for tens of seconds. A node agent has one watch per resource,
+/// so retrying sooner costs the server little and brings changes in sooner.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Duration::from_millis(200) }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        // Up to 25% jitter, so that many agents do not retry in lockstep.
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        Some(d + d.mul_f64(f64::from(nanos % 1000) / 4000.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// Keeps only what the agent reads, so that 10,000 Services stay small in memory.
+fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    use super::model::{ANNOTATION_NO_ENDPOINTS, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    // The store is keyed by namespace and name; the watch tracks resource versions
+    // itself.
+    meta.uid = None;
+    meta.resource_version = None;
+    meta.creation_timestamp = None;
+    meta.generation = None;
+    meta.generate_name = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == ANNOTATION_NO_ENDPOINTS);
+    }
+    if let Some(l) = meta.labels.as_mut() {
+        l.retain(|k, _| k == LABEL_SERVICE_NAME || k == LABEL_HEADLESS || k == LABEL_SERVICE_PROXY_NAME);
+    }
+}
+
+/// Keeps only the Service fields `model::compute` reads.
+pub fn slim_service(s: &mut Service) {
+    slim_meta(&mut s.metadata);
+    s.status = None;
+    if let Some(spec) = s.spec.take() {
+        s.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips,
+            type_: spec.type_,
+            publish_not_ready_addresses: spec.publish_not_ready_addresses,
+            session_affinity: spec.session_affinity,
+            session_affinity_config: spec.session_affinity_config,
+            ports: spec.ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|p| k8s_openapi::api::core::v1::ServicePort { name: p.name, port: p.port, protocol: p.protocol, ..Default::default() })
+                    .collect()
+            }),
+            ..Default::default()
+        });
+    }
+}
+
+/// Keeps only the EndpointSlice fields `model::compute` reads: 10,000 slices of 10
+/// endpoints are most of the agent's memory.
+pub fn slim_slice(s: &mut EndpointSlice) {
+    slim_meta(&mut s.metadata);
+    for ep in s.endpoints.iter_mut().flatten() {
+        // kube-proxy uses the first address only.
+        ep.addresses.truncate(1);
+        ep.addresses.shrink_to_fit();
+        ep.target_ref = None;
+        ep.deprecated_topology = None;
+        ep.hints = None;
+        ep.hostname = None;
+        ep.node_name = None;
+        ep.zone = None;
+    }
+    if let Some(e) = s.endpoints.as_mut() {
+        e.shrink_to_fit();
+    }
+}
+
+/// Decodes a v1beta1 EndpointSlice into the v1 struct.
+pub fn slice_from_v1beta1(obj: DynamicObject) -> Result<EndpointSlice, serde_json::Error> {
+    let mut v = serde_json::to_value(obj)?;
+    v["apiVersion"] = serde_json::Value::String("discovery.k8s.io/v1".into());
+    v["kind"] = serde_json::Value::String("EndpointSlice".into());
+    serde_json::from_value(v)
+}
+
+fn map_event<A, B>(ev: Event<A>, mut f: impl FnMut(A) -> Option<B>) -> Option<Event<B>> {
+    Some(match ev {
+        Event::Apply(o) => Event::Apply(f(o)?),
+        Event::Delete(o) => Event::Delete(f(o)?),
+        Event::InitApply(o) => Event::InitApply(f(o)?),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    })
+}
+
+/// Drives a reflector stream: counts relists and errors, and signals changes.
+async fn drive<K, S>(resource: &'static str, stream: S, changed: Arc<Notify>, metrics: Arc<Metrics>)
+where
+    S: futures::Stream<Item = Result<Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut lists = 0u64;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Init) => {
+                lists += 1;
+                if lists > 1 {
+                    // A re-list: after "410 Gone" or a lost watch. The store swaps in
+                    // the new list atomically at InitDone, so nothing is flushed.
+                    metrics.watch_restart(resource);
+                    info!(resource, "re-listing");
+                }
+            }
+            Ok(Event::InitApply(_)) => {}
+            Ok(Event::InitDone) => {
+                debug!(resource, "list complete");
+                changed.notify_one();
+            }
+            Ok(Event::Apply(_) | Event::Delete(_)) => changed.notify_one(),
+            Err(e) => {
+                metrics.watch_error(resource);
+                warn!(resource, error = %e, "watch failed; backing off and resuming (maps keep the last good state)");
+            }
+        }
+    }
+}
+
+/// Watches Services and EndpointSlices with reflectors.
+pub async fn kubernetes(client: Client, metrics: Arc<Metrics>) -> Result<Source, SourceError> {
+    let api = detect_slice_api(&client).await?;
+    info!(api = api.api_version(), "watching EndpointSlices");
+    let changed = Arc::new(Notify::new());
+
+    let (services, writer) = reflector::store::<Service>();
+    let stream = watcher(Api::<Service>::all(client.clone()))
+        .backoff(WatchBackoff::default())
+        .modify(slim_service)
+        .reflect(writer);
+    tokio::spawn(drive("services", stream, changed.clone(), metrics.clone()));
+
+    let (slices, writer) = reflector::store::<EndpointSlice>();
+    match api {
+        SliceApi::V1 => {
+            let stream = watcher(Api::<EndpointSlice>::all(client.clone()))
+                .backoff(WatchBackoff::default())
+                .modify(slim_slice)
+                .reflect(writer);
+            tokio::spawn(drive("endpointslices", stream, changed.clone(), metrics.clone()));
+        }
+        SliceApi::V1beta1 => {
+            let ar = ApiResource {
+                group: "discovery.k8s.io".into(),
+                version: "v1beta1".into(),
+                api_version: SliceApi::V1beta1.api_version().into(),
+                kind: "EndpointSlice".into(),
+                plural: "endpointslices".into(),
+            };
+            let m = metrics.clone();
+            let stream = watcher::watcher(Api::<DynamicObject>::all_with(client.clone(), &ar), watcher::Config::default())
+                .backoff(WatchBackoff::default())
+                .try_filter_map(move |ev| {
+                    let m = m.clone();
+                    futures::future::ready(Ok(map_event(ev, |o| {
+                        let name = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
+                        match slice_from_v1beta1(o) {
+                            Ok(mut s) => {
+                                slim_slice(&mut s);
+                                Some(s)
+                            }
+                            Err(e) => {
+                                m.decode_error("endpointslices");
+                                warn!(slice = %name, error = %e, "cannot decode v1beta1 EndpointSlice; ignored");
+                                None
+                            }
+                        }
+                    })))
+                })
+                .reflect(writer);
+            tokio::spawn(drive("endpointslices", stream, changed.clone(), metrics.clone()));
+        }
+    }
+    Ok(Source { changed, description: format!("kubernetes (EndpointSlice {})", api.api_version()), inner: Inner::Kube { services, slices } })
+}
+
+fn watcher<K>(api: Api<K>) -> impl futures::Stream<Item = Result<Event<K>, watcher::Error>> + Send
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+}
+
+/// Objects parsed from a multi-document YAML file, and the problems met.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub snapshot: Snapshot,
+    pub errors: Vec<String>,
+}
+
+/// Parses Services and EndpointSlices (v1 or v1beta1; also inside `kind: List`) from
+/// multi-document YAML. Bad documents are reported and skipped.
+pub fn parse_yaml(text: &str) -> Parsed {
+    use serde::Deserialize as _;
+    let mut out = Parsed::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                out.errors.push(format!("document {}: {e}", i + 1));
+                // A syntax error ends the stream: the rest cannot be trusted.
+                break;
+            }
+        };
+        let json = match serde_json::to_value(&value) {
+            Ok(j) => j,
+            Err(e) => {
+                out.errors.push(format!("document {}: {e}", i + 1));
+                continue;
+            }
+        };
+        add_object(json, &format!("document {}", i + 1), &mut out);
+    }
+    out
+}
+
+fn add_object(mut json: serde_json::Value, at: &str, out: &mut Parsed) {
+    let kind = json["kind"].as_str().unwrap_or_default().to_string();
+    let api_version = json["apiVersion"].as_str().unwrap_or_default().to_string();
+    match (kind.as_str(), api_version.as_str()) {
+        ("List" | "ServiceList" | "EndpointSliceList", _) => {
+            let items = json["items"].as_array().cloned().unwrap_or_default();
+            for (j, mut item) in items.into_iter().enumerate() {
+                // Typed lists may leave kind/apiVersion off their items.
+                if item.get("kind").is_none() && kind != "List" {
+                    item["kind"] = kind.trim_end_matches("List").into();
+                    item["apiVersion"] = api_version.clone().into();
+                }
+                add_object(item, &format!("{at} item {}", j + 1), out);
+            }
+        }
+        ("Service", "v1") => match serde_json::from_value::<Service>(json) {
+            Ok(s) => out.snapshot.services.push(Arc::new(s)),
+            Err(e) => out.errors.push(format!("{at}: Service: {e}")),
+        },
+        ("EndpointSlice", "discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1") => {
+            json["apiVersion"] = "discovery.k8s.io/v1".into();
+            match serde_json::from_value::<EndpointSlice>(json) {
+                Ok(s) => out.snapshot.slices.push(Arc::new(s)),
+                Err(e) => out.errors.push(format!("{at}: EndpointSlice: {e}")),
+            }
+        }
+        _ => debug!(%kind, %api_version, "{at}: not a Service or EndpointSlice; ignored"),
+    }
+}
+
+/// Follows a YAML file: re-read whenever its inode, size or mtime changes (checked
+/// every `poll`). Editors that write a new file and rename it are handled too. A file
+/// that is missing or unreadable keeps the last good state.
+pub fn file(path: PathBuf, poll: Duration, metrics: Arc<Metrics>) -> Source {
+    let changed = Arc::new(Notify::new());
+    let state = Arc::new(Mutex::new(Snapshot::default()));
+    let (ready, _) = tokio::sync::watch::channel(false);
+    let ready = Arc::new(ready);
+    let description = format!("file {}", path.display());
+    let (c, s, r) = (changed.clone(), state.clone(), ready.clone());
+    tokio::spawn(async move {
+        let mut last: Option<(u64, u64, SystemTime)> = None;
+        let mut warned_missing = false;
+        loop {
+            let stamp = tokio::fs::metadata(&path).await.map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                (m.ino(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))
+            });
+            match stamp {
+                Ok(stamp) if Some(stamp) != last => {
+                    warned_missing = false;
+                    match tokio::fs::read_to_string(&path).await {
+                        Ok(text) => {
+                            last = Some(stamp);
+                            let parsed = parse_yaml(&text);
+                            for e in &parsed.errors {
+                                metrics.decode_error("file");
+                                warn!(file = %path.display(), "{e}");
+                            }
+                            info!(
+                                file = %path.display(),
+                                services = parsed.snapshot.services.len(),
+                                slices = parsed.snapshot.slices.len(),
+                                "read"
+                            );
+                            if let Ok(mut st) = s.lock() {
+                                *st = parsed.snapshot;
+                            }
+                            r.send_replace(true);
+                            c.notify_one();
+                        }
+                        Err(e) => warn!(file = %path.display(), error = %e, "cannot read; keeping the last state"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !warned_missing {
+                        warn!(file = %path.display(), error = %e, "cannot stat; keeping the last state");
+                        warned_missing = true;
+                    }
+                    // A file that is not there at start means "nothing yet": ready.
+                    if !*r.borrow() {
+                        r.send_replace(true);
+                        c.notify_one();
+                    }
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    });
+    Source { changed, description, inner: Inner::File { state, ready } }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_with_services_slices_lists_and_junk() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.0.2]
+  conditions: {ready: true}
+  topology: {kubernetes.io/hostname: node-1}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: dns, namespace: kube-system}
+  spec: {clusterIP: 10.96.0.53, ports: [{port: 53, protocol: UDP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken}
+spec: {ports: "not a list"}
+"#;
+        let p = parse_yaml(text);
+        assert_eq!(p.snapshot.services.len(), 2, "{:?}", p.errors);
+        assert_eq!(p.snapshot.slices.len(), 1);
+        assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+        let c = super::super::model::compute(
+            p.snapshot.services.iter().map(|s| s.as_ref()),
+            p.snapshot.slices.iter().map(|s| s.as_ref()),
+        );
+        assert_eq!(c.desired.frontends.len(), 2);
+        assert_eq!(c.desired.endpoint_count(), 1);
+    }
+
+    #[test]
+    fn yaml_syntax_error_is_reported_not_fatal() {
+        let p = parse_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        assert!(p.snapshot.services.is_empty());
+        assert_eq!(p.errors.len(), 1);
+    }
+
+    #[test]
+    fn dynamic_v1beta1_object_decodes() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+            "metadata": {"name": "a", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "topology": {"x": "y"}}],
+        }))
+        .unwrap();
+        let s = slice_from_v1beta1(obj).unwrap();
+        assert_eq!(s.endpoints.unwrap()[0].addresses, ["10.0.0.1"]);
+    }
+}

@@ -1,0 +1,464 @@
+//! The node agent against real maps and real interfaces (root needed):
+//! - the diff writer on a loaded datapath, with packets through `BPF_PROG_TEST_RUN`;
+//! - `lb agent --source file:` end to end: programming, updates, SIGKILL and restart
+//!   without a flush, `--cleanup`;
+//! - attaching inside throw-away namespaces, following veths that come and go, and a
+//!   long TCP stream through a ClusterIP that survives `kill -9` of the agent.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{BackendKey, ServiceKey4};
+use lb_userspace::{
+    agent::{
+        AgentStatus,
+        model::{Backend, Desired, Frontend, FrontendKey, NoEndpoints, Protocol},
+        sync::BpfMaps,
+    },
+    inspect,
+    netns::{self, SERVER_IP, Topology},
+    testing::{Datapath, Hook, PrivateBpffs, Verdict},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn frontend(backends: &[(Ipv4Addr, u16)]) -> Frontend {
+    Frontend {
+        service: "default/web:http".into(),
+        affinity_timeout_s: None,
+        no_endpoints: NoEndpoints::Reject,
+        backends: backends.iter().map(|&(ip, port)| Backend { ip, port }).collect(),
+    }
+}
+
+fn key(port: u16) -> FrontendKey {
+    FrontendKey { ip: VIP, port, proto: Protocol::Tcp }
+}
+
+/// A TCP SYN from `sport` to VIP:80.
+fn syn(sport: u16) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([10, 244, 1, 2], VIP.octets(), 64)
+        .tcp(sport, 80, 1, 64_000)
+        .syn();
+    let mut out = Vec::with_capacity(b.size(0));
+    b.write(&mut out, &[]).expect("building a packet");
+    out
+}
+
+/// Where the datapath sent the packet.
+fn destination(packet: &[u8]) -> (Ipv4Addr, u16) {
+    let p = etherparse::SlicedPacket::from_ethernet(packet).expect("parse");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!("not IPv4") };
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else { panic!("not TCP") };
+    (ip.header().destination_addr(), tcp.destination_port())
+}
+
+#[test]
+fn sync_programs_real_maps_and_the_datapath_follows() -> Result<()> {
+    let mut dp = Datapath::load()?;
+    let mut maps = BpfMaps::from_ebpf(&dp.ebpf)?;
+    let mut syncer = maps.reconcile();
+    assert_eq!(syncer.frontend_count(), 0);
+
+    let b = |i: u8| (Ipv4Addr::new(10, 244, 2, i), 8080);
+    let mut d = Desired::default();
+    d.frontends.insert(key(80), frontend(&[b(1), b(2), b(3)]));
+    let st = syncer.sync(&d, &mut maps)?;
+    assert_eq!((st.frontends, st.endpoints), (1, 3));
+
+    // New flows land on the backends; an established flow keeps its backend.
+    let (v, out, _) = dp.run(Hook::Xdp, &syn(40_000), 1)?;
+    assert_eq!(v, Verdict::Pass);
+    let first = destination(&out);
+    assert!([b(1), b(2), b(3)].contains(&first), "{first:?}");
+    let seen: std::collections::BTreeSet<_> =
+        (0..64).map(|i| destination(&dp.run(Hook::Xdp, &syn(41_000 + i), 1).unwrap().1)).collect();
+    assert_eq!(seen.len(), 3, "64 flows should reach all 3 backends: {seen:?}");
+
+    // Remove the backend flow 40000 uses; everything else stays, and the shrunk
+    // service is what the maps hold.
+    let left: Vec<_> = [b(1), b(2), b(3)].into_iter().filter(|x| *x != first).collect();
+    let mut d2 = Desired::default();
+    d2.frontends.insert(key(80), frontend(&left));
+    let st = syncer.sync(&d2, &mut maps)?;
+    assert!(st.ops() <= 3, "{st:?}");
+    let (services, backends) = maps.read_all();
+    let svc = services.iter().find(|(k, _)| *k == key(80).map_key()).expect("frontend").1;
+    assert_eq!(svc.count, 2);
+    assert!(services.iter().any(|(k, _)| *k == ServiceKey4::address_marker(u32::from_ne_bytes(VIP.octets()))));
+    assert_eq!(backends.len(), 2);
+    for slot in 1..=2 {
+        let be = backends.iter().find(|(k, _)| *k == BackendKey { svc_id: svc.id, slot }).expect("slot").1;
+        assert!(left.contains(&(Ipv4Addr::from(be.addr_be.to_ne_bytes()), u16::from_be(be.port_be))));
+    }
+    // A new flow from the same client port (conntrack says: backend gone, SYN may be
+    // rescheduled) goes to a remaining backend.
+    let (_, out, _) = dp.run(Hook::Xdp, &syn(40_000), 1)?;
+    assert!(left.contains(&destination(&out)));
+
+    // "Restart": a syncer rebuilt from the maps writes nothing for the same state...
+    let mut maps2 = BpfMaps::from_ebpf(&dp.ebpf)?;
+    let mut syncer2 = maps2.reconcile();
+    assert_eq!(syncer2.sync(&d2, &mut maps2)?.ops(), 0);
+    // ...and deleting everything empties the maps.
+    syncer2.sync(&Desired::default(), &mut maps2)?;
+    let (services, backends) = maps2.read_all();
+    assert!(services.is_empty() && backends.is_empty(), "{services:?} {backends:?}");
+    Ok(())
+}
+
+/// A running `lb agent`, killed on drop.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(mut cmd: Command, log: &Path) -> Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .env("LB_LOG", "info,lb_userspace=debug")
+            .spawn()
+            .context("starting lb agent")?;
+        Ok(Self { child, log: log.into() })
+    }
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn term(&mut self) -> Result<()> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    bail!("agent exited with {st} after SIGTERM; log:\n{}", self.log_text());
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("agent ignored SIGTERM")
+    }
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn lb() -> &'static str {
+    env!("CARGO_BIN_EXE_lb")
+}
+
+fn status(path: &Path) -> Option<AgentStatus> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Polls `f` until it returns Some, or fails after `timeout` with the agent's log.
+fn wait_for<T>(what: &str, timeout: Duration, agent: Option<&Agent>, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if t0.elapsed() > timeout {
+            bail!("timed out waiting for {what}; agent log:\n{}", agent.map(|a| a.log_text()).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// frontend -> sorted backends, as `lb services` sees them.
+fn programmed(bpffs: &Path) -> Vec<(String, Vec<String>)> {
+    inspect::services(bpffs)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|r| {
+                    let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
+                    b.sort();
+                    (format!("{}/{}", r.frontend, r.protocol), b)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn yaml(backends: &[&str], affinity: bool) -> String {
+    let eps: String = backends.iter().map(|a| format!("- addresses: [{a}]\n  conditions: {{ready: true}}\n")).collect();
+    let aff = if affinity { "  sessionAffinity: ClientIP\n" } else { "" };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n{aff}  \
+         ports: [{{name: http, port: 80, targetPort: web}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints:\n{eps}"
+    )
+}
+
+/// Writes `text` to `path` atomically, as a config manager would.
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+struct Scratch(PathBuf);
+impl Scratch {
+    fn new(name: &str) -> Result<Self> {
+        let p = std::env::temp_dir().join(format!("lb-agent-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+}
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
+    let bpffs = PrivateBpffs::new()?;
+    let dir = Scratch::new("file")?;
+    let file = dir.0.join("objects.yaml");
+    let status_file = dir.0.join("status.json");
+    write_file(&file, &yaml(&["10.244.2.1", "10.244.2.2"], false))?;
+    let agent_cmd = || {
+        let mut c = Command::new(lb());
+        c.args(["agent", "--source"])
+            .arg(format!("file:{}", file.display()))
+            .arg("--file-poll-ms=20")
+            .env("LB_BPFFS", bpffs.path())
+            .env("LB_STATUS_FILE", &status_file);
+        c
+    };
+    let log = dir.0.join("agent.log");
+    let mut agent = Agent::start(agent_cmd(), &log)?;
+    let want = |b: &[&str]| vec![("10.96.0.10:80/TCP".to_string(), b.iter().map(|s| s.to_string()).collect::<Vec<_>>())];
+    wait_for("initial programming", Duration::from_secs(20), Some(&agent), || {
+        (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.2:8080"])).then_some(())
+    })?;
+    assert!(status(&status_file).is_some_and(|s| s.ready && s.frontends == 1 && s.endpoints == 2));
+
+    // Scale up, change affinity: both take effect.
+    write_file(&file, &yaml(&["10.244.2.1", "10.244.2.2", "10.244.2.3"], true))?;
+    wait_for("scale-up and affinity", Duration::from_secs(10), Some(&agent), || {
+        let rows = inspect::services(bpffs.path()).ok()?;
+        (rows.len() == 1 && rows[0].backends.len() == 3 && rows[0].affinity_timeout_s == Some(10_800)).then_some(())
+    })?;
+    let before = inspect::services(bpffs.path())?;
+
+    // SIGKILL; change the file while no agent runs; the maps keep the last state.
+    agent.kill9();
+    write_file(&file, &yaml(&["10.244.2.1", "10.244.2.3", "10.244.2.4"], true))?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(programmed(bpffs.path()), want(&["10.244.2.1:8080", "10.244.2.2:8080", "10.244.2.3:8080"]));
+
+    // The restarted agent reconciles: same service id, surviving backends keep their
+    // ids, only the difference is written.
+    let _ = std::fs::remove_file(&status_file);
+    let mut agent = Agent::start(agent_cmd(), &log)?;
+    let st = wait_for("ready after restart", Duration::from_secs(20), Some(&agent), || status(&status_file).filter(|s| s.ready))?;
+    assert!(st.last_sync_writes <= 3, "restart wrote {} ops; expected only the diff", st.last_sync_writes);
+    let after = inspect::services(bpffs.path())?;
+    assert_eq!(programmed(bpffs.path()), want(&["10.244.2.1:8080", "10.244.2.3:8080", "10.244.2.4:8080"]));
+    assert_eq!(after[0].id, before[0].id, "service id changed across restart");
+    for b in &after[0].backends {
+        if let Some(old) = before[0].backends.iter().find(|o| o.address == b.address) {
+            assert_eq!(old.backend_id, b.backend_id, "backend {} changed id", b.address);
+        } else {
+            assert!(before[0].backends.iter().all(|o| o.backend_id != b.backend_id), "backend id reused");
+        }
+    }
+
+    // Bad objects do not stop it; deleting the service empties the maps.
+    write_file(&file, &format!("{}---\nkind: Service\napiVersion: v1\nmetadata: {{name: bad}}\nspec: {{clusterIP: 10.96.0.999, ports: [{{port: 80}}]}}\n", yaml(&["10.244.2.1"], false)))?;
+    wait_for("bad object counted, rest programmed", Duration::from_secs(10), Some(&agent), || {
+        let s = status(&status_file)?;
+        (s.invalid_objects == 1 && programmed(bpffs.path()) == want(&["10.244.2.1:8080"])).then_some(())
+    })?;
+    write_file(&file, "")?;
+    wait_for("empty maps", Duration::from_secs(10), Some(&agent), || programmed(bpffs.path()).is_empty().then_some(()))?;
+    agent.term()?;
+
+    let out = Command::new(lb()).args(["agent", "--cleanup"]).env("LB_BPFFS", bpffs.path()).env("LB_STATUS_FILE", &status_file).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let left: Vec<_> = std::fs::read_dir(bpffs.path())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lb"))
+        .collect();
+    assert!(left.is_empty(), "left after --cleanup: {left:?}");
+    Ok(())
+}
+
+/// Echo server on SERVER_IP:8080 in the server namespace; stops when `stop` is set.
+fn echo_server(topo: &Topology, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
+    let listener = topo.server.run(|| TcpListener::bind((SERVER_IP, 8080)).context("bind"))?;
+    listener.set_nonblocking(true)?;
+    Ok(std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 4096];
+                        while !stop.load(Ordering::Relaxed) {
+                            match s.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if s.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }))
+}
+
+fn node_agent(topo: &Topology, bpffs: &Path, file: &Path, status_file: &Path, mode: &str) -> Command {
+    let mut c = topo.node.command(lb());
+    c.args(["agent", "--iface-glob", "to-*", "--pod-attach", mode, "--iface-rescan-ms", "200", "--file-poll-ms", "20", "--source"])
+        .arg(format!("file:{}", file.display()))
+        .env("LB_BPFFS", bpffs)
+        .env("LB_STATUS_FILE", status_file);
+    c
+}
+
+/// A TCP stream through the ClusterIP keeps going, with no reset and no stall over
+/// 1 s, while the agent is SIGKILLed and started again.
+fn stream_survives_agent_restart(mode: &str) -> Result<()> {
+    netns::remove_stale()?;
+    let topo = Topology::new()?;
+    let bpffs = PrivateBpffs::new()?;
+    let dir = Scratch::new(&format!("stream-{mode}"))?;
+    let file = dir.0.join("objects.yaml");
+    let status_file = dir.0.join("status.json");
+    write_file(&file, &yaml(&[&SERVER_IP.to_string()], false))?;
+    let log = dir.0.join("agent.log");
+    let mut agent = Agent::start(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log)?;
+    let links = bpffs.path().join("links");
+    wait_for("both veths attached and the service programmed", Duration::from_secs(20), Some(&agent), || {
+        let s = status(&status_file)?;
+        (s.ready && s.attach.len() == 2).then_some(())
+    })?;
+    let pins: Vec<String> = std::fs::read_dir(&links)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(pins.len(), 2, "{pins:?}");
+    assert!(pins.iter().all(|p| p.contains(&format!("_{mode}_"))), "{pins:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&topo, stop.clone())?;
+    let target = SocketAddr::from((VIP, 80));
+    let mut conn = topo.client.run(|| TcpStream::connect_timeout(&target, Duration::from_secs(3)).context("connect to the ClusterIP"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    conn.set_nodelay(true)?;
+
+    // Ping-pong 64-byte messages every 10 ms; the longest gap between two echoes is
+    // the stall the stream saw.
+    let mut max_gap = Duration::ZERO;
+    let mut last = Instant::now();
+    let mut seq = 0u64;
+    let mut exchange = |conn: &mut TcpStream, until: Instant| -> Result<()> {
+        while Instant::now() < until {
+            let msg = [(seq % 251) as u8; 64];
+            conn.write_all(&msg).context("write (reset?)")?;
+            let mut back = [0u8; 64];
+            conn.read_exact(&mut back).context("read (reset or stall > 3 s)")?;
+            if back != msg {
+                bail!("echo corrupted at message {seq}");
+            }
+            seq += 1;
+            max_gap = max_gap.max(last.elapsed());
+            last = Instant::now();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    };
+    exchange(&mut conn, Instant::now() + Duration::from_millis(500))?;
+    let prog_ids_before: Vec<Option<u32>> = status(&status_file).map(|s| s.attach.iter().map(|a| a.program_id).collect()).unwrap_or_default();
+
+    agent.kill9();
+    // Still attached with nobody running: the pins hold the links.
+    exchange(&mut conn, Instant::now() + Duration::from_millis(500))?;
+    let _ = std::fs::remove_file(&status_file);
+    let mut agent = Agent::start(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log)?;
+    // Keep the stream going while the new agent adopts the links.
+    let t0 = Instant::now();
+    loop {
+        exchange(&mut conn, Instant::now() + Duration::from_millis(100))?;
+        if status(&status_file).is_some_and(|s| s.ready && s.attach.len() == 2) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("restarted agent not ready; log:\n{}", agent.log_text());
+        }
+    }
+    exchange(&mut conn, Instant::now() + Duration::from_millis(500))?;
+    let st = status(&status_file).unwrap_or_default();
+    let prog_ids_after: Vec<Option<u32>> = st.attach.iter().map(|a| a.program_id).collect();
+    assert_ne!(prog_ids_before, prog_ids_after, "the restarted agent should have swapped its program in");
+    assert_eq!(st.last_sync_writes, 0, "restart should write nothing: the maps already hold the state");
+    assert!(max_gap < Duration::from_secs(1), "stream stalled for {max_gap:?}");
+    assert!(agent.log_text().contains("adopted the pinned link"), "{}", agent.log_text());
+
+    // A veth that goes away loses its pin; a new one matching the glob is attached.
+    topo.node.ip(&["link", "add", "to-extra", "type", "veth", "peer", "name", "extra-peer"])?;
+    wait_for("new veth attached", Duration::from_secs(10), Some(&agent), || {
+        std::fs::read_dir(&links).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_to-extra")).then_some(())
+    })?;
+    topo.node.ip(&["link", "del", "to-extra"])?;
+    wait_for("gone veth detached", Duration::from_secs(10), Some(&agent), || {
+        (!std::fs::read_dir(&links).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_to-extra"))).then_some(())
+    })?;
+
+    stop.store(true, Ordering::Relaxed);
+    drop(conn);
+    let _ = server.join();
+    agent.term()?;
+    // --cleanup detaches: traffic to the ClusterIP no longer reaches the server.
+    let out = topo.node.command(lb()).args(["agent", "--cleanup"]).env("LB_BPFFS", bpffs.path()).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!links.exists() || std::fs::read_dir(&links)?.next().is_none());
+    Ok(())
+}
+
+#[test]
+fn tcp_stream_survives_agent_kill_9_tc() -> Result<()> {
+    stream_survives_agent_restart("tc")
+}
+
+#[test]
+fn tcp_stream_survives_agent_kill_9_xdp() -> Result<()> {
+    stream_survives_agent_restart("xdp")
+}
