@@ -25,7 +25,7 @@ enum Cmd {
     Build,
     /// Run the test suite (needs root: it loads BPF programs and makes namespaces).
     Test {
-        /// Which part: all (default), unit, datapath, e2e.
+        /// Which part: all (default: every cargo test, then e2e), unit, datapath, e2e.
         #[arg(default_value = "all")]
         suite: String,
     },
@@ -116,7 +116,11 @@ fn test(suite: &str) -> Result<()> {
         }
         "all" => {
             require_root("the test suite")?;
-            cargo(&["test", "--workspace"])
+            // The agent's Kubernetes tests and the e2e suite need a real API server:
+            // build it now (about 6 minutes the first time, cached in /var/cache/lb).
+            kube::ensure_built()?;
+            cargo(&["test", "--workspace"])?;
+            sandbox::e2e::run()
         }
         "e2e" => {
             require_root("the e2e suite")?;
