@@ -29,8 +29,8 @@ enum Cmd {
         #[arg(default_value = "all")]
         suite: String,
     },
-    /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN), `veth` (iperf3
-    /// through a ClusterIP per attach mode).
+    /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN), `agent` (network
+    /// programming latency, full sync), `veth` (iperf3 through a ClusterIP per attach mode).
     Bench {
         /// Which benchmark: datapath.
         what: String,
@@ -76,6 +76,7 @@ fn main() -> Result<()> {
                     }
                     lb_dev(&["bench", "datapath"], &args)
                 }
+                "agent" => bench_agent(args),
                 "veth" => {
                     let mut args = args;
                     if !args.iter().any(|a| a == "--out") {
@@ -137,6 +138,30 @@ fn lb_dev(sub: &[&str], extra: &[String]) -> Result<()> {
     args.extend_from_slice(sub);
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
+}
+
+/// `cargo xtask bench agent`: a private API server (no controllers: the benchmark
+/// writes EndpointSlices itself), the release `lb` as the agent, torn down afterwards.
+fn bench_agent(mut args: Vec<String>) -> Result<()> {
+    require_root("the agent benchmark")?;
+    cargo(&["build", "--release", "--package", "lb-userspace", "--bins"])?;
+    let target = target_dir()?;
+    let dir = std::path::PathBuf::from("/tmp/lb-bench-agent-kube");
+    let opts = kube::UpOpts { dir: dir.clone(), port: 17573, controllers: false, ..Default::default() };
+    let cluster = kube::up(&opts).context("starting the benchmark's API server")?;
+    if !args.iter().any(|a| a == "--out") {
+        args.extend(["--out".to_string(), target.join("bench/agent.json").display().to_string()]);
+    }
+    let mut all = vec![
+        "--kubeconfig".to_string(),
+        cluster.kubeconfig.display().to_string(),
+        "--lb".to_string(),
+        target.join("release/lb").display().to_string(),
+    ];
+    all.extend(args);
+    let res = lb_dev(&["bench", "agent"], &all);
+    let down = kube::down(&dir);
+    res.and(down)
 }
 
 /// The workspace's target directory, as cargo sees it (honours CARGO_TARGET_DIR).

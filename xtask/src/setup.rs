@@ -3,7 +3,8 @@
 //! - Debian's rustc-web 1.96 at /usr/bin/rustc ships a prebuilt `core` for
 //!   bpfel-unknown-none, so the datapath builds without nightly or build-std;
 //! - LLVM 22 matches that rustc, and bpf-linker 0.13.0 is built against it;
-//! - iperf3, ethtool and iproute2 are for the namespace tests and benchmarks.
+//! - iperf3, ethtool and iproute2 are for the namespace tests and benchmarks; openssl,
+//!   curl and make for the Kubernetes control plane that `cargo xtask kube` builds.
 
 use std::process::Command;
 
@@ -20,6 +21,10 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "ethtool",
     "iproute2",
+    // The control plane (xtask/src/kube.rs): certificates, readiness checks, the build.
+    "openssl",
+    "curl",
+    "make",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -58,6 +58,28 @@ enum Bench {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Agent: network programming latency (API write to map) and full sync time and RSS,
+    /// against a running API server.
+    Agent {
+        /// kubeconfig of the API server to use (its objects in namespace lb-bench).
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// The `lb` binary to run as the agent (a release build for real numbers).
+        #[arg(long)]
+        lb: PathBuf,
+        /// Changes to time for the latency percentiles.
+        #[arg(long, default_value_t = 1000)]
+        changes: usize,
+        /// Services for the full sync.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Endpoints per service for the full sync.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// Where to write the JSON results.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// iperf3 TCP throughput through a ClusterIP on veths, per attach mode (tc,
     /// xdp-generic, xdp), against direct pod-to-pod in the same run.
     Veth {
@@ -85,6 +107,19 @@ fn main() -> Result<()> {
         Cmd::Bench { what: Bench::Veth { seconds, out } } => {
             let json = lb_userspace::bench_veth::run(seconds)?;
             write_json(out, &json)
+        }
+        Cmd::Bench { what: Bench::Agent { kubeconfig, lb, changes, services, endpoints, out } } => {
+            let mut opts = lb_userspace::bench_agent::BenchOpts::new(kubeconfig, lb);
+            opts.changes = changes;
+            opts.services = services;
+            opts.endpoints = endpoints;
+            let report = lb_userspace::bench_agent::run(&opts)?;
+            print!("{}", report.table());
+            if let Some(out) = out {
+                lb_userspace::bench_agent::write_json(&report, &out)?;
+                println!("wrote {}", out.display());
+            }
+            Ok(())
         }
         Cmd::Demo { what: Demo::Datapath } => demo_datapath(),
     }
