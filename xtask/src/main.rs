@@ -110,7 +110,8 @@ fn require_root(what: &str) -> Result<()> {
 fn test(suite: &str) -> Result<()> {
     setup::ensure()?;
     match suite {
-        "unit" => cargo(&["test", "--workspace", "--lib", "--bins"]),
+        // The default members: lb-ebpf builds only for the BPF target.
+        "unit" => cargo(&["test", "--lib", "--bins"]),
         "datapath" => {
             require_root("the datapath suite")?;
             cargo(&["test", "--package", "lb-userspace", "--test", "datapath", "--test", "netns"])
@@ -120,7 +121,7 @@ fn test(suite: &str) -> Result<()> {
             // The agent's Kubernetes tests and the e2e suite need a real API server:
             // build it now (about 6 minutes the first time, cached in /var/cache/lb).
             kube::ensure_built()?;
-            cargo(&["test", "--workspace"])?;
+            cargo(&["test"])?;
             sandbox::e2e::run()
         }
         "e2e" => {
