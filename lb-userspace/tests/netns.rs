@@ -16,7 +16,7 @@
 //!   the node forwards them, as a physical NIC or a tunnel device would on a real
 //!   node. The tc path is correct; the XDP paths are not, and cannot be: an XDP
 //!   program cannot tell a partial checksum from a full one (see
-//!   docs/datapath-veth-findings.md). The test asserts what happens in each mode.
+//!   docs/datapath-veth.md). The test asserts what happens in each mode.
 //!
 //! Every scenario ends with the reject case. It answers with ECONNREFUSED in tc and
 //! generic XDP; native XDP's XDP_TX answer is lost by the veth (see `check_rejects`).
@@ -235,7 +235,7 @@ fn udp_exchange(f: &Fixture, count: usize, timeout: Duration) -> Result<(Vec<Soc
 /// the peer has NAPI enabled (an XDP program or GRO on the pod's eth0) and flushes
 /// them only if the peer has an XDP program; a plain pod has neither. The client then
 /// sees what a silent drop would give: a connect timeout. See
-/// docs/datapath-veth-findings.md.
+/// docs/datapath-veth.md.
 fn check_rejects(f: &mut Fixture) -> Result<()> {
     let mode = f.mode;
     let native = mode == AttachMode::Xdp;
@@ -252,7 +252,7 @@ fn check_rejects(f: &mut Fixture) -> Result<()> {
         Err(e) if native => ensure!(
             e.kind() == ErrorKind::TimedOut,
             "{mode}: TCP connect to rejecting {target}: {e}; expected the veth to lose the XDP_TX answer \
-             (if it now arrives, update docs/datapath-veth-findings.md and this test)"
+             (if it now arrives, update docs/datapath-veth.md and this test)"
         ),
         Err(e) => ensure!(
             e.kind() == ErrorKind::ConnectionRefused && took < REFUSED_WITHIN,
@@ -378,7 +378,7 @@ fn checksum_completed_on_the_node(mode: AttachMode) -> Result<()> {
     }
     // XDP rewrites the checksum field as if it held a full checksum, but it holds the
     // pseudo-header sum the completion starts from: the completed checksum is wrong and
-    // the server drops every packet (docs/datapath-veth-findings.md).
+    // the server drops every packet (docs/datapath-veth.md).
     let tcp = tcp_exchange(&f, 1024, LOSS_TIMEOUT);
     let Err(e) = tcp else {
         bail!("{mode}: TCP through a checksum-completing node now works: update the findings and this test")
@@ -393,9 +393,11 @@ fn checksum_completed_on_the_node(mode: AttachMode) -> Result<()> {
     let udp = udp_exchange(&f, 1, LOSS_TIMEOUT);
     ensure!(udp.is_err(), "{mode}: UDP through a checksum-completing node now works: update the findings");
     ensure!(f.csum_errors("Udp")?.0 > udp0.0, "{mode}: the server counted no UDP checksum errors");
-    // Whatever the checksum, the NAT decision was made and counted.
+    // Whatever the checksum, the NAT decision was made and counted: once for UDP, and
+    // once per SYN, since the client retransmits its unanswered SYN and a SYN is always
+    // scheduled afresh.
     let s = f.stats();
-    ensure!(s.0[Reason::FwdNew as usize] == 2, "{mode}: one TCP and one UDP flow expected");
+    ensure!(s.0[Reason::FwdNew as usize] >= 2, "{mode}: at least one TCP and one UDP flow expected");
     Ok(())
 }
 
