@@ -243,3 +243,32 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Creates a plain BPF hash map and pins it at `path`, as another (older or broken)
+/// build of lb might have left it: for the layout-refusal tests. Raw `bpf(2)`, since
+/// aya only creates maps from an object file.
+pub fn pin_foreign_hash_map(path: &Path, key_size: u32, value_size: u32) -> Result<()> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    // union bpf_attr, zero-filled beyond the fields we set (include/uapi/linux/bpf.h).
+    let mut attr = [0u8; 128];
+    for (i, v) in [BPF_MAP_TYPE_HASH, key_size, value_size, 16].iter().enumerate() {
+        attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        bail!("BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut pin = [0u8; 128];
+    pin[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    pin[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), pin.len()) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd as i32) };
+    if rc != 0 {
+        bail!("BPF_OBJ_PIN {}: {err}", path.display());
+    }
+    Ok(())
+}

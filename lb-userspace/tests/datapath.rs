@@ -741,3 +741,48 @@ fn kernel_minimal_disruption_on_backend_removal() {
     let share = moved.len() as f64 / before.len() as f64;
     assert!(share < 1.5 / n as f64, "{share} of flows moved");
 }
+
+/// A pinned map from another layout is refused with a clear message, never reused.
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    use lb_userspace::{
+        datapath::{self, DatapathError, LoadOptions},
+        testing::{PrivateBpffs, pin_foreign_hash_map},
+    };
+    // An older layout version of SERVICES.
+    let fs = PrivateBpffs::new().unwrap();
+    pin_foreign_hash_map(&fs.path().join("lb4_svc_v0"), 8, 16).unwrap();
+    match datapath::load(&LoadOptions::new(fs.path())) {
+        Err(e @ DatapathError::StaleLayout { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("lb4_svc_v0") && msg.contains("--cleanup"), "unclear message: {msg}");
+        }
+        other => panic!("stale layout not refused: {:?}", other.map(|_| ())),
+    }
+    // The current name, but another value size.
+    let fs = PrivateBpffs::new().unwrap();
+    pin_foreign_hash_map(&fs.path().join(lb_common::map_names::SERVICES), 8, 24).unwrap();
+    match datapath::load(&LoadOptions::new(fs.path())) {
+        Err(e @ DatapathError::LayoutMismatch { .. }) => {
+            assert!(e.to_string().contains("16"), "message should name the expected size: {e}");
+        }
+        other => panic!("layout mismatch not refused: {:?}", other.map(|_| ())),
+    }
+    // And maps pinned by this build are reused, with their contents.
+    let fs = PrivateBpffs::new().unwrap();
+    let mut first = datapath::load(&LoadOptions::new(fs.path())).unwrap();
+    {
+        let mut svc: aya::maps::HashMap<_, lb_common::ServiceKey4, ServiceValue> =
+            aya::maps::HashMap::try_from(first.map_mut(lb_common::map_names::SERVICES).unwrap()).unwrap();
+        svc.insert(lb_common::ServiceKey4::new(1, 2, 6), svc_value_for_reuse(), 0).unwrap();
+    }
+    drop(first);
+    let second = datapath::load(&LoadOptions::new(fs.path())).unwrap();
+    let svc: aya::maps::HashMap<_, lb_common::ServiceKey4, ServiceValue> =
+        aya::maps::HashMap::try_from(second.map(lb_common::map_names::SERVICES).unwrap()).unwrap();
+    assert_eq!(svc.get(&lb_common::ServiceKey4::new(1, 2, 6), 0).unwrap(), svc_value_for_reuse());
+}
+
+fn svc_value_for_reuse() -> ServiceValue {
+    ServiceValue { id: 42, count: 3, ..Default::default() }
+}
