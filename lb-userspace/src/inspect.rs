@@ -377,6 +377,16 @@ pub fn status_table(s: &Status) -> String {
             if let Some(e) = &a.last_sync_error {
                 let _ = writeln!(o, "  last sync error: {e}");
             }
+            if let Some(all) = a.rp_filter.all {
+                let fixed = a.rp_filter.all_fixed_from.map(|v| format!(" (was {v}, changed by --fix-rp-filter)")).unwrap_or_default();
+                let _ = writeln!(o, "  net.ipv4.conf.all.rp_filter {all}{fixed}");
+            }
+            if let Some(w) = &a.rp_filter.warning {
+                let _ = writeln!(o, "  WARNING: {w}");
+            }
+            if !a.rp_filter.ifaces_failed.is_empty() {
+                let _ = writeln!(o, "  WARNING: rp_filter could not be set to 0 on {}", a.rp_filter.ifaces_failed.join(", "));
+            }
         }
     }
     o

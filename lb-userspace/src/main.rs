@@ -53,6 +53,7 @@ enum LogFormat {
 enum Cmd {
     /// Run the node agent: load and attach the datapath, watch Services and
     /// EndpointSlices, and program the maps.
+    #[command(after_help = ATTACH_DEFAULTS)]
     Agent(AgentArgs),
     /// List frontends with their backends and counters, like `ipvsadm -Ln`.
     Services,
@@ -65,6 +66,18 @@ enum Cmd {
     /// Show attach points, program ids, map fill levels and the agent's last sync.
     Status,
 }
+
+/// The `lb agent --help` paragraph on the hook defaults.
+const ATTACH_DEFAULTS: &str = "\
+Attach defaults:
+  Pod interfaces (--iface-glob) get tc, uplinks (--iface) get native XDP. A pod's
+  packets reach its veth with CHECKSUM_PARTIAL, which XDP (native or generic) cannot
+  see: its NAT then writes checksums that any later device completing them (a NIC, a
+  tunnel) turns into drops. Native XDP on a veth also loses the ICMP reject of a
+  service without endpoints and about 3/4 of a stream's throughput. tc has none of
+  these problems; XDP fits uplinks, whose frames come from the wire with complete
+  checksums. So `--pod-attach xdp|xdp-generic` is refused unless --allow-xdp-on-pods
+  is given. Measurements: docs/datapath.md and docs/datapath-veth.md.";
 
 #[derive(Args, Debug)]
 struct AgentArgs {
@@ -83,14 +96,25 @@ struct AgentArgs {
     /// followed as they come and go.
     #[arg(long = "iface-glob", env = "LB_IFACE_GLOB", value_delimiter = ',')]
     iface_globs: Vec<String>,
-    /// Hook for pod interfaces (`--iface-glob`): xdp, xdp-generic or tc. tc costs a pod
-    /// veth almost nothing, where native XDP on a veth cuts its TCP throughput (see
-    /// docs/datapath.md).
+    /// Hook for pod interfaces (`--iface-glob`): tc, or xdp / xdp-generic with
+    /// --allow-xdp-on-pods (see "Attach defaults" below).
     #[arg(long, env = "LB_POD_ATTACH", default_value = "tc")]
     pod_attach: AttachMode,
+    /// Accept `--pod-attach xdp|xdp-generic` although XDP corrupts the checksums of
+    /// pods' packets once a device completes them (docs/datapath.md).
+    #[arg(long, env = "LB_ALLOW_XDP_ON_PODS")]
+    allow_xdp_on_pods: bool,
     /// Hook for uplinks (`--iface`): xdp, xdp-generic or tc.
     #[arg(long, env = "LB_UPLINK_ATTACH", default_value = "xdp")]
     uplink_attach: AttachMode,
+    /// If net.ipv4.conf.all.rp_filter is 1 (strict), set it to 0. The agent always sets
+    /// rp_filter to 0 on the interfaces it attaches to, but the kernel applies the
+    /// maximum of `all` and the interface, and strict drops every reply the datapath
+    /// reverse-NATs. `--fix-rp-filter=false` only warns (log, `lb_rp_filter_problem`,
+    /// `lb status`).
+    #[arg(long, env = "LB_FIX_RP_FILTER", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    fix_rp_filter: bool,
     /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9090).
     #[arg(long, env = "LB_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -155,6 +179,7 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
         tracing::info!(links = c.links, maps = ?c.maps, bpffs = %bpffs.display(), "cleaned up");
         return Ok(());
     }
+    agent::attach::check_pod_mode(a.pod_attach, a.allow_xdp_on_pods).map_err(anyhow::Error::msg)?;
     let source = match a.source {
         SourceSpec::Kubernetes { .. } => SourceSpec::Kubernetes { kubeconfig: a.kubeconfig },
         other => other,
@@ -167,6 +192,7 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
             globs: a.iface_globs,
             uplink_mode: a.uplink_attach,
             pod_mode: a.pod_attach,
+            fix_rp_filter: a.fix_rp_filter,
         },
         metrics_addr: a.metrics_addr,
         debounce: Duration::from_millis(a.debounce_ms),

@@ -26,7 +26,7 @@ use lb_userspace::{
         sync::BpfMaps,
     },
     inspect,
-    netns::{self, SERVER_IP, Topology},
+    netns::{self, NODE_CLIENT_IF, NODE_SERVER_IF, SERVER_IP, Topology},
     testing::{Datapath, Hook, PrivateBpffs, Verdict},
 };
 
@@ -353,6 +353,11 @@ fn node_agent(topo: &Topology, bpffs: &Path, file: &Path, status_file: &Path, mo
         .arg(format!("file:{}", file.display()))
         .env("LB_BPFFS", bpffs)
         .env("LB_STATUS_FILE", status_file);
+    if mode != "tc" {
+        // These veths stand for pod veths; the stream test checks XDP's link
+        // adoption, not checksums (both ends are on this node).
+        c.env("LB_ALLOW_XDP_ON_PODS", "true");
+    }
     c
 }
 
@@ -461,4 +466,124 @@ fn tcp_stream_survives_agent_kill_9_tc() -> Result<()> {
 #[test]
 fn tcp_stream_survives_agent_kill_9_xdp() -> Result<()> {
     stream_survives_agent_restart("xdp")
+}
+
+/// `net.ipv4.conf.<conf>.rp_filter` in the node namespace.
+fn node_rp_filter(topo: &Topology, conf: &str) -> Result<u8> {
+    let v = topo.node.exec("cat", &[&format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter")])?;
+    v.trim().parse().with_context(|| format!("rp_filter of {conf}: {v:?}"))
+}
+
+/// One echo through the ClusterIP from the client pod, within `timeout`.
+fn echo_once(topo: &Topology, timeout: Duration) -> Result<()> {
+    let target = SocketAddr::from((VIP, 80));
+    topo.client.run(|| {
+        let mut c = TcpStream::connect_timeout(&target, timeout).context("connect to the ClusterIP")?;
+        c.set_read_timeout(Some(timeout))?;
+        c.write_all(b"ping")?;
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).context("echo")?;
+        if &back != b"ping" {
+            bail!("echo corrupted");
+        }
+        Ok(())
+    })
+}
+
+/// Strict rp_filter on the node drops every reply the datapath reverse-NATs
+/// (docs/datapath-veth.md, finding 3). The agent turns it off on the interfaces it
+/// attaches to, and reports (default: fixes) a strict `conf.all`, which the kernel
+/// would otherwise apply on top (the maximum of `all` and the interface wins).
+#[test]
+fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
+    netns::remove_stale()?;
+    let topo = Topology::new()?;
+    // A node set up strict everywhere, as some distributions do. Only in the test's
+    // own node namespace.
+    for conf in ["all", NODE_CLIENT_IF, NODE_SERVER_IF] {
+        topo.node.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "1")?;
+    }
+    let bpffs = PrivateBpffs::new()?;
+    let dir = Scratch::new("rpfilter")?;
+    let file = dir.0.join("objects.yaml");
+    let status_file = dir.0.join("status.json");
+    write_file(&file, &yaml(&[&SERVER_IP.to_string()], false))?;
+    let log = dir.0.join("agent.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&topo, stop.clone())?;
+
+    // Told not to fix `all`: the interfaces are set to 0, `all` stays strict, the
+    // agent says so, and the ClusterIP indeed does not answer.
+    let mut cmd = node_agent(&topo, bpffs.path(), &file, &status_file, "tc");
+    cmd.arg("--fix-rp-filter=false");
+    let mut agent = Agent::start(cmd, &log)?;
+    let st = wait_for("attached, with the strict `all` reported", Duration::from_secs(20), Some(&agent), || {
+        status(&status_file).filter(|s| s.ready && s.attach.len() == 2 && s.rp_filter.all.is_some())
+    })?;
+    assert_eq!(st.rp_filter.all, Some(1));
+    assert!(st.rp_filter.warning.as_deref().is_some_and(|w| w.contains("strict")), "{:?}", st.rp_filter);
+    assert_eq!(node_rp_filter(&topo, NODE_CLIENT_IF)?, 0);
+    assert_eq!(node_rp_filter(&topo, NODE_SERVER_IF)?, 0);
+    assert_eq!(node_rp_filter(&topo, "all")?, 1);
+    assert!(agent.log_text().contains("rp_filter is 1 (strict)"), "{}", agent.log_text());
+    assert!(echo_once(&topo, Duration::from_millis(1500)).is_err(), "strict conf.all should drop the reverse-NATed SYN-ACK");
+    agent.term()?;
+
+    // By default the agent turns the strict `all` off, and the ClusterIP works.
+    for conf in [NODE_CLIENT_IF, NODE_SERVER_IF] {
+        topo.node.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "1")?;
+    }
+    let _ = std::fs::remove_file(&status_file);
+    let agent = Agent::start(node_agent(&topo, bpffs.path(), &file, &status_file, "tc"), &log)?;
+    let st = wait_for("attached, with `all` fixed", Duration::from_secs(20), Some(&agent), || {
+        status(&status_file).filter(|s| s.ready && s.attach.len() == 2 && s.rp_filter.all.is_some())
+    })?;
+    assert_eq!((st.rp_filter.all, st.rp_filter.all_fixed_from, st.rp_filter.warning.as_deref()), (Some(0), Some(1), None));
+    for conf in ["all", NODE_CLIENT_IF, NODE_SERVER_IF] {
+        assert_eq!(node_rp_filter(&topo, conf)?, 0, "{conf}");
+    }
+    echo_once(&topo, Duration::from_secs(3))?;
+
+    // A value put back later (e.g. by systemd-sysctl for a new interface) is undone
+    // at the next rescan.
+    topo.node.sysctl(&format!("net.ipv4.conf.{NODE_SERVER_IF}.rp_filter"), "1")?;
+    wait_for("rp_filter reset on rescan", Duration::from_secs(10), Some(&agent), || {
+        (node_rp_filter(&topo, NODE_SERVER_IF).ok()? == 0).then_some(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    drop(agent);
+    let out = topo.node.command(lb()).args(["agent", "--cleanup"]).env("LB_BPFFS", bpffs.path()).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// XDP on pod veths corrupts CHECKSUM_PARTIAL packets (docs/datapath-veth.md): the
+/// agent refuses it, before touching anything, unless told otherwise; `--help`
+/// explains the defaults.
+#[test]
+fn xdp_on_pod_interfaces_is_refused_without_consent() -> Result<()> {
+    for mode in ["xdp", "xdp-generic"] {
+        let out = Command::new(lb())
+            .args(["agent", "--source", "file:/nonexistent", "--iface-glob", "veth*", "--pod-attach", mode])
+            // Not creatable: should the check be missing, nothing is mounted anywhere.
+            .env("LB_BPFFS", "/proc/lb-not-a-bpffs")
+            .env_remove("LB_ALLOW_XDP_ON_PODS")
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{mode} accepted: {err}");
+        assert!(err.contains(&format!("--pod-attach {mode} refused")) && err.contains("--allow-xdp-on-pods"), "{err}");
+    }
+    // With consent it gets past the check (and fails later, on the bpffs).
+    let out = Command::new(lb())
+        .args(["agent", "--source", "file:/nonexistent", "--pod-attach", "xdp", "--allow-xdp-on-pods"])
+        .env("LB_BPFFS", "/proc/lb-not-a-bpffs")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("refused") && err.contains("bpffs"), "{err}");
+    // tc, the default, needs nothing.
+    let help = Command::new(lb()).args(["agent", "--help"]).output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("Attach defaults:") && help.contains("--allow-xdp-on-pods"), "{help}");
+    Ok(())
 }

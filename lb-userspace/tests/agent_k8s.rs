@@ -397,7 +397,8 @@ fn bench_agent_runs() -> Result<()> {
     if let Some(lb) = std::env::var_os("LB_BENCH_AGENT_LB") {
         opts.lb = lb.into();
     }
-    if std::env::var_os("LB_BENCH_AGENT_FULL").is_none() {
+    let full = std::env::var_os("LB_BENCH_AGENT_FULL").is_some();
+    if !full {
         opts.changes = 50;
         opts.services = 100;
     }
@@ -405,5 +406,10 @@ fn bench_agent_runs() -> Result<()> {
     eprintln!("{}", report.table());
     assert_eq!(report.latency.changes, opts.changes);
     assert!(report.full_sync.initial_sync_writes >= opts.services * (opts.endpoints + 1));
+    if full {
+        // The target. Holding the slices as k8s-openapi structs gave ~103 MB;
+        // the model's compact `Slice` ~57 MB (v1beta1, release build).
+        assert!(report.full_sync.rss_mb < 100.0, "agent RSS {:.1} MB at full size", report.full_sync.rss_mb);
+    }
     Ok(())
 }

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use super::rpfilter::{PROC_IPV4_CONF, RpFilter, RpFilterStatus};
 use crate::datapath::{AttachMode, TC_PROGRAM, XDP_PROGRAM};
 
 /// Directory, under the agent's bpffs, of the pinned links.
@@ -42,6 +43,28 @@ pub struct AttachConfig {
     pub globs: Vec<String>,
     pub uplink_mode: AttachMode,
     pub pod_mode: AttachMode,
+    /// Set `net.ipv4.conf.all.rp_filter` to 0 if it is strict (see [`super::rpfilter`]).
+    pub fix_rp_filter: bool,
+}
+
+/// Refuses XDP on pod interfaces unless `allowed`: a pod's TCP and UDP packets are
+/// CHECKSUM_PARTIAL, and XDP, which has no skb, rewrites their checksum field as if
+/// it were complete, so the packets are dropped wherever a device later completes the
+/// checksum (docs/datapath-veth.md, finding 1; docs/datapath.md).
+pub fn check_pod_mode(mode: AttachMode, allowed: bool) -> Result<(), String> {
+    match mode {
+        AttachMode::Tc => Ok(()),
+        AttachMode::Xdp | AttachMode::XdpGeneric if allowed => {
+            warn!(%mode, "XDP on pod interfaces (--allow-xdp-on-pods): checksums of pods' packets will be wrong once a device completes them");
+            Ok(())
+        }
+        AttachMode::Xdp | AttachMode::XdpGeneric => Err(format!(
+            "--pod-attach {mode} refused: XDP on a pod veth rewrites the partial checksums of pods' packets as if they \
+             were complete, so they are dropped as soon as a NIC or tunnel completes them (and native XDP on a veth \
+             loses ICMP rejects and most throughput); see docs/datapath.md. Use --pod-attach tc (the default), or \
+             pass --allow-xdp-on-pods (LB_ALLOW_XDP_ON_PODS=true) to accept this."
+        )),
+    }
 }
 
 /// One attachment, as pinned.
@@ -154,13 +177,66 @@ pub struct Attacher {
     ours: BTreeSet<String>,
     /// Interfaces whose attach failed, not retried until they change.
     failed: BTreeMap<(u32, String), (AttachMode, String)>,
+    rp: RpFilter,
+    rp_status: RpFilterStatus,
 }
 
 impl Attacher {
     pub fn new(ebpf: Ebpf, cfg: AttachConfig, bpffs: &Path) -> std::io::Result<Self> {
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir)?;
-        Ok(Self { ebpf, cfg, links_dir, ours: BTreeSet::new(), failed: BTreeMap::new() })
+        let rp = RpFilter::new(PROC_IPV4_CONF, cfg.fix_rp_filter);
+        Ok(Self { ebpf, cfg, links_dir, ours: BTreeSet::new(), failed: BTreeMap::new(), rp, rp_status: RpFilterStatus::default() })
+    }
+
+    /// rp_filter as last checked by [`Attacher::reconcile`].
+    pub fn rp_filter_status(&self) -> &RpFilterStatus {
+        &self.rp_status
+    }
+
+    /// Keeps rp_filter off on every attached interface (checked on each reconcile, so
+    /// a value put back later, e.g. by systemd-sysctl's udev rule for new interfaces,
+    /// is undone at the next rescan), and checks `conf.all`. Only runs while something
+    /// is attached: the agent changes no sysctl of a namespace it does not serve.
+    fn apply_rp_filter(&mut self, attached: &[AttachPoint]) {
+        if attached.is_empty() {
+            return;
+        }
+        let mut st = RpFilterStatus::default();
+        for ap in attached {
+            match self.rp.disable_on(&ap.iface) {
+                Ok(Some(was)) => info!(iface = %ap.iface, was, "rp_filter set to 0: replies are reverse-NATed before routing"),
+                Ok(None) => {}
+                Err(e) => {
+                    if !self.rp_status.ifaces_failed.contains(&ap.iface) {
+                        warn!(iface = %ap.iface, error = %e, "cannot set rp_filter to 0; replies through this interface may be dropped");
+                    }
+                    st.ifaces_failed.push(ap.iface.clone());
+                }
+            }
+        }
+        match self.rp.check_all() {
+            Ok(all) => {
+                if let Some(was) = all.all_fixed_from {
+                    warn!(was, now = ?all.all, "net.ipv4.conf.all.rp_filter was strict, which drops every reverse-NATed reply; changed (--fix-rp-filter)");
+                }
+                if let Some(w) = &all.warning
+                    && self.rp_status.warning.as_ref() != Some(w)
+                {
+                    warn!("{w}");
+                }
+                st.all = all.all;
+                st.all_fixed_from = all.all_fixed_from.or(self.rp_status.all_fixed_from);
+                st.warning = all.warning;
+            }
+            Err(e) => {
+                if self.rp_status.all.is_some() || self.rp_status.warning.is_none() {
+                    warn!(error = %e, "cannot read net.ipv4.conf.all.rp_filter");
+                }
+                st.warning = Some(format!("cannot read net.ipv4.conf.all.rp_filter: {e}"));
+            }
+        }
+        self.rp_status = st;
     }
 
     /// What should be attached now: uplinks by name (uplink mode), then pod interfaces
@@ -231,6 +307,7 @@ impl Attacher {
             }
         }
         let now: Vec<AttachPoint> = pinned_links(&self.links_dir).into_iter().map(|(_, ap)| ap).collect();
+        self.apply_rp_filter(&now);
         (now, errors)
     }
 
@@ -391,6 +468,16 @@ mod tests {
             }
         }
         assert_eq!(AttachPoint::from_pin_name("junk"), None);
+    }
+
+    #[test]
+    fn xdp_on_pods_needs_consent() {
+        assert_eq!(check_pod_mode(AttachMode::Tc, false), Ok(()));
+        for mode in [AttachMode::Xdp, AttachMode::XdpGeneric] {
+            let e = check_pod_mode(mode, false).unwrap_err();
+            assert!(e.contains("--allow-xdp-on-pods") && e.contains("docs/datapath.md"), "{e}");
+            assert_eq!(check_pod_mode(mode, true), Ok(()));
+        }
     }
 
     #[test]

@@ -24,13 +24,14 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::metrics::Metrics;
+use super::{metrics::Metrics, model::Slice};
 
 /// All watched objects at one moment.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    /// EndpointSlices in the compact form the model reads.
+    pub slices: Vec<Arc<Slice>>,
 }
 
 /// Which EndpointSlice API the server serves.
@@ -72,7 +73,7 @@ pub enum SourceError {
 }
 
 enum Inner {
-    Kube { services: Store<Service>, slices: Store<EndpointSlice> },
+    Kube { services: Store<Service>, slices: Store<Slice> },
     File { state: Arc<Mutex<Snapshot>>, ready: Arc<tokio::sync::watch::Sender<bool>> },
 }
 
@@ -228,26 +229,6 @@ fn slim_service(s: &mut Service) {
     }
 }
 
-/// Keeps only the EndpointSlice fields `model::compute` reads: 10,000 slices of 10
-/// endpoints are most of the agent's memory.
-fn slim_slice(s: &mut EndpointSlice) {
-    slim_meta(&mut s.metadata);
-    for ep in s.endpoints.iter_mut().flatten() {
-        // kube-proxy uses the first address only.
-        ep.addresses.truncate(1);
-        ep.addresses.shrink_to_fit();
-        ep.target_ref = None;
-        ep.deprecated_topology = None;
-        ep.hints = None;
-        ep.hostname = None;
-        ep.node_name = None;
-        ep.zone = None;
-    }
-    if let Some(e) = s.endpoints.as_mut() {
-        e.shrink_to_fit();
-    }
-}
-
 /// `discovery.k8s.io/v1beta1` EndpointSlice, as Kubernetes 1.20 serves it, decoded
 /// straight from the wire into v1's field types: v1beta1's JSON is v1's plus
 /// `topology` (ignored by the decoder) and minus `hints`, `nodeName` and `zone`.
@@ -269,6 +250,10 @@ pub struct EndpointSliceV1beta1 {
 impl EndpointSliceV1beta1 {
     pub fn into_v1(self) -> EndpointSlice {
         EndpointSlice { metadata: self.metadata, address_type: self.address_type, endpoints: self.endpoints, ports: self.ports }
+    }
+
+    pub fn to_slice(&self) -> Slice {
+        Slice::from_k8s(&self.metadata, &self.address_type, self.ports.as_deref(), self.endpoints.as_deref())
     }
 }
 
@@ -349,28 +334,31 @@ pub async fn kubernetes(client: Client, metrics: Arc<Metrics>) -> Result<Source,
         .reflect(writer);
     tokio::spawn(drive("services", stream, changed.clone(), metrics.clone()));
 
-    let (slices, writer) = reflector::store::<EndpointSlice>();
+    // Slices are stored in the model's compact form, converted as each event arrives
+    // (the full struct is dropped right away): `reflector()` needs only `Lookup`,
+    // which `Slice` implements.
+    let (slices, writer) = reflector::store::<Slice>();
+    fn compact<K>(ev: Event<K>, f: impl Fn(&K) -> Slice) -> Event<Slice> {
+        match ev {
+            Event::Apply(o) => Event::Apply(f(&o)),
+            Event::Delete(o) => Event::Delete(f(&o)),
+            Event::InitApply(o) => Event::InitApply(f(&o)),
+            Event::Init => Event::Init,
+            Event::InitDone => Event::InitDone,
+        }
+    }
     match api {
         SliceApi::V1 => {
             let stream = watcher(Api::<EndpointSlice>::all(client.clone()))
                 .backoff(WatchBackoff::default())
-                .modify(slim_slice)
-                .reflect(writer);
-            tokio::spawn(drive("endpointslices", stream, changed.clone(), metrics.clone()));
+                .map_ok(|ev| compact(ev, |s: &EndpointSlice| Slice::from(s)));
+            tokio::spawn(drive("endpointslices", reflector::reflector(writer, stream), changed.clone(), metrics.clone()));
         }
         SliceApi::V1beta1 => {
             let stream = watcher(Api::<EndpointSliceV1beta1>::all(client.clone()))
                 .backoff(WatchBackoff::default())
-                .map_ok(|ev| match ev {
-                    Event::Apply(o) => Event::Apply(o.into_v1()),
-                    Event::Delete(o) => Event::Delete(o.into_v1()),
-                    Event::InitApply(o) => Event::InitApply(o.into_v1()),
-                    Event::Init => Event::Init,
-                    Event::InitDone => Event::InitDone,
-                })
-                .modify(slim_slice)
-                .reflect(writer);
-            tokio::spawn(drive("endpointslices", stream, changed.clone(), metrics.clone()));
+                .map_ok(|ev| compact(ev, EndpointSliceV1beta1::to_slice));
+            tokio::spawn(drive("endpointslices", reflector::reflector(writer, stream), changed.clone(), metrics.clone()));
         }
     }
     Ok(Source { changed, description: format!("kubernetes (EndpointSlice {})", api.api_version()), inner: Inner::Kube { services, slices } })
@@ -439,7 +427,7 @@ fn add_object(mut json: serde_json::Value, at: &str, out: &mut Parsed) {
         ("EndpointSlice", "discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1") => {
             json["apiVersion"] = "discovery.k8s.io/v1".into();
             match serde_json::from_value::<EndpointSlice>(json) {
-                Ok(s) => out.snapshot.slices.push(Arc::new(s)),
+                Ok(s) => out.snapshot.slices.push(Arc::new(Slice::from(&s))),
                 Err(e) => out.errors.push(format!("{at}: EndpointSlice: {e}")),
             }
         }
@@ -596,13 +584,24 @@ spec: {ports: "not a list"}
             "endpoints":[{"addresses":["10.244.0.2"],"conditions":{"ready":true},
                           "topology":{"kubernetes.io/hostname":"node-1"},"targetRef":{"kind":"Pod","name":"web-1"}}]}"#;
         let s: EndpointSliceV1beta1 = serde_json::from_str(wire).unwrap();
-        let mut v1 = s.into_v1();
-        slim_slice(&mut v1);
-        assert_eq!(v1.address_type, "IPv4");
-        let ep = &v1.endpoints.as_ref().unwrap()[0];
-        assert_eq!(ep.addresses, ["10.244.0.2"]);
-        assert_eq!(ep.conditions.as_ref().and_then(|c| c.ready), Some(true));
-        assert!(ep.target_ref.is_none() && v1.metadata.owner_references.is_none());
-        assert_eq!(v1.ports.as_ref().unwrap()[0].port, Some(8080));
+        use super::super::model::{AddressType, Conditions, EndpointAddress, Protocol, SliceEndpoint, SlicePort};
+        let compact = s.to_slice();
+        assert_eq!(compact, Slice::from(&s.into_v1()));
+        assert_eq!(
+            compact,
+            Slice {
+                namespace: "default".into(),
+                name: "web-abc".into(),
+                service: Some("web".into()),
+                headless_label: false,
+                address_type: AddressType::IPv4,
+                ports: vec![SlicePort { name: "http".into(), port: Some(8080), protocol: Ok(Protocol::Tcp) }].into(),
+                endpoints: vec![SliceEndpoint {
+                    address: EndpointAddress::V4("10.244.0.2".parse().unwrap()),
+                    cond: Conditions { ready: true, serving: true, terminating: false },
+                }]
+                .into(),
+            }
+        );
     }
 }

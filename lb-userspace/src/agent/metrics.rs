@@ -82,6 +82,7 @@ pub struct Metrics {
     invalid_now: Mutex<BTreeMap<IssueKind, u64>>,
     attached: AtomicU64,
     attach_errors: AtomicU64,
+    rp_filter: Mutex<super::rpfilter::RpFilterStatus>,
     programmed: Mutex<Arc<Vec<ProgrammedFrontend>>>,
     stats: Mutex<Option<StatsReader>>,
 }
@@ -168,6 +169,14 @@ impl Metrics {
     pub fn attach_error(&self) {
         self.attach_errors.fetch_add(1, Ordering::Relaxed);
     }
+    pub fn set_rp_filter(&self, st: &super::rpfilter::RpFilterStatus) {
+        if let Ok(mut m) = self.rp_filter.lock() {
+            m.clone_from(st);
+        }
+    }
+    pub fn rp_filter(&self) -> super::rpfilter::RpFilterStatus {
+        self.rp_filter.lock().map(|m| m.clone()).unwrap_or_default()
+    }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
@@ -184,6 +193,11 @@ impl Metrics {
         g(&mut o, "lb_programmed_endpoints", "gauge", "Backend slots over all frontends.", self.endpoints.load(Ordering::Relaxed));
         g(&mut o, "lb_attached_interfaces", "gauge", "Interfaces the datapath is attached to.", self.attached.load(Ordering::Relaxed));
         g(&mut o, "lb_attach_errors_total", "counter", "Failed attach attempts.", self.attach_errors.load(Ordering::Relaxed));
+        let rp = self.rp_filter();
+        if let Some(all) = rp.all {
+            g(&mut o, "lb_rp_filter_all", "gauge", "net.ipv4.conf.all.rp_filter in the agent's namespace (1, strict, drops every reverse-NATed reply).", u64::from(all));
+        }
+        g(&mut o, "lb_rp_filter_problem", "gauge", "1 while rp_filter would drop reverse-NATed replies: conf.all strict, or an attached interface whose rp_filter could not be set to 0.", u64::from(rp.warning.is_some() || !rp.ifaces_failed.is_empty()));
         let last = self.last_sync_unix_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         let _ = writeln!(o, "# HELP lb_last_sync_timestamp_seconds Unix time of the last sync.\n# TYPE lb_last_sync_timestamp_seconds gauge\nlb_last_sync_timestamp_seconds {last:.3}");
         if let Ok(h) = self.sync_hist.lock() {

@@ -7,6 +7,7 @@ pub mod attach;
 pub mod k8s;
 pub mod metrics;
 pub mod model;
+pub mod rpfilter;
 pub mod sync;
 
 use std::{
@@ -86,6 +87,10 @@ pub struct AgentStatus {
     pub invalid_objects: usize,
     pub watch_restarts: u64,
     pub attach: Vec<attach::AttachPoint>,
+    /// rp_filter on the node (see [`rpfilter`]): a warning here means ClusterIP
+    /// replies are being dropped.
+    #[serde(default)]
+    pub rp_filter: rpfilter::RpFilterStatus,
 }
 
 fn unix_ms() -> u64 {
@@ -166,6 +171,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             metrics.attach_error();
         }
         metrics.set_attached(points.len());
+        metrics.set_rp_filter(attacher.rp_filter_status());
         *attach_points.lock().unwrap_or_else(|e| e.into_inner()) = points;
     }
     let link_events = Arc::new(Notify::new());
@@ -194,6 +200,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     metrics.attach_error();
                 }
                 metrics.set_attached(now.len());
+                metrics.set_rp_filter(attacher.rp_filter_status());
                 *points.lock().unwrap_or_else(|e| e.into_inner()) = now;
             }
         });
@@ -289,6 +296,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         status.invalid_objects = computed.issues.len();
         status.watch_restarts = metrics.watch_restarts_total();
         status.attach = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
+        status.rp_filter = metrics.rp_filter();
         if let Some(p) = &cfg.status_file {
             write_status(p, &status);
         }

@@ -4,8 +4,9 @@
 //! The rules follow kube-proxy (paths in kubernetes/kubernetes):
 //! - which Services get a frontend: `pkg/proxy/servicechangetracker.go`
 //!   (`shouldSkipService`: no ClusterIP / `None`, or type ExternalName) and the
-//!   informer's label selector `!service.kubernetes.io/service-proxy-name`
-//!   (`cmd/kube-proxy/app/server.go`);
+//!   informer's label selector `!service.kubernetes.io/service-proxy-name,
+//!   !service.kubernetes.io/headless` (`noProxyName` and `noHeadlessEndpoints` in
+//!   `cmd/kube-proxy/app/server.go`, applied to Services and EndpointSlices alike);
 //! - how EndpointSlice ports map to Service ports: `pkg/proxy/endpointslicecache.go`
 //!   (`endpointInfoByServicePort`: by port *name* and protocol, with the number taken
 //!   from the slice, which is how named targetPorts are resolved per slice; the first
@@ -35,7 +36,10 @@ use serde::Serialize;
 
 /// Label that hands a Service to another proxy (kube-proxy skips it).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-/// Label set by the EndpointSlice controller on slices of headless Services.
+/// `v1.IsHeadlessService`: set by the EndpointSlice controller on slices of headless
+/// Services, and by users on a Service to keep kube-proxy away from it. kube-proxy's
+/// informers select `!service.kubernetes.io/headless` (any value), so a Service or
+/// slice carrying it is invisible to it.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label naming the Service an EndpointSlice belongs to.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -228,7 +232,11 @@ impl fmt::Display for Issue {
 pub struct Skipped {
     pub headless: usize,
     pub external_name: usize,
+    /// Labelled `service.kubernetes.io/service-proxy-name`.
     pub other_proxy: usize,
+    /// Labelled `service.kubernetes.io/headless` (any value) although it may have a
+    /// ClusterIP.
+    pub headless_label: usize,
     /// No ClusterIP assigned yet.
     pub no_cluster_ip: usize,
     /// IPv6 ClusterIPs (the datapath is IPv4 only for now).
@@ -241,6 +249,156 @@ pub struct Computed {
     pub desired: Desired,
     pub issues: Vec<Issue>,
     pub skipped: Skipped,
+}
+
+/// What [`compute`] reads of an EndpointSlice, and nothing else.
+///
+/// The agent keeps one of these per watched slice instead of the k8s-openapi struct:
+/// at 10,000 slices of 10 endpoints the full structs were ~42 MB of the agent's heap
+/// (an `Endpoint` alone is ~300 bytes of mostly-empty fields), these are a few MB.
+/// Built with [`Slice::from_k8s`] (v1 and v1beta1 share the field types).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+    /// The `kubernetes.io/service-name` label.
+    pub service: Option<Box<str>>,
+    /// Carries the `service.kubernetes.io/headless` label.
+    pub headless_label: bool,
+    pub address_type: AddressType,
+    pub ports: Box<[SlicePort]>,
+    /// Endpoints with at least one address.
+    pub endpoints: Box<[SliceEndpoint]>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressType {
+    IPv4,
+    /// v1beta1's deprecated family-less `IP`.
+    Ip,
+    /// IPv6, FQDN, or anything else: not for the IPv4 datapath.
+    Other,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    /// Empty when unset, as kube-proxy matches it.
+    pub name: Box<str>,
+    pub port: Option<i32>,
+    /// The protocol, or the unsupported one it names.
+    pub protocol: Result<Protocol, Box<str>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// The first address (kube-proxy uses only that one).
+    pub address: EndpointAddress,
+    pub cond: Conditions,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointAddress {
+    V4(Ipv4Addr),
+    /// Not an IPv4 address, kept as written for the issue it may raise.
+    Other(Box<str>),
+}
+
+/// Endpoint conditions with the API's defaults applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Slice {
+    /// From the fields of a v1 (or v1beta1) EndpointSlice.
+    pub fn from_k8s(
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        address_type: &str,
+        ports: Option<&[k8s_openapi::api::discovery::v1::EndpointPort]>,
+        endpoints: Option<&[k8s_openapi::api::discovery::v1::Endpoint]>,
+    ) -> Self {
+        let (ns, name) = ns_name(meta);
+        let labels = meta.labels.as_ref();
+        Slice {
+            namespace: ns.into(),
+            name: name.into(),
+            service: labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).map(|s| s.as_str().into()),
+            headless_label: labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)),
+            address_type: match address_type {
+                "IPv4" => AddressType::IPv4,
+                "IP" => AddressType::Ip,
+                _ => AddressType::Other,
+            },
+            ports: ports
+                .unwrap_or_default()
+                .iter()
+                .map(|p| SlicePort {
+                    name: p.name.as_deref().unwrap_or_default().into(),
+                    port: p.port,
+                    protocol: parse_protocol(p.protocol.as_deref()).map_err(Into::into),
+                })
+                .collect(),
+            endpoints: endpoints
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|ep| {
+                    let addr = ep.addresses.first()?;
+                    let c = ep.conditions.as_ref();
+                    // Unset ready and serving mean true, unset terminating false
+                    // (EndpointConditions API doc; endpointslicecache.go).
+                    Some(SliceEndpoint {
+                        address: match addr.parse() {
+                            Ok(ip) => EndpointAddress::V4(ip),
+                            Err(_) => EndpointAddress::Other(addr.as_str().into()),
+                        },
+                        cond: Conditions {
+                            ready: c.and_then(|c| c.ready).unwrap_or(true),
+                            serving: c.and_then(|c| c.serving).unwrap_or(true),
+                            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                        },
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&EndpointSlice> for Slice {
+    fn from(s: &EndpointSlice) -> Self {
+        Slice::from_k8s(&s.metadata, &s.address_type, s.ports.as_deref(), s.endpoints.as_deref())
+    }
+}
+
+/// The agent's store keys slices by namespace and name, like the reflector's
+/// `ObjectRef`.
+impl kube::runtime::reflector::Lookup for Slice {
+    type DynamicType = ();
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "EndpointSlice".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "discovery.k8s.io".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "endpointslices".into()
+    }
+    fn name(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some(std::borrow::Cow::Borrowed(&self.name))
+    }
+    fn namespace(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some(std::borrow::Cow::Borrowed(&self.namespace))
+    }
+    fn resource_version(&self) -> Option<std::borrow::Cow<'_, str>> {
+        None
+    }
+    fn uid(&self) -> Option<std::borrow::Cow<'_, str>> {
+        None
+    }
 }
 
 fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -263,26 +421,19 @@ struct PortRef {
     proto: Protocol,
 }
 
-/// Condition of one endpoint after merging duplicates.
-#[derive(Clone, Copy, Debug, Default)]
-struct Cond {
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
 struct ServiceInfo<'a> {
     svc: &'a Service,
     /// Whether it gets frontends (false: skipped, but its slices are not "unknown").
     proxied: bool,
 }
 
-/// Computes the desired state from all Services and EndpointSlices. Pure: the same
-/// input always gives the same output, whatever the order of the objects.
+/// Computes the desired state from all Services and EndpointSlices (in their compact
+/// form, [`Slice`]). Pure: the same input always gives the same output, whatever the
+/// order of the objects.
 pub fn compute<'a, S, E>(services: S, slices: E) -> Computed
 where
     S: IntoIterator<Item = &'a Service>,
-    E: IntoIterator<Item = &'a EndpointSlice>,
+    E: IntoIterator<Item = &'a Slice>,
 {
     let mut out = Computed::default();
     let mut issues = BTreeSet::new();
@@ -297,18 +448,18 @@ where
     }
 
     // Endpoints per (namespace, service name) and service port, merged over slices.
-    type PortEndpoints = HashMap<PortRef, BTreeMap<Backend, Cond>>;
+    type PortEndpoints = HashMap<PortRef, BTreeMap<Backend, Conditions>>;
     let mut endpoints: HashMap<(String, String), PortEndpoints> = HashMap::new();
-    let mut slices: Vec<&EndpointSlice> = slices.into_iter().collect();
-    slices.sort_by_cached_key(|s| ns_name(&s.metadata));
+    let mut slices: Vec<&Slice> = slices.into_iter().collect();
+    slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for slice in slices {
-        let (ns, name) = ns_name(&slice.metadata);
+        let (ns, name) = (&*slice.namespace, &*slice.name);
         let object = format!("EndpointSlice {ns}/{name}");
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        // kube-proxy does not watch slices labelled headless (`noHeadlessEndpoints`).
+        if slice.headless_label {
             continue;
         }
-        let Some(svc_name) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+        let Some(svc_name) = slice.service.as_deref() else {
             issues.insert(Issue {
                 kind: IssueKind::UnknownService,
                 object,
@@ -316,7 +467,7 @@ where
             });
             continue;
         };
-        let svc_key = (ns.clone(), svc_name.clone());
+        let svc_key = (ns.to_string(), svc_name.to_string());
         match by_name.get(&svc_key) {
             None => {
                 issues.insert(Issue {
@@ -331,15 +482,14 @@ where
         }
         // Only IPv4 slices feed the (IPv4) datapath; "IP" is v1beta1's deprecated
         // family-less type, whose IPv4 addresses we take.
-        match slice.address_type.as_str() {
-            "IPv4" | "IP" => {}
-            _ => continue,
+        if slice.address_type == AddressType::Other {
+            continue;
         }
         let svc_eps = endpoints.entry(svc_key).or_default();
-        for port in slice.ports.iter().flatten() {
-            let name = port.name.clone().unwrap_or_default();
-            let proto = match parse_protocol(port.protocol.as_deref()) {
-                Ok(p) => p,
+        for port in slice.ports.iter() {
+            let name = &port.name;
+            let proto = match &port.protocol {
+                Ok(p) => *p,
                 Err(p) => {
                     issues.insert(Issue {
                         kind: IssueKind::UnsupportedProtocol,
@@ -359,14 +509,16 @@ where
                 });
                 continue;
             };
-            let port_eps = svc_eps.entry(PortRef { name: name.clone(), proto }).or_default();
-            for ep in slice.endpoints.iter().flatten() {
-                // kube-proxy uses the first address only.
-                let Some(addr) = ep.addresses.first() else { continue };
-                let ip: Ipv4Addr = match addr.parse() {
-                    Ok(ip) => ip,
-                    Err(_) if slice.address_type == "IP" && addr.parse::<std::net::Ipv6Addr>().is_ok() => continue,
-                    Err(_) => {
+            let port_eps = svc_eps.entry(PortRef { name: name.to_string(), proto }).or_default();
+            for ep in slice.endpoints.iter() {
+                let ip = match &ep.address {
+                    EndpointAddress::V4(ip) => *ip,
+                    EndpointAddress::Other(addr)
+                        if slice.address_type == AddressType::Ip && addr.parse::<std::net::Ipv6Addr>().is_ok() =>
+                    {
+                        continue;
+                    }
+                    EndpointAddress::Other(addr) => {
                         issues.insert(Issue {
                             kind: IssueKind::InvalidIp,
                             object: object.clone(),
@@ -375,15 +527,7 @@ where
                         continue;
                     }
                 };
-                let c = ep.conditions.as_ref();
-                // Unset ready and serving mean true, unset terminating false
-                // (EndpointConditions API doc; endpointslicecache.go).
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let cond = Cond {
-                    ready,
-                    serving: c.and_then(|c| c.serving).unwrap_or(true),
-                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                };
+                let cond = ep.cond;
                 let backend = Backend { ip, port: num };
                 match port_eps.get_mut(&backend) {
                     None => {
@@ -421,6 +565,10 @@ fn classify(svc: &Service, skipped: &mut Skipped) -> bool {
         skipped.other_proxy += 1;
         return false;
     }
+    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        skipped.headless_label += 1;
+        return false;
+    }
     let Some(spec) = svc.spec.as_ref() else {
         skipped.no_cluster_ip += 1;
         return false;
@@ -446,7 +594,7 @@ fn service_frontends(
     ns: &str,
     name: &str,
     svc: &Service,
-    endpoints: Option<&HashMap<PortRef, BTreeMap<Backend, Cond>>>,
+    endpoints: Option<&HashMap<PortRef, BTreeMap<Backend, Conditions>>>,
     out: &mut Computed,
     issues: &mut BTreeSet<Issue>,
 ) {
@@ -592,7 +740,7 @@ fn service_frontends(
 
 /// Ready endpoints (all of them with `publishNotReadyAddresses`); if there are none,
 /// serving and terminating ones (KEP-1669); never non-serving ones.
-fn select_backends(candidates: Option<&BTreeMap<Backend, Cond>>, publish_not_ready: bool) -> BTreeSet<Backend> {
+fn select_backends(candidates: Option<&BTreeMap<Backend, Conditions>>, publish_not_ready: bool) -> BTreeSet<Backend> {
     let Some(c) = candidates else { return BTreeSet::new() };
     let ready: BTreeSet<Backend> =
         c.iter().filter(|(_, c)| c.ready || publish_not_ready).map(|(b, _)| *b).collect();

@@ -57,6 +57,14 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Client tool: open an HTTP connection, print `connected <local addr>`, wait for a line
+    /// on stdin, then finish the request and print the answer (a connection held across an
+    /// event such as an agent restart).
+    TcpHold {
+        addr: SocketAddr,
+        #[arg(default_value = "/hostname")]
+        path: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,6 +77,9 @@ enum ImageCmd {
         tcp: Vec<u16>,
         #[arg(long)]
         udp: Vec<u16>,
+        /// After SIGTERM keep serving (with /readyz failing) for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        delay_shutdown: u64,
     },
     /// Sleep until killed (client pods).
     Idle,
@@ -106,11 +117,22 @@ fn main() -> Result<()> {
                 .block_on(sandbox::kubelet::run(cfg))
         }
         Cmd::Relay { listen, netns, to } => sandbox::relay::run(listen, &netns, to),
-        Cmd::Image { image: ImageCmd::Serve { name, tcp, udp } } => images::serve(&name, &tcp, &udp),
+        Cmd::Image { image: ImageCmd::Serve { name, tcp, udp, delay_shutdown } } => images::serve(&name, &tcp, &udp, delay_shutdown),
         Cmd::Image { image: ImageCmd::Idle } => images::idle(),
         Cmd::Udp { addr, msg, timeout_ms } => {
             println!("{}", images::udp_client(addr, &msg, Duration::from_millis(timeout_ms))?);
             Ok(())
         }
+        Cmd::TcpHold { addr, path } => match images::tcp_hold(addr, &path) {
+            Ok(body) => {
+                println!("{}", body.trim());
+                Ok(())
+            }
+            Err(e) => {
+                // One line for the e2e report, not a backtrace.
+                eprintln!("tcp-hold: {e:#}");
+                std::process::exit(1);
+            }
+        },
     }
 }

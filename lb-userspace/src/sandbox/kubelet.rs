@@ -333,9 +333,39 @@ async fn pod_actor(ctx: &Arc<Ctx>, node: &NodeSpec, pod: Pod, mut rx: watch::Rec
             }
         }
     };
-    stop.store(true, Ordering::Relaxed);
     info!(pod = %format!("{ns}/{name}"), ?grace, "stopping");
-    stop_containers(&mut rt.containers, grace.unwrap_or(0), &mut rx).await;
+    // SIGTERM, then up to the grace period (less if the object vanishes) before SIGKILL.
+    // Readiness probes keep running meanwhile, as kubelet's do: a server that fails /readyz
+    // after SIGTERM makes its terminating endpoint non-serving.
+    signal_all(&rt.containers, libc::SIGTERM);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(grace.unwrap_or(0));
+    loop {
+        let all_done = rt
+            .containers
+            .iter_mut()
+            .all(|c| c.child.as_mut().is_none_or(|ch| ch.try_wait().map(|s| s.is_some()).unwrap_or(true)));
+        if all_done || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            r = rx.changed() => if r.is_err() || rx.borrow().is_none() { break },
+            Some(r) = prx.recv() => {
+                if r != ready {
+                    ready = r;
+                    info!(pod = %format!("{ns}/{name}"), ready, "readiness changed while terminating");
+                    patch_status(ctx, &ns, &name, &rt, node, ready, &started_at).await;
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    signal_all(&rt.containers, libc::SIGKILL);
+    for c in &mut rt.containers {
+        if let Some(mut ch) = c.child.take() {
+            let _ = ch.wait().await;
+        }
+    }
     cleanup_netns(&rt.netns);
     let _ = std::fs::remove_file(&rt.file);
     if let Some(set) = lock(&ctx.ips).get_mut(&node.index) {
@@ -370,30 +400,6 @@ async fn wait_any(ctrs: &mut [Ctr]) -> (usize, String) {
     }
     let ((i, st), _, _) = futures::future::select_all(waits).await;
     (i, st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
-}
-
-/// SIGTERM, wait up to `grace` seconds (less if the object vanishes), SIGKILL, reap.
-async fn stop_containers(ctrs: &mut [Ctr], grace: u64, rx: &mut watch::Receiver<Option<Pod>>) {
-    signal_all(ctrs, libc::SIGTERM);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(grace);
-    loop {
-        let all_done = ctrs
-            .iter_mut()
-            .all(|c| c.child.as_mut().is_none_or(|ch| ch.try_wait().map(|s| s.is_some()).unwrap_or(true)));
-        if all_done || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            r = rx.changed() => if r.is_err() || rx.borrow().is_none() { break },
-        }
-    }
-    signal_all(ctrs, libc::SIGKILL);
-    for c in ctrs.iter_mut() {
-        if let Some(mut ch) = c.child.take() {
-            let _ = ch.wait().await;
-        }
-    }
 }
 
 fn signal_all(ctrs: &[Ctr], sig: i32) {

@@ -275,42 +275,10 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
     } else {
         step("lb agent on every node (--source kubernetes, uplink eth0, pod veths vp*)");
         for i in 1..=a.nodes {
-            let ns = node_ns(i);
-            let mut args: Vec<String> = vec![
-                "--bpffs".into(),
-                format!("{BPFFS}/{ns}"),
-                "--status-file".into(),
-                dir.join(&ns).join("status.json").display().to_string(),
-                "agent".into(),
-                "--source".into(),
-                "kubernetes".into(),
-                "--kubeconfig".into(),
-                cluster.kubeconfig.display().to_string(),
-                "--iface".into(),
-                "eth0".into(),
-                "--iface-glob".into(),
-                "vp*".into(),
-                "--metrics-addr".into(),
-                AGENT_METRICS.into(),
-            ];
-            if let Some(m) = a.pod_attach.as_ref().or(a.attach.as_ref()) {
-                args.extend(["--pod-attach".into(), m.clone()]);
-            }
-            if let Some(m) = a.uplink_attach.as_ref().or(a.attach.as_ref()) {
-                args.extend(["--uplink-attach".into(), m.clone()]);
-            }
-            fs::create_dir_all(dir.join(&ns))?;
-            spawn_detached(&dir, &format!("agent-{ns}"), Some(&ns), &lb, &args)?;
+            start_agent(&dir, &cluster.kubeconfig, &lb, i, a)?;
         }
         for i in 1..=a.nodes {
-            let ns = node_ns(i);
-            let log = dir.join(format!("agent-{ns}.log"));
-            wait_for(&format!("lb agent on {ns} to be ready"), Duration::from_secs(60), || {
-                if !pid_alive(&dir, &format!("agent-{ns}")) {
-                    bail!("lb agent on {ns} exited; log {}:\n{}", log.display(), tail(&log, 20));
-                }
-                Ok(curl_in(&ns, &format!("http://{AGENT_METRICS}/readyz")).is_some_and(|c| c == 200))
-            })?;
+            wait_agent_ready(&dir, i)?;
         }
     }
     for f in &a.files {
@@ -324,6 +292,47 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
 
 fn step(msg: &str) {
     eprintln!("==> {msg}");
+}
+
+/// Starts `lb agent` in node `i`'s namespace (detached; pid file `agent-lbsb-node<i>.pid`).
+fn start_agent(dir: &Path, kubeconfig: &Path, lb: &Path, i: u8, a: &UpArgs) -> Result<()> {
+    let ns = node_ns(i);
+    let mut args: Vec<String> = vec![
+        "--bpffs".into(),
+        format!("{BPFFS}/{ns}"),
+        "--status-file".into(),
+        dir.join(&ns).join("status.json").display().to_string(),
+        "agent".into(),
+        "--source".into(),
+        "kubernetes".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--iface".into(),
+        "eth0".into(),
+        "--iface-glob".into(),
+        "vp*".into(),
+        "--metrics-addr".into(),
+        AGENT_METRICS.into(),
+    ];
+    if let Some(m) = a.pod_attach.as_ref().or(a.attach.as_ref()) {
+        args.extend(["--pod-attach".into(), m.clone()]);
+    }
+    if let Some(m) = a.uplink_attach.as_ref().or(a.attach.as_ref()) {
+        args.extend(["--uplink-attach".into(), m.clone()]);
+    }
+    fs::create_dir_all(dir.join(&ns))?;
+    spawn_detached(dir, &format!("agent-{ns}"), Some(&ns), lb, &args)
+}
+
+fn wait_agent_ready(dir: &Path, i: u8) -> Result<()> {
+    let ns = node_ns(i);
+    let log = dir.join(format!("agent-{ns}.log"));
+    wait_for(&format!("lb agent on {ns} to be ready"), Duration::from_secs(60), || {
+        if !pid_alive(dir, &format!("agent-{ns}")) {
+            bail!("lb agent on {ns} exited; log {}:\n{}", log.display(), tail(&log, 20));
+        }
+        Ok(curl_in(&ns, &format!("http://{AGENT_METRICS}/readyz")).is_some_and(|c| c == 200))
+    })
 }
 
 /// Builds `lb` and `lb-sandbox` (dev profile, shared with the colleagues' builds).
@@ -713,6 +722,23 @@ impl Sandbox {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+
+    /// Kills node `i`'s `lb agent` with SIGKILL (as a crash would) and waits until it is gone.
+    /// Its pinned maps and attached programs stay.
+    pub fn kill_agent(&self, i: u8) -> Result<()> {
+        let name = format!("agent-{}", node_ns(i));
+        let pid = read_pid(&self.dir, &name).filter(|_| pid_alive(&self.dir, &name)).with_context(|| format!("{name} is not running"))?;
+        // SAFETY: kill(2) on the pid of our agent (pid file, command line checked by pid_alive).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_for(&format!("{name} to die"), Duration::from_secs(10), || Ok(!pid_alive(&self.dir, &name)))
+    }
+
+    /// Starts node `i`'s `lb agent` the way `up` does (default hooks) and waits until it is ready.
+    pub fn start_agent(&self, i: u8) -> Result<()> {
+        let cluster = kube::Cluster::open(&self.dir.join("kube"))?;
+        start_agent(&self.dir, &cluster.kubeconfig, &self.lb, i, &UpArgs::default())?;
+        wait_agent_ready(&self.dir, i)
     }
 
     /// `lb ARGS` against node `i`'s pinned maps.

@@ -63,6 +63,7 @@ fn run(case: &Case) -> Computed {
         .iter()
         .map(|v| serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: bad slice fixture: {e}", case.name)))
         .collect();
+    let slices: Vec<Slice> = slices.iter().map(Slice::from).collect();
     compute(services.iter(), slices.iter())
 }
 
@@ -169,6 +170,42 @@ fn table() {
                 slice("default", "other-1", "other", json!([{"port": 80}]), json!([ep("10.244.0.3")])),
             ],
             frontends: vec![],
+            issues: vec![],
+        },
+        Case {
+            // kube-proxy's informers select `!service.kubernetes.io/headless` whatever
+            // its value, on Services and slices: a labelled Service with a ClusterIP
+            // gets no frontend, and its slices are not "unknown".
+            name: "service.kubernetes.io/headless label: skipped with any value",
+            services: vec![
+                svc_meta("default", "empty", json!({"labels": {"service.kubernetes.io/headless": ""}}),
+                    cluster_ip("10.96.0.31")),
+                svc_meta("default", "valued", json!({"labels": {"service.kubernetes.io/headless": "yes"}}),
+                    cluster_ip("10.96.0.32")),
+                svc("default", "plain", cluster_ip("10.96.0.33")),
+            ],
+            slices: vec![
+                slice("default", "empty-1", "empty", http_port(), json!([ep("10.244.0.2")])),
+                slice("default", "valued-1", "valued", http_port(), json!([ep("10.244.0.3")])),
+                slice("default", "plain-1", "plain", http_port(), json!([ep("10.244.0.4")])),
+            ],
+            frontends: vec![("10.96.0.33:80/TCP", vec!["10.244.0.4:8080"])],
+            issues: vec![],
+        },
+        Case {
+            // A labelled slice of a proxied Service is not watched by kube-proxy
+            // either: its endpoints are not used.
+            name: "service.kubernetes.io/headless label on a slice: its endpoints unused",
+            services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
+            slices: vec![
+                {
+                    let mut s = slice("default", "web-1", "web", http_port(), json!([ep("10.244.0.2")]));
+                    s["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+                    s
+                },
+                slice("default", "web-2", "web", http_port(), json!([ep("10.244.0.3")])),
+            ],
+            frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.3:8080"])],
             issues: vec![],
         },
         Case {
@@ -372,6 +409,7 @@ fn order_of_objects_does_not_matter() {
                 .unwrap()
         })
         .collect();
+    let slices: Vec<Slice> = slices.iter().map(Slice::from).collect();
     let a = compute(services.iter(), slices.iter());
     let b = compute(services.iter().rev(), slices.iter().rev());
     assert_eq!(a, b);
@@ -392,6 +430,25 @@ fn v1beta1_slice_json_decodes_into_the_v1_struct() {
     });
     let s: EndpointSlice = serde_json::from_value(v).unwrap();
     let svc: Service = serde_json::from_value(svc("default", "web", cluster_ip("10.96.0.10"))).unwrap();
-    let got = compute([&svc], [&s]);
+    let got = compute([&svc], [&Slice::from(&s)]);
     assert_eq!(frontends_of(&got), vec![("10.96.0.10:80/TCP".to_string(), vec!["10.244.0.2:8080".to_string()])]);
+}
+
+#[test]
+fn skipped_services_are_counted_by_reason() {
+    let services: Vec<Service> = [
+        svc("default", "headless", json!({"clusterIP": "None", "ports": [{"port": 80}]})),
+        svc_meta("default", "labelled", json!({"labels": {"service.kubernetes.io/headless": ""}}), cluster_ip("10.96.0.31")),
+        svc_meta("default", "other", json!({"labels": {"service.kubernetes.io/service-proxy-name": "foo"}}), cluster_ip("10.96.0.32")),
+        svc("default", "ext", json!({"type": "ExternalName", "externalName": "example.com"})),
+    ]
+    .into_iter()
+    .map(|v| serde_json::from_value(v).unwrap())
+    .collect();
+    let got = compute(services.iter(), []);
+    assert!(got.desired.frontends.is_empty());
+    assert_eq!(
+        got.skipped,
+        Skipped { headless: 1, headless_label: 1, other_proxy: 1, external_name: 1, ..Default::default() }
+    );
 }
