@@ -316,6 +316,12 @@ fn start_agent(dir: &Path, kubeconfig: &Path, lb: &Path, i: u8, a: &UpArgs) -> R
     ];
     if let Some(m) = a.pod_attach.as_ref().or(a.attach.as_ref()) {
         args.extend(["--pod-attach".into(), m.clone()]);
+        if m.starts_with("xdp") {
+            // Asked for explicitly: the agent refuses XDP on pod veths otherwise, since it
+            // miscomputes CHECKSUM_PARTIAL packets (docs/datapath.md). On the sandbox's
+            // veth-only paths nothing completes those checksums, so it still works here.
+            args.push("--allow-xdp-on-pods".into());
+        }
     }
     if let Some(m) = a.uplink_attach.as_ref().or(a.attach.as_ref()) {
         args.extend(["--uplink-attach".into(), m.clone()]);
