@@ -12,21 +12,23 @@ pub mod hash;
 
 /// Bumped whenever the layout of any pinned map changes. The agent refuses to reuse a
 /// pinned map whose name carries another version (see `map_names`).
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
-/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v1` suffix is
-/// [`MAP_LAYOUT_VERSION`]; change both together.
+/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v2` suffix is
+/// [`MAP_LAYOUT_VERSION`]; change both together (and the `#[map(name)]`s in lb-ebpf).
 pub mod map_names {
-    pub const SERVICES: &str = "lb4_svc_v1";
-    pub const BACKENDS: &str = "lb4_be_v1";
-    pub const AFFINITY: &str = "lb4_aff_v1";
-    pub const CONNTRACK: &str = "lb4_ct_v1";
-    pub const STATS: &str = "lb_stats_v1";
-    pub const SVC_STATS: &str = "lb4_svcst_v1";
+    pub const SERVICES: &str = "lb4_svc_v2";
+    pub const BACKENDS: &str = "lb4_be_v2";
+    pub const DRAINING: &str = "lb4_drain_v2";
+    pub const AFFINITY: &str = "lb4_aff_v2";
+    pub const CONNTRACK: &str = "lb4_ct_v2";
+    pub const STATS: &str = "lb_stats_v2";
+    pub const SVC_STATS: &str = "lb4_svcst_v2";
     /// Every pinned map, for clean-up and layout checks.
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, AFFINITY, CONNTRACK, STATS, SVC_STATS];
+    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, DRAINING, AFFINITY, CONNTRACK, STATS, SVC_STATS];
     /// Prefixes shared by every version of our maps, to recognise stale layouts.
-    pub const PREFIXES: [&str; 6] = ["lb4_svc_v", "lb4_be_v", "lb4_aff_v", "lb4_ct_v", "lb_stats_v", "lb4_svcst_v"];
+    pub const PREFIXES: [&str; 7] =
+        ["lb4_svc_v", "lb4_be_v", "lb4_drain_v", "lb4_aff_v", "lb4_ct_v", "lb_stats_v", "lb4_svcst_v"];
 }
 
 /// Default `max_entries` of each map; the agent may override them at load time.
@@ -35,6 +37,9 @@ pub mod limits {
     pub const SERVICES: u32 = 262_144;
     /// Backend slots over all services.
     pub const BACKENDS: u32 = 1_048_576;
+    /// Backends that have left their service's slots but still exist (terminating, or
+    /// not ready), over all services.
+    pub const DRAINING: u32 = 262_144;
     pub const AFFINITY: u32 = 262_144;
     /// Each connection takes two entries (forward and reverse).
     pub const CONNTRACK: u32 = 524_288;
@@ -120,6 +125,19 @@ pub struct BackendValue {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 12);
+
+/// `DRAINING` key: a backend of a service that takes no new connections but whose pod
+/// still exists (it is terminating, or not ready). Established connections to it keep
+/// going, as they do under kube-proxy, whose conntrack entries outlive the endpoint;
+/// the agent deletes the entry once the endpoint has gone from the EndpointSlices.
+/// The value is the backend's `BackendValue`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DrainKey {
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<DrainKey>() == 8);
 
 /// `AFFINITY` key.
 #[repr(C)]
@@ -249,10 +267,13 @@ pub enum Reason {
     RewriteFailed = 19,
     /// IPv4 with another L4 protocol (SCTP, GRE, ...) to a ClusterIP: XDP_PASS.
     PassOtherProto = 20,
+    /// A later packet of a known flow whose backend has left the service's slots but
+    /// still exists (`DRAINING`): still sent to it, destination rewritten.
+    FwdDraining = 21,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,
         Reason::PassNotService,
@@ -275,6 +296,7 @@ impl Reason {
         Reason::MapInsertFailed,
         Reason::RewriteFailed,
         Reason::PassOtherProto,
+        Reason::FwdDraining,
     ];
 
     /// Stable snake_case name, used for metrics labels and CLI output.
@@ -301,6 +323,7 @@ impl Reason {
             Reason::MapInsertFailed => "map_insert_failed",
             Reason::RewriteFailed => "rewrite_failed",
             Reason::PassOtherProto => "pass_other_proto",
+            Reason::FwdDraining => "fwd_draining",
         }
     }
 }
@@ -314,6 +337,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for DrainKey {}
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for CtKey4 {}
@@ -335,6 +359,7 @@ mod tests {
         assert_eq!((size_of::<ServiceValue>(), align_of::<ServiceValue>()), (16, 4));
         assert_eq!((size_of::<BackendKey>(), align_of::<BackendKey>()), (8, 4));
         assert_eq!((size_of::<BackendValue>(), align_of::<BackendValue>()), (12, 4));
+        assert_eq!((size_of::<DrainKey>(), align_of::<DrainKey>()), (8, 4));
         assert_eq!((size_of::<AffinityKey4>(), align_of::<AffinityKey4>()), (8, 4));
         assert_eq!((size_of::<AffinityValue>(), align_of::<AffinityValue>()), (16, 8));
         assert_eq!((size_of::<CtKey4>(), align_of::<CtKey4>()), (16, 4));

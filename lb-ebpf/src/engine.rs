@@ -7,12 +7,12 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use lb_common::{
     AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_AFFINITY, CT_F_HAIRPIN, CtKey4, CtValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP,
+    CT_F_AFFINITY, CT_F_HAIRPIN, CtKey4, CtValue4, DrainKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP,
     Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, hash, limits,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES, count},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, SERVICES, count},
     parse::{
         ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, parse_ipv4, parse_l2,
         parse_l4,
@@ -284,18 +284,30 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
         let svc = unsafe { SERVICES.get(&svc_key) };
         find_backend(ct.svc_id, ct.backend_id, ct.slot, svc).map(|(_, b)| b)
     };
-    let Some(backend) = backend else {
-        let syn = l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-        if l3.proto == IPPROTO_UDP || syn {
-            return None;
+    let mut reason = Reason::FwdEstablished;
+    let backend = match backend {
+        Some(b) => b,
+        None => {
+            if l3.proto == IPPROTO_UDP {
+                // kube-proxy flushes UDP conntrack entries of removed endpoints, so the
+                // next datagram is balanced afresh; so do we.
+                return None;
+            }
+            // A pod that left the endpoints but still exists (terminating, unready)
+            // keeps its established connections, as under kube-proxy.
+            match unsafe { DRAINING.get(&DrainKey { svc_id: ct.svc_id, backend_id: ct.backend_id }) } {
+                Some(b) => {
+                    reason = Reason::FwdDraining;
+                    *b
+                }
+                None => return Some(Action::drop(Reason::DropBackendGone)),
+            }
         }
-        return Some(Action::drop(Reason::DropBackendGone));
     };
     if ct.flags & CT_F_AFFINITY != 0 {
         refresh_affinity(ct.svc_id, l3.saddr_be, ct.backend_id);
     }
-    Some(Action::nat(Reason::FwdEstablished, ct.svc_id, forward_rewrite(l3, l4, l3_off, &backend, ct.flags & CT_F_HAIRPIN != 0),
-    ))
+    Some(Action::nat(reason, ct.svc_id, forward_rewrite(l3, l4, l3_off, &backend, ct.flags & CT_F_HAIRPIN != 0)))
 }
 
 /// kube-proxy's `recent` match is refreshed by traffic; so is ours, on every packet.

@@ -126,6 +126,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
     Some(match name {
         map_names::SERVICES => (MapType::Hash, sz(s::<ServiceKey4>()), sz(s::<ServiceValue>())),
         map_names::BACKENDS => (MapType::Hash, sz(s::<BackendKey>()), sz(s::<BackendValue>())),
+        map_names::DRAINING => (MapType::Hash, sz(s::<DrainKey>()), sz(s::<BackendValue>())),
         map_names::AFFINITY => (MapType::LruHash, sz(s::<AffinityKey4>()), sz(s::<AffinityValue>())),
         map_names::CONNTRACK => (MapType::LruHash, sz(s::<CtKey4>()), sz(s::<CtValue4>())),
         map_names::STATS | map_names::SVC_STATS => (MapType::PerCpuArray, 4, sz(s::<Counter>())),
@@ -283,6 +284,7 @@ pub fn default_max_entries(name: &str) -> Option<u32> {
     Some(match name {
         map_names::SERVICES => limits::SERVICES,
         map_names::BACKENDS => limits::BACKENDS,
+        map_names::DRAINING => limits::DRAINING,
         map_names::AFFINITY => limits::AFFINITY,
         map_names::CONNTRACK => limits::CONNTRACK,
         map_names::STATS => lb_common::Reason::COUNT,

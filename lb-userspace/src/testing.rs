@@ -14,7 +14,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, Reason,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, Reason,
     ServiceKey4, ServiceValue, map_names,
 };
 
@@ -142,6 +142,14 @@ impl Datapath {
         Ok(())
     }
 
+    /// Marks backend `id` of `svc_id` as draining: it exists, takes no new flows.
+    pub fn put_draining(&mut self, svc_id: u32, id: u32, addr: &str, port: u16) -> Result<()> {
+        let mut m = self.hash::<DrainKey, BackendValue>(map_names::DRAINING);
+        let v = BackendValue { backend_id: id, addr_be: ip(addr), port_be: port.to_be(), _pad: [0; 2] };
+        m.insert(DrainKey { svc_id, backend_id: id }, v, 0)?;
+        Ok(())
+    }
+
     pub fn remove_backend_slot(&mut self, svc_id: u32, slot: u32) -> Result<()> {
         let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
         m.remove(&BackendKey { svc_id, slot })?;
@@ -172,6 +180,7 @@ impl Datapath {
     pub fn reset(&mut self) -> Result<()> {
         clear(&mut self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES))?;
         clear(&mut self.hash::<BackendKey, BackendValue>(map_names::BACKENDS))?;
+        clear(&mut self.hash::<DrainKey, BackendValue>(map_names::DRAINING))?;
         clear(&mut self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY))?;
         self.clear_conntrack()
     }

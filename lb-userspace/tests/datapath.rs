@@ -534,6 +534,38 @@ fn cases() -> Vec<Case> {
             ..case("tcp mid-connection to a removed backend is dropped, not moved", web.clone(), Drop, Expect::Nothing,
                 &[DropBackendGone]) },
         Case { before: vec![web_syn.clone()], between: |dp| {
+                // The pod is terminating: out of the slots, but it still exists.
+                dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(SVC_TCP, 0)).unwrap();
+                dp.remove_backend_slot(SVC_TCP, 1).unwrap();
+                dp.put_draining(SVC_TCP, 101, &s(BE_TCP), 8080).unwrap();
+            },
+            ..case("tcp mid-connection to a terminating backend keeps going to it", web.clone(), Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdDraining]) },
+        Case { before: vec![web_syn.clone()], between: |dp| {
+                // A draining entry of another backend does not keep this flow alive.
+                dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(SVC_TCP, 0)).unwrap();
+                dp.remove_backend_slot(SVC_TCP, 1).unwrap();
+                dp.put_draining(SVC_TCP, 102, "10.244.1.12", 8080).unwrap();
+            },
+            ..case("tcp to a removed backend is dropped even when others drain", web.clone(), Drop, Expect::Nothing,
+                &[DropBackendGone]) },
+        Case { before: vec![dns.clone()], between: |dp| {
+                dp.put_backends(SVC_UDP, &[(202, "10.244.1.22", 5353)]).unwrap();
+                dp.put_draining(SVC_UDP, 201, &s(BE_UDP), 5353).unwrap();
+            },
+            ..case("udp to a terminating backend is balanced afresh", dns.clone(), Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)), &[FwdNew, CtStaleRescheduled]) },
+        {
+            // Affinity must not pin new connections to a terminating pod.
+            let mut c = case("affinity: an entry whose backend is draining is replaced", aff_syn(CLIENT, 3004), Pass,
+                aff_expect(CLIENT, 3004, 3004), &[FwdNew, AffinityStale]);
+            c.setup = |dp| {
+                dp.put_draining(SVC_AFF, 398, "10.244.1.38", 8080).unwrap();
+                put_aff(dp, CLIENT, 398, 2, 1_000_000);
+            };
+            c
+        },
+        Case { before: vec![web_syn.clone()], between: |dp| {
                 // Backend 101 replaced by 102 on another pod.
                 dp.put_backends(SVC_TCP, &[(102, "10.244.1.12", 8080)]).unwrap();
             },
@@ -605,6 +637,7 @@ fn check_icmp_reply(name: &str, input: &[u8], out: &[u8]) {
 fn packet_fixtures_through_both_entry_points() {
     let cases = cases();
     assert!(cases.len() >= 40, "only {} fixtures", cases.len());
+    eprintln!("{} fixtures x 2 entry points", cases.len());
     let mut dp = Datapath::load().unwrap();
     for hook in Hook::BOTH {
         for c in &cases {
