@@ -142,11 +142,14 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
     let port_ok = out.contains("MYNAPP_SVC_SERVICE_PORT=80");
     rows.push(("env vars".into(), if host_ok && port_ok { format!("MYNAPP_SVC_SERVICE_HOST={cip}, MYNAPP_SVC_SERVICE_PORT=80") } else { "MISSING".into() }));
 
-    section(8, "`lb services` on a node: the programmed frontends and backends");
-    show_cmd("nsenter --net=/run/netns/lbsb-node1 lb --bpffs /tmp/lbsb/bpffs/lbsb-node1 services");
-    let svcs = sb.lb_on_node(1, &["services"])?;
+    // The client's node: its datapath did the NAT, so its counters show the traffic.
+    let node = sb.kubectl(&["get", "pod", "client", "-o", "jsonpath={.spec.nodeName}"])?;
+    let n: u8 = node.trim().trim_start_matches("lbsb-node").parse().unwrap_or(1);
+    section(8, "`lb services` on the client's node: the programmed frontends, backends and counters");
+    show_cmd(&format!("nsenter --net=/run/netns/lbsb-node{n} lb --bpffs /tmp/lbsb/bpffs/lbsb-node{n} services"));
+    let svcs = sb.lb_on_node(n, &["services"])?;
     print!("{svcs}");
-    rows.push(("lb services (node 1)".into(), format!("{} backends listed", svcs.lines().filter(|l| l.trim_start().starts_with("->") && l.contains(":8080")).count())));
+    rows.push((format!("lb services (node {n})"), format!("{} backends listed", svcs.lines().filter(|l| l.trim_start().starts_with("->") && l.contains(":8080")).count())));
     if !one || !host_ok || !port_ok {
         bail!("the demo's checks failed; see the summary above");
     }
