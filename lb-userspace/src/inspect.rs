@@ -11,7 +11,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_F_AFFINITY, CT_F_HAIRPIN, Counter, CtKey4,
-    CtValue4, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, map_names,
+    CtValue4, DrainKey, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, map_names,
 };
 use serde::Serialize;
 
@@ -85,6 +85,17 @@ pub struct ServiceRow {
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendRow>,
+    /// Backends out of the slots whose pods still exist: no new connections, the
+    /// established ones keep going.
+    pub draining: Vec<DrainingRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DrainingRow {
+    pub address: String,
+    pub backend_id: u32,
+    /// Conntrack forward entries pointing at this backend.
+    pub connections: usize,
 }
 
 /// Every frontend with its backends and counters, sorted by address and port.
@@ -103,6 +114,13 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let mut slots: HashMap<u32, BTreeMap<u32, BackendValue>> = HashMap::new();
     for (k, v) in bes.iter().filter_map(Result::ok) {
         slots.entry(k.svc_id).or_default().insert(k.slot, v);
+    }
+    // Maps pinned by a datapath without DRAINING: nothing drains.
+    let mut draining: HashMap<u32, Vec<BackendValue>> = HashMap::new();
+    if let Ok(d) = hash::<DrainKey, BackendValue>(pin_dir, map_names::DRAINING) {
+        for (k, v) in d.iter().filter_map(Result::ok) {
+            draining.entry(k.svc_id).or_default().push(v);
+        }
     }
     let mut rows: Vec<(ServiceKey4, ServiceRow)> = Vec::new();
     for (k, v) in svcs.iter().filter_map(Result::ok) {
@@ -123,6 +141,17 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
                     .collect()
             })
             .unwrap_or_default();
+        let mut drain_rows: Vec<DrainingRow> = draining
+            .get(&v.id)
+            .into_iter()
+            .flatten()
+            .map(|b| DrainingRow {
+                address: format!("{}:{}", ip(b.addr_be), u16::from_be(b.port_be)),
+                backend_id: b.backend_id,
+                connections: conns.get(&(v.id, b.backend_id)).copied().unwrap_or(0),
+            })
+            .collect();
+        drain_rows.sort_by_key(|d| d.backend_id);
         rows.push((
             k,
             ServiceRow {
@@ -134,6 +163,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
                 packets: c.packets,
                 bytes: c.bytes,
                 backends,
+                draining: drain_rows,
             },
         ));
     }
@@ -160,6 +190,9 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         let _ = writeln!(o, "{:<4} {:<23} {:<7} {:<17} {:>11} {:>13}", r.protocol, r.frontend, r.id, flags, r.packets, r.bytes);
         for b in &r.backends {
             let _ = writeln!(o, "  -> {:<23} {:<7} {:<17} {:>10}", b.address, b.slot, b.backend_id, b.connections);
+        }
+        for b in &r.draining {
+            let _ = writeln!(o, "  -> {:<23} {:<7} {:<17} {:>10}  draining", b.address, "-", b.backend_id, b.connections);
         }
     }
     o
@@ -326,6 +359,7 @@ pub fn status(pin_dir: &Path, status_file: Option<&Path>) -> Result<Status, Insp
         let entries = match name {
             map_names::SERVICES => count_entries::<ServiceKey4, ServiceValue>(pin_dir, name),
             map_names::BACKENDS => count_entries::<BackendKey, BackendValue>(pin_dir, name),
+            map_names::DRAINING => count_entries::<DrainKey, BackendValue>(pin_dir, name),
             map_names::AFFINITY => count_entries::<AffinityKey4, AffinityValue>(pin_dir, name),
             map_names::CONNTRACK => count_entries::<CtKey4, CtValue4>(pin_dir, name),
             _ => None,

@@ -33,11 +33,17 @@ use lb_userspace::{
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 fn frontend(backends: &[(Ipv4Addr, u16)]) -> Frontend {
+    frontend_d(backends, &[])
+}
+
+/// A frontend with `draining` backends besides the selected ones.
+fn frontend_d(backends: &[(Ipv4Addr, u16)], draining: &[(Ipv4Addr, u16)]) -> Frontend {
     Frontend {
         service: "default/web:http".into(),
         affinity_timeout_s: None,
         no_endpoints: NoEndpoints::Reject,
         backends: backends.iter().map(|&(ip, port)| Backend { ip, port }).collect(),
+        draining: draining.iter().map(|&(ip, port)| Backend { ip, port }).collect(),
     }
 }
 
@@ -53,6 +59,17 @@ fn syn(sport: u16) -> Vec<u8> {
         .syn();
     let mut out = Vec::with_capacity(b.size(0));
     b.write(&mut out, &[]).expect("building a packet");
+    out
+}
+
+/// A mid-connection TCP segment (ACK with data) from `sport` to VIP:80.
+fn ack(sport: u16) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([10, 244, 1, 2], VIP.octets(), 64)
+        .tcp(sport, 80, 2, 64_000)
+        .ack(1);
+    let mut out = Vec::with_capacity(b.size(4));
+    b.write(&mut out, b"data").expect("building a packet");
     out
 }
 
@@ -116,6 +133,76 @@ fn sync_programs_real_maps_and_the_datapath_follows() -> Result<()> {
     let (services, backends) = maps2.read_all();
     assert!(services.is_empty() && backends.is_empty(), "{services:?} {backends:?}");
     Ok(())
+}
+
+/// kube-proxy's behaviour for a pod that leaves the endpoints but still exists: its
+/// established connections keep going (`DRAINING`), new ones go elsewhere; once it
+/// has left the slices, its connections are cut.
+#[test]
+fn established_flow_to_a_terminating_backend_drains_then_is_cut() -> Result<()> {
+    let mut dp = Datapath::load()?;
+    let mut maps = BpfMaps::from_ebpf(&dp.ebpf)?;
+    let mut syncer = maps.reconcile();
+    let b = |i: u8| (Ipv4Addr::new(10, 244, 3, i), 8080);
+    let all = [b(1), b(2), b(3)];
+    let mut d = Desired::default();
+    d.frontends.insert(key(80), frontend(&all));
+    syncer.sync(&d, &mut maps)?;
+
+    // A TCP flow established to backend A.
+    let (v, out, _) = dp.run(Hook::Xdp, &syn(45_000), 1)?;
+    assert_eq!(v, Verdict::Pass);
+    let a = destination(&out);
+    let (v, out, _) = dp.run(Hook::Xdp, &ack(45_000), 1)?;
+    assert_eq!((v, destination(&out)), (Verdict::Pass, a));
+    let others: Vec<_> = all.into_iter().filter(|x| *x != a).collect();
+
+    // A turns terminating: out of the slots, draining.
+    let mut d2 = Desired::default();
+    d2.frontends.insert(key(80), frontend_d(&others, &[a]));
+    let st = syncer.sync(&d2, &mut maps)?;
+    assert_eq!(st.draining_put, 1, "{st:?}");
+    let row = slots_and_draining(&maps, &syncer);
+    assert_eq!(row, (2, 1));
+    let draining_before = dp.stat(lb_common::Reason::FwdDraining).packets;
+    let (v, out, _) = dp.run(Hook::Xdp, &ack(45_000), 1)?;
+    assert_eq!((v, destination(&out)), (Verdict::Pass, a), "the established flow should still reach A");
+    assert_eq!(dp.stat(lb_common::Reason::FwdDraining).packets, draining_before + 1);
+    // New connections never go to A.
+    for sport in 46_000..46_064 {
+        let (v, out, _) = dp.run(Hook::Xdp, &syn(sport), 1)?;
+        assert_eq!(v, Verdict::Pass);
+        assert!(others.contains(&destination(&out)), "a new flow went to the draining backend");
+    }
+
+    // A leaves the slices (the pod is gone): its flow is dropped, never moved.
+    let mut d3 = Desired::default();
+    d3.frontends.insert(key(80), frontend(&others));
+    let st = syncer.sync(&d3, &mut maps)?;
+    assert_eq!(st.draining_deleted, 1, "{st:?}");
+    assert!(maps.read_draining().is_empty());
+    let gone_before = dp.stat(lb_common::Reason::DropBackendGone).packets;
+    let (v, _, _) = dp.run(Hook::Xdp, &ack(45_000), 1)?;
+    assert_eq!(v, Verdict::Drop);
+    assert_eq!(dp.stat(lb_common::Reason::DropBackendGone).packets, gone_before + 1);
+
+    // Deleting the service leaves no draining entry behind.
+    syncer.sync(&d2, &mut maps)?;
+    assert_eq!(maps.read_draining().len(), 1);
+    syncer.sync(&Desired::default(), &mut maps)?;
+    assert!(maps.read_draining().is_empty());
+    Ok(())
+}
+
+/// (slots, draining entries) of the one frontend, as the maps hold them, checking that
+/// the draining entry carries the id the backend had.
+fn slots_and_draining(maps: &BpfMaps, syncer: &lb_userspace::agent::sync::Syncer) -> (usize, usize) {
+    let (services, backends) = maps.read_all();
+    let svc = services.iter().find(|(k, _)| *k == key(80).map_key()).expect("frontend").1;
+    let draining = maps.read_draining();
+    assert!(draining.iter().all(|(k, v)| k.svc_id == svc.id && k.backend_id == v.backend_id));
+    assert_eq!(syncer.shadow().draining.get(&svc.id).map_or(0, |d| d.len()), draining.len());
+    (backends.iter().filter(|(k, _)| k.svc_id == svc.id).count(), draining.len())
 }
 
 /// A running `lb agent`, killed on drop.
@@ -292,6 +379,21 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
             assert!(before[0].backends.iter().all(|o| o.backend_id != b.backend_id), "backend id reused");
         }
     }
+
+    // A pod turns terminating: out of the slots, listed as draining by `lb services`.
+    let terminating = yaml(&["10.244.2.1", "10.244.2.3", "10.244.2.4"], true)
+        .replace("- addresses: [10.244.2.4]\n  conditions: {ready: true}", "- addresses: [10.244.2.4]\n  conditions: {ready: false, serving: true, terminating: true}");
+    write_file(&file, &terminating)?;
+    let rows = wait_for("terminating pod draining", Duration::from_secs(10), Some(&agent), || {
+        let rows = inspect::services(bpffs.path()).ok()?;
+        (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.3:8080"]) && rows[0].draining.len() == 1).then_some(rows)
+    })?;
+    assert_eq!(rows[0].draining[0].address, "10.244.2.4:8080");
+    let id4 = after[0].backends.iter().find(|b| b.address == "10.244.2.4:8080").expect("backend 4").backend_id;
+    assert_eq!(rows[0].draining[0].backend_id, id4, "a draining backend keeps its id");
+    assert!(inspect::services_table(&rows).contains("10.244.2.4:8080") && inspect::services_table(&rows).contains("draining"));
+    let json = serde_json::to_value(&rows)?;
+    assert_eq!(json[0]["draining"][0]["address"], "10.244.2.4:8080");
 
     // Bad objects do not stop it; deleting the service empties the maps.
     write_file(&file, &format!("{}---\nkind: Service\napiVersion: v1\nmetadata: {{name: bad}}\nspec: {{clusterIP: 10.96.0.999, ports: [{{port: 80}}]}}\n", yaml(&["10.244.2.1"], false)))?;

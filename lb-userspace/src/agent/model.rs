@@ -146,7 +146,12 @@ pub struct Frontend {
     /// ClientIP affinity timeout, if the Service has ClientIP affinity.
     pub affinity_timeout_s: Option<u32>,
     pub no_endpoints: NoEndpoints,
+    /// The backends new connections go to (the service's slots).
     pub backends: BTreeSet<Backend>,
+    /// Every other endpoint its EndpointSlices still list (terminating, not ready,
+    /// not serving): it takes no new connections, but established ones keep going to
+    /// it, as under kube-proxy, until it leaves the slices. Never in `backends`.
+    pub draining: BTreeSet<Backend>,
 }
 
 /// Everything the datapath should hold.
@@ -717,6 +722,8 @@ fn service_frontends(
         }
         let backends: BTreeSet<Backend> =
             backends.into_iter().take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize).collect();
+        let draining: BTreeSet<Backend> =
+            candidates.into_iter().flat_map(|c| c.keys()).filter(|b| !backends.contains(b)).copied().collect();
         for &ip in &ips {
             let key = FrontendKey { ip, port: num, proto };
             let frontend = Frontend {
@@ -724,6 +731,7 @@ fn service_frontends(
                 affinity_timeout_s,
                 no_endpoints,
                 backends: backends.clone(),
+                draining: draining.clone(),
             };
             if let Some(existing) = out.desired.frontends.get(&key) {
                 issues.insert(Issue {

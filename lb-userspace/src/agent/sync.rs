@@ -20,6 +20,13 @@
 //! mover is written to its new slot before its old one is cut off), which is what
 //! conntrack and affinity entries need to find it again by backend id. Slot order
 //! does not matter to backend choice: rendezvous hashing scores (address, port).
+//!
+//! `DRAINING` (backends the slices still list but that take no new connections; the
+//! datapath keeps established flows going to them) is written around those steps:
+//! new entries before step 1, stale ones after step 3, so that a backend moving from
+//! the slots to draining (or back) is in one or the other at every moment. A draining
+//! entry is keyed by the backend id the backend has in the slots, and holds that id
+//! alive (see [`BackendIds`]) until it goes.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -27,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{BackendKey, BackendValue, Counter, SVC_F_AFFINITY, ServiceKey4, ServiceValue};
+use lb_common::{BackendKey, BackendValue, Counter, DrainKey, SVC_F_AFFINITY, ServiceKey4, ServiceValue};
 
 use super::model::{Desired, Frontend, FrontendKey};
 
@@ -38,6 +45,8 @@ pub enum Op {
     DeleteService(ServiceKey4),
     PutBackend(BackendKey, BackendValue),
     DeleteBackend(BackendKey),
+    PutDraining(DrainKey, BackendValue),
+    DeleteDraining(DrainKey),
     /// Zero the `SVC_STATS` counters of a freshly allocated service id.
     ResetStats(u32),
 }
@@ -57,6 +66,15 @@ impl fmt::Display for Op {
                 v.backend_id
             ),
             Op::DeleteBackend(k) => write!(f, "delete backend {}/{}", k.svc_id, k.slot),
+            Op::PutDraining(k, v) => write!(
+                f,
+                "put draining {}/id {} -> {}:{}",
+                k.svc_id,
+                k.backend_id,
+                std::net::Ipv4Addr::from(v.addr_be.to_ne_bytes()),
+                u16::from_be(v.port_be)
+            ),
+            Op::DeleteDraining(k) => write!(f, "delete draining {}/id {}", k.svc_id, k.backend_id),
             Op::ResetStats(id) => write!(f, "reset stats of service {id}"),
         }
     }
@@ -94,23 +112,32 @@ pub struct SyncStats {
     pub services_deleted: usize,
     pub backends_put: usize,
     pub backends_deleted: usize,
+    pub draining_put: usize,
+    pub draining_deleted: usize,
     pub frontends: usize,
     pub endpoints: usize,
 }
 
 impl SyncStats {
     pub fn ops(&self) -> usize {
-        self.services_put + self.services_deleted + self.backends_put + self.backends_deleted
+        self.services_put
+            + self.services_deleted
+            + self.backends_put
+            + self.backends_deleted
+            + self.draining_put
+            + self.draining_deleted
     }
 }
 
-/// A mirror of `SERVICES` and `BACKENDS` as written.
+/// A mirror of `SERVICES`, `BACKENDS` and `DRAINING` as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Shadow {
     /// Frontends and address markers.
     pub services: HashMap<ServiceKey4, ServiceValue>,
     /// Slots by service id.
     pub slots: HashMap<u32, BTreeMap<u32, BackendValue>>,
+    /// Draining backends by service id, then backend id.
+    pub draining: HashMap<u32, BTreeMap<u32, BackendValue>>,
 }
 
 fn is_marker(k: &ServiceKey4) -> bool {
@@ -139,13 +166,14 @@ impl ServiceIds {
 }
 
 /// Backend ids, global over services and never reused for another backend: one per
-/// (address, port). A backend that leaves keeps its id for `RETIRE_GRACE`, so that a
+/// (address, port). An id stays live while any slot or `DRAINING` entry holds it (a
+/// refcount). A backend that leaves keeps its id for `RETIRE_GRACE`, so that a
 /// pod flapping out of and back into readiness gets its old id back and its
 /// established flows, which validate their backend by id, carry on.
 #[derive(Clone, Debug)]
 struct BackendIds {
     next: u32,
-    /// (addr_be, port_be) -> (id, slots that hold it).
+    /// (addr_be, port_be) -> (id, slots and draining entries that hold it).
     live: HashMap<(u32, u16), (u32, u32)>,
     retired: HashMap<(u32, u16), (u32, Instant)>,
     /// Handed out during this sync; retired at its end if still unused.
@@ -220,6 +248,7 @@ impl Syncer {
     pub fn from_maps(
         services: impl IntoIterator<Item = (ServiceKey4, ServiceValue)>,
         backends: impl IntoIterator<Item = (BackendKey, BackendValue)>,
+        draining: impl IntoIterator<Item = (DrainKey, BackendValue)>,
         svc_id_limit: u32,
     ) -> Self {
         let mut s = Self::new(svc_id_limit);
@@ -237,6 +266,12 @@ impl Syncer {
             s.backend_ids.incref(&v);
             s.shadow.slots.entry(k.svc_id).or_default().insert(k.slot, v);
         }
+        for (k, v) in draining {
+            max_backend = max_backend.max(v.backend_id).max(k.backend_id);
+            max_svc = max_svc.max(k.svc_id);
+            s.backend_ids.incref(&v);
+            s.shadow.draining.entry(k.svc_id).or_default().insert(k.backend_id, v);
+        }
         let used: HashSet<u32> = s
             .shadow
             .services
@@ -244,6 +279,7 @@ impl Syncer {
             .filter(|(k, _)| !is_marker(k))
             .map(|(_, v)| v.id)
             .chain(s.shadow.slots.keys().copied())
+            .chain(s.shadow.draining.keys().copied())
             .collect();
         s.svc_ids.next = (max_svc.saturating_add(1)).clamp(1, s.svc_ids.limit);
         s.svc_ids.free = (1..s.svc_ids.next).filter(|id| !used.contains(id)).collect();
@@ -288,6 +324,7 @@ impl Syncer {
             let id = self.shadow.services[&key].id;
             ops.push(Op::DeleteService(key));
             self.delete_slots_ops(id, 0, &mut ops);
+            self.delete_draining_ops(id, &HashSet::new(), &mut ops);
             self.apply(w, &mut ops, &mut stats, now)?;
             if !self.id_in_use(id) {
                 self.svc_ids.free.push_back(id);
@@ -296,21 +333,40 @@ impl Syncer {
         // Slots of ids no frontend owns (left by an interrupted write or a crash).
         let owned: HashSet<u32> =
             self.shadow.services.iter().filter(|(k, _)| !is_marker(k)).map(|(_, v)| v.id).collect();
-        let mut orphans: Vec<u32> = self.shadow.slots.keys().filter(|id| !owned.contains(id)).copied().collect();
+        let mut orphans: Vec<u32> = self
+            .shadow
+            .slots
+            .keys()
+            .chain(self.shadow.draining.keys())
+            .filter(|id| !owned.contains(id))
+            .copied()
+            .collect::<HashSet<u32>>()
+            .into_iter()
+            .collect();
         orphans.sort_unstable();
         for id in orphans {
             self.delete_slots_ops(id, 0, &mut ops);
+            self.delete_draining_ops(id, &HashSet::new(), &mut ops);
             self.apply(w, &mut ops, &mut stats, now)?;
             self.svc_ids.free.push_back(id);
         }
 
-        // 2. New and changed frontends.
+        // 2. New and changed frontends: new draining entries, slots and count, stale
+        //    draining entries, in that order.
         for (fkey, fe) in &desired.frontends {
             let key = fkey.map_key();
-            match self.shadow.services.get(&key).copied() {
+            let cur = self.shadow.services.get(&key).copied();
+            let id = match cur {
+                Some(cur) => cur.id,
+                None => self.svc_ids.alloc()?,
+            };
+            let keep = self.put_draining_ops(id, fe, &mut ops)?;
+            match cur {
                 Some(cur) => self.plan_update(key, cur, fe, &mut ops)?,
-                None => self.plan_new(key, fe, &mut ops)?,
+                None => self.plan_new(key, id, fe, &mut ops)?,
             }
+            // Under a new id these are leftovers (should not happen; be safe).
+            self.delete_draining_ops(id, &keep, &mut ops);
             self.apply(w, &mut ops, &mut stats, now)?;
         }
 
@@ -333,6 +389,32 @@ impl Syncer {
 
     fn id_in_use(&self, id: u32) -> bool {
         self.shadow.slots.get(&id).is_some_and(|s| !s.is_empty())
+            || self.shadow.draining.get(&id).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Puts the draining entries of `fe` (service `id`) that the map lacks; returns the
+    /// backend ids of all of them.
+    fn put_draining_ops(&mut self, id: u32, fe: &Frontend, ops: &mut Vec<Op>) -> Result<HashSet<u32>, SyncError> {
+        let mut keep = HashSet::with_capacity(fe.draining.len());
+        for b in &fe.draining {
+            let v = self.backend_value(b)?;
+            keep.insert(v.backend_id);
+            if self.shadow.draining.get(&id).and_then(|d| d.get(&v.backend_id)) != Some(&v) {
+                ops.push(Op::PutDraining(DrainKey { svc_id: id, backend_id: v.backend_id }, v));
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Deletes the draining entries of service `id` whose backend id is not in `keep`.
+    fn delete_draining_ops(&self, id: u32, keep: &HashSet<u32>, ops: &mut Vec<Op>) {
+        if let Some(d) = self.shadow.draining.get(&id) {
+            ops.extend(
+                d.keys()
+                    .filter(|b| !keep.contains(b))
+                    .map(|&backend_id| Op::DeleteDraining(DrainKey { svc_id: id, backend_id })),
+            );
+        }
     }
 
     fn delete_slots_ops(&self, id: u32, above: u32, ops: &mut Vec<Op>) {
@@ -360,8 +442,7 @@ impl Syncer {
         Ok(BackendValue { backend_id: self.backend_ids.id_for(addr_be, port_be)?, addr_be, port_be, _pad: [0; 2] })
     }
 
-    fn plan_new(&mut self, key: ServiceKey4, fe: &Frontend, ops: &mut Vec<Op>) -> Result<(), SyncError> {
-        let id = self.svc_ids.alloc()?;
+    fn plan_new(&mut self, key: ServiceKey4, id: u32, fe: &Frontend, ops: &mut Vec<Op>) -> Result<(), SyncError> {
         ops.push(Op::ResetStats(id));
         // Leftover slots under a reused id (should not happen; be safe).
         self.delete_slots_ops(id, 0, ops);
@@ -471,6 +552,24 @@ impl Syncer {
                     }
                     stats.backends_deleted += 1;
                 }
+                Op::PutDraining(k, v) => {
+                    self.backend_ids.incref(&v);
+                    if let Some(old) = self.shadow.draining.entry(k.svc_id).or_default().insert(k.backend_id, v) {
+                        self.backend_ids.decref(&old, now);
+                    }
+                    stats.draining_put += 1;
+                }
+                Op::DeleteDraining(k) => {
+                    if let Some(d) = self.shadow.draining.get_mut(&k.svc_id) {
+                        if let Some(old) = d.remove(&k.backend_id) {
+                            self.backend_ids.decref(&old, now);
+                        }
+                        if d.is_empty() {
+                            self.shadow.draining.remove(&k.svc_id);
+                        }
+                    }
+                    stats.draining_deleted += 1;
+                }
                 Op::ResetStats(_) => {}
             }
         }
@@ -481,10 +580,11 @@ impl Syncer {
 /// What `SERVICES` and `BACKENDS` hold.
 pub type MapContents = (Vec<(ServiceKey4, ServiceValue)>, Vec<(BackendKey, BackendValue)>);
 
-/// The pinned `SERVICES`, `BACKENDS` and `SVC_STATS` maps, as a [`MapWriter`].
+/// The pinned `SERVICES`, `BACKENDS`, `DRAINING` and `SVC_STATS` maps, as a [`MapWriter`].
 pub struct BpfMaps {
     pub services: aya::maps::HashMap<aya::maps::MapData, ServiceKey4, ServiceValue>,
     pub backends: aya::maps::HashMap<aya::maps::MapData, BackendKey, BackendValue>,
+    pub draining: aya::maps::HashMap<aya::maps::MapData, DrainKey, BackendValue>,
     pub svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     nr_cpus: usize,
 }
@@ -517,7 +617,7 @@ impl BpfMaps {
             let path = pin_dir.join(name);
             aya::maps::MapData::from_pin(&path).map_err(|source| MapsError::Open { path, source })
         };
-        Self::from_data(open(n::SERVICES)?, open(n::BACKENDS)?, open(n::SVC_STATS)?)
+        Self::from_data(open(n::SERVICES)?, open(n::BACKENDS)?, open(n::DRAINING)?, open(n::SVC_STATS)?)
     }
 
     /// New handles on the maps of a loaded datapath (they stay usable by it).
@@ -529,12 +629,13 @@ impl BpfMaps {
             let id = data.info().map_err(|source| MapsError::Type { name, source })?.id();
             aya::maps::MapData::from_id(id).map_err(|source| MapsError::Type { name, source })
         };
-        Self::from_data(dup(n::SERVICES)?, dup(n::BACKENDS)?, dup(n::SVC_STATS)?)
+        Self::from_data(dup(n::SERVICES)?, dup(n::BACKENDS)?, dup(n::DRAINING)?, dup(n::SVC_STATS)?)
     }
 
     fn from_data(
         services: aya::maps::MapData,
         backends: aya::maps::MapData,
+        draining: aya::maps::MapData,
         svc_stats: aya::maps::MapData,
     ) -> Result<Self, MapsError> {
         use aya::maps::Map;
@@ -547,6 +648,9 @@ impl BpfMaps {
             backends: Map::HashMap(backends)
                 .try_into()
                 .map_err(|source| MapsError::Type { name: n::BACKENDS, source })?,
+            draining: Map::HashMap(draining)
+                .try_into()
+                .map_err(|source| MapsError::Type { name: n::DRAINING, source })?,
             svc_stats: Map::PerCpuArray(svc_stats)
                 .try_into()
                 .map_err(|source| MapsError::Type { name: n::SVC_STATS, source })?,
@@ -564,10 +668,15 @@ impl BpfMaps {
         (self.services.iter().filter_map(Result::ok).collect(), self.backends.iter().filter_map(Result::ok).collect())
     }
 
+    /// Everything in `DRAINING`.
+    pub fn read_draining(&self) -> Vec<(DrainKey, BackendValue)> {
+        self.draining.iter().filter_map(Result::ok).collect()
+    }
+
     /// A syncer whose shadow is what the maps hold now.
     pub fn reconcile(&self) -> Syncer {
         let (s, b) = self.read_all();
-        Syncer::from_maps(s, b, self.svc_id_limit())
+        Syncer::from_maps(s, b, self.read_draining(), self.svc_id_limit())
     }
 
     /// Packets and bytes of one service id, summed over CPUs.
@@ -596,6 +705,11 @@ impl MapWriter for BpfMaps {
             },
             Op::PutBackend(k, v) => self.backends.insert(k, v, 0)?,
             Op::DeleteBackend(k) => match self.backends.remove(k) {
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                r => r?,
+            },
+            Op::PutDraining(k, v) => self.draining.insert(k, v, 0)?,
+            Op::DeleteDraining(k) => match self.draining.remove(k) {
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 r => r?,
             },

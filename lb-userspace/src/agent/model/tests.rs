@@ -342,12 +342,76 @@ fn table() {
             .map(|(k, b)| (k.to_string(), b.iter().map(|s| s.to_string()).collect()))
             .collect();
         assert_eq!(frontends_of(&got), want, "case {:?}", case.name);
+        for (k, f) in &got.desired.frontends {
+            assert!(f.backends.is_disjoint(&f.draining), "case {:?}: {k} has a backend that is also draining", case.name);
+        }
         let mut kinds: Vec<IssueKind> = got.issues.iter().map(|i| i.kind).collect();
         kinds.sort();
         let mut want_kinds = case.issues.clone();
         want_kinds.sort();
         assert_eq!(kinds, want_kinds, "case {:?}: issues {:#?}", case.name, got.issues);
     }
+}
+
+/// Endpoints the slices still list but that take no new connections drain; endpoints
+/// that have left the slices are gone.
+#[test]
+fn draining_backends() {
+    /// (name, endpoints, publishNotReadyAddresses, selected, draining)
+    type DrainCase = (&'static str, Value, bool, Vec<&'static str>, Vec<&'static str>);
+    let cases: Vec<DrainCase> = vec![
+        ("terminating pod while others are ready drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, true)]), false,
+            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080"]),
+        ("unready pod drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, false)]), false,
+            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080"]),
+        ("not serving (terminating, past readiness) drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, false, true)]), false,
+            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080"]),
+        ("pod removed from the slice is not present at all",
+            json!([ep("10.244.0.2")]), false,
+            vec!["10.244.0.2:8080"], vec![]),
+        ("terminating fallback: serving ones selected, never also draining; the rest drain",
+            json!([ep_cond("10.244.0.2", false, true, true), ep_cond("10.244.0.3", false, false, true), ep_cond("10.244.0.4", false, true, false)]), false,
+            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080", "10.244.0.4:8080"]),
+        ("publishNotReadyAddresses selects all, nothing drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, false, true)]), true,
+            vec!["10.244.0.2:8080", "10.244.0.3:8080"], vec![]),
+        ("all ready: nothing drains",
+            json!([ep("10.244.0.2"), ep("10.244.0.3")]), false,
+            vec!["10.244.0.2:8080", "10.244.0.3:8080"], vec![]),
+    ];
+    for (name, eps, publish, selected, draining) in cases {
+        let mut spec = cluster_ip("10.96.0.10");
+        spec["publishNotReadyAddresses"] = json!(publish);
+        let c = Case {
+            name,
+            services: vec![svc("default", "web", spec)],
+            slices: vec![slice("default", "web-1", "web", http_port(), eps)],
+            frontends: vec![],
+            issues: vec![],
+        };
+        let got = run(&c);
+        let f = &got.desired.frontends[&FrontendKey { ip: Ipv4Addr::new(10, 96, 0, 10), port: 80, proto: Protocol::Tcp }];
+        let s = |set: &BTreeSet<Backend>| set.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+        assert_eq!(s(&f.backends), selected, "case {name:?}");
+        assert_eq!(s(&f.draining), draining, "case {name:?}");
+        assert!(f.backends.is_disjoint(&f.draining), "case {name:?}");
+    }
+    // Per service port: a draining endpoint of one port does not drain on another.
+    let services = [serde_json::from_value::<Service>(svc("default", "m", json!({"clusterIP": "10.96.0.20", "ports": [
+        {"name": "a", "port": 80}, {"name": "b", "port": 81}]}))).unwrap()];
+    let slices = [
+        Slice::from(&serde_json::from_value::<EndpointSlice>(slice("default", "m-1", "m", json!([{"name": "a", "port": 8080}]),
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, true)]))).unwrap()),
+        Slice::from(&serde_json::from_value::<EndpointSlice>(slice("default", "m-2", "m", json!([{"name": "b", "port": 8081}]),
+            json!([ep("10.244.0.3")]))).unwrap()),
+    ];
+    let got = compute(services.iter(), slices.iter());
+    let draining: Vec<(String, Vec<String>)> =
+        got.desired.frontends.iter().map(|(k, f)| (k.to_string(), f.draining.iter().map(|b| b.to_string()).collect())).collect();
+    assert_eq!(draining, [("10.96.0.20:80/TCP".to_string(), vec!["10.244.0.3:8080".to_string()]), ("10.96.0.20:81/TCP".to_string(), vec![])]);
 }
 
 #[test]

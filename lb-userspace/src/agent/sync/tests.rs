@@ -7,13 +7,18 @@ use super::*;
 use crate::agent::model::{Backend, Frontend, FrontendKey, NoEndpoints, Protocol};
 
 /// Maps in memory. After every op it checks that each frontend's slots 1..=count are
-/// all there, that its ClusterIP has its marker, and that every backend in `sticky`
-/// (frontend key -> (addr_be, port_be)) stays visible within 1..=count.
+/// all there, that its ClusterIP has its marker, that every backend in `sticky`
+/// (frontend key -> (addr_be, port_be)) stays visible within 1..=count, and that every
+/// backend in `reachable` stays reachable by its established flows: within 1..=count
+/// or in `DRAINING`, under the backend id it had.
 #[derive(Default)]
 struct FakeMaps {
     services: HashMap<ServiceKey4, ServiceValue>,
     backends: HashMap<BackendKey, BackendValue>,
+    draining: HashMap<DrainKey, BackendValue>,
     sticky: Vec<(ServiceKey4, (u32, u16))>,
+    /// (frontend, backend as it was in the maps before the sync).
+    reachable: Vec<(ServiceKey4, BackendValue)>,
     log: Vec<Op>,
     /// Fail the op with this index (counting all ops ever applied).
     fail_at: Option<usize>,
@@ -44,6 +49,20 @@ impl FakeMaps {
                 return Err(format!("staying backend of {} vanished from 1..=count", fmt_key(k)));
             }
         }
+        for (k, b) in &self.reachable {
+            let Some(v) = self.services.get(k) else { continue };
+            let in_slots = (1..=v.count).any(|slot| self.backends.get(&BackendKey { svc_id: v.id, slot }) == Some(b));
+            let draining = self.draining.get(&DrainKey { svc_id: v.id, backend_id: b.backend_id }) == Some(b);
+            if !in_slots && !draining {
+                return Err(format!(
+                    "backend {}:{} (id {}) of {} is neither in 1..=count nor draining",
+                    Ipv4Addr::from(b.addr_be.to_ne_bytes()),
+                    u16::from_be(b.port_be),
+                    b.backend_id,
+                    fmt_key(k)
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -68,6 +87,12 @@ impl MapWriter for FakeMaps {
             Op::DeleteBackend(k) => {
                 self.backends.remove(&k);
             }
+            Op::PutDraining(k, v) => {
+                self.draining.insert(k, v);
+            }
+            Op::DeleteDraining(k) => {
+                self.draining.remove(&k);
+            }
             Op::ResetStats(_) => {}
         }
         self.log.push(*op);
@@ -85,11 +110,18 @@ fn fe_key(vip: u8, port: u16) -> FrontendKey {
 }
 
 fn frontend(backends: impl IntoIterator<Item = u32>) -> Frontend {
+    frontend_d(backends, [])
+}
+
+/// A frontend with `backends` selected and `draining` draining.
+fn frontend_d(backends: impl IntoIterator<Item = u32>, draining: impl IntoIterator<Item = u32>) -> Frontend {
+    let backends: BTreeSet<Backend> = backends.into_iter().map(|i| Backend { ip: ip(i), port: 8080 }).collect();
     Frontend {
         service: "default/x:".into(),
         affinity_timeout_s: None,
         no_endpoints: NoEndpoints::Reject,
-        backends: backends.into_iter().map(|i| Backend { ip: ip(i), port: 8080 }).collect(),
+        draining: draining.into_iter().map(|i| Backend { ip: ip(i), port: 8080 }).filter(|b| !backends.contains(b)).collect(),
+        backends,
     }
 }
 
@@ -120,6 +152,34 @@ fn contents(m: &FakeMaps) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
+/// `DRAINING` as (frontend -> set of backends), checking that it holds nothing else and
+/// that each entry carries the backend id the slots give that backend.
+fn draining_contents(m: &FakeMaps) -> BTreeMap<String, BTreeSet<String>> {
+    let ids: HashMap<(u32, u16), u32> = m.backends.values().map(|b| ((b.addr_be, b.port_be), b.backend_id)).collect();
+    let mut out = BTreeMap::new();
+    let mut owned = 0;
+    for (k, v) in m.services.iter().filter(|(k, _)| !is_marker(k)) {
+        let set: BTreeSet<String> = m
+            .draining
+            .iter()
+            .filter(|(dk, _)| dk.svc_id == v.id)
+            .map(|(dk, b)| {
+                assert_eq!(dk.backend_id, b.backend_id, "draining key and value disagree");
+                if let Some(id) = ids.get(&(b.addr_be, b.port_be)) {
+                    assert_eq!(*id, b.backend_id, "a draining backend has another id in the slots");
+                }
+                format!("{}:{}", Ipv4Addr::from(b.addr_be.to_ne_bytes()), u16::from_be(b.port_be))
+            })
+            .collect();
+        owned += set.len();
+        if !set.is_empty() {
+            out.insert(fmt_key(k), set);
+        }
+    }
+    assert_eq!(owned, m.draining.len(), "stray DRAINING entries");
+    out
+}
+
 fn expected(d: &Desired) -> BTreeMap<String, BTreeSet<String>> {
     d.frontends
         .iter()
@@ -127,21 +187,54 @@ fn expected(d: &Desired) -> BTreeMap<String, BTreeSet<String>> {
         .collect()
 }
 
+fn expected_draining(d: &Desired) -> BTreeMap<String, BTreeSet<String>> {
+    d.frontends
+        .iter()
+        .filter(|(_, f)| !f.draining.is_empty())
+        .map(|(k, f)| (fmt_key(&k.map_key()), f.draining.iter().map(|b| b.to_string()).collect()))
+        .collect()
+}
+
+fn shadow_draining(s: &Syncer) -> HashMap<DrainKey, BackendValue> {
+    s.shadow()
+        .draining
+        .iter()
+        .flat_map(|(id, d)| d.iter().map(move |(b, v)| (DrainKey { svc_id: *id, backend_id: *b }, *v)))
+        .collect()
+}
+
 /// Syncs to `to`, checking invariants op by op with the backends common to the
-/// current and the new state marked sticky; returns the ops.
+/// current and the new state marked sticky, and every backend the maps hold for a
+/// frontend (in its slots or draining) that the slices still list marked reachable;
+/// returns the ops.
 fn step(s: &mut Syncer, m: &mut FakeMaps, from: &Desired, to: &Desired) -> Vec<Op> {
     m.sticky.clear();
+    m.reachable.clear();
     for (k, f) in &to.frontends {
         if let Some(old) = from.frontends.get(k) {
             for b in f.backends.intersection(&old.backends) {
                 m.sticky.push((k.map_key(), (u32::from_ne_bytes(b.ip.octets()), b.port.to_be())));
             }
         }
+        let listed: HashSet<(u32, u16)> =
+            f.backends.iter().chain(&f.draining).map(|b| (u32::from_ne_bytes(b.ip.octets()), b.port.to_be())).collect();
+        if let Some(v) = m.services.get(&k.map_key()) {
+            let held = (1..=v.count)
+                .filter_map(|slot| m.backends.get(&BackendKey { svc_id: v.id, slot }))
+                .chain(m.draining.iter().filter(|(dk, _)| dk.svc_id == v.id).map(|(_, b)| b));
+            for b in held {
+                if listed.contains(&(b.addr_be, b.port_be)) {
+                    m.reachable.push((k.map_key(), *b));
+                }
+            }
+        }
     }
     m.log.clear();
     s.sync(to, m).unwrap_or_else(|e| panic!("{e}: {:?}", std::error::Error::source(&e)));
     assert_eq!(contents(m), expected(to));
+    assert_eq!(draining_contents(m), expected_draining(to));
     assert_eq!(s.shadow().services, m.services);
+    assert_eq!(shadow_draining(s), m.draining);
     std::mem::take(&mut m.log)
 }
 
@@ -317,8 +410,10 @@ fn random_walk_keeps_every_invariant_and_converges() {
                 _ => {
                     let n = rng.below(12) as u32;
                     let base = rng.below(8) as u32;
-                    let f = frontend((0..n).map(|i| base + i * (1 + rng.below(2) as u32)));
-                    next.frontends.insert(key, f);
+                    let backends: Vec<u32> = (0..n).map(|i| base + i * (1 + rng.below(2) as u32)).collect();
+                    // Some of the rest of the pods still exist and drain.
+                    let draining: Vec<u32> = (0..20).filter(|_| rng.below(3) == 0).collect();
+                    next.frontends.insert(key, frontend_d(backends, draining));
                 }
             }
         }
@@ -366,9 +461,9 @@ fn a_failed_write_leaves_the_shadow_exact_and_the_next_sync_converges() {
     for fail_at in 0..30 {
         let mut s = Syncer::new(1024);
         let mut m = FakeMaps::default();
-        let a = desired(vec![(fe_key(10, 80), frontend(0..5)), (fe_key(11, 53), frontend([7, 8]))]);
+        let a = desired(vec![(fe_key(10, 80), frontend_d(0..5, [6])), (fe_key(11, 53), frontend_d([7, 8], [9]))]);
         step(&mut s, &mut m, &Desired::default(), &a);
-        let b = desired(vec![(fe_key(10, 80), frontend([1, 3, 9, 10])), (fe_key(12, 80), frontend([2]))]);
+        let b = desired(vec![(fe_key(10, 80), frontend_d([1, 3, 9, 10], [0, 2, 4])), (fe_key(12, 80), frontend([2]))]);
         m.fail_at = Some(m.applied + fail_at);
         let _ = s.sync(&b, &mut m);
         assert_eq!(s.shadow().services, m.services, "fail_at {fail_at}");
@@ -379,6 +474,7 @@ fn a_failed_write_leaves_the_shadow_exact_and_the_next_sync_converges() {
             .flat_map(|(id, sl)| sl.iter().map(move |(slot, v)| (BackendKey { svc_id: *id, slot: *slot }, *v)))
             .collect();
         assert_eq!(shadow_slots, m.backends, "fail_at {fail_at}");
+        assert_eq!(shadow_draining(&s), m.draining, "fail_at {fail_at}");
         m.fail_at = None;
         step(&mut s, &mut m, &a, &b);
     }
@@ -388,15 +484,21 @@ fn a_failed_write_leaves_the_shadow_exact_and_the_next_sync_converges() {
 fn reconcile_from_maps_writes_nothing_when_nothing_changed() {
     let mut s = Syncer::new(1024);
     let mut m = FakeMaps::default();
-    let a = desired(vec![(fe_key(10, 80), frontend(0..5)), (fe_key(11, 53), frontend([7, 8]))]);
+    let a = desired(vec![(fe_key(10, 80), frontend_d(0..5, [20, 21])), (fe_key(11, 53), frontend_d([7, 8], [1]))]);
     step(&mut s, &mut m, &Desired::default(), &a);
+    assert_eq!(m.draining.len(), 3);
     // "Restart": a new syncer from what the maps hold.
     let mut s2 = Syncer::from_maps(
         m.services.iter().map(|(k, v)| (*k, *v)),
         m.backends.iter().map(|(k, v)| (*k, *v)),
+        m.draining.iter().map(|(k, v)| (*k, *v)),
         1024,
     );
     assert!(step(&mut s2, &mut m, &a, &a).is_empty());
+    // The draining entries hold their backend ids: still live, not retired.
+    for b in m.draining.values() {
+        assert_eq!(s2.backend_ids.live.get(&(b.addr_be, b.port_be)).map(|e| e.0), Some(b.backend_id));
+    }
     // Changes after the restart keep ids and never reuse a live one.
     let ids_before: HashMap<ServiceKey4, u32> = m.services.iter().map(|(k, v)| (*k, v.id)).collect();
     let b = desired(vec![(fe_key(10, 80), frontend(2..6)), (fe_key(11, 53), frontend([7, 8])), (fe_key(12, 80), frontend([1]))]);
@@ -426,6 +528,7 @@ fn reconcile_cleans_half_written_state() {
     let mut s = Syncer::from_maps(
         m.services.iter().map(|(k, v)| (*k, *v)),
         m.backends.iter().map(|(k, v)| (*k, *v)),
+        m.draining.iter().map(|(k, v)| (*k, *v)),
         1024,
     );
     let d = desired(vec![(fe_key(10, 80), frontend([1, 2, 3]))]);
@@ -439,6 +542,8 @@ fn reconcile_cleans_half_written_state() {
                 Op::DeleteService(k) => drop(self.0.services.remove(&k)),
                 Op::PutBackend(k, v) => drop(self.0.backends.insert(k, v)),
                 Op::DeleteBackend(k) => drop(self.0.backends.remove(&k)),
+                Op::PutDraining(k, v) => drop(self.0.draining.insert(k, v)),
+                Op::DeleteDraining(k) => drop(self.0.draining.remove(&k)),
                 Op::ResetStats(_) => {}
             }
             Ok(())
@@ -452,4 +557,98 @@ fn reconcile_cleans_half_written_state() {
     assert_eq!(by_addr[&u32::from_ne_bytes(ip(1).octets())], 1);
     assert_eq!(by_addr[&u32::from_ne_bytes(ip(3).octets())], 3);
     assert!(by_addr[&u32::from_ne_bytes(ip(2).octets())] > 4);
+}
+
+fn addr(i: u32) -> (u32, u16) {
+    (u32::from_ne_bytes(ip(i).octets()), 8080u16.to_be())
+}
+
+/// What one op is, for order checks.
+fn kind(o: &Op) -> &'static str {
+    match o {
+        Op::PutDraining(..) => "put_draining",
+        Op::DeleteDraining(..) => "delete_draining",
+        Op::PutService(k, _) if is_marker(k) => "marker",
+        Op::PutService(..) => "service",
+        Op::DeleteService(..) => "delete_service",
+        Op::PutBackend(..) => "backend",
+        Op::DeleteBackend(..) => "delete_backend",
+        Op::ResetStats(_) => "reset",
+    }
+}
+
+#[test]
+fn a_backend_leaving_the_slots_drains_first_under_its_id() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2, 3]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let id = m.services[&fe_key(10, 80).map_key()].id;
+    let id2 = m.backends.values().find(|b| (b.addr_be, b.port_be) == addr(2)).unwrap().backend_id;
+    // Pod 2 turns terminating: DRAINING entry first, then the slots and the count.
+    let b = desired(vec![(fe_key(10, 80), frontend_d([1, 3], [2]))]);
+    let ops = step(&mut s, &mut m, &a, &b);
+    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["put_draining", "backend", "service", "delete_backend"], "{ops:#?}");
+    assert!(matches!(ops[0], Op::PutDraining(DrainKey { svc_id, backend_id }, v) if svc_id == id && backend_id == id2 && v.backend_id == id2));
+    // Its id stays held while it drains.
+    assert_eq!(s.backend_ids.live.get(&addr(2)).map(|e| e.0), Some(id2));
+    assert!(!s.backend_ids.retired.contains_key(&addr(2)));
+    // Ready again (a flap): back into the slots under the same id, then no longer draining.
+    let ops = step(&mut s, &mut m, &b, &a);
+    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["backend", "service", "delete_draining"], "{ops:#?}");
+    assert!(m.backends.values().any(|b| (b.addr_be, b.port_be) == addr(2) && b.backend_id == id2));
+    // Terminating again, then gone from the slices: its entry goes, last.
+    step(&mut s, &mut m, &a, &b);
+    let c = desired(vec![(fe_key(10, 80), frontend([1, 3, 4]))]);
+    let ops = step(&mut s, &mut m, &b, &c);
+    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["backend", "service", "delete_draining"], "{ops:#?}");
+    assert!(m.draining.is_empty());
+    // Now released: no slot or draining entry holds it any more.
+    assert!(!s.backend_ids.live.contains_key(&addr(2)));
+}
+
+#[test]
+fn a_new_frontend_with_draining_endpoints_and_its_deletion() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    // Unready pods from the start: they drain (harmless, no flow uses them).
+    let a = desired(vec![(fe_key(10, 80), frontend_d([1], [2, 3])), (fe_key(11, 80), frontend_d([2], [1]))]);
+    let ops = step(&mut s, &mut m, &Desired::default(), &a);
+    assert_eq!(ops.iter().filter(|o| kind(o) == "put_draining").count(), 3);
+    // The same pod has one id everywhere: pod 2 drains in one service under the id it
+    // has in the other's slots.
+    let id_of = |m: &FakeMaps, i: u32| m.backends.values().find(|b| (b.addr_be, b.port_be) == addr(i)).unwrap().backend_id;
+    let svc10 = m.services[&fe_key(10, 80).map_key()].id;
+    assert_eq!(m.draining[&DrainKey { svc_id: svc10, backend_id: id_of(&m, 2) }].backend_id, id_of(&m, 2));
+    // Deleting the service removes its draining entries (after its entry), then its
+    // ClusterIP's marker.
+    let b = desired(vec![(fe_key(11, 80), frontend_d([2], [1]))]);
+    let ops = step(&mut s, &mut m, &a, &b);
+    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["delete_service", "delete_backend", "delete_draining", "delete_draining", "delete_service"], "{ops:#?}");
+    assert!(is_marker(match &ops[4] { Op::DeleteService(k) => k, _ => unreachable!() }));
+    assert!(m.draining.keys().all(|k| k.svc_id != svc10));
+    step(&mut s, &mut m, &b, &Desired::default());
+    assert!(m.draining.is_empty() && m.backends.is_empty() && m.services.is_empty());
+}
+
+#[test]
+fn reconcile_deletes_draining_entries_of_unknown_services() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend_d([1], [2]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let stray = BackendValue { backend_id: 77, addr_be: addr(9).0, port_be: addr(9).1, _pad: [0; 2] };
+    m.draining.insert(DrainKey { svc_id: 40, backend_id: 77 }, stray);
+    let mut s2 = Syncer::from_maps(
+        m.services.iter().map(|(k, v)| (*k, *v)),
+        m.backends.iter().map(|(k, v)| (*k, *v)),
+        m.draining.iter().map(|(k, v)| (*k, *v)),
+        1024,
+    );
+    let ops = step(&mut s2, &mut m, &a, &a);
+    assert!(matches!(ops[..], [Op::DeleteDraining(DrainKey { svc_id: 40, backend_id: 77 })]), "{ops:#?}");
+    // Ids above every id seen, draining ones included, for new backends.
+    let b = desired(vec![(fe_key(10, 80), frontend_d([1, 5], [2]))]);
+    step(&mut s2, &mut m, &a, &b);
+    assert!(m.backends.values().all(|b| b.backend_id != 77 && (b.addr_be, b.port_be) != addr(5) || b.backend_id > 77));
 }
