@@ -98,6 +98,22 @@ pub struct DrainingRow {
     pub connections: usize,
 }
 
+/// Frontend ("ip:port/proto") -> its backends' addresses, sorted: what `lb services`
+/// shows, in a form tests and tools can compare. Empty when the maps can't be read.
+pub fn backend_sets(bpffs: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    services(bpffs)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|r| {
+                    let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
+                    b.sort();
+                    (format!("{}/{}", r.frontend, r.protocol), b)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Every frontend with its backends and counters, sorted by address and port.
 pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let svcs: BpfHashMap<MapData, ServiceKey4, ServiceValue> = hash(pin_dir, map_names::SERVICES)?;

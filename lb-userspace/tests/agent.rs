@@ -277,17 +277,7 @@ fn wait_for<T>(what: &str, timeout: Duration, agent: Option<&Agent>, mut f: impl
 
 /// frontend -> sorted backends, as `lb services` sees them.
 fn programmed(bpffs: &Path) -> Vec<(String, Vec<String>)> {
-    inspect::services(bpffs)
-        .map(|rows| {
-            rows.into_iter()
-                .map(|r| {
-                    let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
-                    b.sort();
-                    (format!("{}/{}", r.frontend, r.protocol), b)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    inspect::backend_sets(bpffs)
 }
 
 fn yaml(backends: &[&str], affinity: bool) -> String {

@@ -184,17 +184,7 @@ impl Agent {
     }
     /// frontend -> sorted backends.
     fn programmed(&self) -> Vec<(String, Vec<String>)> {
-        inspect::services(self.bpffs.path())
-            .map(|rows| {
-                rows.into_iter()
-                    .map(|r| {
-                        let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
-                        b.sort();
-                        (format!("{}/{}", r.frontend, r.protocol), b)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        inspect::backend_sets(self.bpffs.path())
     }
     fn wait(&self, what: &str, timeout: Duration, mut ok: impl FnMut(&Self) -> bool) -> Result<Duration> {
         let t0 = Instant::now();
