@@ -44,13 +44,7 @@ const fn finish(h: u32, words: u32) -> u32 {
 /// Hash of a flow's 5-tuple: the input to rendezvous hashing for every new flow. With
 /// ClientIP affinity it picks the backend a client is then pinned to.
 #[inline(always)]
-pub const fn flow_hash(
-    src_addr_be: u32,
-    dst_addr_be: u32,
-    src_port_be: u16,
-    dst_port_be: u16,
-    proto: u8,
-) -> u32 {
+pub const fn flow_hash(src_addr_be: u32, dst_addr_be: u32, src_port_be: u16, dst_port_be: u16, proto: u8) -> u32 {
     let ports = ((src_port_be as u32) << 16) | dst_port_be as u32;
     let mut h = mix(SEED, src_addr_be);
     h = mix(h, dst_addr_be);
@@ -101,8 +95,8 @@ mod tests {
 
     /// Chi-square critical values at p = 0.01 for df = 1..=15.
     const CHI2_P01: [f64; 15] = [
-        6.635, 9.210, 11.345, 13.277, 15.086, 16.812, 18.475, 20.090, 21.666, 23.209, 24.725,
-        26.217, 27.688, 29.141, 30.578,
+        6.635, 9.210, 11.345, 13.277, 15.086, 16.812, 18.475, 20.090, 21.666, 23.209, 24.725, 26.217, 27.688, 29.141,
+        30.578,
     ];
 
     fn chi_square(counts: &[u32], total: u32) -> f64 {
@@ -136,8 +130,9 @@ mod tests {
         let vip = u32::from_be_bytes([10, 96, 0, 10]).to_be();
         for n in [2u32, 4, 10, 50] {
             let be = backends(n);
-            let before: Vec<(u32, u16)> =
-                (0..10_000).map(|i| be[pick(flow_hash(client(i), vip, 1u16.to_be(), 80u16.to_be(), 6), &be).unwrap()]).collect();
+            let before: Vec<(u32, u16)> = (0..10_000)
+                .map(|i| be[pick(flow_hash(client(i), vip, 1u16.to_be(), 80u16.to_be(), 6), &be).unwrap()])
+                .collect();
             for removed in [0usize, (n / 2) as usize, n as usize - 1] {
                 let mut left = be.clone();
                 left.remove(removed);

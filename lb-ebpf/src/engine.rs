@@ -6,17 +6,14 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_AFFINITY, CT_F_HAIRPIN, CtKey4, CtValue4, DrainKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP,
-    Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, hash, limits,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_HAIRPIN,
+    CtKey4, CtValue4, DrainKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4,
+    ServiceValue, hash, limits,
 };
 
 use crate::{
     maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, SERVICES, count},
-    parse::{
-        ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, parse_ipv4, parse_l2,
-        parse_l4,
-    },
+    parse::{ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, parse_ipv4, parse_l2, parse_l4},
 };
 
 /// Old and new values of the header fields a NAT rewrite may touch, all in network
@@ -197,28 +194,16 @@ pub fn process<C: Packet>(ctx: &C) -> Action {
         if !is_vip() {
             return Action::pass(Reason::PassNotService);
         }
-        return Action::pass(if l3.proto == IPPROTO_ICMP {
-            Reason::PassIcmp
-        } else {
-            Reason::PassOtherProto
-        });
+        return Action::pass(if l3.proto == IPPROTO_ICMP { Reason::PassIcmp } else { Reason::PassOtherProto });
     }
     if l3.fragment {
         // Non-first fragments carry no ports, so no frontend can be matched; we do no
         // reassembly. Fragments to a ClusterIP are dropped and counted, the rest pass.
-        return if is_vip() {
-            Action::drop(Reason::DropFragment)
-        } else {
-            Action::pass(Reason::PassNotService)
-        };
+        return if is_vip() { Action::drop(Reason::DropFragment) } else { Action::pass(Reason::PassNotService) };
     }
     let l4_off = l2.l3_off + l3.hdr_len;
     let Some(l4) = parse_l4(ctx, l4_off, l3.proto) else {
-        return if is_vip() {
-            Action::drop(Reason::DropMalformedL4)
-        } else {
-            Action::pass(Reason::PassNotService)
-        };
+        return if is_vip() { Action::drop(Reason::DropMalformedL4) } else { Action::pass(Reason::PassNotService) };
     };
 
     let key = ct_key(&l3, &l4);
@@ -262,7 +247,10 @@ pub fn process<C: Packet>(ctx: &C) -> Action {
 fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> Option<Action> {
     if ct.dir == CT_DIR_REPLY {
         let client = if ct.flags & CT_F_HAIRPIN != 0 { key.src_addr_be } else { key.dst_addr_be };
-        return Some(Action::nat(Reason::RevNat, ct.svc_id, Rewrite {
+        return Some(Action::nat(
+            Reason::RevNat,
+            ct.svc_id,
+            Rewrite {
                 l3_off,
                 l4_off: l4.off,
                 l4_csum_off: l4.csum_off,
@@ -412,15 +400,9 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
         proto: l3.proto,
         _pad: [0; 3],
     };
-    let reply = CtValue4 {
-        nat_addr_be: l3.daddr_be,
-        nat_port_be: l4.dport_be,
-        dir: CT_DIR_REPLY,
-        ..fwd
-    };
+    let reply = CtValue4 { nat_addr_be: l3.daddr_be, nat_port_be: l4.dport_be, dir: CT_DIR_REPLY, ..fwd };
     if CONNTRACK.insert(key, &fwd, 0).is_err() || CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
         count(Reason::MapInsertFailed, 0);
     }
-    Action::nat(Reason::FwdNew, svc.id, forward_rewrite(l3, l4, l3_off, &backend, hairpin),
-    )
+    Action::nat(Reason::FwdNew, svc.id, forward_rewrite(l3, l4, l3_off, &backend, hairpin))
 }

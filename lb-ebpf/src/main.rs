@@ -4,8 +4,8 @@
 #![no_std]
 #![no_main]
 
-mod engine;
 mod csum;
+mod engine;
 mod maps;
 mod parse;
 mod reject;
@@ -160,7 +160,13 @@ fn xdp_nat_l4<const N: usize>(ip: &mut Ipv4Hdr, l4: &mut [u16; N], csum_word: us
     }
     if udp {
         // RFC 768: 0 means "no checksum" and stays so; a computed 0 is sent as 0xffff.
-        c = if udp_no_csum { 0 } else if c == 0 { 0xffff } else { c };
+        c = if udp_no_csum {
+            0
+        } else if c == 0 {
+            0xffff
+        } else {
+            c
+        };
     }
     ip.check = ipc;
     l4[csum_word] = c;
@@ -179,9 +185,7 @@ fn quote_len(ip_hdr_len: usize) -> Result<usize, ()> {
 fn xdp_reject(ctx: &XdpContext, l3_off: usize, ip_hdr_len: usize, orig_len: i32) -> Result<(), ()> {
     let qlen = quote_len(ip_hdr_len)?;
     let mut quote = [0u8; MAX_QUOTE];
-    let rc = unsafe {
-        bpf_xdp_load_bytes(ctx.ctx, l3_off as u32, quote.as_mut_ptr() as *mut _, qlen as u32)
-    };
+    let rc = unsafe { bpf_xdp_load_bytes(ctx.ctx, l3_off as u32, quote.as_mut_ptr() as *mut _, qlen as u32) };
     if rc != 0 {
         return Err(());
     }

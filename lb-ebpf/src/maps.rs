@@ -6,15 +6,14 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, DrainKey, CtKey4, CtValue4, Reason,
-    ServiceKey4, ServiceValue, limits,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, Reason, ServiceKey4,
+    ServiceValue, limits,
 };
 
 /// (ClusterIP, port, proto) -> service entry; also (ClusterIP, 0, 0) -> address marker.
 /// Written by the agent, read by the datapath.
 #[map(name = "lb4_svc_v2")]
-pub static SERVICES: HashMap<ServiceKey4, ServiceValue> =
-    HashMap::pinned(limits::SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey4, ServiceValue> = HashMap::pinned(limits::SERVICES, 0);
 
 /// (service id, slot 1..=count) -> backend IP and targetPort. Written by the agent
 /// (slots before `count` is raised, `count` lowered before slots go), read by the datapath.
@@ -29,8 +28,7 @@ pub static DRAINING: HashMap<DrainKey, BackendValue> = HashMap::pinned(limits::D
 /// (service id, client IP) -> backend id and last use. Written by the datapath on every
 /// packet of an affinity service; read by `lb affinity`.
 #[map(name = "lb4_aff_v2")]
-pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue> =
-    LruHashMap::pinned(limits::AFFINITY, 0);
+pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue> = LruHashMap::pinned(limits::AFFINITY, 0);
 
 /// 5-tuple as seen on the wire -> NAT state; one forward and one reply entry per flow.
 /// Written by the datapath on a new flow; read by `lb conntrack`.

@@ -4,7 +4,10 @@
 //! (<https://github.com/torvalds/linux/blob/v6.18/net/ipv4/icmp.c>, `icmp_err_convert`),
 //! which is what a client of kube-proxy's REJECT rule sees.
 
-use crate::{csum::fold_sum, parse::{IPPROTO_ICMP, Ipv4Hdr}};
+use crate::{
+    csum::fold_sum,
+    parse::{IPPROTO_ICMP, Ipv4Hdr},
+};
 
 /// Largest quote: a 60-byte IPv4 header plus 8 bytes of L4.
 pub const MAX_QUOTE: usize = 68;
@@ -65,8 +68,8 @@ pub fn build(vip_be: u32, client_be: u32, quote: &[u8; MAX_QUOTE], quote_len: us
     };
     let ip_sum = sum_words(&h.ip as *const Ipv4Hdr as *const u8, 20);
     h.ip.check = !fold_sum(ip_sum);
-    let icmp_sum = u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]) as u64
-        + sum_words(quote.as_ptr(), quote_len);
+    let icmp_sum =
+        u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]) as u64 + sum_words(quote.as_ptr(), quote_len);
     h.icmp_check = !fold_sum(icmp_sum);
     h
 }

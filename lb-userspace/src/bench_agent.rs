@@ -56,7 +56,14 @@ pub struct BenchOpts {
 
 impl BenchOpts {
     pub fn new(kubeconfig: impl Into<PathBuf>, lb: impl Into<PathBuf>) -> Self {
-        Self { kubeconfig: kubeconfig.into(), lb: lb.into(), changes: 1000, services: 10_000, endpoints: 10, concurrency: 16 }
+        Self {
+            kubeconfig: kubeconfig.into(),
+            lb: lb.into(),
+            changes: 1000,
+            services: 10_000,
+            endpoints: 10,
+            concurrency: 16,
+        }
     }
 }
 
@@ -101,8 +108,20 @@ impl Report {
              network programming latency over {} changes: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 50 ms)\n\
              full sync of {} services x {} endpoints: ready {:.2} s after start, initial sync {:.3} s ({} map writes) (target < 2 s)\n\
              agent RSS {:.1} MB, peak {:.1} MB (target < 100 MB); creating the objects in the API server took {:.1} s\n",
-            self.slice_api, l.changes, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, f.services, f.endpoints, f.ready_s,
-            f.initial_sync_s, f.initial_sync_writes, f.rss_mb, f.peak_rss_mb, f.api_create_s
+            self.slice_api,
+            l.changes,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.max_ms,
+            f.services,
+            f.endpoints,
+            f.ready_s,
+            f.initial_sync_s,
+            f.initial_sync_writes,
+            f.rss_mb,
+            f.peak_rss_mb,
+            f.api_create_s
         )
     }
 }
@@ -149,7 +168,11 @@ impl AgentProc {
                 return Ok(s);
             }
             if let Some(st) = self.child.try_wait()? {
-                bail!("agent exited ({st}); log {}:\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default());
+                bail!(
+                    "agent exited ({st}); log {}:\n{}",
+                    self.log.display(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
             }
             if t0.elapsed() > timeout {
                 bail!("agent: timed out waiting for {what}; log {}", self.log.display());
@@ -225,7 +248,8 @@ async fn ensure_namespace(client: &Client) -> Result<()> {
             Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
-    let ns: Namespace = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))?;
+    let ns: Namespace =
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))?;
     api.create(&PostParams::default(), &ns).await?;
     Ok(())
 }
@@ -260,7 +284,8 @@ async fn run_async(opts: &BenchOpts) -> Result<Report> {
     let holds = |addr: Ipv4Addr| -> bool {
         let Ok(v) = maps.services.get(&key, 0) else { return false };
         let want = u32::from_ne_bytes(addr.octets());
-        (1..=v.count).any(|slot| maps.backends.get(&BackendKey { svc_id: v.id, slot }, 0).is_ok_and(|b| b.addr_be == want))
+        (1..=v.count)
+            .any(|slot| maps.backends.get(&BackendKey { svc_id: v.id, slot }, 0).is_ok_and(|b| b.addr_be == want))
     };
     let mut lat = Vec::with_capacity(opts.changes);
     for i in 0..opts.changes {
@@ -302,11 +327,18 @@ async fn run_async(opts: &BenchOpts) -> Result<Report> {
             async move {
                 let name = format!("s{i}");
                 let svc: Service = serde_json::from_value(service_json(&name))?;
-                services.create(&PostParams::default(), &svc).await.with_context(|| format!("creating Service {name}"))?;
-                let addrs: Vec<Ipv4Addr> =
-                    (0..per).map(|j| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * per + j) as u32)).collect();
+                services
+                    .create(&PostParams::default(), &svc)
+                    .await
+                    .with_context(|| format!("creating Service {name}"))?;
+                let addrs: Vec<Ipv4Addr> = (0..per)
+                    .map(|j| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * per + j) as u32))
+                    .collect();
                 let s: DynamicObject = serde_json::from_value(slice_json(api, &format!("{name}-1"), &name, &addrs))?;
-                slices.create(&PostParams::default(), &s).await.with_context(|| format!("creating EndpointSlice {name}-1"))?;
+                slices
+                    .create(&PostParams::default(), &s)
+                    .await
+                    .with_context(|| format!("creating EndpointSlice {name}-1"))?;
                 Ok(())
             }
         })

@@ -12,7 +12,7 @@ use aya::{
     maps::{MapData, MapInfo, MapType},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
-use lb_common::{map_names, limits, MAP_LAYOUT_VERSION};
+use lb_common::{MAP_LAYOUT_VERSION, limits, map_names};
 
 /// The datapath object, built by build.rs from the lb-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -120,8 +120,8 @@ pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 
 /// Expected (type, key size, value size) of every pinned map.
 fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
-    use std::mem::size_of as s;
     use lb_common::*;
+    use std::mem::size_of as s;
     let sz = |n: usize| n as u32;
     Some(match name {
         map_names::SERVICES => (MapType::Hash, sz(s::<ServiceKey4>()), sz(s::<ServiceValue>())),
@@ -146,8 +146,8 @@ pub fn check_pinned(pin_dir: &Path) -> Result<(), DatapathError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         if let Some((mtype, ksz, vsz)) = expected_layout(&name) {
-            let map = MapData::from_pin(&path)
-                .map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
+            let map =
+                MapData::from_pin(&path).map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
             let info = map.info().map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
             check_info(&path, &info, mtype, ksz, vsz)?;
         } else if let Some(prefix) = map_names::PREFIXES.iter().find(|p| name.starts_with(**p)) {

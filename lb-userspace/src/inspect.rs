@@ -10,8 +10,8 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_F_AFFINITY, CT_F_HAIRPIN, Counter, CtKey4,
-    CtValue4, DrainKey, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, map_names,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_F_AFFINITY, CT_F_HAIRPIN, Counter,
+    CtKey4, CtValue4, DrainKey, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, map_names,
 };
 use serde::Serialize;
 
@@ -62,7 +62,10 @@ fn per_cpu(pin_dir: &Path, name: &str) -> Result<PerCpuArray<MapData, Counter>, 
 
 fn sum_counter(a: &PerCpuArray<MapData, Counter>, i: u32) -> Counter {
     a.get(&i, 0)
-        .map(|v| v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+        .map(|v| {
+            v.iter()
+                .fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+        })
         .unwrap_or_default()
 }
 
@@ -203,12 +206,17 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             }
             flags.push_str(r.no_endpoints);
         }
-        let _ = writeln!(o, "{:<4} {:<23} {:<7} {:<17} {:>11} {:>13}", r.protocol, r.frontend, r.id, flags, r.packets, r.bytes);
+        let _ = writeln!(
+            o,
+            "{:<4} {:<23} {:<7} {:<17} {:>11} {:>13}",
+            r.protocol, r.frontend, r.id, flags, r.packets, r.bytes
+        );
         for b in &r.backends {
             let _ = writeln!(o, "  -> {:<23} {:<7} {:<17} {:>10}", b.address, b.slot, b.backend_id, b.connections);
         }
         for b in &r.draining {
-            let _ = writeln!(o, "  -> {:<23} {:<7} {:<17} {:>10}  draining", b.address, "-", b.backend_id, b.connections);
+            let _ =
+                writeln!(o, "  -> {:<23} {:<7} {:<17} {:>10}  draining", b.address, "-", b.backend_id, b.connections);
         }
     }
     o
@@ -253,7 +261,11 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, InspectError> {
 
 pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} flags", "Prot", "Source", "Destination", "Dir", "NAT", "SvcId", "Backend", "Slot");
+    let _ = writeln!(
+        o,
+        "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} flags",
+        "Prot", "Source", "Destination", "Dir", "NAT", "SvcId", "Backend", "Slot"
+    );
     for r in rows {
         let mut flags = Vec::new();
         if r.affinity {
@@ -265,7 +277,15 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
         let _ = writeln!(
             o,
             "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {}",
-            r.protocol, r.source, r.destination, r.direction, r.nat, r.svc_id, r.backend_id, r.slot, flags.join(",")
+            r.protocol,
+            r.source,
+            r.destination,
+            r.direction,
+            r.nat,
+            r.svc_id,
+            r.backend_id,
+            r.slot,
+            flags.join(",")
         );
     }
     let _ = writeln!(o, "{} entries", rows.len());
@@ -385,7 +405,13 @@ pub fn status(pin_dir: &Path, status_file: Option<&Path>) -> Result<Status, Insp
     let agent: Option<AgentStatus> =
         status_file.and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok());
     let agent_running = agent.as_ref().map(|a| Path::new(&format!("/proc/{}", a.pid)).exists());
-    Ok(Status { bpffs: pin_dir.into(), attach: attach::pinned_links(&pin_dir.join(attach::LINKS_DIR)).into_iter().map(|(_, a)| a).collect(), maps, agent, agent_running })
+    Ok(Status {
+        bpffs: pin_dir.into(),
+        attach: attach::pinned_links(&pin_dir.join(attach::LINKS_DIR)).into_iter().map(|(_, a)| a).collect(),
+        maps,
+        agent,
+        agent_running,
+    })
 }
 
 pub fn status_table(s: &Status) -> String {
@@ -397,7 +423,15 @@ pub fn status_table(s: &Status) -> String {
     }
     for a in &s.attach {
         let id = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
-        let _ = writeln!(o, "  {:<16} ifindex {:<5} {:<12} link {:<6} program {}", a.iface, a.ifindex, a.mode.to_string(), id(a.link_id), id(a.program_id));
+        let _ = writeln!(
+            o,
+            "  {:<16} ifindex {:<5} {:<12} link {:<6} program {}",
+            a.iface,
+            a.ifindex,
+            a.mode.to_string(),
+            id(a.link_id),
+            id(a.program_id)
+        );
     }
     let _ = writeln!(o, "\nMaps:");
     for m in &s.maps {
@@ -418,24 +452,42 @@ pub fn status_table(s: &Status) -> String {
         }
         Some(a) => {
             let running = if s.agent_running == Some(true) { "running" } else { "not running" };
-            let ago = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
-                .saturating_sub(a.last_sync_unix_ms) as f64
-                / 1000.0;
+            let ago =
+                (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+                    as u64)
+                    .saturating_sub(a.last_sync_unix_ms) as f64
+                    / 1000.0;
             let _ = writeln!(o, "  pid {} ({running}), source {}", a.pid, a.source);
-            let _ = writeln!(o, "  ready {}, syncs {}, last sync {ago:.1}s ago took {}us ({} writes)", a.ready, a.syncs, a.last_sync_duration_us, a.last_sync_writes);
-            let _ = writeln!(o, "  frontends {}, endpoints {}, invalid objects {}, watch restarts {}", a.frontends, a.endpoints, a.invalid_objects, a.watch_restarts);
+            let _ = writeln!(
+                o,
+                "  ready {}, syncs {}, last sync {ago:.1}s ago took {}us ({} writes)",
+                a.ready, a.syncs, a.last_sync_duration_us, a.last_sync_writes
+            );
+            let _ = writeln!(
+                o,
+                "  frontends {}, endpoints {}, invalid objects {}, watch restarts {}",
+                a.frontends, a.endpoints, a.invalid_objects, a.watch_restarts
+            );
             if let Some(e) = &a.last_sync_error {
                 let _ = writeln!(o, "  last sync error: {e}");
             }
             if let Some(all) = a.rp_filter.all {
-                let fixed = a.rp_filter.all_fixed_from.map(|v| format!(" (was {v}, changed by --fix-rp-filter)")).unwrap_or_default();
+                let fixed = a
+                    .rp_filter
+                    .all_fixed_from
+                    .map(|v| format!(" (was {v}, changed by --fix-rp-filter)"))
+                    .unwrap_or_default();
                 let _ = writeln!(o, "  net.ipv4.conf.all.rp_filter {all}{fixed}");
             }
             if let Some(w) = &a.rp_filter.warning {
                 let _ = writeln!(o, "  WARNING: {w}");
             }
             if !a.rp_filter.ifaces_failed.is_empty() {
-                let _ = writeln!(o, "  WARNING: rp_filter could not be set to 0 on {}", a.rp_filter.ifaces_failed.join(", "));
+                let _ = writeln!(
+                    o,
+                    "  WARNING: rp_filter could not be set to 0 on {}",
+                    a.rp_filter.ifaces_failed.join(", ")
+                );
             }
         }
     }

@@ -3,8 +3,8 @@
 
 pub mod agent;
 pub mod bench_agent;
+pub mod bench_veth;
 pub mod datapath;
 pub mod inspect;
-pub mod testing;
 pub mod netns;
-pub mod bench_veth;
+pub mod testing;

@@ -14,8 +14,8 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, Reason,
-    ServiceKey4, ServiceValue, map_names,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, Reason, ServiceKey4,
+    ServiceValue, map_names,
 };
 
 use crate::datapath::{self, LoadOptions, TC_PROGRAM, XDP_PROGRAM};
@@ -29,11 +29,8 @@ pub struct PrivateBpffs {
 impl PrivateBpffs {
     pub fn new() -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "lb-bpffs-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path =
+            std::env::temp_dir().join(format!("lb-bpffs-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         datapath::ensure_bpffs(&path).context("mounting a private bpffs; run as root")?;
         Ok(Self { path })
@@ -190,7 +187,9 @@ impl Datapath {
         let m: PerCpuArray<&mut MapData, Counter> =
             PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).expect("stats map")).expect("per-cpu array");
         let per_cpu = m.get(&(reason as u32), 0).expect("stats index");
-        per_cpu.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+        per_cpu
+            .iter()
+            .fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
     }
 
     pub fn stats(&mut self) -> Vec<(Reason, Counter)> {
@@ -236,7 +235,6 @@ pub fn run_on(ebpf: &Ebpf, hook: Hook, packet: &[u8], repeat: u32) -> Result<(Ve
     out.truncate(res.data_size_out as usize);
     Ok((verdict, out, res.duration.as_nanos() as u64))
 }
-
 
 fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Result<()> {
     let keys: Vec<K> = m.keys().filter_map(|k| k.ok()).collect();

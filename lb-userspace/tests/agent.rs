@@ -333,7 +333,8 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
     };
     let log = dir.0.join("agent.log");
     let mut agent = Agent::start(agent_cmd(), &log)?;
-    let want = |b: &[&str]| vec![("10.96.0.10:80/TCP".to_string(), b.iter().map(|s| s.to_string()).collect::<Vec<_>>())];
+    let want =
+        |b: &[&str]| vec![("10.96.0.10:80/TCP".to_string(), b.iter().map(|s| s.to_string()).collect::<Vec<_>>())];
     wait_for("initial programming", Duration::from_secs(20), Some(&agent), || {
         (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.2:8080"])).then_some(())
     })?;
@@ -357,7 +358,9 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
     // ids, only the difference is written.
     let _ = std::fs::remove_file(&status_file);
     let mut agent = Agent::start(agent_cmd(), &log)?;
-    let st = wait_for("ready after restart", Duration::from_secs(20), Some(&agent), || status(&status_file).filter(|s| s.ready))?;
+    let st = wait_for("ready after restart", Duration::from_secs(20), Some(&agent), || {
+        status(&status_file).filter(|s| s.ready)
+    })?;
     assert!(st.last_sync_writes <= 3, "restart wrote {} ops; expected only the diff", st.last_sync_writes);
     let after = inspect::services(bpffs.path())?;
     assert_eq!(programmed(bpffs.path()), want(&["10.244.2.1:8080", "10.244.2.3:8080", "10.244.2.4:8080"]));
@@ -371,31 +374,49 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
     }
 
     // A pod turns terminating: out of the slots, listed as draining by `lb services`.
-    let terminating = yaml(&["10.244.2.1", "10.244.2.3", "10.244.2.4"], true)
-        .replace("- addresses: [10.244.2.4]\n  conditions: {ready: true}", "- addresses: [10.244.2.4]\n  conditions: {ready: false, serving: true, terminating: true}");
+    let terminating = yaml(&["10.244.2.1", "10.244.2.3", "10.244.2.4"], true).replace(
+        "- addresses: [10.244.2.4]\n  conditions: {ready: true}",
+        "- addresses: [10.244.2.4]\n  conditions: {ready: false, serving: true, terminating: true}",
+    );
     write_file(&file, &terminating)?;
     let rows = wait_for("terminating pod draining", Duration::from_secs(10), Some(&agent), || {
         let rows = inspect::services(bpffs.path()).ok()?;
-        (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.3:8080"]) && rows[0].draining.len() == 1).then_some(rows)
+        (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.3:8080"]) && rows[0].draining.len() == 1)
+            .then_some(rows)
     })?;
     assert_eq!(rows[0].draining[0].address, "10.244.2.4:8080");
     let id4 = after[0].backends.iter().find(|b| b.address == "10.244.2.4:8080").expect("backend 4").backend_id;
     assert_eq!(rows[0].draining[0].backend_id, id4, "a draining backend keeps its id");
-    assert!(inspect::services_table(&rows).contains("10.244.2.4:8080") && inspect::services_table(&rows).contains("draining"));
+    assert!(
+        inspect::services_table(&rows).contains("10.244.2.4:8080")
+            && inspect::services_table(&rows).contains("draining")
+    );
     let json = serde_json::to_value(&rows)?;
     assert_eq!(json[0]["draining"][0]["address"], "10.244.2.4:8080");
 
     // Bad objects do not stop it; deleting the service empties the maps.
-    write_file(&file, &format!("{}---\nkind: Service\napiVersion: v1\nmetadata: {{name: bad}}\nspec: {{clusterIP: 10.96.0.999, ports: [{{port: 80}}]}}\n", yaml(&["10.244.2.1"], false)))?;
+    write_file(
+        &file,
+        &format!(
+            "{}---\nkind: Service\napiVersion: v1\nmetadata: {{name: bad}}\nspec: {{clusterIP: 10.96.0.999, ports: [{{port: 80}}]}}\n",
+            yaml(&["10.244.2.1"], false)
+        ),
+    )?;
     wait_for("bad object counted, rest programmed", Duration::from_secs(10), Some(&agent), || {
         let s = status(&status_file)?;
         (s.invalid_objects == 1 && programmed(bpffs.path()) == want(&["10.244.2.1:8080"])).then_some(())
     })?;
     write_file(&file, "")?;
-    wait_for("empty maps", Duration::from_secs(10), Some(&agent), || programmed(bpffs.path()).is_empty().then_some(()))?;
+    wait_for("empty maps", Duration::from_secs(10), Some(&agent), || {
+        programmed(bpffs.path()).is_empty().then_some(())
+    })?;
     agent.term()?;
 
-    let out = Command::new(lb()).args(["agent", "--cleanup"]).env("LB_BPFFS", bpffs.path()).env("LB_STATUS_FILE", &status_file).output()?;
+    let out = Command::new(lb())
+        .args(["agent", "--cleanup"])
+        .env("LB_BPFFS", bpffs.path())
+        .env("LB_STATUS_FILE", &status_file)
+        .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let left: Vec<_> = std::fs::read_dir(bpffs.path())?
         .flatten()
@@ -427,7 +448,9 @@ fn echo_server(topo: &Topology, stop: Arc<AtomicBool>) -> Result<std::thread::Jo
                                         break;
                                     }
                                 }
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
                                 Err(_) => break,
                             }
                         }
@@ -441,10 +464,21 @@ fn echo_server(topo: &Topology, stop: Arc<AtomicBool>) -> Result<std::thread::Jo
 
 fn node_agent(topo: &Topology, bpffs: &Path, file: &Path, status_file: &Path, mode: &str) -> Command {
     let mut c = topo.node.command(lb());
-    c.args(["agent", "--iface-glob", "to-*", "--pod-attach", mode, "--iface-rescan-ms", "200", "--file-poll-ms", "20", "--source"])
-        .arg(format!("file:{}", file.display()))
-        .env("LB_BPFFS", bpffs)
-        .env("LB_STATUS_FILE", status_file);
+    c.args([
+        "agent",
+        "--iface-glob",
+        "to-*",
+        "--pod-attach",
+        mode,
+        "--iface-rescan-ms",
+        "200",
+        "--file-poll-ms",
+        "20",
+        "--source",
+    ])
+    .arg(format!("file:{}", file.display()))
+    .env("LB_BPFFS", bpffs)
+    .env("LB_STATUS_FILE", status_file);
     if mode != "tc" {
         // These veths stand for pod veths; the stream test checks XDP's link
         // adoption, not checksums (both ends are on this node).
@@ -470,14 +504,17 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
         let s = status(&status_file)?;
         (s.ready && s.attach.len() == 2).then_some(())
     })?;
-    let pins: Vec<String> = std::fs::read_dir(&links)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let pins: Vec<String> =
+        std::fs::read_dir(&links)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(pins.len(), 2, "{pins:?}");
     assert!(pins.iter().all(|p| p.contains(&format!("_{mode}_"))), "{pins:?}");
 
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&topo, stop.clone())?;
     let target = SocketAddr::from((VIP, 80));
-    let mut conn = topo.client.run(|| TcpStream::connect_timeout(&target, Duration::from_secs(3)).context("connect to the ClusterIP"))?;
+    let mut conn = topo
+        .client
+        .run(|| TcpStream::connect_timeout(&target, Duration::from_secs(3)).context("connect to the ClusterIP"))?;
     conn.set_read_timeout(Some(Duration::from_secs(3)))?;
     conn.set_nodelay(true)?;
 
@@ -503,7 +540,8 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
         Ok(())
     };
     exchange(&mut conn, Instant::now() + Duration::from_millis(500))?;
-    let prog_ids_before: Vec<Option<u32>> = status(&status_file).map(|s| s.attach.iter().map(|a| a.program_id).collect()).unwrap_or_default();
+    let prog_ids_before: Vec<Option<u32>> =
+        status(&status_file).map(|s| s.attach.iter().map(|a| a.program_id).collect()).unwrap_or_default();
 
     agent.kill9();
     // Still attached with nobody running: the pins hold the links.
@@ -532,11 +570,16 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     // A veth that goes away loses its pin; a new one matching the glob is attached.
     topo.node.ip(&["link", "add", "to-extra", "type", "veth", "peer", "name", "extra-peer"])?;
     wait_for("new veth attached", Duration::from_secs(10), Some(&agent), || {
-        std::fs::read_dir(&links).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_to-extra")).then_some(())
+        std::fs::read_dir(&links)
+            .ok()?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with("_to-extra"))
+            .then_some(())
     })?;
     topo.node.ip(&["link", "del", "to-extra"])?;
     wait_for("gone veth detached", Duration::from_secs(10), Some(&agent), || {
-        (!std::fs::read_dir(&links).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_to-extra"))).then_some(())
+        (!std::fs::read_dir(&links).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_to-extra")))
+            .then_some(())
     })?;
 
     stop.store(true, Ordering::Relaxed);
@@ -618,7 +661,10 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
     assert_eq!(node_rp_filter(&topo, NODE_SERVER_IF)?, 0);
     assert_eq!(node_rp_filter(&topo, "all")?, 1);
     assert!(agent.log_text().contains("rp_filter is 1 (strict)"), "{}", agent.log_text());
-    assert!(echo_once(&topo, Duration::from_millis(1500)).is_err(), "strict conf.all should drop the reverse-NATed SYN-ACK");
+    assert!(
+        echo_once(&topo, Duration::from_millis(1500)).is_err(),
+        "strict conf.all should drop the reverse-NATed SYN-ACK"
+    );
     agent.term()?;
 
     // By default the agent turns the strict `all` off, and the ClusterIP works.
@@ -630,7 +676,10 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
     let st = wait_for("attached, with `all` fixed", Duration::from_secs(20), Some(&agent), || {
         status(&status_file).filter(|s| s.ready && s.attach.len() == 2 && s.rp_filter.all.is_some())
     })?;
-    assert_eq!((st.rp_filter.all, st.rp_filter.all_fixed_from, st.rp_filter.warning.as_deref()), (Some(0), Some(1), None));
+    assert_eq!(
+        (st.rp_filter.all, st.rp_filter.all_fixed_from, st.rp_filter.warning.as_deref()),
+        (Some(0), Some(1), None)
+    );
     for conf in ["all", NODE_CLIENT_IF, NODE_SERVER_IF] {
         assert_eq!(node_rp_filter(&topo, conf)?, 0, "{conf}");
     }

@@ -21,7 +21,8 @@ use anyhow::{Context as _, Result, bail};
 use lb_userspace::{agent::AgentStatus, inspect, testing::PrivateBpffs};
 
 fn kube_bin_dir() -> PathBuf {
-    let cache = std::env::var_os("LB_KUBE_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/lb/kube-1.20.2".into());
+    let cache =
+        std::env::var_os("LB_KUBE_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/lb/kube-1.20.2".into());
     cache.join("bin")
 }
 
@@ -71,7 +72,11 @@ impl Cluster {
         }
         let out = c.output().context("running `xtask kube up`")?;
         if !out.status.success() {
-            bail!("xtask kube up failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "xtask kube up failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(Self { kubeconfig: dir.join("kubeconfig"), dir })
     }
@@ -193,7 +198,11 @@ impl Agent {
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > timeout {
-                bail!("timed out waiting for {what}; programmed {:#?}\nagent log:\n{}", self.programmed(), self.log_text());
+                bail!(
+                    "timed out waiting for {what}; programmed {:#?}\nagent log:\n{}",
+                    self.programmed(),
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -219,7 +228,9 @@ impl Drop for Agent {
 }
 
 fn service(name: &str, ip: &str, ports: &str, extra: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {ip}\n  ports: {ports}\n{extra}---\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {ip}\n  ports: {ports}\n{extra}---\n"
+    )
 }
 
 /// An EndpointSlice of `svc` in `api_version`, with `eps` as (address, ready).
@@ -250,7 +261,8 @@ fn backends(n: usize, port: u16) -> Vec<String> {
     v
 }
 
-const WEB_PORTS: &str = "[{name: http, port: 80, targetPort: web}, {name: dns, port: 53, protocol: UDP, targetPort: dns}]";
+const WEB_PORTS: &str =
+    "[{name: http, port: 80, targetPort: web}, {name: dns, port: 53, protocol: UDP, targetPort: dns}]";
 const WEB_SLICE_PORTS: &str = "[{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]";
 
 /// The scenario shared by both API versions.
@@ -260,14 +272,29 @@ fn lifecycle(cluster: &Cluster, agent: &Agent, api_version: &str) -> Result<()> 
     cluster.apply(&format!(
         "{}{}",
         service("web", "10.96.100.10", WEB_PORTS, ""),
-        slice(api_version, "web-a", "web", WEB_SLICE_PORTS, &[("10.244.1.2".into(), true), ("10.244.1.3".into(), false)])
+        slice(
+            api_version,
+            "web-a",
+            "web",
+            WEB_SLICE_PORTS,
+            &[("10.244.1.2".into(), true), ("10.244.1.3".into(), false)]
+        )
     ))?;
-    agent.expect("create", &[("10.96.100.10:53/UDP", &["10.244.1.2:5353"]), ("10.96.100.10:80/TCP", &["10.244.1.2:8080"])])?;
+    agent.expect(
+        "create",
+        &[("10.96.100.10:53/UDP", &["10.244.1.2:5353"]), ("10.96.100.10:80/TCP", &["10.244.1.2:8080"])],
+    )?;
 
     // Update the slice: the second endpoint becomes ready, a second slice adds one more.
     cluster.apply(&format!(
         "{}{}",
-        slice(api_version, "web-a", "web", WEB_SLICE_PORTS, &[("10.244.1.2".into(), true), ("10.244.1.3".into(), true)]),
+        slice(
+            api_version,
+            "web-a",
+            "web",
+            WEB_SLICE_PORTS,
+            &[("10.244.1.2".into(), true), ("10.244.1.3".into(), true)]
+        ),
         slice(api_version, "web-b", "web", WEB_SLICE_PORTS, &[("10.244.1.4".into(), true)])
     ))?;
     agent.expect(
@@ -293,11 +320,16 @@ fn lifecycle(cluster: &Cluster, agent: &Agent, api_version: &str) -> Result<()> 
         ],
     )?;
     let rows = inspect::services(agent.bpffs.path())?;
-    assert!(rows.iter().filter(|r| r.frontend.starts_with("10.96.100.10")).all(|r| r.affinity_timeout_s == Some(60)), "{rows:#?}");
+    assert!(
+        rows.iter().filter(|r| r.frontend.starts_with("10.96.100.10")).all(|r| r.affinity_timeout_s == Some(60)),
+        "{rows:#?}"
+    );
 
     // A slice for a service that does not exist: counted, the rest unaffected.
     cluster.apply(&slice(api_version, "ghost-a", "ghost", WEB_SLICE_PORTS, &[("10.244.9.9".into(), true)]))?;
-    agent.wait("unknown service counted", Duration::from_secs(20), |a| a.state().is_some_and(|s| s.invalid_objects == 1))?;
+    agent.wait("unknown service counted", Duration::from_secs(20), |a| {
+        a.state().is_some_and(|s| s.invalid_objects == 1)
+    })?;
     cluster.kubectl(&["delete", "endpointslice", "ghost-a"], None)?;
 
     // Delete the slices: no endpoints (frontends stay, rejecting); then the service.
@@ -312,7 +344,10 @@ fn lifecycle(cluster: &Cluster, agent: &Agent, api_version: &str) -> Result<()> 
         service("web", "10.96.100.10", WEB_PORTS, ""),
         slice(api_version, "web-a", "web", WEB_SLICE_PORTS, &[("10.244.1.7".into(), true)])
     ))?;
-    agent.expect("re-created", &[("10.96.100.10:53/UDP", &["10.244.1.7:5353"]), ("10.96.100.10:80/TCP", &["10.244.1.7:8080"])])?;
+    agent.expect(
+        "re-created",
+        &[("10.96.100.10:53/UDP", &["10.244.1.7:5353"]), ("10.96.100.10:80/TCP", &["10.244.1.7:8080"])],
+    )?;
     Ok(())
 }
 
@@ -327,7 +362,14 @@ fn scale(cluster: &Cluster, agent: &Agent, api_version: &str) -> Result<Vec<Dura
         cluster.apply(&slice(api_version, "scale-a", "scale", slice_ports, &eps(n)))?;
         let want = backends(n, 8080);
         let want_ref: Vec<&str> = want.iter().map(String::as_str).collect();
-        agent.expect(&format!("scale to {n}"), &[("10.96.100.10:53/UDP", &["10.244.1.7:5353"]), ("10.96.100.10:80/TCP", &["10.244.1.7:8080"]), ("10.96.100.50:80/TCP", &want_ref)])?;
+        agent.expect(
+            &format!("scale to {n}"),
+            &[
+                ("10.96.100.10:53/UDP", &["10.244.1.7:5353"]),
+                ("10.96.100.10:80/TCP", &["10.244.1.7:8080"]),
+                ("10.96.100.50:80/TCP", &want_ref),
+            ],
+        )?;
         took.push(t0.elapsed());
     }
     Ok(took)
@@ -352,12 +394,22 @@ fn v1beta1_fallback_on_a_plain_1_20_server() -> Result<()> {
         assert_eq!(agent.programmed(), before, "maps changed while the API server was down");
         Ok(())
     })?;
-    cluster.apply(&slice("discovery.k8s.io/v1beta1", "scale-a", "scale", "[{name: http, port: 8080, protocol: TCP}]", &eps(3)))?;
+    cluster.apply(&slice(
+        "discovery.k8s.io/v1beta1",
+        "scale-a",
+        "scale",
+        "[{name: http, port: 8080, protocol: TCP}]",
+        &eps(3),
+    ))?;
     let want = backends(3, 8080);
     let want_ref: Vec<&str> = want.iter().map(String::as_str).collect();
     let t = agent.expect(
         "change after the API server restart",
-        &[("10.96.100.10:53/UDP", &["10.244.1.7:5353"]), ("10.96.100.10:80/TCP", &["10.244.1.7:8080"]), ("10.96.100.50:80/TCP", &want_ref)],
+        &[
+            ("10.96.100.10:53/UDP", &["10.244.1.7:5353"]),
+            ("10.96.100.10:80/TCP", &["10.244.1.7:8080"]),
+            ("10.96.100.50:80/TCP", &want_ref),
+        ],
     )?;
     eprintln!("first change after the API server restart landed after {t:?}");
     assert!(agent.log_text().contains("watch failed"), "the outage should have been noticed");

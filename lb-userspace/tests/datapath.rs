@@ -6,13 +6,10 @@
 //!
 //! Needs root (BPF program load); `cargo xtask test` runs it.
 
-use etherparse::{
-    IpHeaders, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
-    VlanId,
-};
+use etherparse::{IpHeaders, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader, VlanId};
 use lb_common::{
-    AffinityKey4, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, NO_BACKENDS_REJECT,
-    Reason, SVC_F_AFFINITY, ServiceValue, hash,
+    AffinityKey4, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, NO_BACKENDS_REJECT, Reason,
+    SVC_F_AFFINITY, ServiceValue, hash,
 };
 use lb_userspace::testing::{Datapath, Hook, Verdict, ip, monotonic_ns};
 
@@ -58,10 +55,10 @@ fn base(dp: &mut Datapath) {
     dp.put_backends(SVC_TCP, &[(101, &s(BE_TCP), 8080)]).unwrap();
     dp.put_service(&s(VIP), 53, IPPROTO_UDP, svc(SVC_UDP, 1)).unwrap();
     dp.put_backends(SVC_UDP, &[(201, &s(BE_UDP), 5353)]).unwrap();
-    let aff = ServiceValue { id: SVC_AFF, count: 3, affinity_timeout_s: 1, flags: SVC_F_AFFINITY, ..Default::default() };
+    let aff =
+        ServiceValue { id: SVC_AFF, count: 3, affinity_timeout_s: 1, flags: SVC_F_AFFINITY, ..Default::default() };
     dp.put_service(&s(VIP_AFF), 80, IPPROTO_TCP, aff).unwrap();
-    let be: Vec<(u32, String, u16)> =
-        BE_AFF.iter().enumerate().map(|(i, a)| (301 + i as u32, s(*a), 8080)).collect();
+    let be: Vec<(u32, String, u16)> = BE_AFF.iter().enumerate().map(|(i, a)| (301 + i as u32, s(*a), 8080)).collect();
     let be: Vec<(u32, &str, u16)> = be.iter().map(|(i, a, p)| (*i, a.as_str(), *p)).collect();
     dp.put_backends(SVC_AFF, &be).unwrap();
     let reject = ServiceValue { no_backends: NO_BACKENDS_REJECT, ..svc(SVC_REJECT, 0) };
@@ -75,8 +72,18 @@ fn base(dp: &mut Datapath) {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum L4 {
-    Tcp { sport: u16, dport: u16, syn: bool, ack: bool, fin: bool },
-    Udp { sport: u16, dport: u16, zero_csum: bool },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        syn: bool,
+        ack: bool,
+        fin: bool,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        zero_csum: bool,
+    },
     IcmpEcho,
     /// Another IP protocol, with 8 bytes of opaque payload.
     Other(u8),
@@ -281,7 +288,9 @@ fn ct_has_flow(dp: &mut Datapath, p: &Pkt) {
     let ct = dp.conntrack();
     let (sport, dport) = p.ports();
     let fwd = ct.iter().find(|(k, _)| {
-        k.src_addr_be == ip(&s(p.src)) && k.dst_addr_be == ip(&s(p.dst)) && k.src_port_be == sport.to_be()
+        k.src_addr_be == ip(&s(p.src))
+            && k.dst_addr_be == ip(&s(p.dst))
+            && k.src_port_be == sport.to_be()
             && k.dst_port_be == dport.to_be()
     });
     let (_, v) = fwd.unwrap_or_else(|| panic!("no forward conntrack entry for {p:?} in {ct:?}"));
@@ -337,63 +346,170 @@ fn cases() -> Vec<Case> {
 
     let mut v = vec![
         // --- TCP: new flow, established, reply, teardown.
-        Case { after: ct_has_flow, ..case("tcp syn to frontend picks the backend", web_syn.clone(), Pass,
-            Expect::Packet(web_syn.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdNew]) },
-        Case { before: vec![web_syn.clone()], after: ct_has_flow, ..case("tcp ack of a known flow follows conntrack",
-            web.clone(), Pass, Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdEstablished]) },
-        Case { before: vec![web_syn.clone()], ..case("tcp reply gets the frontend back as source",
-            reply.clone(), Pass, Expect::Packet(reply.nat(VIP, 80, CLIENT, 40000)), &[RevNat]) },
+        Case {
+            after: ct_has_flow,
+            ..case(
+                "tcp syn to frontend picks the backend",
+                web_syn.clone(),
+                Pass,
+                Expect::Packet(web_syn.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdNew],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            after: ct_has_flow,
+            ..case(
+                "tcp ack of a known flow follows conntrack",
+                web.clone(),
+                Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdEstablished],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            ..case(
+                "tcp reply gets the frontend back as source",
+                reply.clone(),
+                Pass,
+                Expect::Packet(reply.nat(VIP, 80, CLIENT, 40000)),
+                &[RevNat],
+            )
+        },
         {
             let mut fin = web.clone();
             fin.l4 = L4::Tcp { sport: 40000, dport: 80, syn: false, ack: true, fin: true };
-            Case { before: vec![web_syn.clone()], ..case("tcp fin of a known flow is rewritten", fin.clone(), Pass,
-                Expect::Packet(fin.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdEstablished]) }
+            Case {
+                before: vec![web_syn.clone()],
+                ..case(
+                    "tcp fin of a known flow is rewritten",
+                    fin.clone(),
+                    Pass,
+                    Expect::Packet(fin.nat(CLIENT, 40000, BE_TCP, 8080)),
+                    &[FwdEstablished],
+                )
+            }
         },
         {
             let mut big = web.clone();
             big.payload = (0..1401u32).map(|i| (i * 7) as u8).collect();
-            Case { before: vec![web_syn.clone()], ..case("tcp odd-length payload keeps a valid checksum", big.clone(),
-                Pass, Expect::Packet(big.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdEstablished]) }
+            Case {
+                before: vec![web_syn.clone()],
+                ..case(
+                    "tcp odd-length payload keeps a valid checksum",
+                    big.clone(),
+                    Pass,
+                    Expect::Packet(big.nat(CLIENT, 40000, BE_TCP, 8080)),
+                    &[FwdEstablished],
+                )
+            }
         },
-        case("tcp from a backend with no conntrack entry passes untouched", reply.clone(), Pass,
-            Expect::Unchanged, &[PassNotService]),
-        Case { after: ct_has_flow, ..case("tcp mid-flow packet with no conntrack entry starts a flow", web.clone(),
-            Pass, Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdNew]) },
+        case(
+            "tcp from a backend with no conntrack entry passes untouched",
+            reply.clone(),
+            Pass,
+            Expect::Unchanged,
+            &[PassNotService],
+        ),
+        Case {
+            after: ct_has_flow,
+            ..case(
+                "tcp mid-flow packet with no conntrack entry starts a flow",
+                web.clone(),
+                Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdNew],
+            )
+        },
         // --- UDP.
-        Case { after: ct_has_flow, ..case("udp to frontend picks the backend", dns.clone(), Pass,
-            Expect::Packet(dns.nat(CLIENT, 40001, BE_UDP, 5353)), &[FwdNew]) },
+        Case {
+            after: ct_has_flow,
+            ..case(
+                "udp to frontend picks the backend",
+                dns.clone(),
+                Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, BE_UDP, 5353)),
+                &[FwdNew],
+            )
+        },
         {
             let mut z = dns.clone();
             z.l4 = L4::Udp { sport: 40001, dport: 53, zero_csum: true };
-            case("udp with checksum 0 keeps checksum 0", z.clone(), Pass,
-                Expect::Packet(z.nat(CLIENT, 40001, BE_UDP, 5353)), &[FwdNew])
+            case(
+                "udp with checksum 0 keeps checksum 0",
+                z.clone(),
+                Pass,
+                Expect::Packet(z.nat(CLIENT, 40001, BE_UDP, 5353)),
+                &[FwdNew],
+            )
         },
-        Case { before: vec![dns.clone()], ..case("udp second datagram follows conntrack", dns.clone(), Pass,
-            Expect::Packet(dns.nat(CLIENT, 40001, BE_UDP, 5353)), &[FwdEstablished]) },
-        Case { before: vec![dns.clone()], ..case("udp reply gets the frontend back as source", udp_reply.clone(),
-            Pass, Expect::Packet(udp_reply.nat(VIP, 53, CLIENT, 40001)), &[RevNat]) },
+        Case {
+            before: vec![dns.clone()],
+            ..case(
+                "udp second datagram follows conntrack",
+                dns.clone(),
+                Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, BE_UDP, 5353)),
+                &[FwdEstablished],
+            )
+        },
+        Case {
+            before: vec![dns.clone()],
+            ..case(
+                "udp reply gets the frontend back as source",
+                udp_reply.clone(),
+                Pass,
+                Expect::Packet(udp_reply.nat(VIP, 53, CLIENT, 40001)),
+                &[RevNat],
+            )
+        },
         {
             let mut odd = dns.clone();
             odd.payload = vec![0xab; 3];
-            case("udp odd-length payload keeps a valid checksum", odd.clone(), Pass,
-                Expect::Packet(odd.nat(CLIENT, 40001, BE_UDP, 5353)), &[FwdNew])
+            case(
+                "udp odd-length payload keeps a valid checksum",
+                odd.clone(),
+                Pass,
+                Expect::Packet(odd.nat(CLIENT, 40001, BE_UDP, 5353)),
+                &[FwdNew],
+            )
         },
         // --- ClientIP affinity.
-        Case { after: |dp, _| {
+        Case {
+            after: |dp, _| {
                 let a = affinity_entry(dp, CLIENT);
                 assert_eq!(a.backend_id, 301 + aff_pick(CLIENT, 1000) as u32);
                 assert!(monotonic_ns() - a.last_used_ns < 5_000_000_000);
             },
-            ..case("affinity: first flow picks by hash and remembers it", aff_syn(CLIENT, 1000), Pass,
-                aff_expect(CLIENT, 1000, 1000), &[FwdNew, AffinityMiss]) },
-        Case { before: vec![aff_syn(CLIENT, 1000)],
-            ..case("affinity: a new flow from another port reuses the backend", aff_syn(CLIENT, other_port), Pass,
-                aff_expect(CLIENT, other_port, 1000), &[FwdNew, AffinityHit]) },
+            ..case(
+                "affinity: first flow picks by hash and remembers it",
+                aff_syn(CLIENT, 1000),
+                Pass,
+                aff_expect(CLIENT, 1000, 1000),
+                &[FwdNew, AffinityMiss],
+            )
+        },
+        Case {
+            before: vec![aff_syn(CLIENT, 1000)],
+            ..case(
+                "affinity: a new flow from another port reuses the backend",
+                aff_syn(CLIENT, other_port),
+                Pass,
+                aff_expect(CLIENT, other_port, 1000),
+                &[FwdNew, AffinityHit],
+            )
+        },
         {
             // Remember a backend the hash would not pick: it must still be used.
             let other = (aff_pick(CLIENT, 3000) + 1) % 3;
-            let mut c = case("affinity: a live entry wins over the hash", aff_syn(CLIENT, 3000), Pass,
-                Expect::Packet(aff_syn(CLIENT, 3000).nat(CLIENT, 3000, BE_AFF[other], 8080)), &[FwdNew, AffinityHit]);
+            let mut c = case(
+                "affinity: a live entry wins over the hash",
+                aff_syn(CLIENT, 3000),
+                Pass,
+                Expect::Packet(aff_syn(CLIENT, 3000).nat(CLIENT, 3000, BE_AFF[other], 8080)),
+                &[FwdNew, AffinityHit],
+            );
             c.setup = |dp| {
                 let other = (aff_pick(CLIENT, 3000) + 1) % 3;
                 put_aff(dp, CLIENT, 301 + other as u32, other as u32 + 1, 100_000_000);
@@ -401,8 +517,13 @@ fn cases() -> Vec<Case> {
             c
         },
         {
-            let mut c = case("affinity: an entry older than timeoutSeconds (1 s) expires", aff_syn(CLIENT, 3001), Pass,
-                aff_expect(CLIENT, 3001, 3001), &[FwdNew, AffinityExpired]);
+            let mut c = case(
+                "affinity: an entry older than timeoutSeconds (1 s) expires",
+                aff_syn(CLIENT, 3001),
+                Pass,
+                aff_expect(CLIENT, 3001, 3001),
+                &[FwdNew, AffinityExpired],
+            );
             c.setup = |dp| {
                 let other = (aff_pick(CLIENT, 3001) + 1) % 3;
                 put_aff(dp, CLIENT, 301 + other as u32, other as u32 + 1, 2_000_000_000);
@@ -415,16 +536,26 @@ fn cases() -> Vec<Case> {
             c
         },
         {
-            let mut c = case("affinity: an entry whose backend left is replaced", aff_syn(CLIENT, 3002), Pass,
-                aff_expect(CLIENT, 3002, 3002), &[FwdNew, AffinityStale]);
+            let mut c = case(
+                "affinity: an entry whose backend left is replaced",
+                aff_syn(CLIENT, 3002),
+                Pass,
+                aff_expect(CLIENT, 3002, 3002),
+                &[FwdNew, AffinityStale],
+            );
             // Backend id 399 is not in the service (it was removed).
             c.setup = |dp| put_aff(dp, CLIENT, 399, 2, 1_000_000);
             c.after = |dp, _| assert_eq!(affinity_entry(dp, CLIENT).backend_id, 301 + aff_pick(CLIENT, 3002) as u32);
             c
         },
         {
-            let mut c = case("affinity: the remembered backend is found after its slot moved", aff_syn(CLIENT, 3003),
-                Pass, Expect::Packet(aff_syn(CLIENT, 3003).nat(CLIENT, 3003, BE_AFF[2], 8080)), &[FwdNew, AffinityHit]);
+            let mut c = case(
+                "affinity: the remembered backend is found after its slot moved",
+                aff_syn(CLIENT, 3003),
+                Pass,
+                Expect::Packet(aff_syn(CLIENT, 3003).nat(CLIENT, 3003, BE_AFF[2], 8080)),
+                &[FwdNew, AffinityHit],
+            );
             // Entry says backend 303 at slot 1, but 303 stands at slot 3.
             c.setup = |dp| put_aff(dp, CLIENT, 303, 1, 1_000_000);
             c
@@ -433,8 +564,13 @@ fn cases() -> Vec<Case> {
             let mut est = tcp(CLIENT, 1000, VIP_AFF, 80);
             est.payload = b"more".to_vec();
             let exp = est.nat(CLIENT, 1000, BE_AFF[aff_pick(CLIENT, 1000)], 8080);
-            let mut c = case("affinity: every packet of a flow refreshes last use", est, Pass, Expect::Packet(exp),
-                &[FwdEstablished]);
+            let mut c = case(
+                "affinity: every packet of a flow refreshes last use",
+                est,
+                Pass,
+                Expect::Packet(exp),
+                &[FwdEstablished],
+            );
             c.before = vec![aff_syn(CLIENT, 1000)];
             c.between = |dp| {
                 // Age the entry by 0.8 s; the packet must make it fresh again.
@@ -447,27 +583,80 @@ fn cases() -> Vec<Case> {
             };
             c
         },
-        Case { before: vec![aff_syn(CLIENT, 1000)],
-            ..case("affinity: another client is hashed on its own", aff_syn(CLIENT2, 1000), Pass,
-                aff_expect(CLIENT2, 1000, 1000), &[FwdNew, AffinityMiss]) },
+        Case {
+            before: vec![aff_syn(CLIENT, 1000)],
+            ..case(
+                "affinity: another client is hashed on its own",
+                aff_syn(CLIENT2, 1000),
+                Pass,
+                aff_expect(CLIENT2, 1000, 1000),
+                &[FwdNew, AffinityMiss],
+            )
+        },
         // --- No ready backend.
-        Case { after: ct_empty, ..case("no backends, tcp: icmp port unreachable back to the client",
-            syn(CLIENT, 40000, VIP_REJECT, 80), Bounce, Expect::IcmpPortUnreachable, &[NoBackendReject]) },
-        case("no backends, udp: icmp port unreachable back to the client", udp(CLIENT, 40001, VIP_REJECT, 53),
-            Bounce, Expect::IcmpPortUnreachable, &[NoBackendReject]),
-        case("no backends, vlan: the icmp keeps the tag", vlan(syn(CLIENT, 40000, VIP_REJECT, 80)), Bounce,
-            Expect::IcmpPortUnreachable, &[NoBackendReject]),
-        case("no backends, ip options: the icmp quotes them", opts(syn(CLIENT, 40000, VIP_REJECT, 80)), Bounce,
-            Expect::IcmpPortUnreachable, &[NoBackendReject]),
-        Case { after: ct_empty, ..case("no backends, drop mode: dropped", syn(CLIENT, 40000, VIP_DROP, 80), Drop,
-            Expect::Nothing, &[NoBackendDrop]) },
+        Case {
+            after: ct_empty,
+            ..case(
+                "no backends, tcp: icmp port unreachable back to the client",
+                syn(CLIENT, 40000, VIP_REJECT, 80),
+                Bounce,
+                Expect::IcmpPortUnreachable,
+                &[NoBackendReject],
+            )
+        },
+        case(
+            "no backends, udp: icmp port unreachable back to the client",
+            udp(CLIENT, 40001, VIP_REJECT, 53),
+            Bounce,
+            Expect::IcmpPortUnreachable,
+            &[NoBackendReject],
+        ),
+        case(
+            "no backends, vlan: the icmp keeps the tag",
+            vlan(syn(CLIENT, 40000, VIP_REJECT, 80)),
+            Bounce,
+            Expect::IcmpPortUnreachable,
+            &[NoBackendReject],
+        ),
+        case(
+            "no backends, ip options: the icmp quotes them",
+            opts(syn(CLIENT, 40000, VIP_REJECT, 80)),
+            Bounce,
+            Expect::IcmpPortUnreachable,
+            &[NoBackendReject],
+        ),
+        Case {
+            after: ct_empty,
+            ..case(
+                "no backends, drop mode: dropped",
+                syn(CLIENT, 40000, VIP_DROP, 80),
+                Drop,
+                Expect::Nothing,
+                &[NoBackendDrop],
+            )
+        },
         // --- L2 and L3 variants.
-        case("vlan-tagged tcp to frontend is rewritten behind the tag", vlan(web_syn.clone()), Pass,
-            Expect::Packet(vlan(web_syn.nat(CLIENT, 40000, BE_TCP, 8080))), &[FwdNew]),
-        case("ipv4 with options to frontend is rewritten", opts(web_syn.clone()), Pass,
-            Expect::Packet(opts(web_syn.nat(CLIENT, 40000, BE_TCP, 8080))), &[FwdNew]),
-        case("udp behind vlan and ip options", opts(vlan(dns.clone())), Pass,
-            Expect::Packet(opts(vlan(dns.nat(CLIENT, 40001, BE_UDP, 5353)))), &[FwdNew]),
+        case(
+            "vlan-tagged tcp to frontend is rewritten behind the tag",
+            vlan(web_syn.clone()),
+            Pass,
+            Expect::Packet(vlan(web_syn.nat(CLIENT, 40000, BE_TCP, 8080))),
+            &[FwdNew],
+        ),
+        case(
+            "ipv4 with options to frontend is rewritten",
+            opts(web_syn.clone()),
+            Pass,
+            Expect::Packet(opts(web_syn.nat(CLIENT, 40000, BE_TCP, 8080))),
+            &[FwdNew],
+        ),
+        case(
+            "udp behind vlan and ip options",
+            opts(vlan(dns.clone())),
+            Pass,
+            Expect::Packet(opts(vlan(dns.nat(CLIENT, 40001, BE_UDP, 5353)))),
+            &[FwdNew],
+        ),
         {
             let mut arp = web_syn.clone();
             arp.patch = vec![(12, 0x08), (13, 0x06)];
@@ -483,95 +672,224 @@ fn cases() -> Vec<Case> {
             qinq.patch = vec![(16, 0x81), (17, 0x00)];
             case("a second vlan tag passes untouched", qinq, Pass, Expect::Unchanged, &[PassNotIpv4])
         },
-        case("icmp echo to a clusterip passes", Pkt { l4: L4::IcmpEcho, ..tcp(CLIENT, 0, VIP, 0) }, Pass,
-            Expect::Unchanged, &[PassIcmp]),
-        case("sctp to a clusterip passes", Pkt { l4: L4::Other(132), ..tcp(CLIENT, 0, VIP, 0) }, Pass,
-            Expect::Unchanged, &[PassOtherProto]),
-        case("gre to another address passes", Pkt { l4: L4::Other(47), ..tcp(CLIENT, 0, OTHER, 0) }, Pass,
-            Expect::Unchanged, &[PassNotService]),
+        case(
+            "icmp echo to a clusterip passes",
+            Pkt { l4: L4::IcmpEcho, ..tcp(CLIENT, 0, VIP, 0) },
+            Pass,
+            Expect::Unchanged,
+            &[PassIcmp],
+        ),
+        case(
+            "sctp to a clusterip passes",
+            Pkt { l4: L4::Other(132), ..tcp(CLIENT, 0, VIP, 0) },
+            Pass,
+            Expect::Unchanged,
+            &[PassOtherProto],
+        ),
+        case(
+            "gre to another address passes",
+            Pkt { l4: L4::Other(47), ..tcp(CLIENT, 0, OTHER, 0) },
+            Pass,
+            Expect::Unchanged,
+            &[PassNotService],
+        ),
         // --- Truncated or invalid headers: never read out of bounds.
-        Case { input: Pkt { truncate: Some(16), ..vlan(web_syn.clone()) },
-            ..case("truncated vlan tag", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3]) },
-        Case { input: Pkt { truncate: Some(14 + 10), ..web_syn.clone() },
-            ..case("truncated ipv4 header", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3]) },
-        Case { input: Pkt { patch: vec![(14, 0x44)], ..web_syn.clone() },
-            ..case("ipv4 ihl below 5", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3]) },
-        Case { input: Pkt { patch: vec![(14, 0x4f)], truncate: Some(14 + 40), ..web_syn.clone() },
-            ..case("ipv4 options running past the frame", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3]) },
-        Case { input: Pkt { patch: vec![(16, 0), (17, 10)], ..web_syn.clone() },
-            ..case("ipv4 total length below the header length", web_syn.clone(), Pass, Expect::Unchanged,
-                &[PassMalformedL3]) },
-        Case { input: Pkt { patch: vec![(14, 0x65)], ..web_syn.clone() },
-            ..case("version 6 inside an ipv4 ethertype", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3]) },
-        Case { input: Pkt { truncate: Some(14 + 20 + 10), ..web_syn.clone() }, after: ct_empty,
-            ..case("truncated tcp header to a clusterip is dropped", web_syn.clone(), Drop, Expect::Nothing,
-                &[DropMalformedL4]) },
-        Case { input: Pkt { truncate: Some(14 + 20 + 5), ..dns.clone() },
-            ..case("truncated udp header to a clusterip is dropped", dns.clone(), Drop, Expect::Nothing,
-                &[DropMalformedL4]) },
-        Case { input: Pkt { truncate: Some(14 + 20 + 10), ..syn(CLIENT, 1, OTHER, 80) },
-            ..case("truncated tcp header to another address passes", web_syn.clone(), Pass, Expect::Unchanged,
-                &[PassNotService]) },
+        Case {
+            input: Pkt { truncate: Some(16), ..vlan(web_syn.clone()) },
+            ..case("truncated vlan tag", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3])
+        },
+        Case {
+            input: Pkt { truncate: Some(14 + 10), ..web_syn.clone() },
+            ..case("truncated ipv4 header", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3])
+        },
+        Case {
+            input: Pkt { patch: vec![(14, 0x44)], ..web_syn.clone() },
+            ..case("ipv4 ihl below 5", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3])
+        },
+        Case {
+            input: Pkt { patch: vec![(14, 0x4f)], truncate: Some(14 + 40), ..web_syn.clone() },
+            ..case("ipv4 options running past the frame", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3])
+        },
+        Case {
+            input: Pkt { patch: vec![(16, 0), (17, 10)], ..web_syn.clone() },
+            ..case(
+                "ipv4 total length below the header length",
+                web_syn.clone(),
+                Pass,
+                Expect::Unchanged,
+                &[PassMalformedL3],
+            )
+        },
+        Case {
+            input: Pkt { patch: vec![(14, 0x65)], ..web_syn.clone() },
+            ..case("version 6 inside an ipv4 ethertype", web_syn.clone(), Pass, Expect::Unchanged, &[PassMalformedL3])
+        },
+        Case {
+            input: Pkt { truncate: Some(14 + 20 + 10), ..web_syn.clone() },
+            after: ct_empty,
+            ..case(
+                "truncated tcp header to a clusterip is dropped",
+                web_syn.clone(),
+                Drop,
+                Expect::Nothing,
+                &[DropMalformedL4],
+            )
+        },
+        Case {
+            input: Pkt { truncate: Some(14 + 20 + 5), ..dns.clone() },
+            ..case(
+                "truncated udp header to a clusterip is dropped",
+                dns.clone(),
+                Drop,
+                Expect::Nothing,
+                &[DropMalformedL4],
+            )
+        },
+        Case {
+            input: Pkt { truncate: Some(14 + 20 + 10), ..syn(CLIENT, 1, OTHER, 80) },
+            ..case(
+                "truncated tcp header to another address passes",
+                web_syn.clone(),
+                Pass,
+                Expect::Unchanged,
+                &[PassNotService],
+            )
+        },
         // --- Fragments.
-        Case { input: Pkt { more_fragments: true, ..dns.clone() }, after: ct_empty,
-            ..case("first fragment to a clusterip is dropped", dns.clone(), Drop, Expect::Nothing, &[DropFragment]) },
-        Case { input: Pkt { frag_offset: 185, ..dns.clone() },
-            ..case("later fragment to a clusterip is dropped", dns.clone(), Drop, Expect::Nothing, &[DropFragment]) },
-        Case { input: Pkt { more_fragments: true, ..udp(CLIENT, 1, OTHER, 53) },
-            ..case("fragment to another address passes", dns.clone(), Pass, Expect::Unchanged, &[PassNotService]) },
+        Case {
+            input: Pkt { more_fragments: true, ..dns.clone() },
+            after: ct_empty,
+            ..case("first fragment to a clusterip is dropped", dns.clone(), Drop, Expect::Nothing, &[DropFragment])
+        },
+        Case {
+            input: Pkt { frag_offset: 185, ..dns.clone() },
+            ..case("later fragment to a clusterip is dropped", dns.clone(), Drop, Expect::Nothing, &[DropFragment])
+        },
+        Case {
+            input: Pkt { more_fragments: true, ..udp(CLIENT, 1, OTHER, 53) },
+            ..case("fragment to another address passes", dns.clone(), Pass, Expect::Unchanged, &[PassNotService])
+        },
         // --- Not ours.
-        Case { after: ct_empty, ..case("tcp to a non-service address passes untouched", syn(CLIENT, 1, OTHER, 80),
-            Pass, Expect::Unchanged, &[PassNotService]) },
-        Case { after: ct_empty, ..case("tcp to a clusterip on an unknown port passes untouched",
-            syn(CLIENT, 1, VIP, 8443), Pass, Expect::Unchanged, &[PassUnknownPort]) },
-        case("udp to a tcp-only clusterip port passes untouched", udp(CLIENT, 1, VIP, 80), Pass, Expect::Unchanged,
-            &[PassUnknownPort]),
+        Case {
+            after: ct_empty,
+            ..case(
+                "tcp to a non-service address passes untouched",
+                syn(CLIENT, 1, OTHER, 80),
+                Pass,
+                Expect::Unchanged,
+                &[PassNotService],
+            )
+        },
+        Case {
+            after: ct_empty,
+            ..case(
+                "tcp to a clusterip on an unknown port passes untouched",
+                syn(CLIENT, 1, VIP, 8443),
+                Pass,
+                Expect::Unchanged,
+                &[PassUnknownPort],
+            )
+        },
+        case(
+            "udp to a tcp-only clusterip port passes untouched",
+            udp(CLIENT, 1, VIP, 80),
+            Pass,
+            Expect::Unchanged,
+            &[PassUnknownPort],
+        ),
         // --- Backends leaving and moving under established flows.
-        Case { before: vec![web_syn.clone()], between: |dp| {
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
                 dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(SVC_TCP, 0)).unwrap();
                 dp.remove_backend_slot(SVC_TCP, 1).unwrap();
             },
-            ..case("tcp mid-connection to a removed backend is dropped, not moved", web.clone(), Drop, Expect::Nothing,
-                &[DropBackendGone]) },
-        Case { before: vec![web_syn.clone()], between: |dp| {
+            ..case(
+                "tcp mid-connection to a removed backend is dropped, not moved",
+                web.clone(),
+                Drop,
+                Expect::Nothing,
+                &[DropBackendGone],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
                 // The pod is terminating: out of the slots, but it still exists.
                 dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(SVC_TCP, 0)).unwrap();
                 dp.remove_backend_slot(SVC_TCP, 1).unwrap();
                 dp.put_draining(SVC_TCP, 101, &s(BE_TCP), 8080).unwrap();
             },
-            ..case("tcp mid-connection to a terminating backend keeps going to it", web.clone(), Pass,
-                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdDraining]) },
-        Case { before: vec![web_syn.clone()], between: |dp| {
+            ..case(
+                "tcp mid-connection to a terminating backend keeps going to it",
+                web.clone(),
+                Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdDraining],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
                 // A draining entry of another backend does not keep this flow alive.
                 dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(SVC_TCP, 0)).unwrap();
                 dp.remove_backend_slot(SVC_TCP, 1).unwrap();
                 dp.put_draining(SVC_TCP, 102, "10.244.1.12", 8080).unwrap();
             },
-            ..case("tcp to a removed backend is dropped even when others drain", web.clone(), Drop, Expect::Nothing,
-                &[DropBackendGone]) },
-        Case { before: vec![dns.clone()], between: |dp| {
+            ..case(
+                "tcp to a removed backend is dropped even when others drain",
+                web.clone(),
+                Drop,
+                Expect::Nothing,
+                &[DropBackendGone],
+            )
+        },
+        Case {
+            before: vec![dns.clone()],
+            between: |dp| {
                 dp.put_backends(SVC_UDP, &[(202, "10.244.1.22", 5353)]).unwrap();
                 dp.put_draining(SVC_UDP, 201, &s(BE_UDP), 5353).unwrap();
             },
-            ..case("udp to a terminating backend is balanced afresh", dns.clone(), Pass,
-                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)), &[FwdNew, CtStaleRescheduled]) },
+            ..case(
+                "udp to a terminating backend is balanced afresh",
+                dns.clone(),
+                Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)),
+                &[FwdNew, CtStaleRescheduled],
+            )
+        },
         {
             // Affinity must not pin new connections to a terminating pod.
-            let mut c = case("affinity: an entry whose backend is draining is replaced", aff_syn(CLIENT, 3004), Pass,
-                aff_expect(CLIENT, 3004, 3004), &[FwdNew, AffinityStale]);
+            let mut c = case(
+                "affinity: an entry whose backend is draining is replaced",
+                aff_syn(CLIENT, 3004),
+                Pass,
+                aff_expect(CLIENT, 3004, 3004),
+                &[FwdNew, AffinityStale],
+            );
             c.setup = |dp| {
                 dp.put_draining(SVC_AFF, 398, "10.244.1.38", 8080).unwrap();
                 put_aff(dp, CLIENT, 398, 2, 1_000_000);
             };
             c
         },
-        Case { before: vec![web_syn.clone()], between: |dp| {
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
                 // Backend 101 replaced by 102 on another pod.
                 dp.put_backends(SVC_TCP, &[(102, "10.244.1.12", 8080)]).unwrap();
             },
-            ..case("tcp syn reusing the tuple of a flow whose backend left starts over", web_syn.clone(), Pass,
-                Expect::Packet(web_syn.nat(CLIENT, 40000, [10, 244, 1, 12], 8080)), &[FwdNew]) },
-        Case { before: vec![web_syn.clone()], between: |dp| {
+            ..case(
+                "tcp syn reusing the tuple of a flow whose backend left starts over",
+                web_syn.clone(),
+                Pass,
+                Expect::Packet(web_syn.nat(CLIENT, 40000, [10, 244, 1, 12], 8080)),
+                &[FwdNew],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
                 // ClientIP affinity switched on, pointing this client at backend 102.
                 let v = ServiceValue { flags: SVC_F_AFFINITY, affinity_timeout_s: 10800, ..svc(SVC_TCP, 2) };
                 dp.put_service(&s(VIP), 80, IPPROTO_TCP, v).unwrap();
@@ -579,31 +897,73 @@ fn cases() -> Vec<Case> {
                 let key = AffinityKey4 { svc_id: SVC_TCP, client_addr_be: ip(&s(CLIENT)) };
                 dp.put_affinity(key, AffinityValue { last_used_ns: monotonic_ns(), backend_id: 102, slot: 2 }).unwrap();
             },
-            ..case("tcp syn reusing a live tuple is scheduled afresh (affinity switched on)", web_syn.clone(), Pass,
-                Expect::Packet(web_syn.nat(CLIENT, 40000, [10, 244, 1, 12], 8080)), &[FwdNew, AffinityHit]) },
-        Case { before: vec![dns.clone()], between: |dp| {
+            ..case(
+                "tcp syn reusing a live tuple is scheduled afresh (affinity switched on)",
+                web_syn.clone(),
+                Pass,
+                Expect::Packet(web_syn.nat(CLIENT, 40000, [10, 244, 1, 12], 8080)),
+                &[FwdNew, AffinityHit],
+            )
+        },
+        Case {
+            before: vec![dns.clone()],
+            between: |dp| {
                 dp.put_backends(SVC_UDP, &[(202, "10.244.1.22", 5353)]).unwrap();
             },
-            ..case("udp to a removed backend counts the stale entry", dns.clone(), Pass,
-                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)), &[CtStaleRescheduled]) },
-        Case { before: vec![dns.clone()], between: |dp| {
+            ..case(
+                "udp to a removed backend counts the stale entry",
+                dns.clone(),
+                Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)),
+                &[CtStaleRescheduled],
+            )
+        },
+        Case {
+            before: vec![dns.clone()],
+            between: |dp| {
                 dp.put_backends(SVC_UDP, &[(202, "10.244.1.22", 5353)]).unwrap();
             },
-            ..case("udp to a removed backend is rescheduled", dns.clone(), Pass,
-                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)), &[FwdNew, CtStaleRescheduled]) },
-        Case { before: vec![web_syn.clone()], between: |dp| {
+            ..case(
+                "udp to a removed backend is rescheduled",
+                dns.clone(),
+                Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, [10, 244, 1, 22], 5353)),
+                &[FwdNew, CtStaleRescheduled],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
                 // The agent put another backend in front: 101 moves to slot 2.
                 dp.put_backends(SVC_TCP, &[(105, "10.244.1.15", 8080), (101, &s(BE_TCP), 8080)]).unwrap();
                 dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(SVC_TCP, 2)).unwrap();
             },
-            ..case("tcp keeps its backend after the slots were rearranged", web.clone(), Pass,
-                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)), &[FwdEstablished]) },
+            ..case(
+                "tcp keeps its backend after the slots were rearranged",
+                web.clone(),
+                Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdEstablished],
+            )
+        },
         // --- Hairpin: a pod reaching itself through its service.
-        case("hairpin: source becomes the clusterip so the reply leaves the pod", syn(CLIENT, 40000, VIP_HAIRPIN, 80),
-            Pass, Expect::Packet(syn(CLIENT, 40000, VIP_HAIRPIN, 80).nat(VIP_HAIRPIN, 40000, CLIENT, 8080)), &[FwdNew]),
-        Case { before: vec![syn(CLIENT, 40000, VIP_HAIRPIN, 80)],
-            ..case("hairpin: the reply is turned back to the client", tcp(CLIENT, 8080, VIP_HAIRPIN, 40000), Pass,
-                Expect::Packet(tcp(CLIENT, 8080, VIP_HAIRPIN, 40000).nat(VIP_HAIRPIN, 80, CLIENT, 40000)), &[RevNat]) },
+        case(
+            "hairpin: source becomes the clusterip so the reply leaves the pod",
+            syn(CLIENT, 40000, VIP_HAIRPIN, 80),
+            Pass,
+            Expect::Packet(syn(CLIENT, 40000, VIP_HAIRPIN, 80).nat(VIP_HAIRPIN, 40000, CLIENT, 8080)),
+            &[FwdNew],
+        ),
+        Case {
+            before: vec![syn(CLIENT, 40000, VIP_HAIRPIN, 80)],
+            ..case(
+                "hairpin: the reply is turned back to the client",
+                tcp(CLIENT, 8080, VIP_HAIRPIN, 40000),
+                Pass,
+                Expect::Packet(tcp(CLIENT, 8080, VIP_HAIRPIN, 40000).nat(VIP_HAIRPIN, 80, CLIENT, 40000)),
+                &[RevNat],
+            )
+        },
     ];
     // A table this long is its own check: the issue asks for at least 40.
     v.sort_by_key(|c| c.name);
@@ -687,10 +1047,20 @@ fn every_packet_is_counted_once_with_its_bytes() {
     let verdicts: Vec<Reason> = Reason::ALL
         .iter()
         .copied()
-        .filter(|r| !matches!(r, Reason::AffinityHit | Reason::AffinityMiss | Reason::AffinityExpired
-            | Reason::AffinityStale | Reason::CtStaleRescheduled | Reason::MapInsertFailed))
+        .filter(|r| {
+            !matches!(
+                r,
+                Reason::AffinityHit
+                    | Reason::AffinityMiss
+                    | Reason::AffinityExpired
+                    | Reason::AffinityStale
+                    | Reason::CtStaleRescheduled
+                    | Reason::MapInsertFailed
+            )
+        })
         .collect();
-    let total = |dp: &mut Datapath| verdicts.iter().map(|r| dp.stat(*r)).fold((0, 0), |a, c| (a.0 + c.packets, a.1 + c.bytes));
+    let total =
+        |dp: &mut Datapath| verdicts.iter().map(|r| dp.stat(*r)).fold((0, 0), |a, c| (a.0 + c.packets, a.1 + c.bytes));
     let pkts = [syn(CLIENT, 1, VIP, 80).build(), syn(CLIENT, 1, OTHER, 80).build(), udp(CLIENT, 2, VIP, 53).build()];
     for hook in Hook::BOTH {
         let (p0, b0) = total(&mut dp);
@@ -742,7 +1112,8 @@ fn kernel_minimal_disruption_on_backend_removal() {
     let mut dp = Datapath::load().unwrap();
     let n = 8u32;
     let addrs: Vec<String> = (0..n).map(|i| format!("10.244.8.{}", 10 + i)).collect();
-    let all: Vec<(u32, &str, u16)> = addrs.iter().enumerate().map(|(i, a)| (800 + i as u32, a.as_str(), 8080)).collect();
+    let all: Vec<(u32, &str, u16)> =
+        addrs.iter().enumerate().map(|(i, a)| (800 + i as u32, a.as_str(), 8080)).collect();
     let pick_all = |dp: &mut Datapath| -> Vec<[u8; 4]> {
         (0..2000u32)
             .map(|i| {

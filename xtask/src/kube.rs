@@ -43,16 +43,8 @@ pub const V1_CRD_JSON: &str = include_str!("../scripts/kube-endpointslice-v1-crd
 const MARKER: &str = ".lb-kube";
 const STATE_FILE: &str = "state.json";
 const COMPONENTS: [&str; 3] = ["kube-controller-manager", "kube-apiserver", "etcd"];
-const PROXY_VARS: [&str; 8] = [
-    "http_proxy",
-    "https_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "all_proxy",
-    "ALL_PROXY",
-    "no_proxy",
-    "NO_PROXY",
-];
+const PROXY_VARS: [&str; 8] =
+    ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"];
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(clap::Subcommand, Debug)]
@@ -96,42 +88,19 @@ pub fn run(cmd: KubeCmd) -> Result<()> {
     match cmd {
         KubeCmd::Build => {
             if let Some(b) = cached() {
-                println!(
-                    "kube {KUBE_VERSION} binaries already built in {} (cached; nothing to do)",
-                    b.dir.display()
-                );
+                println!("kube {KUBE_VERSION} binaries already built in {} (cached; nothing to do)", b.dir.display());
                 return Ok(());
             }
             let b = ensure_built()?;
             println!("kube {KUBE_VERSION} binaries in {}", b.dir.display());
             Ok(())
         }
-        KubeCmd::Up {
-            dir,
-            port,
-            v1_crd,
-            no_controllers,
-            netns,
-            bind,
-        } => {
-            let opts = UpOpts {
-                dir,
-                port,
-                v1_crd,
-                controllers: !no_controllers,
-                netns,
-                bind,
-            };
+        KubeCmd::Up { dir, port, v1_crd, no_controllers, netns, bind } => {
+            let opts = UpOpts { dir, port, v1_crd, controllers: !no_controllers, netns, bind };
             let c = up(&opts)?;
-            eprintln!(
-                "kube-apiserver ready at {} (state dir {})",
-                c.server,
-                c.dir.display()
-            );
+            eprintln!("kube-apiserver ready at {} (state dir {})", c.server, c.dir.display());
             if let Some(ns) = &c.netns {
-                eprintln!(
-                    "note: it listens inside netns {ns}; run clients with `ip netns exec {ns} ...`"
-                );
+                eprintln!("note: it listens inside netns {ns}; run clients with `ip netns exec {ns} ...`");
             }
             println!("export KUBECONFIG={}", c.kubeconfig.display());
             Ok(())
@@ -144,11 +113,7 @@ pub fn run(cmd: KubeCmd) -> Result<()> {
         KubeCmd::Status { dir } => {
             let st = status(&dir)?;
             print!("{st}");
-            if st.ready {
-                Ok(())
-            } else {
-                bail!("lb-kube at {} is not up", dir.display())
-            }
+            if st.ready { Ok(()) } else { bail!("lb-kube at {} is not up", dir.display()) }
         }
     }
 }
@@ -177,14 +142,7 @@ impl Binaries {
         }
     }
     fn complete(&self) -> bool {
-        [
-            &self.etcd,
-            &self.kube_apiserver,
-            &self.kube_controller_manager,
-            &self.kubectl,
-        ]
-        .iter()
-        .all(|p| p.is_file())
+        [&self.etcd, &self.kube_apiserver, &self.kube_controller_manager, &self.kubectl].iter().all(|p| p.is_file())
             && self.dir.join(".complete").is_file()
     }
 }
@@ -210,15 +168,9 @@ pub fn ensure_built() -> Result<Binaries> {
     }
     let cache = cache_dir();
     fs::create_dir_all(&cache).with_context(|| {
-        format!(
-            "cannot create {}: run as root, or set LB_KUBE_CACHE to a writable dir",
-            cache.display()
-        )
+        format!("cannot create {}: run as root, or set LB_KUBE_CACHE to a writable dir", cache.display())
     })?;
-    eprintln!(
-        "building kube {KUBE_VERSION} from Debian packages into {} (about 5 minutes cold)",
-        cache.display()
-    );
+    eprintln!("building kube {KUBE_VERSION} from Debian packages into {} (about 5 minutes cold)", cache.display());
     let t0 = Instant::now();
     let st = Command::new("bash")
         .arg("-c")
@@ -241,11 +193,7 @@ pub fn ensure_built() -> Result<Binaries> {
         );
     }
     let b = cached().ok_or_else(|| {
-        anyhow!(
-            "kube build finished but {} is incomplete; see {}",
-            cache.join("bin").display(),
-            log.display()
-        )
+        anyhow!("kube build finished but {} is incomplete; see {}", cache.join("bin").display(), log.display())
     })?;
     eprintln!("kube binaries ready in {:.0?}", t0.elapsed());
     Ok(b)
@@ -305,23 +253,18 @@ pub struct Cluster {
 pub fn up(opts: &UpOpts) -> Result<Cluster> {
     let bins = ensure_built()?;
     if opts.port > u16::MAX - 4 || opts.port == 0 {
-        bail!(
-            "--port {} leaves no room for port+1..port+4; try --port {DEFAULT_PORT}",
-            opts.port
-        );
+        bail!("--port {} leaves no room for port+1..port+4; try --port {DEFAULT_PORT}", opts.port);
     }
     match &opts.netns {
         Some(ns) => check_netns(ns, opts.bind)?,
         // Root namespace: loopback only, never a routable address.
-        None if !opts.bind.is_loopback() => bail!(
-            "--bind {} without --netns: the root namespace is loopback-only; try --bind 127.0.0.1",
-            opts.bind
-        ),
+        None if !opts.bind.is_loopback() => {
+            bail!("--bind {} without --netns: the root namespace is loopback-only; try --bind 127.0.0.1", opts.bind)
+        }
         None => {}
     }
-    down(&opts.dir).context(
-        "cannot remove the previous instance; try `cargo xtask kube down --dir ...` or another --dir",
-    )?;
+    down(&opts.dir)
+        .context("cannot remove the previous instance; try `cargo xtask kube down --dir ...` or another --dir")?;
     if opts.netns.is_none() {
         check_ports(opts.bind, opts.port)?;
     }
@@ -341,10 +284,7 @@ pub fn up(opts: &UpOpts) -> Result<Cluster> {
     let t0 = Instant::now();
     if let Err(e) = c.start_all() {
         let _ = kill_instance(&c.dir);
-        return Err(e.context(format!(
-            "lb-kube up failed; processes stopped, logs kept in {}",
-            c.dir.display()
-        )));
+        return Err(e.context(format!("lb-kube up failed; processes stopped, logs kept in {}", c.dir.display())));
     }
     eprintln!("lb-kube up in {:.1?}", t0.elapsed());
     Ok(c)
@@ -356,10 +296,7 @@ pub fn down(dir: &Path) -> Result<()> {
     kill_instance(&dir)?;
     if dir.exists() {
         if !dir.join(MARKER).exists() && !is_empty_dir(&dir) {
-            bail!(
-                "{} is not an lb-kube state dir (no {MARKER}); refusing to delete it",
-                dir.display()
-            );
+            bail!("{} is not an lb-kube state dir (no {MARKER}); refusing to delete it", dir.display());
         }
         fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
@@ -382,23 +319,11 @@ impl std::fmt::Display for Status {
         let state = if self.ready { "up" } else { "down" };
         writeln!(f, "lb-kube at {}: {state}", self.dir.display())?;
         if let Some(s) = &self.server {
-            writeln!(
-                f,
-                "  server {s} ({})",
-                if self.ready {
-                    "readyz 200"
-                } else {
-                    "not ready"
-                }
-            )?;
+            writeln!(f, "  server {s} ({})", if self.ready { "readyz 200" } else { "not ready" })?;
         }
         for (name, pid, alive) in &self.processes {
             match pid {
-                Some(p) => writeln!(
-                    f,
-                    "  {name}: pid {p} {}",
-                    if *alive { "running" } else { "not running" }
-                )?,
+                Some(p) => writeln!(f, "  {name}: pid {p} {}", if *alive { "running" } else { "not running" })?,
                 None => writeln!(f, "  {name}: not started")?,
             }
         }
@@ -411,23 +336,12 @@ impl std::fmt::Display for Status {
 
 pub fn status(dir: &Path) -> Result<Status> {
     let dir = abs(dir)?;
-    let mut st = Status {
-        dir: dir.clone(),
-        ready: false,
-        server: None,
-        kubeconfig: None,
-        processes: vec![],
-    };
+    let mut st = Status { dir: dir.clone(), ready: false, server: None, kubeconfig: None, processes: vec![] };
     let running = find_instance(&dir, None);
     for name in COMPONENTS.iter().rev() {
         let pid = read_pid(&dir, name)
             .filter(|p| running.contains(p))
-            .or_else(|| {
-                running
-                    .iter()
-                    .copied()
-                    .find(|p| component_of(*p) == Some(name))
-            })
+            .or_else(|| running.iter().copied().find(|p| component_of(*p) == Some(name)))
             .or_else(|| read_pid(&dir, name));
         let alive = pid.is_some_and(|p| running.contains(&p));
         st.processes.push((name.to_string(), pid, alive));
@@ -446,18 +360,10 @@ impl Cluster {
         let dir = abs(dir)?;
         let path = dir.join(STATE_FILE);
         let text = fs::read_to_string(&path).with_context(|| {
-            format!(
-                "no lb-kube instance in {} (missing {STATE_FILE}); try `cargo xtask kube up`",
-                dir.display()
-            )
+            format!("no lb-kube instance in {} (missing {STATE_FILE}); try `cargo xtask kube up`", dir.display())
         })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))?;
-        let s = |k: &str| {
-            v[k].as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| anyhow!("{}: missing {k}", path.display()))
-        };
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))?;
+        let s = |k: &str| v[k].as_str().map(str::to_owned).ok_or_else(|| anyhow!("{}: missing {k}", path.display()));
         let opts = UpOpts {
             dir: dir.clone(),
             port: v["port"]
@@ -467,9 +373,7 @@ impl Cluster {
             v1_crd: v["v1_crd"].as_bool().unwrap_or(false),
             controllers: v["controllers"].as_bool().unwrap_or(true),
             netns: v["netns"].as_str().map(str::to_owned),
-            bind: s("bind")?
-                .parse()
-                .with_context(|| format!("{}: bad bind", path.display()))?,
+            bind: s("bind")?.parse().with_context(|| format!("{}: bad bind", path.display()))?,
         };
         Ok(Cluster {
             kubeconfig: PathBuf::from(s("kubeconfig")?),
@@ -492,17 +396,9 @@ impl Cluster {
 
     /// Runs kubectl with `args`, returning stdout; errors carry stderr.
     pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
-        let out = self
-            .kubectl()
-            .args(args)
-            .output()
-            .context("cannot run kubectl")?;
+        let out = self.kubectl().args(args).output().context("cannot run kubectl")?;
         if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -528,11 +424,7 @@ impl Cluster {
     pub fn start_apiserver(&self) -> Result<()> {
         let running = read_pid(&self.dir, "kube-apiserver").is_some_and(|p| is_ours(p, &self.dir));
         if !running {
-            self.spawn(
-                "kube-apiserver",
-                &self.bins.kube_apiserver,
-                &self.apiserver_args(),
-            )?;
+            self.spawn("kube-apiserver", &self.bins.kube_apiserver, &self.apiserver_args())?;
         }
         self.wait_ready(READY_TIMEOUT)
     }
@@ -556,8 +448,7 @@ impl Cluster {
             if code == Some(200) {
                 return Ok(());
             }
-            let alive =
-                read_pid(&self.dir, "kube-apiserver").is_some_and(|p| is_ours(p, &self.dir));
+            let alive = read_pid(&self.dir, "kube-apiserver").is_some_and(|p| is_ours(p, &self.dir));
             if !alive || t0.elapsed() > timeout {
                 let why = if alive {
                     format!("not ready after {timeout:?} (last /readyz: {code:?})")
@@ -587,10 +478,7 @@ impl Cluster {
         fs::create_dir_all(&certs)?;
         fs::create_dir_all(d.join("cm-certs"))?;
         run_ok(
-            Command::new("openssl")
-                .args(["genrsa", "-out"])
-                .arg(certs.join("sa.key"))
-                .arg("2048"),
+            Command::new("openssl").args(["genrsa", "-out"]).arg(certs.join("sa.key")).arg("2048"),
             "openssl genrsa (is openssl installed?)",
         )?;
         run_ok(
@@ -601,33 +489,20 @@ impl Cluster {
                 .arg(certs.join("sa.pub")),
             "openssl rsa -pubout",
         )?;
-        fs::write(
-            certs.join("tokens.csv"),
-            format!("{},admin,admin,system:masters\n", self.token),
-        )?;
+        fs::write(certs.join("tokens.csv"), format!("{},admin,admin,system:masters\n", self.token))?;
         self.write_state()?;
 
-        eprintln!(
-            "starting etcd on {}:{}...",
-            self.opts.bind,
-            self.etcd_port()
-        );
+        eprintln!("starting etcd on {}:{}...", self.opts.bind, self.etcd_port());
         self.spawn("etcd", &self.bins.etcd, &self.etcd_args())?;
         eprintln!("starting kube-apiserver on {}...", self.server);
-        self.spawn(
-            "kube-apiserver",
-            &self.bins.kube_apiserver,
-            &self.apiserver_args(),
-        )?;
+        self.spawn("kube-apiserver", &self.bins.kube_apiserver, &self.apiserver_args())?;
         self.wait_ready(READY_TIMEOUT)?;
 
         // The self-signed serving cert file holds leaf + CA: pin the CA for clients.
-        let crt = fs::read_to_string(certs.join("apiserver.crt"))
-            .context("apiserver did not write certs/apiserver.crt")?;
+        let crt =
+            fs::read_to_string(certs.join("apiserver.crt")).context("apiserver did not write certs/apiserver.crt")?;
         let blocks: Vec<&str> = crt.split("-----BEGIN CERTIFICATE-----").skip(1).collect();
-        let ca = blocks
-            .last()
-            .ok_or_else(|| anyhow!("no certificate in certs/apiserver.crt"))?;
+        let ca = blocks.last().ok_or_else(|| anyhow!("no certificate in certs/apiserver.crt"))?;
         fs::write(&self.ca_file, format!("-----BEGIN CERTIFICATE-----{ca}"))?;
         fs::write(&self.kubeconfig, self.kubeconfig_yaml())?;
 
@@ -642,31 +517,21 @@ impl Cluster {
                 "--timeout=60s",
                 &format!("crd/{V1_CRD_NAME}"),
             ])?;
-            self.wait_code(
-                "/apis/discovery.k8s.io/v1/endpointslices",
-                Duration::from_secs(60),
-            )
-            .context("discovery.k8s.io/v1 endpointslices not served after installing the CRD")?;
+            self.wait_code("/apis/discovery.k8s.io/v1/endpointslices", Duration::from_secs(60))
+                .context("discovery.k8s.io/v1 endpointslices not served after installing the CRD")?;
         }
         if self.opts.controllers {
             eprintln!("starting kube-controller-manager...");
-            self.spawn(
-                "kube-controller-manager",
-                &self.bins.kube_controller_manager,
-                &self.controller_manager_args(),
-            )?;
+            self.spawn("kube-controller-manager", &self.bins.kube_controller_manager, &self.controller_manager_args())?;
             // Pods can only be created once the serviceaccount controller made `default`.
-            self.wait_code(
-                "/api/v1/namespaces/default/serviceaccounts/default",
-                Duration::from_secs(60),
-            )
-            .with_context(|| {
-                format!(
-                    "controller-manager did not create serviceaccount default; see {}\n{}",
-                    d.join("kube-controller-manager.log").display(),
-                    tail_file(&d.join("kube-controller-manager.log"), 20)
-                )
-            })?;
+            self.wait_code("/api/v1/namespaces/default/serviceaccounts/default", Duration::from_secs(60))
+                .with_context(|| {
+                    format!(
+                        "controller-manager did not create serviceaccount default; see {}\n{}",
+                        d.join("kube-controller-manager.log").display(),
+                        tail_file(&d.join("kube-controller-manager.log"), 20)
+                    )
+                })?;
         }
         Ok(())
     }
@@ -734,10 +599,7 @@ impl Cluster {
             "--authorization-mode=RBAC".into(),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             format!("--service-account-key-file={}", c.join("sa.pub").display()),
-            format!(
-                "--service-account-signing-key-file={}",
-                c.join("sa.key").display()
-            ),
+            format!("--service-account-signing-key-file={}", c.join("sa.key").display()),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--endpoint-reconciler-type=none".into(),
             FEATURE_GATES.into(),
@@ -760,12 +622,8 @@ impl Cluster {
             "--port=0".into(),
             format!("--cert-dir={}", d.join("cm-certs").display()),
             "--leader-elect=false".into(),
-            "--controllers=replicaset,endpoint,endpointslice,serviceaccount,serviceaccount-token"
-                .into(),
-            format!(
-                "--service-account-private-key-file={}",
-                d.join("certs/sa.key").display()
-            ),
+            "--controllers=replicaset,endpoint,endpointslice,serviceaccount,serviceaccount-token".into(),
+            format!("--service-account-private-key-file={}", d.join("certs/sa.key").display()),
             format!("--root-ca-file={}", self.ca_file.display()),
             FEATURE_GATES.into(),
         ]
@@ -812,9 +670,7 @@ impl Cluster {
         for v in PROXY_VARS {
             c.env_remove(v);
         }
-        let st = c
-            .status()
-            .with_context(|| format!("cannot start {name} via setsid (util-linux)"))?;
+        let st = c.status().with_context(|| format!("cannot start {name} via setsid (util-linux)"))?;
         if !st.success() {
             bail!("starting {name} failed ({st}); see {}", log_path.display());
         }
@@ -824,11 +680,7 @@ impl Cluster {
                 return Ok(pid);
             }
             if t0.elapsed() > Duration::from_secs(10) {
-                bail!(
-                    "{name} did not write {}; see {}",
-                    pid_path.display(),
-                    log_path.display()
-                );
+                bail!("{name} did not write {}; see {}", pid_path.display(), log_path.display());
             }
             sleep(Duration::from_millis(20));
         }
@@ -836,34 +688,15 @@ impl Cluster {
 
     fn curl_code(&self, path: &str) -> Option<u16> {
         let mut c = self.ns_command(Path::new("curl"));
-        c.args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "3",
-            "--noproxy",
-            "*",
-            "-H",
-        ])
-        .arg(format!("Authorization: Bearer {}", self.token));
+        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", "--noproxy", "*", "-H"])
+            .arg(format!("Authorization: Bearer {}", self.token));
         if self.ca_file.is_file() {
             c.arg("--cacert").arg(&self.ca_file);
         } else {
             c.arg("-k"); // before the CA has been extracted (first start only)
         }
-        let out = c
-            .arg(format!("{}{path}", self.server))
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .ok()
-            .filter(|c| *c != 0)
+        let out = c.arg(format!("{}{path}", self.server)).stderr(Stdio::null()).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok().filter(|c| *c != 0)
     }
 }
 
@@ -873,39 +706,22 @@ impl Cluster {
 
 fn check_netns(ns: &str, bind: Ipv4Addr) -> Result<()> {
     if ns.is_empty() || ns.contains('/') || !Path::new("/run/netns").join(ns).exists() {
-        bail!(
-            "network namespace {ns:?} not found in /run/netns; create it first (ip netns add {ns})"
-        );
+        bail!("network namespace {ns:?} not found in /run/netns; create it first (ip netns add {ns})");
     }
-    run_ok(
-        Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]),
-        "ip link set lo up in the namespace",
-    )?;
-    let out = Command::new("ip")
-        .args(["-n", ns, "-4", "-o", "addr", "show"])
-        .output()
-        .context("cannot run ip")?;
+    run_ok(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]), "ip link set lo up in the namespace")?;
+    let out = Command::new("ip").args(["-n", ns, "-4", "-o", "addr", "show"]).output().context("cannot run ip")?;
     let addrs = String::from_utf8_lossy(&out.stdout);
-    if !addrs
-        .split_whitespace()
-        .any(|w| w.split('/').next() == Some(&bind.to_string()))
-    {
-        bail!(
-            "address {bind} is not configured in netns {ns}; pass --bind with one of its addresses"
-        );
+    if !addrs.split_whitespace().any(|w| w.split('/').next() == Some(&bind.to_string())) {
+        bail!("address {bind} is not configured in netns {ns}; pass --bind with one of its addresses");
     }
     Ok(())
 }
 
 /// Creates `dir` with its marker file and returns it absolute.
 fn create_dir(dir: &Path) -> Result<PathBuf> {
-    fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create state dir {}", dir.display()))?;
     let dir = fs::canonicalize(dir)?;
-    fs::write(
-        dir.join(MARKER),
-        "lb-kube state dir; `cargo xtask kube down` removes it\n",
-    )?;
+    fs::write(dir.join(MARKER), "lb-kube state dir; `cargo xtask kube down` removes it\n")?;
     Ok(dir)
 }
 
@@ -936,17 +752,11 @@ fn abs(dir: &Path) -> Result<PathBuf> {
 }
 
 fn is_empty_dir(dir: &Path) -> bool {
-    fs::read_dir(dir)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(false)
+    fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false)
 }
 
 fn read_pid(dir: &Path, name: &str) -> Option<u32> {
-    fs::read_to_string(dir.join(format!("{name}.pid")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?.trim().parse().ok()
 }
 
 /// Live (non-zombie) process that is one of our components with `dir/` in its arguments.
@@ -963,10 +773,7 @@ fn is_ours(pid: u32, dir: &Path) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
     let Some(argv0) = args.first() else {
         return false;
     };
@@ -979,17 +786,12 @@ fn is_ours(pid: u32, dir: &Path) -> bool {
 fn find_instance(dir: &Path, only: Option<&str>) -> Vec<u32> {
     let mut pids: Vec<u32> = COMPONENTS.iter().filter_map(|n| read_pid(dir, n)).collect();
     if let Ok(rd) = fs::read_dir("/proc") {
-        pids.extend(
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()),
-        );
+        pids.extend(rd.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()));
     }
     let me = std::process::id();
     pids.sort_unstable();
     pids.dedup();
-    pids.retain(|p| {
-        *p != me && is_ours(*p, dir) && only.is_none_or(|n| component_of(*p) == Some(n))
-    });
+    pids.retain(|p| *p != me && is_ours(*p, dir) && only.is_none_or(|n| component_of(*p) == Some(n)));
     pids
 }
 
@@ -1016,10 +818,7 @@ fn component_of(pid: u32) -> Option<&'static str> {
 /// SIGTERM, wait up to `grace`, then SIGKILL and wait up to 5 s. (A SIGTERMed kube-apiserver
 /// waits up to a minute for open watches, so the grace periods are short.)
 fn terminate(pids: &[u32], dir: &Path, grace: Duration) {
-    for (sig, wait) in [
-        (libc::SIGTERM, grace),
-        (libc::SIGKILL, Duration::from_secs(5)),
-    ] {
+    for (sig, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, Duration::from_secs(5))] {
         let live: Vec<u32> = pids.iter().copied().filter(|p| is_ours(*p, dir)).collect();
         if live.is_empty() {
             return;
@@ -1038,25 +837,16 @@ fn terminate(pids: &[u32], dir: &Path, grace: Duration) {
 }
 
 fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {what}"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {what}"))?;
     if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
 
 fn random_hex(n: usize) -> Result<String> {
     let mut buf = vec![0u8; n];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .context("cannot read /dev/urandom")?;
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).context("cannot read /dev/urandom")?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 

@@ -182,10 +182,8 @@ fn target_dir() -> Result<std::path::PathBuf> {
 
 fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    let status =
+        Command::new(&cargo).args(args).status().with_context(|| format!("running {cargo} {}", args.join(" ")))?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

@@ -102,7 +102,13 @@ pub fn pinned_links(links_dir: &Path) -> Vec<(PathBuf, AttachPoint)> {
         let info = PinnedLink::from_pin(e.path()).ok().and_then(|p| FdLink::from(p).info().ok());
         out.push((
             e.path(),
-            AttachPoint { iface, ifindex, mode, link_id: info.as_ref().map(|i| i.id()), program_id: info.as_ref().map(|i| i.program_id()) },
+            AttachPoint {
+                iface,
+                ifindex,
+                mode,
+                link_id: info.as_ref().map(|i| i.id()),
+                program_id: info.as_ref().map(|i| i.program_id()),
+            },
         ));
     }
     out.sort_by(|a, b| (a.1.ifindex, &a.1.iface).cmp(&(b.1.ifindex, &b.1.iface)));
@@ -186,7 +192,15 @@ impl Attacher {
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir)?;
         let rp = RpFilter::new(PROC_IPV4_CONF, cfg.fix_rp_filter);
-        Ok(Self { ebpf, cfg, links_dir, ours: BTreeSet::new(), failed: BTreeMap::new(), rp, rp_status: RpFilterStatus::default() })
+        Ok(Self {
+            ebpf,
+            cfg,
+            links_dir,
+            ours: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            rp,
+            rp_status: RpFilterStatus::default(),
+        })
     }
 
     /// rp_filter as last checked by [`Attacher::reconcile`].
@@ -205,7 +219,9 @@ impl Attacher {
         let mut st = RpFilterStatus::default();
         for ap in attached {
             match self.rp.disable_on(&ap.iface) {
-                Ok(Some(was)) => info!(iface = %ap.iface, was, "rp_filter set to 0: replies are reverse-NATed before routing"),
+                Ok(Some(was)) => {
+                    info!(iface = %ap.iface, was, "rp_filter set to 0: replies are reverse-NATed before routing")
+                }
                 Ok(None) => {}
                 Err(e) => {
                     if !self.rp_status.ifaces_failed.contains(&ap.iface) {
@@ -293,7 +309,8 @@ impl Attacher {
             if have.contains(iface) || self.failed.contains_key(&(*ifindex, mode.to_string())) {
                 continue;
             }
-            let ap = AttachPoint { iface: iface.clone(), ifindex: *ifindex, mode: *mode, link_id: None, program_id: None };
+            let ap =
+                AttachPoint { iface: iface.clone(), ifindex: *ifindex, mode: *mode, link_id: None, program_id: None };
             match self.attach_new(&ap) {
                 Ok(()) => {
                     info!(iface, %mode, "attached");
@@ -344,7 +361,11 @@ impl Attacher {
             AttachMode::Tc => {
                 let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
                 let id = prog
-                    .attach_with_options(&ap.iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .attach_with_options(
+                        &ap.iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
                     .map_err(err)?;
                 prog.take_link(id).map_err(err)?.try_into_fd()
             }
@@ -354,7 +375,9 @@ impl Attacher {
                 let path = self.links_dir.join(ap.pin_name());
                 fd.pin(&path).map_err(|source| AttachError::Pin { iface: ap.iface.clone(), path, source })?;
             }
-            None => warn!(iface = %ap.iface, "attached without a BPF link (old kernel): it will not survive an agent restart"),
+            None => {
+                warn!(iface = %ap.iface, "attached without a BPF link (old kernel): it will not survive an agent restart")
+            }
         }
         Ok(())
     }
@@ -380,7 +403,10 @@ fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, A
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program>,
 {
-    ebpf.program_mut(name).ok_or(AttachError::MissingProgram(name))?.try_into().map_err(|_| AttachError::MissingProgram(name))
+    ebpf.program_mut(name)
+        .ok_or(AttachError::MissingProgram(name))?
+        .try_into()
+        .map_err(|_| AttachError::MissingProgram(name))
 }
 
 /// Removes every pinned link under `bpffs` (which detaches the datapath).
@@ -415,7 +441,11 @@ pub fn watch_links(notify: Arc<Notify>) -> bool {
     addr.nl_family = libc::AF_NETLINK as u16;
     addr.nl_groups = libc::RTMGRP_LINK as u32;
     let rc = unsafe {
-        libc::bind(fd, &addr as *const libc::sockaddr_nl as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32)
+        libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
     };
     if rc != 0 {
         warn!(error = %std::io::Error::last_os_error(), "cannot join RTMGRP_LINK; interfaces are rescanned periodically only");

@@ -62,7 +62,9 @@ pub enum SourceError {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("cannot infer a Kubernetes client configuration (no in-cluster service account, no ~/.kube/config); pass --kubeconfig")]
+    #[error(
+        "cannot infer a Kubernetes client configuration (no in-cluster service account, no ~/.kube/config); pass --kubeconfig"
+    )]
     Infer(#[source] kube::config::InferConfigError),
     #[error("cannot build a Kubernetes client")]
     Client(#[source] kube::Error),
@@ -221,7 +223,12 @@ fn slim_service(s: &mut Service) {
             ports: spec.ports.map(|ports| {
                 ports
                     .into_iter()
-                    .map(|p| k8s_openapi::api::core::v1::ServicePort { name: p.name, port: p.port, protocol: p.protocol, ..Default::default() })
+                    .map(|p| k8s_openapi::api::core::v1::ServicePort {
+                        name: p.name,
+                        port: p.port,
+                        protocol: p.protocol,
+                        ..Default::default()
+                    })
                     .collect()
             }),
             ..Default::default()
@@ -249,7 +256,12 @@ pub struct EndpointSliceV1beta1 {
 
 impl EndpointSliceV1beta1 {
     pub fn into_v1(self) -> EndpointSlice {
-        EndpointSlice { metadata: self.metadata, address_type: self.address_type, endpoints: self.endpoints, ports: self.ports }
+        EndpointSlice {
+            metadata: self.metadata,
+            address_type: self.address_type,
+            endpoints: self.endpoints,
+            ports: self.ports,
+        }
     }
 
     pub fn to_slice(&self) -> Slice {
@@ -352,16 +364,30 @@ pub async fn kubernetes(client: Client, metrics: Arc<Metrics>) -> Result<Source,
             let stream = watcher(Api::<EndpointSlice>::all(client.clone()))
                 .backoff(WatchBackoff::default())
                 .map_ok(|ev| compact(ev, |s: &EndpointSlice| Slice::from(s)));
-            tokio::spawn(drive("endpointslices", reflector::reflector(writer, stream), changed.clone(), metrics.clone()));
+            tokio::spawn(drive(
+                "endpointslices",
+                reflector::reflector(writer, stream),
+                changed.clone(),
+                metrics.clone(),
+            ));
         }
         SliceApi::V1beta1 => {
             let stream = watcher(Api::<EndpointSliceV1beta1>::all(client.clone()))
                 .backoff(WatchBackoff::default())
                 .map_ok(|ev| compact(ev, EndpointSliceV1beta1::to_slice));
-            tokio::spawn(drive("endpointslices", reflector::reflector(writer, stream), changed.clone(), metrics.clone()));
+            tokio::spawn(drive(
+                "endpointslices",
+                reflector::reflector(writer, stream),
+                changed.clone(),
+                metrics.clone(),
+            ));
         }
     }
-    Ok(Source { changed, description: format!("kubernetes (EndpointSlice {})", api.api_version()), inner: Inner::Kube { services, slices } })
+    Ok(Source {
+        changed,
+        description: format!("kubernetes (EndpointSlice {})", api.api_version()),
+        inner: Inner::Kube { services, slices },
+    })
 }
 
 fn watcher<K>(api: Api<K>) -> impl futures::Stream<Item = Result<Event<K>, watcher::Error>> + Send

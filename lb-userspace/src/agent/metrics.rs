@@ -51,7 +51,9 @@ fn sum(v: &aya::maps::PerCpuValues<Counter>) -> Counter {
 impl StatsReader {
     pub fn open(pin_dir: &Path) -> Result<Self, aya::maps::MapError> {
         let open = |name: &str| -> Result<_, aya::maps::MapError> {
-            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(aya::maps::MapData::from_pin(pin_dir.join(name))?))
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(aya::maps::MapData::from_pin(
+                pin_dir.join(name),
+            )?))
         };
         Ok(Self { stats: open(map_names::STATS)?, svc_stats: open(map_names::SVC_STATS)? })
     }
@@ -186,27 +188,88 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
         g(&mut o, "lb_ready", "gauge", "1 once the initial sync is done.", u64::from(self.is_ready()));
-        g(&mut o, "lb_syncs_total", "counter", "Syncs of desired state to the maps.", self.syncs.load(Ordering::Relaxed));
-        g(&mut o, "lb_sync_errors_total", "counter", "Syncs that failed (retried).", self.sync_errors.load(Ordering::Relaxed));
-        g(&mut o, "lb_map_writes_total", "counter", "Map updates and deletes written by syncs.", self.map_writes.load(Ordering::Relaxed));
-        g(&mut o, "lb_programmed_services", "gauge", "Frontends (ClusterIP, port, protocol) in the maps.", self.frontends.load(Ordering::Relaxed));
-        g(&mut o, "lb_programmed_endpoints", "gauge", "Backend slots over all frontends.", self.endpoints.load(Ordering::Relaxed));
-        g(&mut o, "lb_attached_interfaces", "gauge", "Interfaces the datapath is attached to.", self.attached.load(Ordering::Relaxed));
-        g(&mut o, "lb_attach_errors_total", "counter", "Failed attach attempts.", self.attach_errors.load(Ordering::Relaxed));
+        g(
+            &mut o,
+            "lb_syncs_total",
+            "counter",
+            "Syncs of desired state to the maps.",
+            self.syncs.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lb_sync_errors_total",
+            "counter",
+            "Syncs that failed (retried).",
+            self.sync_errors.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lb_map_writes_total",
+            "counter",
+            "Map updates and deletes written by syncs.",
+            self.map_writes.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lb_programmed_services",
+            "gauge",
+            "Frontends (ClusterIP, port, protocol) in the maps.",
+            self.frontends.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lb_programmed_endpoints",
+            "gauge",
+            "Backend slots over all frontends.",
+            self.endpoints.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lb_attached_interfaces",
+            "gauge",
+            "Interfaces the datapath is attached to.",
+            self.attached.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lb_attach_errors_total",
+            "counter",
+            "Failed attach attempts.",
+            self.attach_errors.load(Ordering::Relaxed),
+        );
         let rp = self.rp_filter();
         if let Some(all) = rp.all {
-            g(&mut o, "lb_rp_filter_all", "gauge", "net.ipv4.conf.all.rp_filter in the agent's namespace (1, strict, drops every reverse-NATed reply).", u64::from(all));
+            g(
+                &mut o,
+                "lb_rp_filter_all",
+                "gauge",
+                "net.ipv4.conf.all.rp_filter in the agent's namespace (1, strict, drops every reverse-NATed reply).",
+                u64::from(all),
+            );
         }
-        g(&mut o, "lb_rp_filter_problem", "gauge", "1 while rp_filter would drop reverse-NATed replies: conf.all strict, or an attached interface whose rp_filter could not be set to 0.", u64::from(rp.warning.is_some() || !rp.ifaces_failed.is_empty()));
+        g(
+            &mut o,
+            "lb_rp_filter_problem",
+            "gauge",
+            "1 while rp_filter would drop reverse-NATed replies: conf.all strict, or an attached interface whose rp_filter could not be set to 0.",
+            u64::from(rp.warning.is_some() || !rp.ifaces_failed.is_empty()),
+        );
         let last = self.last_sync_unix_ms.load(Ordering::Relaxed) as f64 / 1000.0;
-        let _ = writeln!(o, "# HELP lb_last_sync_timestamp_seconds Unix time of the last sync.\n# TYPE lb_last_sync_timestamp_seconds gauge\nlb_last_sync_timestamp_seconds {last:.3}");
+        let _ = writeln!(
+            o,
+            "# HELP lb_last_sync_timestamp_seconds Unix time of the last sync.\n# TYPE lb_last_sync_timestamp_seconds gauge\nlb_last_sync_timestamp_seconds {last:.3}"
+        );
         if let Ok(h) = self.sync_hist.lock() {
-            let _ = writeln!(o, "# HELP lb_sync_duration_seconds Time from snapshot to maps written.\n# TYPE lb_sync_duration_seconds histogram");
+            let _ = writeln!(
+                o,
+                "# HELP lb_sync_duration_seconds Time from snapshot to maps written.\n# TYPE lb_sync_duration_seconds histogram"
+            );
             for (i, b) in SYNC_BUCKETS.iter().enumerate() {
                 let _ = writeln!(o, "lb_sync_duration_seconds_bucket{{le=\"{b}\"}} {}", h.buckets[i]);
             }
             let _ = writeln!(o, "lb_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(o, "lb_sync_duration_seconds_sum {:.6}\nlb_sync_duration_seconds_count {}", h.sum, h.count);
+            let _ =
+                writeln!(o, "lb_sync_duration_seconds_sum {:.6}\nlb_sync_duration_seconds_count {}", h.sum, h.count);
         }
         let labelled = |o: &mut String, name: &str, help: &str, label: &str, m: &Mutex<BTreeMap<&'static str, u64>>| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -216,39 +279,89 @@ impl Metrics {
                 }
             }
         };
-        labelled(&mut o, "lb_watch_restarts_total", "Re-lists of a watched resource after the first list.", "resource", &self.watch_restarts);
-        labelled(&mut o, "lb_watch_errors_total", "Watch errors (each is followed by a backoff and a resume).", "resource", &self.watch_errors);
-        labelled(&mut o, "lb_decode_errors_total", "Objects or documents that could not be decoded.", "source", &self.decode_errors);
-        let _ = writeln!(o, "# HELP lb_invalid_objects_total Problems found in objects (counted once when first seen).\n# TYPE lb_invalid_objects_total counter");
-        let _ = writeln!(o2, "# HELP lb_invalid_objects Problems present in the current objects.\n# TYPE lb_invalid_objects gauge");
+        labelled(
+            &mut o,
+            "lb_watch_restarts_total",
+            "Re-lists of a watched resource after the first list.",
+            "resource",
+            &self.watch_restarts,
+        );
+        labelled(
+            &mut o,
+            "lb_watch_errors_total",
+            "Watch errors (each is followed by a backoff and a resume).",
+            "resource",
+            &self.watch_errors,
+        );
+        labelled(
+            &mut o,
+            "lb_decode_errors_total",
+            "Objects or documents that could not be decoded.",
+            "source",
+            &self.decode_errors,
+        );
+        let _ = writeln!(
+            o,
+            "# HELP lb_invalid_objects_total Problems found in objects (counted once when first seen).\n# TYPE lb_invalid_objects_total counter"
+        );
+        let _ = writeln!(
+            o2,
+            "# HELP lb_invalid_objects Problems present in the current objects.\n# TYPE lb_invalid_objects gauge"
+        );
         if let (Ok(t), Ok(n)) = (self.invalid_total.lock(), self.invalid_now.lock()) {
             for k in IssueKind::ALL {
-                let _ = writeln!(o, "lb_invalid_objects_total{{reason=\"{}\"}} {}", k.name(), t.get(&k).copied().unwrap_or(0));
-                let _ = writeln!(o2, "lb_invalid_objects{{reason=\"{}\"}} {}", k.name(), n.get(&k).copied().unwrap_or(0));
+                let _ = writeln!(
+                    o,
+                    "lb_invalid_objects_total{{reason=\"{}\"}} {}",
+                    k.name(),
+                    t.get(&k).copied().unwrap_or(0)
+                );
+                let _ =
+                    writeln!(o2, "lb_invalid_objects{{reason=\"{}\"}} {}", k.name(), n.get(&k).copied().unwrap_or(0));
             }
         }
         o.push_str(&o2);
         if let Ok(guard) = self.stats.lock()
             && let Some(r) = guard.as_ref()
         {
-            let _ = writeln!(o, "# HELP lb_datapath_packets_total Packets by datapath verdict reason.\n# TYPE lb_datapath_packets_total counter");
+            let _ = writeln!(
+                o,
+                "# HELP lb_datapath_packets_total Packets by datapath verdict reason.\n# TYPE lb_datapath_packets_total counter"
+            );
             let counters: Vec<(Reason, Counter)> = Reason::ALL.iter().map(|&x| (x, r.reason(x))).collect();
             for (x, c) in &counters {
                 let _ = writeln!(o, "lb_datapath_packets_total{{reason=\"{}\"}} {}", x.name(), c.packets);
             }
-            let _ = writeln!(o, "# HELP lb_datapath_bytes_total Bytes by datapath verdict reason.\n# TYPE lb_datapath_bytes_total counter");
+            let _ = writeln!(
+                o,
+                "# HELP lb_datapath_bytes_total Bytes by datapath verdict reason.\n# TYPE lb_datapath_bytes_total counter"
+            );
             for (x, c) in &counters {
                 let _ = writeln!(o, "lb_datapath_bytes_total{{reason=\"{}\"}} {}", x.name(), c.bytes);
             }
             let programmed = self.programmed();
-            let _ = writeln!(o, "# HELP lb_service_packets_total Packets through a frontend (forward and reply).\n# TYPE lb_service_packets_total counter");
+            let _ = writeln!(
+                o,
+                "# HELP lb_service_packets_total Packets through a frontend (forward and reply).\n# TYPE lb_service_packets_total counter"
+            );
             let per: Vec<(&ProgrammedFrontend, Counter)> = programmed.iter().map(|p| (p, r.service(p.id))).collect();
             for (p, c) in &per {
-                let _ = writeln!(o, "lb_service_packets_total{{service=\"{}\",frontend=\"{}\"}} {}", p.service, p.key, c.packets);
+                let _ = writeln!(
+                    o,
+                    "lb_service_packets_total{{service=\"{}\",frontend=\"{}\"}} {}",
+                    p.service, p.key, c.packets
+                );
             }
-            let _ = writeln!(o, "# HELP lb_service_bytes_total Bytes through a frontend (forward and reply).\n# TYPE lb_service_bytes_total counter");
+            let _ = writeln!(
+                o,
+                "# HELP lb_service_bytes_total Bytes through a frontend (forward and reply).\n# TYPE lb_service_bytes_total counter"
+            );
             for (p, c) in &per {
-                let _ = writeln!(o, "lb_service_bytes_total{{service=\"{}\",frontend=\"{}\"}} {}", p.service, p.key, c.bytes);
+                let _ = writeln!(
+                    o,
+                    "lb_service_bytes_total{{service=\"{}\",frontend=\"{}\"}} {}",
+                    p.service, p.key, c.bytes
+                );
             }
         }
         o
@@ -257,66 +370,78 @@ impl Metrics {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the task is dropped.
 /// Returns the address bound (for port 0) and the serving task.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
-    Ok((bound, tokio::spawn(async move {
-        loop {
-            let (mut sock, peer) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut n = 0;
-                let read = tokio::time::timeout(Duration::from_secs(5), async {
-                    while n < buf.len() {
-                        let r = sock.read(&mut buf[n..]).await?;
-                        if r == 0 {
-                            break;
-                        }
-                        n += r;
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].windows(2).any(|w| w == b"\n\n") {
-                            break;
-                        }
+    Ok((
+        bound,
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, peer) = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
-                    Ok::<_, std::io::Error>(())
-                })
-                .await;
-                if !matches!(read, Ok(Ok(()))) {
-                    return;
-                }
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let mut parts = req.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let path = path.split('?').next().unwrap_or("");
-                debug!(%peer, method, path, "http");
-                let (status, ctype, body) = match (method, path) {
-                    ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                    ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                    ("GET", "/readyz") if metrics.is_ready() => ("200 OK", "text/plain", "ok\n".to_string()),
-                    ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "initial sync not done\n".to_string()),
-                    ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
-                    _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
                 };
-                let head = format!(
-                    "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = sock.write_all(head.as_bytes()).await;
-                if method != "HEAD" {
-                    let _ = sock.write_all(body.as_bytes()).await;
-                }
-                let _ = sock.shutdown().await;
-            });
-        }
-    })))
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut n = 0;
+                    let read = tokio::time::timeout(Duration::from_secs(5), async {
+                        while n < buf.len() {
+                            let r = sock.read(&mut buf[n..]).await?;
+                            if r == 0 {
+                                break;
+                            }
+                            n += r;
+                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                                || buf[..n].windows(2).any(|w| w == b"\n\n")
+                            {
+                                break;
+                            }
+                        }
+                        Ok::<_, std::io::Error>(())
+                    })
+                    .await;
+                    if !matches!(read, Ok(Ok(()))) {
+                        return;
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]);
+                    let mut parts = req.split_whitespace();
+                    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                    let path = path.split('?').next().unwrap_or("");
+                    debug!(%peer, method, path, "http");
+                    let (status, ctype, body) = match (method, path) {
+                        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+                        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+                        ("GET", "/readyz") if metrics.is_ready() => ("200 OK", "text/plain", "ok\n".to_string()),
+                        ("GET", "/readyz") => {
+                            ("503 Service Unavailable", "text/plain", "initial sync not done\n".to_string())
+                        }
+                        ("GET", _) => {
+                            ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string())
+                        }
+                        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+                    };
+                    let head = format!(
+                        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    if method != "HEAD" {
+                        let _ = sock.write_all(body.as_bytes()).await;
+                    }
+                    let _ = sock.shutdown().await;
+                });
+            }
+        }),
+    ))
 }
 
 #[cfg(test)]

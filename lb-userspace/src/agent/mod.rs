@@ -164,7 +164,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     // Attachments: their own task, which owns the loaded programs.
     let attach_points: Arc<Mutex<Vec<attach::AttachPoint>>> = Arc::default();
     let has_attach = !cfg.attach.ifaces.is_empty() || !cfg.attach.globs.is_empty();
-    let mut attacher = attach::Attacher::new(ebpf, cfg.attach.clone(), &cfg.bpffs).context("creating the links directory")?;
+    let mut attacher =
+        attach::Attacher::new(ebpf, cfg.attach.clone(), &cfg.bpffs).context("creating the links directory")?;
     {
         let (points, errors) = attacher.reconcile();
         for _ in 0..errors {
@@ -179,7 +180,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         attach::watch_links(link_events.clone());
     }
     {
-        let (metrics, points, events, every) = (metrics.clone(), attach_points.clone(), link_events.clone(), cfg.iface_rescan);
+        let (metrics, points, events, every) =
+            (metrics.clone(), attach_points.clone(), link_events.clone(), cfg.iface_rescan);
         tokio::spawn(async move {
             // Keeps the programs loaded (and reachable for new interfaces) for the
             // agent's lifetime.
@@ -337,7 +339,12 @@ fn programmed(syncer: &sync::Syncer, desired: &model::Desired) -> Vec<metrics::P
         .iter()
         .filter_map(|(k, f)| {
             let v = syncer.shadow().services.get(&k.map_key())?;
-            Some(metrics::ProgrammedFrontend { key: *k, id: v.id, service: f.service.clone(), backends: v.count as usize })
+            Some(metrics::ProgrammedFrontend {
+                key: *k,
+                id: v.id,
+                service: f.service.clone(),
+                backends: v.count as usize,
+            })
         })
         .collect()
 }
@@ -353,7 +360,8 @@ pub struct Cleanup {
 /// file. Safe to run when nothing is there.
 pub fn cleanup(bpffs: &Path, status_file: Option<&Path>) -> Result<Cleanup> {
     let mut out = Cleanup {
-        links: attach::remove_links(bpffs).with_context(|| format!("removing pinned links under {}", bpffs.display()))?,
+        links: attach::remove_links(bpffs)
+            .with_context(|| format!("removing pinned links under {}", bpffs.display()))?,
         ..Default::default()
     };
     if let Ok(entries) = std::fs::read_dir(bpffs) {

@@ -750,8 +750,7 @@ fn service_frontends(
 /// serving and terminating ones (KEP-1669); never non-serving ones.
 fn select_backends(candidates: Option<&BTreeMap<Backend, Conditions>>, publish_not_ready: bool) -> BTreeSet<Backend> {
     let Some(c) = candidates else { return BTreeSet::new() };
-    let ready: BTreeSet<Backend> =
-        c.iter().filter(|(_, c)| c.ready || publish_not_ready).map(|(b, _)| *b).collect();
+    let ready: BTreeSet<Backend> = c.iter().filter(|(_, c)| c.ready || publish_not_ready).map(|(b, _)| *b).collect();
     if !ready.is_empty() {
         return ready;
     }

@@ -306,19 +306,14 @@ impl Syncer {
     }
 
     fn sync_inner<W: MapWriter>(&mut self, desired: &Desired, w: &mut W, now: Instant) -> Result<SyncStats, SyncError> {
-        let mut stats = SyncStats { frontends: desired.frontends.len(), endpoints: desired.endpoint_count(), ..Default::default() };
-        let wanted: HashMap<ServiceKey4, &FrontendKey> =
-            desired.frontends.keys().map(|k| (k.map_key(), k)).collect();
+        let mut stats =
+            SyncStats { frontends: desired.frontends.len(), endpoints: desired.endpoint_count(), ..Default::default() };
+        let wanted: HashMap<ServiceKey4, &FrontendKey> = desired.frontends.keys().map(|k| (k.map_key(), k)).collect();
         let mut ops = Vec::new();
 
         // 1. Frontends that are gone, first, which also makes room in the maps.
-        let mut gone: Vec<ServiceKey4> = self
-            .shadow
-            .services
-            .keys()
-            .filter(|k| !is_marker(k) && !wanted.contains_key(k))
-            .copied()
-            .collect();
+        let mut gone: Vec<ServiceKey4> =
+            self.shadow.services.keys().filter(|k| !is_marker(k) && !wanted.contains_key(k)).copied().collect();
         gone.sort_unstable();
         for key in gone {
             let id = self.shadow.services[&key].id;
@@ -420,7 +415,10 @@ impl Syncer {
     fn delete_slots_ops(&self, id: u32, above: u32, ops: &mut Vec<Op>) {
         if let Some(slots) = self.shadow.slots.get(&id) {
             ops.extend(
-                slots.keys().filter(|&&s| s > above || s == 0).map(|&slot| Op::DeleteBackend(BackendKey { svc_id: id, slot })),
+                slots
+                    .keys()
+                    .filter(|&&s| s > above || s == 0)
+                    .map(|&slot| Op::DeleteBackend(BackendKey { svc_id: id, slot })),
             );
         }
     }
@@ -459,7 +457,13 @@ impl Syncer {
         Ok(())
     }
 
-    fn plan_update(&mut self, key: ServiceKey4, cur: ServiceValue, fe: &Frontend, ops: &mut Vec<Op>) -> Result<(), SyncError> {
+    fn plan_update(
+        &mut self,
+        key: ServiceKey4,
+        cur: ServiceValue,
+        fe: &Frontend,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), SyncError> {
         let id = cur.id;
         let want: HashSet<(u32, u16)> =
             fe.backends.iter().map(|b| (u32::from_ne_bytes(b.ip.octets()), b.port.to_be())).collect();
@@ -522,7 +526,13 @@ impl Syncer {
     }
 
     /// Applies `ops` in order, recording each in the shadow as it succeeds.
-    fn apply<W: MapWriter>(&mut self, w: &mut W, ops: &mut Vec<Op>, stats: &mut SyncStats, now: Instant) -> Result<(), SyncError> {
+    fn apply<W: MapWriter>(
+        &mut self,
+        w: &mut W,
+        ops: &mut Vec<Op>,
+        stats: &mut SyncStats,
+        now: Instant,
+    ) -> Result<(), SyncError> {
         for op in ops.drain(..) {
             w.apply(&op).map_err(|source| SyncError::Write { op: op.to_string(), source })?;
             match op {
@@ -682,7 +692,10 @@ impl BpfMaps {
     /// Packets and bytes of one service id, summed over CPUs.
     pub fn service_counter(&self, id: u32) -> Option<Counter> {
         let v = self.svc_stats.get(&id, 0).ok()?;
-        Some(v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+        Some(
+            v.iter()
+                .fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }),
+        )
     }
 }
 

@@ -130,7 +130,12 @@ const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64).tcp(sport, dport, 1, 64240).syn().write(&mut v, &[]).unwrap_or_default();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1, 64240)
+        .syn()
+        .write(&mut v, &[])
+        .unwrap_or_default();
     v
 }
 
@@ -147,7 +152,11 @@ fn ack(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Ve
 
 fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64).udp(sport, dport).write(&mut v, payload).unwrap_or_default();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut v, payload)
+        .unwrap_or_default();
     v
 }
 
@@ -180,7 +189,10 @@ fn timed(ebpf: &Ebpf, hook: Hook, packet: &[u8], repeat: u32, rounds: u32, want:
     let mut samples = Vec::new();
     for _ in 0..rounds {
         let (verdict, _, ns) = run_on(ebpf, hook, packet, repeat)?;
-        anyhow::ensure!(verdict == want, "{hook:?}: verdict {verdict:?}, expected {want:?}: the benchmark is not measuring what it says");
+        anyhow::ensure!(
+            verdict == want,
+            "{hook:?}: verdict {verdict:?}, expected {want:?}: the benchmark is not measuring what it says"
+        );
         samples.push(ns);
     }
     Ok(median(samples))
@@ -197,16 +209,16 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
     let fp: &mut Xdp = floor.program_mut("floor").context("floor program")?.try_into()?;
     fp.load().context("verifying the floor program")?;
 
-    println!("lb datapath benchmark: BPF_PROG_TEST_RUN, repeat {repeat}, median of {rounds}, {backends} backends/service");
+    println!(
+        "lb datapath benchmark: BPF_PROG_TEST_RUN, repeat {repeat}, median of {rounds}, {backends} backends/service"
+    );
     let mut rows = Vec::new();
     let mut table = String::new();
     writeln!(table, "{:>9} {:<22} {:>6} {:>9} {:>10}", "services", "case", "hook", "ns/pkt", "x floor")?;
     for &n in scales {
         // SERVICES holds a frontend and an address marker per service.
-        let dp_sizes = [
-            (map_names::SERVICES, (2 * n + 64).max(1024)),
-            (map_names::BACKENDS, (n * backends + 64 * 64).max(1024)),
-        ];
+        let dp_sizes =
+            [(map_names::SERVICES, (2 * n + 64).max(1024)), (map_names::BACKENDS, (n * backends + 64 * 64).max(1024))];
         let mut dp = Datapath::load_with(&dp_sizes)?;
         let t0 = std::time::Instant::now();
         for i in 0..n {
@@ -238,7 +250,10 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
             let fwd_new = dp.stat(Reason::FwdNew).packets;
             let c = timed(&bypass, hook, &new, repeat, rounds, Verdict::Pass)?;
             let grew = dp.stat(Reason::FwdNew).packets - fwd_new;
-            anyhow::ensure!(grew >= u64::from(repeat) * u64::from(rounds), "new-flow case took the new-flow path only {grew} times");
+            anyhow::ensure!(
+                grew >= u64::from(repeat) * u64::from(rounds),
+                "new-flow case took the new-flow path only {grew} times"
+            );
             push("(c) new flow", Some(hook), c);
             let d = timed(&dp.ebpf, hook, &other, repeat, rounds, Verdict::Pass)?;
             push("(d) non-service", Some(hook), d);
@@ -249,7 +264,9 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
     // Targets from the issue, judged on what was just measured.
     let get = |n: u32, case: &str, hook: &str| {
         rows.iter()
-            .find(|r| r["services"] == n && r["case"].as_str().is_some_and(|c| c.starts_with(case)) && r["hook"] == hook)
+            .find(|r| {
+                r["services"] == n && r["case"].as_str().is_some_and(|c| c.starts_with(case)) && r["hook"] == hook
+            })
             .and_then(|r| r["ns"].as_u64())
     };
     let mut verdicts = Vec::new();
@@ -258,15 +275,27 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
         for &n in scales {
             let floor = get(n, "(a)", "floor").unwrap_or(1) as f64;
             if let Some(b) = get(n, "(b)", hook) {
-                verdicts.push(target_line(&format!("{hook} (b) conntrack hit <= 3x floor @{n}"), b as f64 / floor, 3.0));
+                verdicts.push(target_line(
+                    &format!("{hook} (b) conntrack hit <= 3x floor @{n}"),
+                    b as f64 / floor,
+                    3.0,
+                ));
             }
             if let Some(d) = get(n, "(d)", hook) {
-                verdicts.push(target_line(&format!("{hook} (d) non-service <= 1.3x floor @{n}"), d as f64 / floor, 1.3));
+                verdicts.push(target_line(
+                    &format!("{hook} (d) non-service <= 1.3x floor @{n}"),
+                    d as f64 / floor,
+                    1.3,
+                ));
             }
         }
         for case in ["(b)", "(c)"] {
             if let (Some(a), Some(b)) = (get(lo, case, hook), get(hi, case, hook)) {
-                verdicts.push(target_line(&format!("{hook} {case} {hi} vs {lo} services <= 1.2x"), b as f64 / a.max(1) as f64, 1.2));
+                verdicts.push(target_line(
+                    &format!("{hook} {case} {hi} vs {lo} services <= 1.2x"),
+                    b as f64 / a.max(1) as f64,
+                    1.2,
+                ));
             }
         }
     }
@@ -353,7 +382,9 @@ fn target_line(what: &str, ratio: f64, limit: f64) -> (String, bool) {
 
 /// One line per header set: "TCP 10.244.0.5:40000 -> 10.96.0.10:80 [S]".
 fn describe(frame: &[u8]) -> String {
-    let Ok(h) = PacketHeaders::from_ethernet_slice(frame) else { return format!("{} bytes, not parseable", frame.len()) };
+    let Ok(h) = PacketHeaders::from_ethernet_slice(frame) else {
+        return format!("{} bytes, not parseable", frame.len());
+    };
     let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { return "not IPv4".into() };
     let (s, d) = (Ipv4Addr::from(ip.source), Ipv4Addr::from(ip.destination));
     match &h.transport {
@@ -385,7 +416,8 @@ fn demo_datapath() -> Result<()> {
     dp.put_service(&addr(web), 53, IPPROTO_UDP, ServiceValue { id: 2, count: 1, ..Default::default() })?;
     dp.put_backends(2, &[(21, "10.244.1.21", 5353)])?;
     println!("  10.96.0.10:53/UDP  -> 10.244.1.21:5353");
-    let sticky = ServiceValue { id: 3, count: 3, flags: SVC_F_AFFINITY, affinity_timeout_s: 10800, ..Default::default() };
+    let sticky =
+        ServiceValue { id: 3, count: 3, flags: SVC_F_AFFINITY, affinity_timeout_s: 10800, ..Default::default() };
     dp.put_service("10.96.0.20", 80, IPPROTO_TCP, sticky)?;
     dp.put_backends(3, &[(31, "10.244.1.31", 8080), (32, "10.244.2.32", 8080), (33, "10.244.1.33", 8080)])?;
     println!("  10.96.0.20:80/TCP  -> 3 backends, sessionAffinity: ClientIP (10800 s)");

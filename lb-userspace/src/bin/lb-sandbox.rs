@@ -108,7 +108,8 @@ fn main() -> Result<()> {
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new("info,kube=warn").context("log filter")?)
                 .with_ansi(false)
                 .init();
-            let cfg = sandbox::kubelet::Config { nodes: (1..=nodes).map(NodeSpec::new).collect(), kubeconfig, state_dir };
+            let cfg =
+                sandbox::kubelet::Config { nodes: (1..=nodes).map(NodeSpec::new).collect(), kubeconfig, state_dir };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -117,7 +118,9 @@ fn main() -> Result<()> {
                 .block_on(sandbox::kubelet::run(cfg))
         }
         Cmd::Relay { listen, netns, to } => sandbox::relay::run(listen, &netns, to),
-        Cmd::Image { image: ImageCmd::Serve { name, tcp, udp, delay_shutdown } } => images::serve(&name, &tcp, &udp, delay_shutdown),
+        Cmd::Image { image: ImageCmd::Serve { name, tcp, udp, delay_shutdown } } => {
+            images::serve(&name, &tcp, &udp, delay_shutdown)
+        }
         Cmd::Image { image: ImageCmd::Idle } => images::idle(),
         Cmd::Udp { addr, msg, timeout_ms } => {
             println!("{}", images::udp_client(addr, &msg, Duration::from_millis(timeout_ms))?);

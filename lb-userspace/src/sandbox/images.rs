@@ -215,7 +215,8 @@ pub fn udp_client(addr: SocketAddr, msg: &str, timeout: Duration) -> Result<Stri
 /// request and prints the answer's body. Shows whether a connection made before some
 /// event (an agent restart) still works after it.
 pub fn tcp_hold(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to {addr}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to {addr}"))?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())?;
     println!("connected {}", s.local_addr()?);
     std::io::stdout().flush()?;
@@ -226,7 +227,9 @@ pub fn tcp_hold(addr: SocketAddr, path: &str) -> Result<String> {
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).context("reading the answer")?;
     let resp = String::from_utf8_lossy(&resp);
-    let Some((head, body)) = resp.split_once("\r\n\r\n") else { bail!("no HTTP answer on the held connection: {resp:?}") };
+    let Some((head, body)) = resp.split_once("\r\n\r\n") else {
+        bail!("no HTTP answer on the held connection: {resp:?}")
+    };
     if !head.starts_with("HTTP/1.1 200") {
         bail!("answer: {head:?}");
     }
@@ -240,14 +243,28 @@ mod tests {
     #[test]
     fn images_map_to_programs() {
         let p = |s: &str| (8080u16, s.to_string());
-        assert_eq!(Program::for_image("mynapp:v1", &[p("TCP")], &[]), Program::Serve { tcp: vec![8080], udp: vec![], delay_shutdown: 0 });
+        assert_eq!(
+            Program::for_image("mynapp:v1", &[p("TCP")], &[]),
+            Program::Serve { tcp: vec![8080], udp: vec![], delay_shutdown: 0 }
+        );
         assert_eq!(Program::for_image("busybox", &[p("TCP")], &[]), Program::Idle);
         assert_eq!(
-            Program::for_image("k8s.gcr.io/e2e-test-images/agnhost:2.21", &[], &["netexec".into(), "--http-port=80".into(), "--udp-port=81".into()]),
+            Program::for_image(
+                "k8s.gcr.io/e2e-test-images/agnhost:2.21",
+                &[],
+                &["netexec".into(), "--http-port=80".into(), "--udp-port=81".into()]
+            ),
             Program::Serve { tcp: vec![80], udp: vec![81], delay_shutdown: 0 }
         );
-        let args: Vec<String> = ["netexec", "--http-port", "80", "--delay-shutdown", "100"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(Program::for_image("agnhost", &[], &args), Program::Serve { tcp: vec![80], udp: vec![], delay_shutdown: 100 });
-        assert_eq!(Program::for_image("udp-echo", &[], &[]), Program::Serve { tcp: vec![], udp: vec![5005], delay_shutdown: 0 });
+        let args: Vec<String> =
+            ["netexec", "--http-port", "80", "--delay-shutdown", "100"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            Program::for_image("agnhost", &[], &args),
+            Program::Serve { tcp: vec![80], udp: vec![], delay_shutdown: 100 }
+        );
+        assert_eq!(
+            Program::for_image("udp-echo", &[], &[]),
+            Program::Serve { tcp: vec![], udp: vec![5005], delay_shutdown: 0 }
+        );
     }
 }

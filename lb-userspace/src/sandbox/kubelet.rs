@@ -434,7 +434,8 @@ async fn start_pod(ctx: &Arc<Ctx>, node: &NodeSpec, pod: &Pod) -> Result<Running
     let host = {
         let mut ips = lock(&ctx.ips);
         let used = ips.entry(node.index).or_default();
-        let h = (2u8..=254).find(|h| !used.contains(h)).ok_or_else(|| anyhow!("node {} has no free pod IP", node.name))?;
+        let h =
+            (2u8..=254).find(|h| !used.contains(h)).ok_or_else(|| anyhow!("node {} has no free pod IP", node.name))?;
         used.insert(h);
         h
     };
@@ -470,7 +471,9 @@ async fn start_pod(ctx: &Arc<Ctx>, node: &NodeSpec, pod: &Pod) -> Result<Running
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| Some((u16::try_from(p.container_port).ok()?, p.protocol.clone().unwrap_or_else(|| "TCP".into()))))
+            .filter_map(|p| {
+                Some((u16::try_from(p.container_port).ok()?, p.protocol.clone().unwrap_or_else(|| "TCP".into())))
+            })
             .collect();
         let mut args = c.command.clone().unwrap_or_default();
         args.extend(c.args.clone().unwrap_or_default());
@@ -492,7 +495,8 @@ async fn start_pod(ctx: &Arc<Ctx>, node: &NodeSpec, pod: &Pod) -> Result<Running
         "netns": netns, "ip": ip_addr.to_string(), "veth": veth,
         "env": containers.first().map(|c| c.env.clone()).unwrap_or_default(),
     });
-    std::fs::write(&file, serde_json::to_vec_pretty(&record)?).with_context(|| format!("writing {}", file.display()))?;
+    std::fs::write(&file, serde_json::to_vec_pretty(&record)?)
+        .with_context(|| format!("writing {}", file.display()))?;
     for c in &mut containers {
         c.child = Some(spawn_container(ctx, &netns, c)?);
     }
@@ -535,7 +539,13 @@ async fn service_env(ctx: &Ctx, ns: &str, links: bool) -> Vec<(String, String)> 
     envvars::from_services(&svcs)
 }
 
-fn container_env(pod: &Pod, c: &Container, svc_env: &[(String, String)], ip: Ipv4Addr, node: &NodeSpec) -> Vec<(String, String)> {
+fn container_env(
+    pod: &Pod,
+    c: &Container,
+    svc_env: &[(String, String)],
+    ip: Ipv4Addr,
+    node: &NodeSpec,
+) -> Vec<(String, String)> {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
@@ -557,7 +567,9 @@ fn container_env(pod: &Pod, c: &Container, svc_env: &[(String, String)], ip: Ipv
                 "metadata.namespace" => pod.metadata.namespace.clone().unwrap_or_default(),
                 "metadata.uid" => pod.metadata.uid.clone().unwrap_or_default(),
                 "spec.nodeName" => node.name.clone(),
-                "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+                "spec.serviceAccountName" => {
+                    pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default()
+                }
                 "status.podIP" | "status.podIPs" => ip.to_string(),
                 "status.hostIP" => node.fabric_ip.to_string(),
                 _ => String::new(),
@@ -628,8 +640,13 @@ async fn patch_status(ctx: &Ctx, ns: &str, name: &str, rt: &Running, node: &Node
 
 #[derive(Debug, Clone)]
 enum Check {
-    Http { port: u16, path: String },
-    Tcp { port: u16 },
+    Http {
+        port: u16,
+        path: String,
+    },
+    Tcp {
+        port: u16,
+    },
     /// exec probes are not run; they count as passing.
     Pass,
 }
@@ -645,10 +662,7 @@ struct ProbeSpec {
 }
 
 fn probes_of(containers: &[Container]) -> Vec<ProbeSpec> {
-    containers
-        .iter()
-        .filter_map(|c| c.readiness_probe.as_ref().map(|p| probe_spec(c, p)))
-        .collect()
+    containers.iter().filter_map(|c| c.readiness_probe.as_ref().map(|p| probe_spec(c, p))).collect()
 }
 
 fn probe_spec(c: &Container, p: &Probe) -> ProbeSpec {
@@ -684,7 +698,13 @@ fn probe_spec(c: &Container, p: &Probe) -> ProbeSpec {
 }
 
 /// Probes from the node's namespace (as kubelet probes from the host) until `stop`.
-fn probe_loop(node_netns: &str, ip: Ipv4Addr, probes: &[ProbeSpec], tx: &mpsc::UnboundedSender<bool>, stop: &AtomicBool) -> Result<()> {
+fn probe_loop(
+    node_netns: &str,
+    ip: Ipv4Addr,
+    probes: &[ProbeSpec],
+    tx: &mpsc::UnboundedSender<bool>,
+    stop: &AtomicBool,
+) -> Result<()> {
     super::enter_netns(node_netns)?;
     let delay = probes.iter().map(|p| p.initial_delay).max().unwrap_or_default();
     let period = probes.iter().map(|p| p.period).min().unwrap_or(Duration::from_secs(10));
@@ -736,7 +756,9 @@ fn run_check(check: &Check, ip: Ipv4Addr, timeout: Duration) -> bool {
             let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::from((ip, *port)), timeout) else { return false };
             let _ = s.set_read_timeout(Some(timeout));
             let _ = s.set_write_timeout(Some(timeout));
-            let req = format!("GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.20\r\nConnection: close\r\n\r\n");
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.20\r\nConnection: close\r\n\r\n"
+            );
             if s.write_all(req.as_bytes()).is_err() {
                 return false;
             }
@@ -744,10 +766,7 @@ fn run_check(check: &Check, ip: Ipv4Addr, timeout: Duration) -> bool {
             let n = s.read(&mut buf).unwrap_or(0);
             let head = String::from_utf8_lossy(&buf[..n]);
             // kubelet: 200 <= code < 400 is success.
-            head.split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse::<u16>().ok())
-                .is_some_and(|c| (200..400).contains(&c))
+            head.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).is_some_and(|c| (200..400).contains(&c))
         }
     }
 }

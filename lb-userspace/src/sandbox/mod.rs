@@ -48,10 +48,7 @@ impl NodeSpec {
 
 /// Runs `ip ARGS`, failing with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip (iproute2); is it installed?")?;
+    let out = Command::new("ip").args(args).output().context("cannot run ip (iproute2); is it installed?")?;
     if !out.status.success() {
         bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -72,10 +69,7 @@ pub fn enter_netns(name: &str) -> Result<()> {
 
 /// RFC 3339 UTC timestamp ("2024-05-01T12:00:00Z") for API objects, without a date crate.
 pub fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     rfc3339(secs)
 }
 

@@ -62,7 +62,10 @@ pub fn run() -> Result<()> {
             return Err(e.context("the demo failed (the sandbox has been torn down)"));
         }
     };
-    rows.push(("teardown".into(), if down.is_ok() { "all lbsb-* namespaces, processes and files removed".into() } else { "FAILED".into() }));
+    rows.push((
+        "teardown".into(),
+        if down.is_ok() { "all lbsb-* namespaces, processes and files removed".into() } else { "FAILED".into() },
+    ));
     down?;
     println!("\n== summary ==");
     let w = rows.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
@@ -132,7 +135,10 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
     std::thread::sleep(Duration::from_millis(500));
     let spread = requests(&sb, 10, true)?;
     let one = spread.len() == 1;
-    rows.push(("sessionAffinity ClientIP".into(), format!("{} ({})", spread_text(&spread, 10), if one { "one pod" } else { "NOT one pod" })));
+    rows.push((
+        "sessionAffinity ClientIP".into(),
+        format!("{} ({})", spread_text(&spread, 10), if one { "one pod" } else { "NOT one pod" }),
+    ));
 
     section(7, "service environment variables inside a pod");
     show_cmd("cargo xtask sandbox exec client -- sh -c 'env | grep ^MYNAPP_SVC_ | sort'");
@@ -140,7 +146,14 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
     print!("{out}");
     let host_ok = out.contains(&format!("MYNAPP_SVC_SERVICE_HOST={cip}"));
     let port_ok = out.contains("MYNAPP_SVC_SERVICE_PORT=80");
-    rows.push(("env vars".into(), if host_ok && port_ok { format!("MYNAPP_SVC_SERVICE_HOST={cip}, MYNAPP_SVC_SERVICE_PORT=80") } else { "MISSING".into() }));
+    rows.push((
+        "env vars".into(),
+        if host_ok && port_ok {
+            format!("MYNAPP_SVC_SERVICE_HOST={cip}, MYNAPP_SVC_SERVICE_PORT=80")
+        } else {
+            "MISSING".into()
+        },
+    ));
 
     // The client's node: its datapath did the NAT, so its counters show the traffic.
     let node = sb.kubectl(&["get", "pod", "client", "-o", "jsonpath={.spec.nodeName}"])?;
@@ -149,7 +162,13 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
     show_cmd(&format!("nsenter --net=/run/netns/lbsb-node{n} lb --bpffs /tmp/lbsb/bpffs/lbsb-node{n} services"));
     let svcs = sb.lb_on_node(n, &["services"])?;
     print!("{svcs}");
-    rows.push((format!("lb services (node {n})"), format!("{} backends listed", svcs.lines().filter(|l| l.trim_start().starts_with("->") && l.contains(":8080")).count())));
+    rows.push((
+        format!("lb services (node {n})"),
+        format!(
+            "{} backends listed",
+            svcs.lines().filter(|l| l.trim_start().starts_with("->") && l.contains(":8080")).count()
+        ),
+    ));
     if !one || !host_ok || !port_ok {
         bail!("the demo's checks failed; see the summary above");
     }
@@ -189,12 +208,7 @@ pub fn ready_endpoints(sb: &Sandbox, svc: &str) -> usize {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .map(|v| {
-            v["subsets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|s| s["addresses"].as_array().map_or(0, Vec::len))
-                .sum()
+            v["subsets"].as_array().into_iter().flatten().map(|s| s["addresses"].as_array().map_or(0, Vec::len)).sum()
         })
         .unwrap_or(0)
 }

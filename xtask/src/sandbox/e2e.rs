@@ -28,8 +28,14 @@ const TESTS: &[(&str, TestFn)] = &[
     ("should work after restarting the agent", restart_agent),
     ("should implement service.kubernetes.io/service-proxy-name", proxy_name),
     ("should implement service.kubernetes.io/headless", headless_label),
-    ("should be able to connect to terminating and unready endpoints if PublishNotReadyAddresses is true", publish_not_ready_true),
-    ("should not be able to connect to terminating and unready endpoints if PublishNotReadyAddresses is false", publish_not_ready_false),
+    (
+        "should be able to connect to terminating and unready endpoints if PublishNotReadyAddresses is true",
+        publish_not_ready_true,
+    ),
+    (
+        "should not be able to connect to terminating and unready endpoints if PublishNotReadyAddresses is false",
+        publish_not_ready_false,
+    ),
     ("should fallback to terminating endpoints when there are no ready endpoints", fallback_terminating),
     ("ClusterIP from the same node and another node, TCP and UDP", same_and_cross_node),
     ("service variables in a pod created after its service", env_after_service),
@@ -91,14 +97,24 @@ fn cleanup(sb: &Sandbox, id: &str) {
     let _ = sb.kubectl(&["delete", "pods", "-l", &sel, "--wait=false", "--grace-period=0", "--force"]);
     // Pods leave once their processes have stopped; later tests want a quiet cluster.
     let _ = wait_for("test pods to go", Duration::from_secs(40), || {
-        Ok(sb.kubectl(&["get", "pods", "-l", &format!("e2e={id}"), "--no-headers"]).map(|o| o.trim().is_empty()).unwrap_or(true))
+        Ok(sb
+            .kubectl(&["get", "pods", "-l", &format!("e2e={id}"), "--no-headers"])
+            .map(|o| o.trim().is_empty())
+            .unwrap_or(true))
     });
 }
 
 // ----- object builders -----
 
 /// A serving pod `name` (image mynapp) with `ports` = [(name, port, proto)], optionally on a node.
-fn server_pod(sb: &Sandbox, id: &str, name: &str, labels: &str, ports: &[(&str, u16, &str)], node: Option<u8>) -> Result<()> {
+fn server_pod(
+    sb: &Sandbox,
+    id: &str,
+    name: &str,
+    labels: &str,
+    ports: &[(&str, u16, &str)],
+    node: Option<u8>,
+) -> Result<()> {
     let ports: Vec<String> = ports
         .iter()
         .map(|(n, p, proto)| {
@@ -127,7 +143,15 @@ fn wait_pod(sb: &Sandbox, name: &str) -> Result<()> {
 }
 
 /// A ClusterIP service `name` selecting `sel`, with `ports` = [(name, port, targetPort, proto)].
-fn service(sb: &Sandbox, id: &str, name: &str, sel: &str, ports: &[(&str, u16, &str, &str)], extra_labels: &str, spec_extra: &str) -> Result<String> {
+fn service(
+    sb: &Sandbox,
+    id: &str,
+    name: &str,
+    sel: &str,
+    ports: &[(&str, u16, &str, &str)],
+    extra_labels: &str,
+    spec_extra: &str,
+) -> Result<String> {
     let ports: Vec<String> = ports
         .iter()
         .map(|(n, p, t, proto)| {
@@ -184,7 +208,9 @@ fn http_eventually(sb: &Sandbox, client: &str, url: &str) -> Result<String> {
     loop {
         match http(sb, client, url)? {
             Ok(b) => return Ok(b),
-            Err(c) if t0.elapsed() > Duration::from_secs(20) => bail!("GET {url} from {client} keeps failing (curl exit {c})"),
+            Err(c) if t0.elapsed() > Duration::from_secs(20) => {
+                bail!("GET {url} from {client} keeps failing (curl exit {c})")
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(300)),
         }
     }
@@ -203,7 +229,8 @@ fn hosts(sb: &Sandbox, client: &str, url: &str, n: usize) -> Result<Vec<String>>
 
 fn udp(sb: &Sandbox, client: &str, addr: &str, msg: &str) -> Result<std::result::Result<String, String>> {
     let lb_sandbox = super::target_dir()?.join("debug/lb-sandbox");
-    let (code, out, err) = sb.exec("default", client, &[&lb_sandbox.display().to_string(), "udp", addr, msg, "--timeout-ms", "1500"])?;
+    let (code, out, err) =
+        sb.exec("default", client, &[&lb_sandbox.display().to_string(), "udp", addr, msg, "--timeout-ms", "1500"])?;
     Ok(if code == 0 { Ok(out.trim().to_owned()) } else { Err(err.trim().to_owned()) })
 }
 
@@ -265,7 +292,8 @@ fn basic_endpoint(sb: &Sandbox, id: &str) -> Result<()> {
     server_pod(sb, id, &format!("{id}-pod2"), &sel, &[("", 80, "TCP")], None)?;
     expect_endpoints(sb, &svc, &[&format!("{id}-pod1:80"), &format!("{id}-pod2:80")])?;
     client_pod(sb, id, &format!("{id}-client"), None)?;
-    let seen: BTreeSet<String> = hosts(sb, &format!("{id}-client"), &format!("http://{cip}:80/"), 12)?.into_iter().collect();
+    let seen: BTreeSet<String> =
+        hosts(sb, &format!("{id}-client"), &format!("http://{cip}:80/"), 12)?.into_iter().collect();
     ensure!(seen.len() == 2, "12 requests reached {seen:?}, expected both pods");
     sb.kubectl(&["delete", "pod", &format!("{id}-pod1")])?;
     expect_endpoints(sb, &svc, &[&format!("{id}-pod2:80")])?;
@@ -276,7 +304,8 @@ fn basic_endpoint(sb: &Sandbox, id: &str) -> Result<()> {
 fn multiport(sb: &Sandbox, id: &str) -> Result<()> {
     let svc = format!("{id}-multi-endpoint-test");
     let sel = format!("app: {id}-multi");
-    let cip = service(sb, id, &svc, &sel, &[("portname1", 80, "svc1", "TCP"), ("portname2", 81, "svc2", "TCP")], "", "")?;
+    let cip =
+        service(sb, id, &svc, &sel, &[("portname1", 80, "svc1", "TCP"), ("portname2", 81, "svc2", "TCP")], "", "")?;
     expect_endpoints(sb, &svc, &[])?;
     server_pod(sb, id, &format!("{id}-pod1"), &sel, &[("svc1", 100, "TCP")], None)?;
     expect_endpoints(sb, &svc, &[&format!("{id}-pod1:100")])?;
@@ -347,7 +376,9 @@ fn rejected_no_endpoints(sb: &Sandbox, id: &str) -> Result<()> {
                 ensure!(s.elapsed() < Duration::from_secs(2), "refused, but only after {:.1?}", s.elapsed());
                 return Ok(());
             }
-            r if t0.elapsed() > Duration::from_secs(20) => bail!("expected connection refused (curl exit 7), got {r:?}"),
+            r if t0.elapsed() > Duration::from_secs(20) => {
+                bail!("expected connection refused (curl exit 7), got {r:?}")
+            }
             _ => std::thread::sleep(Duration::from_millis(300)),
         }
     }
@@ -375,7 +406,9 @@ fn recreated(sb: &Sandbox, id: &str) -> Result<()> {
     http_eventually(sb, &c, &format!("http://{cip}:80/"))?;
     sb.kubectl(&["delete", "svc", &svc])?;
     // verifyServeHostnameServiceDown: the old ClusterIP stops answering.
-    wait_for("the deleted service to stop answering", Duration::from_secs(20), || Ok(http(sb, &c, &format!("http://{cip}:80/"))?.is_err()))?;
+    wait_for("the deleted service to stop answering", Duration::from_secs(20), || {
+        Ok(http(sb, &c, &format!("http://{cip}:80/"))?.is_err())
+    })?;
     let cip2 = service(sb, id, &svc, &sel, &[("", 80, "8080", "TCP")], "", "")?;
     http_eventually(sb, &c, &format!("http://{cip2}:80/"))?;
     Ok(())
@@ -388,9 +421,14 @@ fn skipped_by_label(sb: &Sandbox, id: &str, label: &str) -> Result<()> {
     let c = format!("{id}-client");
     client_pod(sb, id, &c, None)?;
     let plain = service(sb, id, &format!("{id}-plain"), &sel, &[("", 80, "8080", "TCP")], "", "")?;
-    let skipped = service(sb, id, &format!("{id}-skipped"), &sel, &[("", 80, "8080", "TCP")], &format!(", {label}"), "")?;
+    let skipped =
+        service(sb, id, &format!("{id}-skipped"), &sel, &[("", 80, "8080", "TCP")], &format!(", {label}"), "")?;
     http_eventually(sb, &c, &format!("http://{plain}:80/"))?;
-    wait_for("2 endpoints objects", Duration::from_secs(30), || Ok(ready_endpoints(sb, &format!("{id}-skipped")) == 1))?;
+    wait_for(
+        "2 endpoints objects",
+        Duration::from_secs(30),
+        || Ok(ready_endpoints(sb, &format!("{id}-skipped")) == 1),
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     match http(sb, &c, &format!("http://{skipped}:80/"))? {
         Err(_) => Ok(()),
@@ -459,7 +497,8 @@ fn affinity_timeout(sb: &Sandbox, id: &str) -> Result<()> {
     const TIMEOUT: u64 = 3;
     let svc = format!("{id}-affinity-timeout");
     let sel = format!("app: {id}-afft");
-    let extra = format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {TIMEOUT}}}}}\n");
+    let extra =
+        format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {TIMEOUT}}}}}\n");
     let cip = service(sb, id, &svc, &sel, &[("", 80, "8080", "TCP")], "", &extra)?;
     for i in 0..3 {
         server_pod(sb, id, &format!("{id}-afft-{i}"), &sel, &[("", 8080, "TCP")], None)?;
@@ -620,7 +659,9 @@ spec:
     let cip = service(sb, id, &rs, &format!("app: {rs}"), &[("", 80, "8080", "TCP")], "", "")?;
     let c = format!("{id}-client");
     client_pod(sb, id, &c, None)?;
-    let wait_eps = |n: usize| wait_for(&format!("{n} ready endpoints of {rs}"), Duration::from_secs(60), || Ok(ready_endpoints(sb, &rs) == n));
+    let wait_eps = |n: usize| {
+        wait_for(&format!("{n} ready endpoints of {rs}"), Duration::from_secs(60), || Ok(ready_endpoints(sb, &rs) == n))
+    };
     wait_eps(2)?;
     let url = format!("http://{cip}:80/");
     http_eventually(sb, &c, &url)?;
@@ -630,7 +671,13 @@ spec:
     // (start, end, answer) of every request.
     type Request = (Duration, Duration, std::result::Result<String, i32>);
     let log: std::sync::Mutex<Vec<Request>> = std::sync::Mutex::new(Vec::new());
-    let answered = || -> BTreeSet<String> { log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().filter_map(|(_, _, r)| r.clone().ok()).collect() };
+    let answered = || -> BTreeSet<String> {
+        log.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(|(_, _, r)| r.clone().ok())
+            .collect()
+    };
     let phases = std::thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -657,7 +704,8 @@ spec:
             })?;
             let after = t0.elapsed();
             std::thread::sleep(Duration::from_secs(2));
-            let survivors: BTreeSet<String> = endpoints(sb, &rs).into_iter().map(|e| e.split(':').next().unwrap_or("").to_owned()).collect();
+            let survivors: BTreeSet<String> =
+                endpoints(sb, &rs).into_iter().map(|e| e.split(':').next().unwrap_or("").to_owned()).collect();
             Ok((after, survivors))
         })();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -667,14 +715,25 @@ spec:
     let (after, survivors) = phases?;
     let failed: Vec<String> = log
         .iter()
-        .filter_map(|(a, b, r)| r.as_ref().err().map(|code| format!("{:.2}s..{:.2}s curl exit {code}", a.as_secs_f64(), b.as_secs_f64())))
+        .filter_map(|(a, b, r)| {
+            r.as_ref().err().map(|code| format!("{:.2}s..{:.2}s curl exit {code}", a.as_secs_f64(), b.as_secs_f64()))
+        })
         .collect();
     let all: BTreeSet<&String> = log.iter().filter_map(|(_, _, r)| r.as_ref().ok()).collect();
-    let late: BTreeSet<&String> = log.iter().filter(|(a, _, _)| *a > after).filter_map(|(_, _, r)| r.as_ref().ok()).collect();
-    eprintln!("    {} requests, {} failed, answered by {} pods; after the scale-down by {late:?}", log.len(), failed.len(), all.len());
+    let late: BTreeSet<&String> =
+        log.iter().filter(|(a, _, _)| *a > after).filter_map(|(_, _, r)| r.as_ref().ok()).collect();
+    eprintln!(
+        "    {} requests, {} failed, answered by {} pods; after the scale-down by {late:?}",
+        log.len(),
+        failed.len(),
+        all.len()
+    );
     ensure!(failed.is_empty(), "{} of {} requests failed: {}", failed.len(), log.len(), failed.join(", "));
     ensure!(all.len() == 5, "requests were answered by {all:?}, not by all 5 pods");
-    ensure!(late.iter().all(|h| survivors.contains(*h)), "after the scale-down, answers came from {late:?}; the remaining pods are {survivors:?}");
+    ensure!(
+        late.iter().all(|h| survivors.contains(*h)),
+        "after the scale-down, answers came from {late:?}; the remaining pods are {survivors:?}"
+    );
     ensure!(!late.is_empty(), "no request completed after the scale-down");
     Ok(())
 }
@@ -686,7 +745,11 @@ spec:
 fn terminating_server(sb: &Sandbox, id: &str, name: &str, sel: &str, node: u8, probe: bool) -> Result<()> {
     const GRACE: u32 = 60; // upstream: 300 (publishNotReady tests), 100 (fallback); force-deleted at the end
     // Upstream's probe uses the default period (10 s) and failureThreshold (3); 1/1 keeps it fast.
-    let probe = if probe { "    readinessProbe: {httpGet: {path: /readyz, port: 80}, periodSeconds: 1, failureThreshold: 1}\n" } else { "" };
+    let probe = if probe {
+        "    readinessProbe: {httpGet: {path: /readyz, port: 80}, periodSeconds: 1, failureThreshold: 1}\n"
+    } else {
+        ""
+    };
     sb.apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node{node}\n  terminationGracePeriodSeconds: {GRACE}\n  containers:\n  - name: agnhost\n    image: agnhost\n    args: [netexec, --http-port=80, --delay-shutdown={GRACE}]\n    ports: [{{containerPort: 80}}]\n{probe}"
     ))?;
@@ -694,7 +757,8 @@ fn terminating_server(sb: &Sandbox, id: &str, name: &str, sel: &str, node: u8, p
 }
 
 fn pod_ready(sb: &Sandbox, name: &str) -> Option<bool> {
-    let s = sb.kubectl(&["get", "pod", name, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]).ok()?;
+    let s =
+        sb.kubectl(&["get", "pod", name, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]).ok()?;
     match s.trim() {
         "True" => Some(true),
         "False" => Some(false),
@@ -710,7 +774,9 @@ fn wait_pod_ready(sb: &Sandbox, name: &str, ready: bool) -> Result<()> {
 
 /// The EndpointSlice conditions (ready, serving, terminating) of `pod` in `svc`'s slices.
 fn slice_conditions(sb: &Sandbox, svc: &str, pod: &str) -> Option<(Option<bool>, Option<bool>, Option<bool>)> {
-    let t = sb.kubectl(&["get", "endpointslices", "-l", &format!("kubernetes.io/service-name={svc}"), "-o", "json"]).ok()?;
+    let t = sb
+        .kubectl(&["get", "endpointslices", "-l", &format!("kubernetes.io/service-name={svc}"), "-o", "json"])
+        .ok()?;
     let v: serde_json::Value = serde_json::from_str(&t).ok()?;
     v["items"].as_array()?.iter().flat_map(|s| s["endpoints"].as_array().into_iter().flatten()).find_map(|e| {
         (e["targetRef"]["name"].as_str() == Some(pod)).then(|| {
@@ -724,9 +790,11 @@ fn slice_conditions(sb: &Sandbox, svc: &str, pod: &str) -> Option<(Option<bool>,
 /// with EndpointSliceTerminatingCondition, so serving/terminating must be present).
 fn expect_slice(sb: &Sandbox, svc: &str, pod: &str, ready: bool, serving: bool, terminating: bool) -> Result<()> {
     let want = Some((Some(ready), Some(serving), Some(terminating)));
-    wait_for(&format!("{pod} in the slices of {svc} as ready={ready} serving={serving} terminating={terminating}"), Duration::from_secs(30), || {
-        Ok(slice_conditions(sb, svc, pod) == want)
-    })
+    wait_for(
+        &format!("{pod} in the slices of {svc} as ready={ready} serving={serving} terminating={terminating}"),
+        Duration::from_secs(30),
+        || Ok(slice_conditions(sb, svc, pod) == want),
+    )
     .with_context(|| format!("last seen (ready, serving, terminating): {:?}", slice_conditions(sb, svc, pod)))
 }
 
@@ -774,7 +842,9 @@ fn publish_not_ready_false(sb: &Sandbox, id: &str) -> Result<()> {
     expect_slice(sb, &svc, &web, false, false, true)?;
     let url = format!("http://{cip}:80/hostname");
     // Wait until the change has propagated and the service starts to fail...
-    wait_for("the service to stop serving the terminating, unready pod", Duration::from_secs(20), || Ok(http(sb, &c, &url)?.is_err()))?;
+    wait_for("the service to stop serving the terminating, unready pod", Duration::from_secs(20), || {
+        Ok(http(sb, &c, &url)?.is_err())
+    })?;
     // ...then it must keep failing.
     for _ in 0..5 {
         if let Ok(b) = http(sb, &c, &url)? {

@@ -125,7 +125,9 @@ pub fn run(cmd: SandboxCmd) -> Result<()> {
 fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the sandbox creates network namespaces and loads BPF programs: run as root (sudo -E cargo xtask sandbox ...)");
+        bail!(
+            "the sandbox creates network namespaces and loads BPF programs: run as root (sudo -E cargo xtask sandbox ...)"
+        );
     }
     Ok(())
 }
@@ -231,7 +233,15 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
         "relay",
         None,
         &lb_sandbox,
-        &["relay".into(), "--listen".into(), format!("127.0.0.1:{RELAY_PORT}"), "--netns".into(), CP_NS.into(), "--to".into(), format!("{CP_IP}:{API_PORT}")],
+        &[
+            "relay".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{RELAY_PORT}"),
+            "--netns".into(),
+            CP_NS.into(),
+            "--to".into(),
+            format!("{CP_IP}:{API_PORT}"),
+        ],
     )?;
     let kubeconfig = dir.join("kubeconfig");
     // The apiserver's self-signed cert names 10.250.0.1 and kubernetes.default.svc, not
@@ -253,7 +263,9 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
         nodes: a.nodes,
         agents: !a.no_agent,
     };
-    wait_for("kubectl through the relay", Duration::from_secs(20), || Ok(sb.kubectl(&["get", "--raw", "/readyz"]).is_ok()))?;
+    wait_for("kubectl through the relay", Duration::from_secs(20), || {
+        Ok(sb.kubectl(&["get", "--raw", "/readyz"]).is_ok())
+    })?;
 
     step("kubelet (lb-sandbox kubelet, in lbsb-cp): registers nodes, runs pods");
     // Not under `ip netns exec` (whose private mount namespace would hide the pod
@@ -263,7 +275,17 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
         "kubelet",
         None,
         &lb_sandbox,
-        &["kubelet".into(), "--netns".into(), CP_NS.into(), "--nodes".into(), a.nodes.to_string(), "--kubeconfig".into(), cluster.kubeconfig.display().to_string(), "--state-dir".into(), dir.display().to_string()],
+        &[
+            "kubelet".into(),
+            "--netns".into(),
+            CP_NS.into(),
+            "--nodes".into(),
+            a.nodes.to_string(),
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+            "--state-dir".into(),
+            dir.display().to_string(),
+        ],
     )?;
     wait_for("nodes to register", Duration::from_secs(30), || {
         let out = sb.kubectl(&["get", "nodes", "--no-headers"]).unwrap_or_default();
@@ -391,7 +413,17 @@ fn make_topology(nodes: u8) -> Result<()> {
         }
         for j in 1..=nodes {
             if j != i {
-                ip(&["-n", &ns, "route", "add", &format!("10.244.{j}.0/24"), "via", &node_ip(j).to_string(), "dev", "eth0"])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("10.244.{j}.0/24"),
+                    "via",
+                    &node_ip(j).to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
             }
         }
     }
@@ -422,7 +454,22 @@ fn run_ok(c: &mut Command, what: &str) -> Result<()> {
 /// HTTP status of `url` fetched from inside `ns`, None if unreachable.
 fn curl_in(ns: &str, url: &str) -> Option<u16> {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", "--noproxy", "*", url])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            "--noproxy",
+            "*",
+            url,
+        ])
         .stderr(Stdio::null())
         .output()
         .ok()?;
@@ -461,7 +508,9 @@ fn spawn_detached(dir: &Path, name: &str, netns: Option<&str>, bin: &Path, args:
         c.arg("nsenter").arg(format!("--net=/run/netns/{ns}"));
     }
     c.arg(bin).args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"] {
+    for v in
+        ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"]
+    {
         c.env_remove(v);
     }
     let st = c.status().context("cannot run setsid (util-linux)")?;
@@ -482,9 +531,7 @@ fn read_pid(dir: &Path, name: &str) -> Option<i32> {
 }
 
 fn cmdline(pid: i32) -> String {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .unwrap_or_default()
+    fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default()
 }
 
 /// The pid file's process is alive and is one of ours (an lb binary).
@@ -504,7 +551,12 @@ pub fn tail(path: &Path, n: usize) -> String {
 
 fn our_netns() -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir("/run/netns")
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)).filter(|n| n.starts_with(PREFIX)).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| n.starts_with(PREFIX))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -571,7 +623,12 @@ pub fn down(verbose: bool) -> Result<()> {
     // Stragglers outside any named namespace (e.g. pods of a kubelet that crashed after
     // their namespace was deleted): processes running our lb-sandbox binary itself.
     if let Ok(ours) = target_dir().map(|t| t.join("debug/lb-sandbox")).and_then(|p| Ok(fs::canonicalize(p)?)) {
-        for pid in fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+        for pid in fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        {
             let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
             let exe = exe.to_string_lossy();
             if pid != me && exe.trim_end_matches(" (deleted)") == ours.to_string_lossy() {
@@ -628,7 +685,16 @@ fn status() -> Result<()> {
     let sb = Sandbox::open()?;
     for i in 1..=sb.nodes {
         let n = format!("agent-{}", node_ns(i));
-        println!("{n}: {}", if !sb.agents { "not started (--no-agent)" } else if pid_alive(&dir, &n) { "running" } else { "not running" });
+        println!(
+            "{n}: {}",
+            if !sb.agents {
+                "not started (--no-agent)"
+            } else if pid_alive(&dir, &n) {
+                "running"
+            } else {
+                "not running"
+            }
+        );
     }
     print!("{}", kube::status(&dir.join("kube"))?);
     println!("export KUBECONFIG={}", sb.kubeconfig.display());
@@ -645,7 +711,8 @@ impl Sandbox {
         let dir = PathBuf::from(STATE_DIR);
         let nodes = fs::read_to_string(dir.join("nodes")).context("no sandbox is up; try `cargo xtask sandbox up`")?;
         let mut lines = nodes.lines();
-        let n = lines.next().and_then(|l| l.trim().parse().ok()).context("bad nodes file; try `cargo xtask sandbox up`")?;
+        let n =
+            lines.next().and_then(|l| l.trim().parse().ok()).context("bad nodes file; try `cargo xtask sandbox up`")?;
         let agents = lines.next().is_none_or(|l| l.trim() == "true");
         let bins = kube::cached().context("kube binaries missing; try `cargo xtask kube build`")?;
         Ok(Sandbox {
@@ -695,7 +762,8 @@ impl Sandbox {
     /// The kubelet's record of a running pod (netns, IP, env).
     pub fn pod_record(&self, ns: &str, pod: &str) -> Result<serde_json::Value> {
         let f = self.dir.join("pods").join(format!("{ns}_{pod}.json"));
-        let text = fs::read_to_string(&f).with_context(|| format!("pod {ns}/{pod} is not running in the sandbox (no {})", f.display()))?;
+        let text = fs::read_to_string(&f)
+            .with_context(|| format!("pod {ns}/{pod} is not running in the sandbox (no {})", f.display()))?;
         serde_json::from_str(&text).with_context(|| format!("bad {}", f.display()))
     }
 
@@ -734,7 +802,9 @@ impl Sandbox {
     /// Its pinned maps and attached programs stay.
     pub fn kill_agent(&self, i: u8) -> Result<()> {
         let name = format!("agent-{}", node_ns(i));
-        let pid = read_pid(&self.dir, &name).filter(|_| pid_alive(&self.dir, &name)).with_context(|| format!("{name} is not running"))?;
+        let pid = read_pid(&self.dir, &name)
+            .filter(|_| pid_alive(&self.dir, &name))
+            .with_context(|| format!("{name} is not running"))?;
         // SAFETY: kill(2) on the pid of our agent (pid file, command line checked by pid_alive).
         unsafe { libc::kill(pid, libc::SIGKILL) };
         wait_for(&format!("{name} to die"), Duration::from_secs(10), || Ok(!pid_alive(&self.dir, &name)))

@@ -56,7 +56,9 @@ fn run(case: &Case) -> Computed {
     let services: Vec<Service> = case
         .services
         .iter()
-        .map(|v| serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: bad Service fixture: {e}", case.name)))
+        .map(|v| {
+            serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: bad Service fixture: {e}", case.name))
+        })
         .collect();
     let slices: Vec<EndpointSlice> = case
         .slices
@@ -105,8 +107,16 @@ fn table() {
         Case {
             name: "nodeport and loadbalancer get their clusterIP",
             services: vec![
-                svc("default", "np", json!({"type": "NodePort", "clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30080}]})),
-                svc("default", "lb", json!({"type": "LoadBalancer", "clusterIP": "10.96.0.12", "ports": [{"port": 443}]})),
+                svc(
+                    "default",
+                    "np",
+                    json!({"type": "NodePort", "clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30080}]}),
+                ),
+                svc(
+                    "default",
+                    "lb",
+                    json!({"type": "LoadBalancer", "clusterIP": "10.96.0.12", "ports": [{"port": 443}]}),
+                ),
             ],
             slices: vec![
                 slice("default", "np-1", "np", json!([{"name": "", "port": 80}]), json!([ep("10.244.1.1")])),
@@ -120,18 +130,30 @@ fn table() {
         },
         Case {
             name: "multi-port with named targetPorts resolved per slice",
-            services: vec![svc("default", "multi", json!({"clusterIP": "10.96.0.20", "ports": [
-                {"name": "http", "port": 80, "targetPort": "web"},
-                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
-            ]}))],
+            services: vec![svc(
+                "default",
+                "multi",
+                json!({"clusterIP": "10.96.0.20", "ports": [
+                    {"name": "http", "port": 80, "targetPort": "web"},
+                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+                ]}),
+            )],
             // Two slices whose pods name their ports alike but number them differently.
             slices: vec![
-                slice("default", "multi-a", "multi",
+                slice(
+                    "default",
+                    "multi-a",
+                    "multi",
                     json!([{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}]),
-                    json!([ep("10.244.0.2")])),
-                slice("default", "multi-b", "multi",
+                    json!([ep("10.244.0.2")]),
+                ),
+                slice(
+                    "default",
+                    "multi-b",
+                    "multi",
                     json!([{"name": "http", "port": 9090, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]),
-                    json!([ep("10.244.0.3")])),
+                    json!([ep("10.244.0.3")]),
+                ),
             ],
             frontends: vec![
                 ("10.96.0.20:53/UDP", vec!["10.244.0.2:5353", "10.244.0.3:53"]),
@@ -141,16 +163,28 @@ fn table() {
         },
         Case {
             name: "port name must match, protocol too",
-            services: vec![svc("default", "s", json!({"clusterIP": "10.96.0.21", "ports": [{"name": "a", "port": 80}]}))],
-            slices: vec![slice("default", "s-1", "s",
+            services: vec![svc(
+                "default",
+                "s",
+                json!({"clusterIP": "10.96.0.21", "ports": [{"name": "a", "port": 80}]}),
+            )],
+            slices: vec![slice(
+                "default",
+                "s-1",
+                "s",
                 json!([{"name": "b", "port": 8080}, {"name": "a", "port": 8081, "protocol": "UDP"}]),
-                json!([ep("10.244.0.2")]))],
+                json!([ep("10.244.0.2")]),
+            )],
             frontends: vec![("10.96.0.21:80/TCP", vec![])],
             issues: vec![],
         },
         Case {
             name: "dual-stack clusterIPs: the IPv4 one",
-            services: vec![svc("default", "ds", json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.22"], "ports": [{"port": 80}]}))],
+            services: vec![svc(
+                "default",
+                "ds",
+                json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.22"], "ports": [{"port": 80}]}),
+            )],
             slices: vec![slice("default", "ds-1", "ds", json!([{"port": 80}]), json!([ep("10.244.0.2")]))],
             frontends: vec![("10.96.0.22:80/TCP", vec!["10.244.0.2:80"])],
             issues: vec![],
@@ -159,9 +193,17 @@ fn table() {
             name: "headless, externalname, other proxy and unassigned are skipped",
             services: vec![
                 svc("default", "headless", json!({"clusterIP": "None", "ports": [{"port": 80}]})),
-                svc("default", "ext", json!({"type": "ExternalName", "externalName": "example.com", "ports": [{"port": 80}]})),
-                svc_meta("default", "other", json!({"labels": {"service.kubernetes.io/service-proxy-name": "foo"}}),
-                    json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80}]})),
+                svc(
+                    "default",
+                    "ext",
+                    json!({"type": "ExternalName", "externalName": "example.com", "ports": [{"port": 80}]}),
+                ),
+                svc_meta(
+                    "default",
+                    "other",
+                    json!({"labels": {"service.kubernetes.io/service-proxy-name": "foo"}}),
+                    json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}),
+                ),
                 svc("default", "pending", json!({"ports": [{"port": 80}]})),
             ],
             slices: vec![
@@ -178,10 +220,18 @@ fn table() {
             // gets no frontend, and its slices are not "unknown".
             name: "service.kubernetes.io/headless label: skipped with any value",
             services: vec![
-                svc_meta("default", "empty", json!({"labels": {"service.kubernetes.io/headless": ""}}),
-                    cluster_ip("10.96.0.31")),
-                svc_meta("default", "valued", json!({"labels": {"service.kubernetes.io/headless": "yes"}}),
-                    cluster_ip("10.96.0.32")),
+                svc_meta(
+                    "default",
+                    "empty",
+                    json!({"labels": {"service.kubernetes.io/headless": ""}}),
+                    cluster_ip("10.96.0.31"),
+                ),
+                svc_meta(
+                    "default",
+                    "valued",
+                    json!({"labels": {"service.kubernetes.io/headless": "yes"}}),
+                    cluster_ip("10.96.0.32"),
+                ),
                 svc("default", "plain", cluster_ip("10.96.0.33")),
             ],
             slices: vec![
@@ -211,64 +261,108 @@ fn table() {
         Case {
             name: "not ready endpoints get no traffic",
             services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
-            slices: vec![slice("default", "web-1", "web", http_port(), json!([
-                ep("10.244.0.2"),
-                ep_cond("10.244.0.3", false, false, false),
-                ep_cond("10.244.0.4", false, true, false),
-            ]))],
+            slices: vec![slice(
+                "default",
+                "web-1",
+                "web",
+                http_port(),
+                json!([
+                    ep("10.244.0.2"),
+                    ep_cond("10.244.0.3", false, false, false),
+                    ep_cond("10.244.0.4", false, true, false),
+                ]),
+            )],
             frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
             issues: vec![],
         },
         Case {
             name: "unset conditions mean ready",
             services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
-            slices: vec![slice("default", "web-1", "web", http_port(), json!([{"addresses": ["10.244.0.2"]}, {"addresses": ["10.244.0.3"], "conditions": {}}]))],
+            slices: vec![slice(
+                "default",
+                "web-1",
+                "web",
+                http_port(),
+                json!([{"addresses": ["10.244.0.2"]}, {"addresses": ["10.244.0.3"], "conditions": {}}]),
+            )],
             frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080", "10.244.0.3:8080"])],
             issues: vec![],
         },
         Case {
             name: "terminating fallback when none is ready (KEP-1669)",
             services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
-            slices: vec![slice("default", "web-1", "web", http_port(), json!([
-                ep_cond("10.244.0.2", false, true, true),
-                ep_cond("10.244.0.3", false, false, true),
-                ep_cond("10.244.0.4", false, true, false),
-            ]))],
+            slices: vec![slice(
+                "default",
+                "web-1",
+                "web",
+                http_port(),
+                json!([
+                    ep_cond("10.244.0.2", false, true, true),
+                    ep_cond("10.244.0.3", false, false, true),
+                    ep_cond("10.244.0.4", false, true, false),
+                ]),
+            )],
             frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
             issues: vec![],
         },
         Case {
             name: "terminating endpoints unused while one is ready",
             services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
-            slices: vec![slice("default", "web-1", "web", http_port(), json!([
-                ep_cond("10.244.0.2", false, true, true),
-                ep("10.244.0.5"),
-            ]))],
+            slices: vec![slice(
+                "default",
+                "web-1",
+                "web",
+                http_port(),
+                json!([ep_cond("10.244.0.2", false, true, true), ep("10.244.0.5"),]),
+            )],
             frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.5:8080"])],
             issues: vec![],
         },
         Case {
             name: "publishNotReadyAddresses takes all",
-            services: vec![svc("default", "web", json!({"clusterIP": "10.96.0.10", "publishNotReadyAddresses": true, "ports": [{"name": "http", "port": 80}]}))],
-            slices: vec![slice("default", "web-1", "web", http_port(), json!([
-                ep("10.244.0.2"),
-                ep_cond("10.244.0.3", false, false, false),
-            ]))],
+            services: vec![svc(
+                "default",
+                "web",
+                json!({"clusterIP": "10.96.0.10", "publishNotReadyAddresses": true, "ports": [{"name": "http", "port": 80}]}),
+            )],
+            slices: vec![slice(
+                "default",
+                "web-1",
+                "web",
+                http_port(),
+                json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, false, false),]),
+            )],
             frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080", "10.244.0.3:8080"])],
             issues: vec![],
         },
         Case {
             name: "sctp port skipped with an issue, others kept",
-            services: vec![svc("default", "s", json!({"clusterIP": "10.96.0.40", "ports": [
-                {"name": "a", "port": 80}, {"name": "b", "port": 9999, "protocol": "SCTP"}]}))],
-            slices: vec![slice("default", "s-1", "s", json!([{"name": "a", "port": 80}, {"name": "b", "port": 9999, "protocol": "SCTP"}]), json!([ep("10.244.0.2")]))],
+            services: vec![svc(
+                "default",
+                "s",
+                json!({"clusterIP": "10.96.0.40", "ports": [
+                {"name": "a", "port": 80}, {"name": "b", "port": 9999, "protocol": "SCTP"}]}),
+            )],
+            slices: vec![slice(
+                "default",
+                "s-1",
+                "s",
+                json!([{"name": "a", "port": 80}, {"name": "b", "port": 9999, "protocol": "SCTP"}]),
+                json!([ep("10.244.0.2")]),
+            )],
             frontends: vec![("10.96.0.40:80/TCP", vec!["10.244.0.2:80"])],
             issues: vec![IssueKind::UnsupportedProtocol, IssueKind::UnsupportedProtocol],
         },
         Case {
             name: "invalid endpoint ip skipped, the rest kept",
             services: vec![svc("default", "web", cluster_ip("10.96.0.10"))],
-            slices: vec![slice("default", "web-1", "web", http_port(), json!([ep("10.244.0.2"), ep("not-an-ip"), ep("10.244.0.300")]))],
+            slices: vec![slice(
+                "default",
+                "web-1",
+                "web",
+                http_port(),
+                json!([ep("10.244.0.2"), ep("not-an-ip"), ep("10.244.0.300")]),
+            )],
             frontends: vec![("10.96.0.10:80/TCP", vec!["10.244.0.2:8080"])],
             issues: vec![IssueKind::InvalidIp, IssueKind::InvalidIp],
         },
@@ -284,7 +378,11 @@ fn table() {
         },
         Case {
             name: "port 0 on service and slice",
-            services: vec![svc("default", "s", json!({"clusterIP": "10.96.0.41", "ports": [{"name": "zero", "port": 0}, {"name": "a", "port": 80}]}))],
+            services: vec![svc(
+                "default",
+                "s",
+                json!({"clusterIP": "10.96.0.41", "ports": [{"name": "zero", "port": 0}, {"name": "a", "port": 80}]}),
+            )],
             slices: vec![slice("default", "s-1", "s", json!([{"name": "a", "port": 0}]), json!([ep("10.244.0.2")]))],
             frontends: vec![("10.96.0.41:80/TCP", vec![])],
             issues: vec![IssueKind::InvalidPort, IssueKind::InvalidPort],
@@ -325,7 +423,10 @@ fn table() {
         },
         Case {
             name: "two services on one frontend: first by name wins",
-            services: vec![svc("default", "b", cluster_ip("10.96.0.10")), svc("default", "a", cluster_ip("10.96.0.10"))],
+            services: vec![
+                svc("default", "b", cluster_ip("10.96.0.10")),
+                svc("default", "a", cluster_ip("10.96.0.10")),
+            ],
             slices: vec![
                 slice("default", "a-1", "a", http_port(), json!([ep("10.244.0.1")])),
                 slice("default", "b-1", "b", http_port(), json!([ep("10.244.0.2")])),
@@ -336,14 +437,15 @@ fn table() {
     ];
     for case in &cases {
         let got = run(case);
-        let want: Vec<(String, Vec<String>)> = case
-            .frontends
-            .iter()
-            .map(|(k, b)| (k.to_string(), b.iter().map(|s| s.to_string()).collect()))
-            .collect();
+        let want: Vec<(String, Vec<String>)> =
+            case.frontends.iter().map(|(k, b)| (k.to_string(), b.iter().map(|s| s.to_string()).collect())).collect();
         assert_eq!(frontends_of(&got), want, "case {:?}", case.name);
         for (k, f) in &got.desired.frontends {
-            assert!(f.backends.is_disjoint(&f.draining), "case {:?}: {k} has a backend that is also draining", case.name);
+            assert!(
+                f.backends.is_disjoint(&f.draining),
+                "case {:?}: {k} has a backend that is also draining",
+                case.name
+            );
         }
         let mut kinds: Vec<IssueKind> = got.issues.iter().map(|i| i.kind).collect();
         kinds.sort();
@@ -360,27 +462,59 @@ fn draining_backends() {
     /// (name, endpoints, publishNotReadyAddresses, selected, draining)
     type DrainCase = (&'static str, Value, bool, Vec<&'static str>, Vec<&'static str>);
     let cases: Vec<DrainCase> = vec![
-        ("terminating pod while others are ready drains",
-            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, true)]), false,
-            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080"]),
-        ("unready pod drains",
-            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, false)]), false,
-            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080"]),
-        ("not serving (terminating, past readiness) drains",
-            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, false, true)]), false,
-            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080"]),
-        ("pod removed from the slice is not present at all",
-            json!([ep("10.244.0.2")]), false,
-            vec!["10.244.0.2:8080"], vec![]),
-        ("terminating fallback: serving ones selected, never also draining; the rest drain",
-            json!([ep_cond("10.244.0.2", false, true, true), ep_cond("10.244.0.3", false, false, true), ep_cond("10.244.0.4", false, true, false)]), false,
-            vec!["10.244.0.2:8080"], vec!["10.244.0.3:8080", "10.244.0.4:8080"]),
-        ("publishNotReadyAddresses selects all, nothing drains",
-            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, false, true)]), true,
-            vec!["10.244.0.2:8080", "10.244.0.3:8080"], vec![]),
-        ("all ready: nothing drains",
-            json!([ep("10.244.0.2"), ep("10.244.0.3")]), false,
-            vec!["10.244.0.2:8080", "10.244.0.3:8080"], vec![]),
+        (
+            "terminating pod while others are ready drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, true)]),
+            false,
+            vec!["10.244.0.2:8080"],
+            vec!["10.244.0.3:8080"],
+        ),
+        (
+            "unready pod drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, false)]),
+            false,
+            vec!["10.244.0.2:8080"],
+            vec!["10.244.0.3:8080"],
+        ),
+        (
+            "not serving (terminating, past readiness) drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, false, true)]),
+            false,
+            vec!["10.244.0.2:8080"],
+            vec!["10.244.0.3:8080"],
+        ),
+        (
+            "pod removed from the slice is not present at all",
+            json!([ep("10.244.0.2")]),
+            false,
+            vec!["10.244.0.2:8080"],
+            vec![],
+        ),
+        (
+            "terminating fallback: serving ones selected, never also draining; the rest drain",
+            json!([
+                ep_cond("10.244.0.2", false, true, true),
+                ep_cond("10.244.0.3", false, false, true),
+                ep_cond("10.244.0.4", false, true, false)
+            ]),
+            false,
+            vec!["10.244.0.2:8080"],
+            vec!["10.244.0.3:8080", "10.244.0.4:8080"],
+        ),
+        (
+            "publishNotReadyAddresses selects all, nothing drains",
+            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, false, true)]),
+            true,
+            vec!["10.244.0.2:8080", "10.244.0.3:8080"],
+            vec![],
+        ),
+        (
+            "all ready: nothing drains",
+            json!([ep("10.244.0.2"), ep("10.244.0.3")]),
+            false,
+            vec!["10.244.0.2:8080", "10.244.0.3:8080"],
+            vec![],
+        ),
     ];
     for (name, eps, publish, selected, draining) in cases {
         let mut spec = cluster_ip("10.96.0.10");
@@ -393,25 +527,57 @@ fn draining_backends() {
             issues: vec![],
         };
         let got = run(&c);
-        let f = &got.desired.frontends[&FrontendKey { ip: Ipv4Addr::new(10, 96, 0, 10), port: 80, proto: Protocol::Tcp }];
+        let f =
+            &got.desired.frontends[&FrontendKey { ip: Ipv4Addr::new(10, 96, 0, 10), port: 80, proto: Protocol::Tcp }];
         let s = |set: &BTreeSet<Backend>| set.iter().map(|b| b.to_string()).collect::<Vec<_>>();
         assert_eq!(s(&f.backends), selected, "case {name:?}");
         assert_eq!(s(&f.draining), draining, "case {name:?}");
         assert!(f.backends.is_disjoint(&f.draining), "case {name:?}");
     }
     // Per service port: a draining endpoint of one port does not drain on another.
-    let services = [serde_json::from_value::<Service>(svc("default", "m", json!({"clusterIP": "10.96.0.20", "ports": [
-        {"name": "a", "port": 80}, {"name": "b", "port": 81}]}))).unwrap()];
+    let services = [serde_json::from_value::<Service>(svc(
+        "default",
+        "m",
+        json!({"clusterIP": "10.96.0.20", "ports": [
+        {"name": "a", "port": 80}, {"name": "b", "port": 81}]}),
+    ))
+    .unwrap()];
     let slices = [
-        Slice::from(&serde_json::from_value::<EndpointSlice>(slice("default", "m-1", "m", json!([{"name": "a", "port": 8080}]),
-            json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, true)]))).unwrap()),
-        Slice::from(&serde_json::from_value::<EndpointSlice>(slice("default", "m-2", "m", json!([{"name": "b", "port": 8081}]),
-            json!([ep("10.244.0.3")]))).unwrap()),
+        Slice::from(
+            &serde_json::from_value::<EndpointSlice>(slice(
+                "default",
+                "m-1",
+                "m",
+                json!([{"name": "a", "port": 8080}]),
+                json!([ep("10.244.0.2"), ep_cond("10.244.0.3", false, true, true)]),
+            ))
+            .unwrap(),
+        ),
+        Slice::from(
+            &serde_json::from_value::<EndpointSlice>(slice(
+                "default",
+                "m-2",
+                "m",
+                json!([{"name": "b", "port": 8081}]),
+                json!([ep("10.244.0.3")]),
+            ))
+            .unwrap(),
+        ),
     ];
     let got = compute(services.iter(), slices.iter());
-    let draining: Vec<(String, Vec<String>)> =
-        got.desired.frontends.iter().map(|(k, f)| (k.to_string(), f.draining.iter().map(|b| b.to_string()).collect())).collect();
-    assert_eq!(draining, [("10.96.0.20:80/TCP".to_string(), vec!["10.244.0.3:8080".to_string()]), ("10.96.0.20:81/TCP".to_string(), vec![])]);
+    let draining: Vec<(String, Vec<String>)> = got
+        .desired
+        .frontends
+        .iter()
+        .map(|(k, f)| (k.to_string(), f.draining.iter().map(|b| b.to_string()).collect()))
+        .collect();
+    assert_eq!(
+        draining,
+        [
+            ("10.96.0.20:80/TCP".to_string(), vec!["10.244.0.3:8080".to_string()]),
+            ("10.96.0.20:81/TCP".to_string(), vec![])
+        ]
+    );
 }
 
 #[test]
@@ -420,10 +586,26 @@ fn affinity_defaults_and_limits() {
         (json!({}), None, 0),
         (json!({"sessionAffinity": "None"}), None, 0),
         (json!({"sessionAffinity": "ClientIP"}), Some(10_800), 0),
-        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}), Some(30), 0),
-        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86400}}}), Some(86_400), 0),
-        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 100000}}}), Some(86_400), 1),
-        (json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}), Some(10_800), 1),
+        (
+            json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}),
+            Some(30),
+            0,
+        ),
+        (
+            json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86400}}}),
+            Some(86_400),
+            0,
+        ),
+        (
+            json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 100000}}}),
+            Some(86_400),
+            1,
+        ),
+        (
+            json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}),
+            Some(10_800),
+            1,
+        ),
         (json!({"sessionAffinity": "Cookie"}), None, 1),
     ];
     for (extra, want, n_issues) in cases {
@@ -469,8 +651,14 @@ fn order_of_objects_does_not_matter() {
     let slices: Vec<EndpointSlice> = (0..6)
         .map(|i| {
             let svc = ["a", "b", "c"][i % 3];
-            serde_json::from_value(slice("default", &format!("{svc}-{i}"), svc, http_port(), json!([ep(&format!("10.244.0.{i}"))])))
-                .unwrap()
+            serde_json::from_value(slice(
+                "default",
+                &format!("{svc}-{i}"),
+                svc,
+                http_port(),
+                json!([ep(&format!("10.244.0.{i}"))]),
+            ))
+            .unwrap()
         })
         .collect();
     let slices: Vec<Slice> = slices.iter().map(Slice::from).collect();
@@ -502,8 +690,18 @@ fn v1beta1_slice_json_decodes_into_the_v1_struct() {
 fn skipped_services_are_counted_by_reason() {
     let services: Vec<Service> = [
         svc("default", "headless", json!({"clusterIP": "None", "ports": [{"port": 80}]})),
-        svc_meta("default", "labelled", json!({"labels": {"service.kubernetes.io/headless": ""}}), cluster_ip("10.96.0.31")),
-        svc_meta("default", "other", json!({"labels": {"service.kubernetes.io/service-proxy-name": "foo"}}), cluster_ip("10.96.0.32")),
+        svc_meta(
+            "default",
+            "labelled",
+            json!({"labels": {"service.kubernetes.io/headless": ""}}),
+            cluster_ip("10.96.0.31"),
+        ),
+        svc_meta(
+            "default",
+            "other",
+            json!({"labels": {"service.kubernetes.io/service-proxy-name": "foo"}}),
+            cluster_ip("10.96.0.32"),
+        ),
         svc("default", "ext", json!({"type": "ExternalName", "externalName": "example.com"})),
     ]
     .into_iter()

@@ -43,7 +43,9 @@ impl FakeMaps {
         for (k, (addr, port)) in &self.sticky {
             let Some(v) = self.services.get(k) else { continue };
             let visible = (1..=v.count).any(|slot| {
-                self.backends.get(&BackendKey { svc_id: v.id, slot }).is_some_and(|b| b.addr_be == *addr && b.port_be == *port)
+                self.backends
+                    .get(&BackendKey { svc_id: v.id, slot })
+                    .is_some_and(|b| b.addr_be == *addr && b.port_be == *port)
             });
             if !visible {
                 return Err(format!("staying backend of {} vanished from 1..=count", fmt_key(k)));
@@ -120,7 +122,11 @@ fn frontend_d(backends: impl IntoIterator<Item = u32>, draining: impl IntoIterat
         service: "default/x:".into(),
         affinity_timeout_s: None,
         no_endpoints: NoEndpoints::Reject,
-        draining: draining.into_iter().map(|i| Backend { ip: ip(i), port: 8080 }).filter(|b| !backends.contains(b)).collect(),
+        draining: draining
+            .into_iter()
+            .map(|i| Backend { ip: ip(i), port: 8080 })
+            .filter(|b| !backends.contains(b))
+            .collect(),
         backends,
     }
 }
@@ -268,7 +274,11 @@ fn removing_a_middle_backend_moves_the_last_one_into_its_slot() {
     let id = m.services[&fe_key(10, 80).map_key()].id;
     // Slots hold backends 1, 2, 3 in order (the set iterates sorted).
     let slot_of = |m: &FakeMaps, i: u32| {
-        (1..=3).find(|&slot| m.backends.get(&BackendKey { svc_id: id, slot }).is_some_and(|b| b.addr_be == u32::from_ne_bytes(ip(i).octets())))
+        (1..=3).find(|&slot| {
+            m.backends
+                .get(&BackendKey { svc_id: id, slot })
+                .is_some_and(|b| b.addr_be == u32::from_ne_bytes(ip(i).octets()))
+        })
     };
     assert_eq!(slot_of(&m, 2), Some(2));
     let last_id = m.backends[&BackendKey { svc_id: id, slot: 3 }].backend_id;
@@ -288,7 +298,10 @@ fn adding_writes_the_slot_before_raising_count() {
     step(&mut s, &mut m, &Desired::default(), &a);
     let b = desired(vec![(fe_key(10, 80), frontend([1, 2]))]);
     let ops = step(&mut s, &mut m, &a, &b);
-    assert!(matches!(ops[..], [Op::PutBackend(BackendKey { slot: 2, .. }, _), Op::PutService(_, ServiceValue { count: 2, .. })]));
+    assert!(matches!(
+        ops[..],
+        [Op::PutBackend(BackendKey { slot: 2, .. }, _), Op::PutService(_, ServiceValue { count: 2, .. })]
+    ));
 }
 
 #[test]
@@ -331,7 +344,9 @@ fn affinity_and_no_endpoints_changes_rewrite_only_the_entry() {
     f.no_endpoints = NoEndpoints::Drop;
     let b = desired(vec![(fe_key(10, 80), f)]);
     let ops = step(&mut s, &mut m, &a, &b);
-    assert!(matches!(ops[..], [Op::PutService(_, v)] if v.flags == SVC_F_AFFINITY && v.affinity_timeout_s == 30 && v.no_backends == lb_common::NO_BACKENDS_DROP));
+    assert!(
+        matches!(ops[..], [Op::PutService(_, v)] if v.flags == SVC_F_AFFINITY && v.affinity_timeout_s == 30 && v.no_backends == lb_common::NO_BACKENDS_DROP)
+    );
 }
 
 #[test]
@@ -344,7 +359,8 @@ fn ids_are_stable_unique_and_not_reused_soon() {
     let id_b = m.services[&fe_key(11, 80).map_key()].id;
     assert_ne!(id_a, id_b);
     // The same pod is the same backend id in both services; different pods differ.
-    let backend_ids = |m: &FakeMaps| -> HashMap<u32, u32> { m.backends.values().map(|b| (b.addr_be, b.backend_id)).collect() };
+    let backend_ids =
+        |m: &FakeMaps| -> HashMap<u32, u32> { m.backends.values().map(|b| (b.addr_be, b.backend_id)).collect() };
     let ids = backend_ids(&m);
     assert_eq!(ids.len(), 3);
     assert_eq!(ids.values().collect::<HashSet<_>>().len(), 3);
@@ -501,7 +517,11 @@ fn reconcile_from_maps_writes_nothing_when_nothing_changed() {
     }
     // Changes after the restart keep ids and never reuse a live one.
     let ids_before: HashMap<ServiceKey4, u32> = m.services.iter().map(|(k, v)| (*k, v.id)).collect();
-    let b = desired(vec![(fe_key(10, 80), frontend(2..6)), (fe_key(11, 53), frontend([7, 8])), (fe_key(12, 80), frontend([1]))]);
+    let b = desired(vec![
+        (fe_key(10, 80), frontend(2..6)),
+        (fe_key(11, 53), frontend([7, 8])),
+        (fe_key(12, 80), frontend([1])),
+    ]);
     step(&mut s2, &mut m, &a, &b);
     for (k, id) in ids_before {
         assert_eq!(m.services[&k].id, id);
@@ -509,7 +529,12 @@ fn reconcile_from_maps_writes_nothing_when_nothing_changed() {
     let new_id = m.services[&fe_key(12, 80).map_key()].id;
     assert!(m.services.iter().filter(|(k, _)| **k != fe_key(12, 80).map_key()).all(|(_, v)| v.id != new_id));
     let new_backend = m.backends.values().find(|b| b.addr_be == u32::from_ne_bytes(ip(5).octets())).unwrap();
-    assert!(m.backends.values().filter(|b| b.addr_be != new_backend.addr_be).all(|b| b.backend_id != new_backend.backend_id));
+    assert!(
+        m.backends
+            .values()
+            .filter(|b| b.addr_be != new_backend.addr_be)
+            .all(|b| b.backend_id != new_backend.backend_id)
+    );
 }
 
 #[test]
@@ -517,7 +542,12 @@ fn reconcile_cleans_half_written_state() {
     // A crash left: a frontend whose count runs past its slots, a stray slot above
     // count, and slots of an id no frontend owns.
     let k = fe_key(10, 80).map_key();
-    let bv = |i: u32, id: u32| BackendValue { backend_id: id, addr_be: u32::from_ne_bytes(ip(i).octets()), port_be: 8080u16.to_be(), _pad: [0; 2] };
+    let bv = |i: u32, id: u32| BackendValue {
+        backend_id: id,
+        addr_be: u32::from_ne_bytes(ip(i).octets()),
+        port_be: 8080u16.to_be(),
+        _pad: [0; 2],
+    };
     let mut m = FakeMaps::default();
     m.services.insert(ServiceKey4::address_marker(k.addr_be), ServiceValue::default());
     m.services.insert(k, ServiceValue { id: 5, count: 3, ..Default::default() });
@@ -588,8 +618,14 @@ fn a_backend_leaving_the_slots_drains_first_under_its_id() {
     // Pod 2 turns terminating: DRAINING entry first, then the slots and the count.
     let b = desired(vec![(fe_key(10, 80), frontend_d([1, 3], [2]))]);
     let ops = step(&mut s, &mut m, &a, &b);
-    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["put_draining", "backend", "service", "delete_backend"], "{ops:#?}");
-    assert!(matches!(ops[0], Op::PutDraining(DrainKey { svc_id, backend_id }, v) if svc_id == id && backend_id == id2 && v.backend_id == id2));
+    assert_eq!(
+        ops.iter().map(kind).collect::<Vec<_>>(),
+        ["put_draining", "backend", "service", "delete_backend"],
+        "{ops:#?}"
+    );
+    assert!(
+        matches!(ops[0], Op::PutDraining(DrainKey { svc_id, backend_id }, v) if svc_id == id && backend_id == id2 && v.backend_id == id2)
+    );
     // Its id stays held while it drains.
     assert_eq!(s.backend_ids.live.get(&addr(2)).map(|e| e.0), Some(id2));
     assert!(!s.backend_ids.retired.contains_key(&addr(2)));
@@ -617,15 +653,23 @@ fn a_new_frontend_with_draining_endpoints_and_its_deletion() {
     assert_eq!(ops.iter().filter(|o| kind(o) == "put_draining").count(), 3);
     // The same pod has one id everywhere: pod 2 drains in one service under the id it
     // has in the other's slots.
-    let id_of = |m: &FakeMaps, i: u32| m.backends.values().find(|b| (b.addr_be, b.port_be) == addr(i)).unwrap().backend_id;
+    let id_of =
+        |m: &FakeMaps, i: u32| m.backends.values().find(|b| (b.addr_be, b.port_be) == addr(i)).unwrap().backend_id;
     let svc10 = m.services[&fe_key(10, 80).map_key()].id;
     assert_eq!(m.draining[&DrainKey { svc_id: svc10, backend_id: id_of(&m, 2) }].backend_id, id_of(&m, 2));
     // Deleting the service removes its draining entries (after its entry), then its
     // ClusterIP's marker.
     let b = desired(vec![(fe_key(11, 80), frontend_d([2], [1]))]);
     let ops = step(&mut s, &mut m, &a, &b);
-    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["delete_service", "delete_backend", "delete_draining", "delete_draining", "delete_service"], "{ops:#?}");
-    assert!(is_marker(match &ops[4] { Op::DeleteService(k) => k, _ => unreachable!() }));
+    assert_eq!(
+        ops.iter().map(kind).collect::<Vec<_>>(),
+        ["delete_service", "delete_backend", "delete_draining", "delete_draining", "delete_service"],
+        "{ops:#?}"
+    );
+    assert!(is_marker(match &ops[4] {
+        Op::DeleteService(k) => k,
+        _ => unreachable!(),
+    }));
     assert!(m.draining.keys().all(|k| k.svc_id != svc10));
     step(&mut s, &mut m, &b, &Desired::default());
     assert!(m.draining.is_empty() && m.backends.is_empty() && m.services.is_empty());
