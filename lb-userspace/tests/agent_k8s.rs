@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use lb_userspace::{agent::AgentStatus, inspect, testing::PrivateBpffs};
 
 fn kube_bin_dir() -> PathBuf {
@@ -453,5 +453,49 @@ fn bench_agent_runs() -> Result<()> {
         // the model's compact `Slice` ~57 MB (v1beta1, release build).
         assert!(report.full_sync.rss_mb < 100.0, "agent RSS {:.1} MB at full size", report.full_sync.rss_mb);
     }
+    Ok(())
+}
+
+/// deploy/lb-agent.yaml: the API server accepts it, its RBAC lets the agent's service
+/// account list and watch what the agent watches (and nothing it should not write),
+/// and every LB_* variable it sets is a real `lb agent` flag.
+#[test]
+fn daemonset_manifest_is_valid_and_its_rbac_suffices() -> Result<()> {
+    require_kube!();
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/lb-agent.yaml"))?;
+    let help = Command::new(env!("CARGO_BIN_EXE_lb")).args(["agent", "--help"]).output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    let vars: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- {name: "))
+        .filter_map(|l| l.split(',').next())
+        .filter(|v| v.starts_with("LB_"))
+        .collect();
+    ensure!(vars.len() >= 6, "found only {vars:?} in the manifest");
+    for v in &vars {
+        ensure!(help.contains(&format!("[env: {v}=")), "{v} is not a flag of `lb agent`");
+    }
+
+    let cluster = Cluster::up("manifest", 17583, false)?;
+    cluster.kubectl(&["apply", "-f", "-"], Some(&manifest))?;
+    let sa = "system:serviceaccount:kube-system:lb-agent";
+    for (verb, resource, want) in [
+        ("list", "services", "yes"),
+        ("watch", "services", "yes"),
+        ("list", "endpointslices.discovery.k8s.io", "yes"),
+        ("watch", "endpointslices.discovery.k8s.io", "yes"),
+        ("create", "services", "no"),
+        ("list", "secrets", "no"),
+    ] {
+        // `kubectl auth can-i` exits 1 for "no"; read its answer instead.
+        let out = Command::new(kube_bin_dir().join("kubectl"))
+            .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+            .args(["auth", "can-i", verb, resource, "--as", sa])
+            .output()?;
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(got == want, "can-i {verb} {resource} as {sa}: {got:?}, want {want}");
+    }
+    let ds = cluster.kubectl(&["-n", "kube-system", "get", "daemonset", "lb-agent", "-o", "name"], None)?;
+    ensure!(ds.trim() == "daemonset.apps/lb-agent", "{ds}");
     Ok(())
 }

@@ -602,6 +602,8 @@ impl Cluster {
             format!("--service-account-signing-key-file={}", c.join("sa.key").display()),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--endpoint-reconciler-type=none".into(),
+            // As kubeadm sets it: node agents such as lb's DaemonSet run privileged.
+            "--allow-privileged=true".into(),
             FEATURE_GATES.into(),
         ];
         if self.opts.v1_crd {
