@@ -150,7 +150,10 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
         let backends = slots
             .get(&v.id)
             .map(|s| {
-                s.range(1..=v.count)
+                // Not `range(1..=count)`: that panics for count 0, which a frontend
+                // has while the agent lowers it before deleting the slots.
+                s.iter()
+                    .filter(|(slot, _)| (1..=v.count).contains(*slot))
                     .map(|(slot, b)| BackendRow {
                         slot: *slot,
                         address: format!("{}:{}", ip(b.addr_be), u16::from_be(b.port_be)),

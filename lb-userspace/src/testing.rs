@@ -111,6 +111,11 @@ impl Datapath {
         Ok(Self { ebpf, _bpffs: bpffs })
     }
 
+    /// The bpffs directory the maps are pinned in (for `lb_userspace::inspect`).
+    pub fn pin_dir(&self) -> &Path {
+        self._bpffs.path()
+    }
+
     fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
         HashMap::try_from(self.ebpf.map_mut(name).expect("map in object")).expect("hash map type")
     }

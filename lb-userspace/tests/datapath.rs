@@ -1190,3 +1190,22 @@ fn pinned_maps_of_another_layout_are_refused() {
 fn svc_value_for_reuse() -> ServiceValue {
     ServiceValue { id: 42, count: 3, ..Default::default() }
 }
+
+/// `lb services` reads the maps while the agent writes them: a frontend whose count is
+/// already 0 while its slots still exist (the agent lowers count first) must list no
+/// backend, and not panic.
+#[test]
+fn inspection_copes_with_a_count_lowered_before_its_slots_go() {
+    let mut dp = Datapath::load().unwrap();
+    dp.put_service("10.96.0.77", 80, IPPROTO_TCP, svc(77, 0)).unwrap();
+    dp.put_backends(77, &[(7701, "10.244.7.1", 8080), (7702, "10.244.7.2", 8080)]).unwrap();
+    dp.put_service("10.96.0.78", 80, IPPROTO_TCP, svc(78, 1)).unwrap();
+    dp.put_backends(78, &[(7801, "10.244.7.8", 8080), (7802, "10.244.7.9", 8080)]).unwrap();
+    let rows = lb_userspace::inspect::services(dp.pin_dir()).unwrap();
+    let backends = |vip: &str| -> Vec<String> {
+        let r = rows.iter().find(|r| r.frontend.starts_with(vip)).unwrap_or_else(|| panic!("{vip} not listed"));
+        r.backends.iter().map(|b| b.address.clone()).collect()
+    };
+    assert!(backends("10.96.0.77").is_empty());
+    assert_eq!(backends("10.96.0.78"), ["10.244.7.8:8080"]);
+}
