@@ -338,7 +338,10 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
     wait_for("initial programming", Duration::from_secs(20), Some(&agent), || {
         (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.2:8080"])).then_some(())
     })?;
-    assert!(status(&status_file).is_some_and(|s| s.ready && s.frontends == 1 && s.endpoints == 2));
+    // The status file is written after the maps, so it may lag them a little.
+    wait_for("status file", Duration::from_secs(10), Some(&agent), || {
+        status(&status_file).is_some_and(|s| s.ready && s.frontends == 1 && s.endpoints == 2).then_some(())
+    })?;
 
     // Scale up, change affinity: both take effect.
     write_file(&file, &yaml(&["10.244.2.1", "10.244.2.2", "10.244.2.3"], true))?;
