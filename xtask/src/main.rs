@@ -84,7 +84,7 @@ fn main() -> Result<()> {
                     }
                     lb_dev(&["bench", "veth"], &args)
                 }
-                other => bail!("unknown benchmark {other:?}; try `cargo xtask bench datapath` or `veth`"),
+                other => bail!("unknown benchmark {other:?}: datapath, agent or veth"),
             }
         }
         Cmd::Demo { what } => {
