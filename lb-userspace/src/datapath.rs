@@ -12,7 +12,7 @@ use aya::{
     maps::{MapData, MapInfo, MapType},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
-use lb_common::{MAP_LAYOUT_VERSION, limits, map_names};
+use lb_common::{MAP_LAYOUT_VERSION, map_names};
 
 /// The datapath object, built by build.rs from the lb-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -277,20 +277,6 @@ where
         .ok_or(DatapathError::MissingProgram(name))?
         .try_into()
         .map_err(|source| DatapathError::Verify { name, source })
-}
-
-/// Default `max_entries`, for status output.
-pub fn default_max_entries(name: &str) -> Option<u32> {
-    Some(match name {
-        map_names::SERVICES => limits::SERVICES,
-        map_names::BACKENDS => limits::BACKENDS,
-        map_names::DRAINING => limits::DRAINING,
-        map_names::AFFINITY => limits::AFFINITY,
-        map_names::CONNTRACK => limits::CONNTRACK,
-        map_names::STATS => lb_common::Reason::COUNT,
-        map_names::SVC_STATS => limits::SVC_STATS,
-        _ => return None,
-    })
 }
 
 /// With the `debug-log` feature: forwards the datapath's aya-log records to the `log`

@@ -128,12 +128,6 @@ impl Datapath {
         Ok(())
     }
 
-    pub fn remove_service(&mut self, vip: &str, port: u16, proto: u8) -> Result<()> {
-        let mut m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
-        m.remove(&ServiceKey4::new(ip(vip), port.to_be(), proto))?;
-        Ok(())
-    }
-
     /// Writes slots 1..=n of `svc_id`: (backend id, address, port).
     pub fn put_backends(&mut self, svc_id: u32, backends: &[(u32, &str, u16)]) -> Result<()> {
         let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
