@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build Kubernetes 1.20.2 control-plane binaries from Debian bookworm packages, offline.
 #   Usage: kube-build.sh CACHE_DIR        (xtask's kube.rs runs this; CACHE_DIR=/var/cache/lb/kube-1.20.2)
-# Result: CACHE_DIR/bin/{etcd,kube-apiserver,kube-controller-manager,kubectl}, log in CACHE_DIR/build.log.
+# Result: CACHE_DIR/bin/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kubectl,kubelet,kube-proxy,
+#         agnhost,e2e.test,pause} plus CACHE_DIR/bin/agnhost-files/ (porter's test certificate), log in CACHE_DIR/build.log.
 # Progress lines go to stdout, everything else to the log. Follows /work/shared/recipes/build-kube-apiserver.sh:
 #  - a scratch apt config derived at run time from /etc/apt/sources.list.d/debian.sources
 #    (no mirror address lives in the project, system apt config and lists are untouched);
@@ -12,7 +13,7 @@ set -euo pipefail
 C=${1:?usage: kube-build.sh CACHE_DIR}
 mkdir -p "$C"; C=$(cd "$C" && pwd)
 W=$C/work; LOG=$C/build.log
-BINS=(etcd kube-apiserver kube-controller-manager kubectl)
+BINS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy agnhost e2e.test pause)
 WANT=1.20.2
 
 # one build at a time per cache dir
@@ -67,18 +68,30 @@ T1=$(date +%s)
 say "building kube-apiserver (about 4 minutes the first time)..."
 ( cd "$K8S" && make WHAT=cmd/kube-apiserver )
 T2=$(date +%s)
-say "kube-apiserver built in $((T2-T1))s; building kube-controller-manager and kubectl (about 1-2 minutes)..."
-( cd "$K8S" && make WHAT="cmd/kube-controller-manager cmd/kubectl" )
+say "kube-apiserver built in $((T2-T1))s; building kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy (about 4 minutes)..."
+( cd "$K8S" && make WHAT="cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl cmd/kubelet cmd/kube-proxy" )
 T3=$(date +%s)
+say "node binaries built in $((T3-T2))s; building agnhost (static) and e2e.test (about 3 minutes)..."
+( cd "$K8S" && make WHAT=test/images/agnhost KUBE_STATIC_OVERRIDES=agnhost )
+( cd "$K8S" && make WHAT=test/e2e/e2e.test )
+T3B=$(date +%s)
+say "agnhost and e2e.test built in $((T3B-T3))s"
 
 # 6. install into the cache atomically
 rm -rf "$C/bin.new"; mkdir -p "$C/bin.new"
 cp "$W/root/usr/bin/etcd" "$C/bin.new/etcd"
-for b in kube-apiserver kube-controller-manager kubectl; do cp "$K8S/_output/bin/$b" "$C/bin.new/$b"; done
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy agnhost e2e.test; do
+  cp "$K8S/_output/bin/$b" "$C/bin.new/$b"
+done
+# the pause container of every pod sandbox, from the same tree (build/pause), static so the image needs nothing else
+gcc -static -O2 -DVERSION=3.2 -o "$C/bin.new/pause" "$K8S/build/pause/linux/pause.c"
+# agnhost's porter serves TLS with this pair; the agnhost image carries them at /
+mkdir -p "$C/bin.new/agnhost-files"
+cp "$K8S/test/images/agnhost/porter/localhost.crt" "$K8S/test/images/agnhost/porter/localhost.key" "$C/bin.new/agnhost-files/"
 { "$C/bin.new/kube-apiserver" --version; "$C/bin.new/kubectl" version --client --short 2>/dev/null || true
   "$C/bin.new/etcd" --version | head -1; } | tee "$C/bin.new/VERSIONS"
 touch "$C/bin.new/.complete"
 rm -rf "$C/bin"; mv "$C/bin.new" "$C/bin"
 [ "${LB_KUBE_KEEP_WORK:-}" = 1 ] || rm -rf "$W"
 T4=$(date +%s)
-say "done: kube-apiserver $((T2-T1))s, controller-manager+kubectl $((T3-T2))s, total $((T4-T0))s; binaries in $C/bin"
+say "done: kube-apiserver $((T2-T1))s, node binaries $((T3-T2))s, agnhost+e2e.test $((T3B-T3))s, total $((T4-T0))s; binaries in $C/bin"

@@ -9,7 +9,8 @@
 //!   `LB_KUBE_CACHE`), built by `xtask/scripts/kube-build.sh` (embedded in this binary).
 //! * `up` runs everything on 127.0.0.1 (or on `--bind` inside `--netns`), as detached
 //!   processes with logs and pid files in the state dir. Ports used: `port` (kube-apiserver),
-//!   `port+1..=port+3` (etcd client, peer, metrics), `port+4` (kube-controller-manager).
+//!   `port+1..=port+3` (etcd client, peer, metrics), `port+4` (kube-controller-manager),
+//!   `port+5` (kube-scheduler, with real nodes).
 //! * Nothing is added to the root network namespace; all traffic is loopback (or inside the
 //!   given namespace). Proxy environment variables are removed from every child.
 
@@ -42,7 +43,7 @@ pub const V1_CRD_JSON: &str = include_str!("../scripts/kube-endpointslice-v1-crd
 
 const MARKER: &str = ".lb-kube";
 const STATE_FILE: &str = "state.json";
-const COMPONENTS: [&str; 3] = ["kube-controller-manager", "kube-apiserver", "etcd"];
+const COMPONENTS: [&str; 4] = ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"];
 const PROXY_VARS: [&str; 8] =
     ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"];
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -96,7 +97,7 @@ pub fn run(cmd: KubeCmd) -> Result<()> {
             Ok(())
         }
         KubeCmd::Up { dir, port, v1_crd, no_controllers, netns, bind } => {
-            let opts = UpOpts { dir, port, v1_crd, controllers: !no_controllers, netns, bind };
+            let opts = UpOpts { dir, port, v1_crd, controllers: !no_controllers, netns, bind, nodes: false };
             let c = up(&opts)?;
             eprintln!("kube-apiserver ready at {} (state dir {})", c.server, c.dir.display());
             if let Some(ns) = &c.netns {
@@ -128,7 +129,13 @@ pub struct Binaries {
     pub etcd: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
+    pub kube_scheduler: PathBuf,
     pub kubectl: PathBuf,
+    /// The node side, for the sandbox's real nodes and the peer.
+    pub kubelet: PathBuf,
+    pub kube_proxy: PathBuf,
+    /// Upstream's e2e test binary (`cargo xtask test upstream`).
+    pub e2e_test: PathBuf,
 }
 
 impl Binaries {
@@ -137,12 +144,29 @@ impl Binaries {
             etcd: dir.join("etcd"),
             kube_apiserver: dir.join("kube-apiserver"),
             kube_controller_manager: dir.join("kube-controller-manager"),
+            kube_scheduler: dir.join("kube-scheduler"),
             kubectl: dir.join("kubectl"),
+            kubelet: dir.join("kubelet"),
+            kube_proxy: dir.join("kube-proxy"),
+            e2e_test: dir.join("e2e.test"),
             dir,
         }
     }
     fn complete(&self) -> bool {
-        [&self.etcd, &self.kube_apiserver, &self.kube_controller_manager, &self.kubectl].iter().all(|p| p.is_file())
+        [
+            &self.etcd,
+            &self.kube_apiserver,
+            &self.kube_controller_manager,
+            &self.kube_scheduler,
+            &self.kubectl,
+            &self.kubelet,
+            &self.kube_proxy,
+            &self.e2e_test,
+            &self.dir.join("agnhost"),
+            &self.dir.join("pause"),
+        ]
+        .iter()
+        .all(|p| p.is_file())
             && self.dir.join(".complete").is_file()
     }
 }
@@ -217,6 +241,10 @@ pub struct UpOpts {
     pub netns: Option<String>,
     /// Listen address (127.0.0.1 by default; inside `netns` if set).
     pub bind: Ipv4Addr,
+    /// A cluster for real nodes (the sandbox): kube-scheduler, the full default controller
+    /// set, and the API server's lease endpoint reconciler, so that the `kubernetes`
+    /// Service has the API server's address as its endpoint. Needs a routable `bind`.
+    pub nodes: bool,
 }
 
 impl Default for UpOpts {
@@ -228,6 +256,7 @@ impl Default for UpOpts {
             controllers: true,
             netns: None,
             bind: Ipv4Addr::LOCALHOST,
+            nodes: false,
         }
     }
 }
@@ -252,8 +281,8 @@ pub struct Cluster {
 /// Starts a fresh control plane (removing a stale one in the same dir first).
 pub fn up(opts: &UpOpts) -> Result<Cluster> {
     let bins = ensure_built()?;
-    if opts.port > u16::MAX - 4 || opts.port == 0 {
-        bail!("--port {} leaves no room for port+1..port+4; try --port {DEFAULT_PORT}", opts.port);
+    if opts.port > u16::MAX - 5 || opts.port == 0 {
+        bail!("--port {} leaves no room for port+1..port+5; try --port {DEFAULT_PORT}", opts.port);
     }
     match &opts.netns {
         Some(ns) => check_netns(ns, opts.bind)?,
@@ -374,6 +403,7 @@ impl Cluster {
             controllers: v["controllers"].as_bool().unwrap_or(true),
             netns: v["netns"].as_str().map(str::to_owned),
             bind: s("bind")?.parse().with_context(|| format!("{}: bad bind", path.display()))?,
+            nodes: v["nodes"].as_bool().unwrap_or(false),
         };
         Ok(Cluster {
             kubeconfig: PathBuf::from(s("kubeconfig")?),
@@ -533,7 +563,25 @@ impl Cluster {
                     )
                 })?;
         }
+        if self.opts.nodes {
+            eprintln!("starting kube-scheduler...");
+            self.spawn("kube-scheduler", &self.bins.kube_scheduler, &self.scheduler_args())?;
+        }
         Ok(())
+    }
+
+    fn scheduler_args(&self) -> Vec<String> {
+        let k = self.kubeconfig.display();
+        vec![
+            format!("--kubeconfig={k}"),
+            format!("--authentication-kubeconfig={k}"),
+            format!("--authorization-kubeconfig={k}"),
+            format!("--bind-address={}", self.opts.bind),
+            format!("--secure-port={}", self.opts.port + 5),
+            "--port=0".into(),
+            format!("--cert-dir={}", self.dir.join("sched-certs").display()),
+            "--leader-elect=false".into(),
+        ]
     }
 
     fn wait_code(&self, path: &str, timeout: Duration) -> Result<()> {
@@ -555,6 +603,7 @@ impl Cluster {
             "server": self.server, "token": self.token, "kubeconfig": self.kubeconfig,
             "ca_file": self.ca_file, "port": self.opts.port, "bind": self.opts.bind.to_string(),
             "netns": self.opts.netns, "v1_crd": self.opts.v1_crd, "controllers": self.opts.controllers,
+            "nodes": self.opts.nodes,
             "bin_dir": self.bins.dir,
         });
         fs::write(self.dir.join(STATE_FILE), serde_json::to_string_pretty(&v)?)?;
@@ -601,7 +650,11 @@ impl Cluster {
             format!("--service-account-key-file={}", c.join("sa.pub").display()),
             format!("--service-account-signing-key-file={}", c.join("sa.key").display()),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            "--endpoint-reconciler-type=none".into(),
+            // The lease reconciler publishes --advertise-address as the endpoint of the
+            // `kubernetes` Service; without nodes (and on loopback) there is nothing to publish.
+            format!("--endpoint-reconciler-type={}", if self.opts.nodes { "lease" } else { "none" }),
+            // exec, logs and port-forward reach kubelets by the address they register.
+            "--kubelet-preferred-address-types=InternalIP".into(),
             // As kubeadm sets it: node agents such as lb's DaemonSet run privileged.
             "--allow-privileged=true".into(),
             FEATURE_GATES.into(),
@@ -624,7 +677,14 @@ impl Cluster {
             "--port=0".into(),
             format!("--cert-dir={}", d.join("cm-certs").display()),
             "--leader-elect=false".into(),
-            "--controllers=replicaset,endpoint,endpointslice,serviceaccount,serviceaccount-token".into(),
+            if self.opts.nodes {
+                // Everything kube-controller-manager runs by default (nodelifecycle lifts the
+                // kubelet's not-ready taint; the e2e framework needs namespace, garbage
+                // collection, daemonset, deployment, job, statefulset).
+                "--controllers=*".into()
+            } else {
+                "--controllers=replicaset,endpoint,endpointslice,serviceaccount,serviceaccount-token".into()
+            },
             format!("--service-account-private-key-file={}", d.join("certs/sa.key").display()),
             format!("--root-ca-file={}", self.ca_file.display()),
             FEATURE_GATES.into(),

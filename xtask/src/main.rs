@@ -25,10 +25,20 @@ enum Cmd {
     Build,
     /// Run the test suite (needs root: it loads BPF programs and makes namespaces).
     Test {
-        /// Which part: all (default: every cargo test, then e2e), unit, datapath, e2e.
+        /// Which part: all (default: every cargo test, then e2e, then upstream), unit,
+        /// datapath, e2e, upstream (Kubernetes' own Service e2e tests, expected-pass list).
         #[arg(default_value = "all")]
         suite: String,
+        /// upstream: the service proxy to test (lb, iptables, ipvs, none).
+        #[arg(long, value_enum, default_value_t = sandbox::Proxy::Lb)]
+        proxy: sandbox::Proxy,
+        /// upstream: run all 39 `[sig-network] Services` tests and write target/upstream-<proxy>.json.
+        #[arg(long)]
+        all: bool,
     },
+    /// Build the sandbox's container images (docker archives in target/images) and import
+    /// them into every running sandbox node's containerd.
+    Image,
     /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN), `agent` (network
     /// programming latency, full sync), `veth` (iperf3 through a ClusterIP per attach mode).
     Bench {
@@ -64,7 +74,8 @@ fn main() -> Result<()> {
             setup::ensure()?;
             cargo(&["build", "--release", "--package", "lb-userspace"])
         }
-        Cmd::Test { suite } => test(&suite),
+        Cmd::Test { suite, proxy, all } => test(&suite, proxy, all),
+        Cmd::Image => sandbox::image::run(),
         Cmd::Bench { what, args } => {
             setup::ensure()?;
             match what.as_str() {
@@ -107,7 +118,7 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn test(suite: &str) -> Result<()> {
+fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
     setup::ensure()?;
     match suite {
         // The default members: lb-ebpf builds only for the BPF target.
@@ -122,13 +133,19 @@ fn test(suite: &str) -> Result<()> {
             // build it now (about 6 minutes the first time, cached in /var/cache/lb).
             kube::ensure_built()?;
             cargo(&["test"])?;
-            sandbox::e2e::run()
+            sandbox::e2e::run()?;
+            sandbox::upstream::run(sandbox::Proxy::Lb, false)
         }
         "e2e" => {
             require_root("the e2e suite")?;
             sandbox::e2e::run()
         }
-        other => bail!("unknown suite {other:?}: all, unit, datapath or e2e"),
+        "upstream" => {
+            require_root("the upstream suite")?;
+            kube::ensure_built()?;
+            sandbox::upstream::run(proxy, all)
+        }
+        other => bail!("unknown suite {other:?}: all, unit, datapath, e2e or upstream"),
     }
 }
 

@@ -4,7 +4,8 @@
 //!   bpfel-unknown-none, so the datapath builds without nightly or build-std;
 //! - LLVM 22 matches that rustc, and bpf-linker 0.13.0 is built against it;
 //! - iperf3, ethtool and iproute2 are for the namespace tests and benchmarks; openssl,
-//!   curl and make for the Kubernetes control plane that `cargo xtask kube` builds.
+//!   curl and make for the Kubernetes control plane that `cargo xtask kube` builds;
+//!   containerd, runc and the CNI plugins for the sandbox's real nodes.
 
 use std::process::Command;
 
@@ -25,6 +26,20 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "curl",
     "make",
+    // Real nodes (xtask/src/sandbox): the container runtime and CNI plugins a kubelet drives,
+    // the iptables/IPVS tools kube-proxy (the peer) needs, and the static userland the test
+    // images are made of (xtask/src/sandbox/image.rs).
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "ipvsadm",
+    "conntrack",
+    "busybox-static",
+    "netcat-openbsd",
+    "dash",
+    "gcc",
+    "libc6-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -6,52 +6,46 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Sandbox, UpArgs, wait_for};
+use super::{
+    Sandbox, UpArgs,
+    image::{APP_IMAGE, CLIENT_IMAGE},
+    wait_for,
+};
 
-const APP: &str = r#"apiVersion: apps/v1
+/// The seed's application: a ReplicaSet of pods answering "You've hit <pod name>".
+fn app_yaml() -> String {
+    format!(
+        r#"apiVersion: apps/v1
 kind: ReplicaSet
 metadata:
   name: mynapp-rs
 spec:
   replicas: 3
   selector:
-    matchLabels: {app: mynapp}
+    matchLabels: {{app: mynapp}}
   template:
     metadata:
-      labels: {app: mynapp}
+      labels: {{app: mynapp}}
     spec:
       containers:
       - name: mynapp
-        image: mynapp:v1
-        ports: [{containerPort: 8080}]
+        image: {APP_IMAGE}
+        ports: [{{containerPort: 8080}}]
         readinessProbe:
-          httpGet: {path: /, port: 8080}
+          httpGet: {{path: /, port: 8080}}
           periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: mynapp-svc
-spec:
-  type: ClusterIP
-  selector: {app: mynapp}
-  ports:
-  - {port: 80, targetPort: 8080}
-"#;
+"#
+    )
+}
 
-const CLIENT: &str = r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: client
-spec:
-  containers:
-  - {name: client, image: idle}
-"#;
+fn client_yaml() -> String {
+    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  containers:\n  - {{name: client, image: {CLIENT_IMAGE}}}\n")
+}
 
 pub fn run() -> Result<()> {
     super::require_root()?;
     super::install_teardown_on_signal();
-    println!("lb sandbox demo: a ReplicaSet behind a ClusterIP Service, served by lb agents on two node namespaces\n");
+    println!("lb sandbox demo: a ReplicaSet behind a ClusterIP Service on two real nodes (kubelet, containerd), served by the lb DaemonSet\n");
     let res = walkthrough();
     println!("\n== teardown ==\n$ cargo xtask sandbox down");
     let down = super::down(true);
@@ -64,7 +58,7 @@ pub fn run() -> Result<()> {
     };
     rows.push((
         "teardown".into(),
-        if down.is_ok() { "all lbsb-* namespaces, processes and files removed".into() } else { "FAILED".into() },
+        if down.is_ok() { "all lbsb-* namespaces, processes, mounts, cgroups and files removed".into() } else { "FAILED".into() },
     ));
     down?;
     println!("\n== summary ==");
@@ -92,18 +86,25 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
     let sb = super::up(&UpArgs::default())?;
     println!("$ export KUBECONFIG={}", sb.kubeconfig.display());
     print!("$ kubectl get nodes -o wide\n{}", sb.kubectl(&["get", "nodes", "-o", "wide"])?);
-    rows.push(("sandbox up".into(), "2 nodes Ready, lb agent on each".into()));
+    print!(
+        "$ kubectl -n kube-system get pods -o wide\n{}",
+        sb.kubectl(&["-n", "kube-system", "get", "pods", "-o", "wide"])?
+    );
+    rows.push(("sandbox up".into(), "2 nodes Ready, lb-agent DaemonSet ready on each".into()));
 
-    section(2, "ReplicaSet mynapp-rs (3 pods) and Service mynapp-svc (ClusterIP, port 80 -> 8080)");
+    section(2, "ReplicaSet mynapp-rs (3 pods), exposed as Service mynapp-svc (ClusterIP, port 80 -> 8080)");
     show_cmd("kubectl apply -f mynapp.yaml");
-    for l in APP.lines() {
+    let app = app_yaml();
+    for l in app.lines() {
         println!("    {l}");
     }
-    print!("{}", sb.apply(APP)?);
+    print!("{}", sb.apply(&app)?);
+    show_cmd("kubectl expose rs mynapp-rs --name=mynapp-svc --port=80 --target-port=8080");
+    print!("{}", sb.kubectl(&["expose", "rs", "mynapp-rs", "--name=mynapp-svc", "--port=80", "--target-port=8080"])?);
     eprintln!("  (waiting for 3 ready endpoints...)");
     wait_endpoints(&sb, "mynapp-svc", 3)?;
-    show_cmd("kubectl apply -f client.yaml   # an idle pod to send requests from");
-    print!("{}", sb.apply(CLIENT)?);
+    show_cmd("kubectl apply -f client.yaml   # a pod with a shell and curl, made after the Service");
+    print!("{}", sb.apply(&client_yaml())?);
     wait_running(&sb, "client")?;
     print!("$ kubectl get pods -o wide\n{}", sb.kubectl(&["get", "pods", "-o", "wide"])?);
 
@@ -141,8 +142,11 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
     ));
 
     section(7, "service environment variables inside a pod");
-    show_cmd("cargo xtask sandbox exec client -- sh -c 'env | grep ^MYNAPP_SVC_ | sort'");
-    let (_, out, _) = sb.exec("default", "client", &["sh", "-c", "env | grep ^MYNAPP_SVC_ | sort"])?;
+    show_cmd("kubectl exec client -- env | grep ^MYNAPP_SVC_ | sort");
+    let (_, env, _) = sb.exec("default", "client", &["env"])?;
+    let mut lines: Vec<&str> = env.lines().filter(|l| l.starts_with("MYNAPP_SVC_")).collect();
+    lines.sort_unstable();
+    let out = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
     print!("{out}");
     let host_ok = out.contains(&format!("MYNAPP_SVC_SERVICE_HOST={cip}"));
     let port_ok = out.contains("MYNAPP_SVC_SERVICE_PORT=80");
@@ -159,7 +163,7 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
     let node = sb.kubectl(&["get", "pod", "client", "-o", "jsonpath={.spec.nodeName}"])?;
     let n: u8 = node.trim().trim_start_matches("lbsb-node").parse().unwrap_or(1);
     section(8, "`lb services` on the client's node: the programmed frontends, backends and counters");
-    show_cmd(&format!("nsenter --net=/run/netns/lbsb-node{n} lb --bpffs /tmp/lbsb/bpffs/lbsb-node{n} services"));
+    show_cmd(&format!("kubectl -n kube-system exec {} -- lb services", sb.agent_pod(n)?));
     let svcs = sb.lb_on_node(n, &["services"])?;
     print!("{svcs}");
     rows.push((
@@ -178,7 +182,7 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
 /// `n` requests `curl http://$MYNAPP_SVC_SERVICE_HOST/` from the client; answers per pod.
 fn requests(sb: &Sandbox, n: usize, print_each: bool) -> Result<BTreeMap<String, usize>> {
     let cmd = "curl -s --max-time 3 http://$MYNAPP_SVC_SERVICE_HOST:$MYNAPP_SVC_SERVICE_PORT/";
-    show_cmd(&format!("for i in $(seq {n}); do cargo xtask sandbox exec client -- sh -c '{cmd}'; done"));
+    show_cmd(&format!("for i in $(seq {n}); do kubectl exec client -- sh -c '{cmd}'; done"));
     let mut spread = BTreeMap::new();
     for i in 0..n {
         let (code, out, err) = sb.exec("default", "client", &["sh", "-c", cmd])?;
@@ -218,6 +222,12 @@ fn wait_endpoints(sb: &Sandbox, svc: &str, n: usize) -> Result<()> {
         .with_context(|| format!("pods: {}", sb.kubectl(&["get", "pods", "-o", "wide"]).unwrap_or_default()))
 }
 
+/// Waits until `pod` (namespace default) is Ready.
 pub fn wait_running(sb: &Sandbox, pod: &str) -> Result<()> {
-    wait_for(&format!("pod {pod} to run"), Duration::from_secs(60), || Ok(sb.pod_record("default", pod).is_ok()))
+    wait_for(&format!("pod {pod} to be ready"), Duration::from_secs(90), || {
+        let s = sb
+            .kubectl(&["get", "pod", pod, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"])
+            .unwrap_or_default();
+        Ok(s.trim() == "True")
+    })
 }

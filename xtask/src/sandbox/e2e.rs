@@ -12,7 +12,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::{Sandbox, UpArgs, demo::ready_endpoints, wait_for};
+use super::{
+    Sandbox, UpArgs,
+    demo::{ready_endpoints, wait_running},
+    image::{AGNHOST_IMAGE, CLIENT_IMAGE},
+    wait_for,
+};
 
 type TestFn = fn(&Sandbox, &str) -> Result<()>;
 
@@ -106,7 +111,9 @@ fn cleanup(sb: &Sandbox, id: &str) {
 
 // ----- object builders -----
 
-/// A serving pod `name` (image mynapp) with `ports` = [(name, port, proto)], optionally on a node.
+/// A serving pod `name`: agnhost netexec (as upstream's tests use it), its HTTP server on
+/// the first TCP port of `ports` = [(name, port, proto)] and its UDP server on the first UDP
+/// one; `/hostname` (and the UDP command `hostname`) answer the pod's name.
 fn server_pod(
     sb: &Sandbox,
     id: &str,
@@ -115,6 +122,13 @@ fn server_pod(
     ports: &[(&str, u16, &str)],
     node: Option<u8>,
 ) -> Result<()> {
+    let mut args = vec!["netexec".to_string()];
+    if let Some((_, p, _)) = ports.iter().find(|(_, _, proto)| *proto == "TCP") {
+        args.push(format!("--http-port={p}"));
+    }
+    if let Some((_, p, _)) = ports.iter().find(|(_, _, proto)| *proto == "UDP") {
+        args.push(format!("--udp-port={p}"));
+    }
     let ports: Vec<String> = ports
         .iter()
         .map(|(n, p, proto)| {
@@ -124,7 +138,8 @@ fn server_pod(
         .collect();
     let node = node.map(|i| format!("  nodeName: lbsb-node{i}\n")).unwrap_or_default();
     sb.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {labels}}}\nspec:\n{node}  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: agnhost\n    ports: [{}]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {labels}}}\nspec:\n{node}  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {AGNHOST_IMAGE}\n    args: [{}]\n    ports: [{}]\n",
+        args.join(", "),
         ports.join(", ")
     ))?;
     Ok(())
@@ -133,13 +148,13 @@ fn server_pod(
 fn client_pod(sb: &Sandbox, id: &str, name: &str, node: Option<u8>) -> Result<()> {
     let node = node.map(|i| format!("  nodeName: lbsb-node{i}\n")).unwrap_or_default();
     sb.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}}}\nspec:\n{node}  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: idle}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}}}\nspec:\n{node}  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: {CLIENT_IMAGE}}}\n"
     ))?;
     wait_pod(sb, name)
 }
 
 fn wait_pod(sb: &Sandbox, name: &str) -> Result<()> {
-    wait_for(&format!("pod {name}"), Duration::from_secs(60), || Ok(sb.pod_record("default", name).is_ok()))
+    wait_running(sb, name)
 }
 
 /// A ClusterIP service `name` selecting `sel`, with `ports` = [(name, port, targetPort, proto)].
@@ -199,7 +214,7 @@ fn http(sb: &Sandbox, client: &str, url: &str) -> Result<std::result::Result<Str
 }
 
 fn hostname(body: &str) -> String {
-    body.trim().trim_start_matches("You've hit ").to_owned()
+    body.trim().to_owned()
 }
 
 /// Polls until a request succeeds (the agent programs changes asynchronously).
@@ -227,56 +242,58 @@ fn hosts(sb: &Sandbox, client: &str, url: &str, n: usize) -> Result<Vec<String>>
         .collect()
 }
 
-fn udp(sb: &Sandbox, client: &str, addr: &str, msg: &str) -> Result<std::result::Result<String, String>> {
-    let lb_sandbox = super::target_dir()?.join("debug/lb-sandbox");
-    let (code, out, err) =
-        sb.exec("default", client, &[&lb_sandbox.display().to_string(), "udp", addr, msg, "--timeout-ms", "1500"])?;
-    Ok(if code == 0 { Ok(out.trim().to_owned()) } else { Err(err.trim().to_owned()) })
+/// One UDP datagram `hostname` to netexec's UDP server at `addr` (ip:port) from `client`:
+/// Ok(the answering pod's name) or Err(what nc said).
+fn udp(sb: &Sandbox, client: &str, addr: &str) -> Result<std::result::Result<String, String>> {
+    let (ip, port) = addr.rsplit_once(':').context("udp address without a port")?;
+    let (code, out, err) = sb.exec("default", client, &["sh", "-c", &format!("echo hostname | nc -u -w 2 {ip} {port}")])?;
+    let out = out.trim().to_owned();
+    Ok(if code == 0 && !out.is_empty() { Ok(out) } else { Err(format!("nc exit {code}: {}", err.trim())) })
 }
 
-/// A connection through a ClusterIP held open by `lb-sandbox tcp-hold` in a client pod: the
-/// request is half sent when [`Held::open`] returns, [`Held::finish`] completes it.
+/// A connection through a ClusterIP held open by `nc` in a client pod (`kubectl exec -i`):
+/// the request is half sent when [`Held::open`] returns, [`Held::finish`] completes it.
 struct Held {
     child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl Held {
     fn open(sb: &Sandbox, client: &str, addr: &str) -> Result<Held> {
-        let lb_sandbox = super::target_dir()?.join("debug/lb-sandbox");
+        use std::io::{BufRead as _, Write as _};
+        let (ip, port) = addr.rsplit_once(':').context("address without a port")?;
+        let cmd: Vec<String> = ["nc", "-v", "-N", ip, port].iter().map(|s| s.to_string()).collect();
         let mut child = sb
-            .exec_cmd("default", client, &[lb_sandbox.display().to_string(), "tcp-hold".into(), addr.into()])?
+            .exec_cmd("default", client, &cmd, true)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .context("starting lb-sandbox tcp-hold")?;
-        let mut out = std::io::BufReader::new(child.stdout.take().context("tcp-hold stdout")?);
+            .context("starting nc through kubectl exec")?;
+        child.stdin.as_mut().context("nc stdin")?.write_all(b"GET /hostname HTTP/1.0\r\n")?;
+        let mut err = std::io::BufReader::new(child.stderr.take().context("nc stderr")?);
         let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line)?;
-        let held = Held { child, out };
-        if !line.starts_with("connected") {
-            let err = held.finish().err().map(|e| format!("{e:#}")).unwrap_or_default();
-            bail!("tcp-hold to {addr} did not connect: {line:?} {err}");
+        err.read_line(&mut line)?;
+        if !line.contains("succeeded") {
+            let _ = child.kill();
+            bail!("nc to {addr} did not connect: {line:?}");
         }
-        Ok(held)
+        Ok(Held { child })
     }
 
     /// Sends the rest of the request; the answer's body (the pod name for /hostname).
     fn finish(mut self) -> Result<String> {
         use std::io::{Read as _, Write as _};
         if let Some(mut i) = self.child.stdin.take() {
-            let _ = i.write_all(b"go\n");
+            let _ = i.write_all(b"\r\n");
         }
         let mut answer = String::new();
-        self.out.read_to_string(&mut answer)?;
+        self.child.stdout.take().context("nc stdout")?.read_to_string(&mut answer)?;
         let st = self.child.wait()?;
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_owned());
+        match body {
+            Some(b) if answer.starts_with("HTTP/1.") && answer.contains(" 200 ") => Ok(b),
+            _ => bail!("the held connection ended without an answer ({st}): {answer:?}"),
         }
-        ensure!(st.success(), "{}", err.trim());
-        Ok(answer.trim().to_owned())
     }
 }
 
@@ -293,7 +310,7 @@ fn basic_endpoint(sb: &Sandbox, id: &str) -> Result<()> {
     expect_endpoints(sb, &svc, &[&format!("{id}-pod1:80"), &format!("{id}-pod2:80")])?;
     client_pod(sb, id, &format!("{id}-client"), None)?;
     let seen: BTreeSet<String> =
-        hosts(sb, &format!("{id}-client"), &format!("http://{cip}:80/"), 12)?.into_iter().collect();
+        hosts(sb, &format!("{id}-client"), &format!("http://{cip}:80/hostname"), 12)?.into_iter().collect();
     ensure!(seen.len() == 2, "12 requests reached {seen:?}, expected both pods");
     sb.kubectl(&["delete", "pod", &format!("{id}-pod1")])?;
     expect_endpoints(sb, &svc, &[&format!("{id}-pod2:80")])?;
@@ -313,8 +330,8 @@ fn multiport(sb: &Sandbox, id: &str) -> Result<()> {
     expect_endpoints(sb, &svc, &[&format!("{id}-pod1:100"), &format!("{id}-pod2:101")])?;
     let c = format!("{id}-client");
     client_pod(sb, id, &c, None)?;
-    let a = hostname(&http_eventually(sb, &c, &format!("http://{cip}:80/"))?);
-    let b = hostname(&http_eventually(sb, &c, &format!("http://{cip}:81/"))?);
+    let a = hostname(&http_eventually(sb, &c, &format!("http://{cip}:80/hostname"))?);
+    let b = hostname(&http_eventually(sb, &c, &format!("http://{cip}:81/hostname"))?);
     ensure!(a == format!("{id}-pod1") && b == format!("{id}-pod2"), "port 80 -> {a}, port 81 -> {b}");
     Ok(())
 }
@@ -337,7 +354,7 @@ fn affinity_setup(sb: &Sandbox, id: &str, affinity: bool) -> Result<(String, Str
 fn check_affinity(sb: &Sandbox, client: &str, cip: &str, want: bool) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        let h: BTreeSet<String> = hosts(sb, client, &format!("http://{cip}:80/"), 15)?.into_iter().collect();
+        let h: BTreeSet<String> = hosts(sb, client, &format!("http://{cip}:80/hostname"), 15)?.into_iter().collect();
         if (h.len() == 1) == want {
             return Ok(());
         }
@@ -371,7 +388,7 @@ fn rejected_no_endpoints(sb: &Sandbox, id: &str) -> Result<()> {
     let t0 = Instant::now();
     loop {
         let s = Instant::now();
-        match http(sb, &c, &format!("http://{cip}:80/"))? {
+        match http(sb, &c, &format!("http://{cip}:80/hostname"))? {
             Err(7) => {
                 ensure!(s.elapsed() < Duration::from_secs(2), "refused, but only after {:.1?}", s.elapsed());
                 return Ok(());
@@ -391,7 +408,7 @@ fn hairpin(sb: &Sandbox, id: &str) -> Result<()> {
     let pod = format!("{id}-hairpin");
     server_pod(sb, id, &pod, &sel, &[("", 8080, "TCP")], None)?;
     wait_for("1 endpoint", Duration::from_secs(30), || Ok(ready_endpoints(sb, &svc) == 1))?;
-    let b = http_eventually(sb, &pod, &format!("http://{cip}:8080/"))?;
+    let b = http_eventually(sb, &pod, &format!("http://{cip}:8080/hostname"))?;
     ensure!(hostname(&b) == pod, "hairpin answer {b:?}");
     Ok(())
 }
@@ -403,14 +420,14 @@ fn recreated(sb: &Sandbox, id: &str) -> Result<()> {
     let c = format!("{id}-client");
     client_pod(sb, id, &c, None)?;
     let cip = service(sb, id, &svc, &sel, &[("", 80, "8080", "TCP")], "", "")?;
-    http_eventually(sb, &c, &format!("http://{cip}:80/"))?;
+    http_eventually(sb, &c, &format!("http://{cip}:80/hostname"))?;
     sb.kubectl(&["delete", "svc", &svc])?;
     // verifyServeHostnameServiceDown: the old ClusterIP stops answering.
     wait_for("the deleted service to stop answering", Duration::from_secs(20), || {
-        Ok(http(sb, &c, &format!("http://{cip}:80/"))?.is_err())
+        Ok(http(sb, &c, &format!("http://{cip}:80/hostname"))?.is_err())
     })?;
     let cip2 = service(sb, id, &svc, &sel, &[("", 80, "8080", "TCP")], "", "")?;
-    http_eventually(sb, &c, &format!("http://{cip2}:80/"))?;
+    http_eventually(sb, &c, &format!("http://{cip2}:80/hostname"))?;
     Ok(())
 }
 
@@ -423,14 +440,14 @@ fn skipped_by_label(sb: &Sandbox, id: &str, label: &str) -> Result<()> {
     let plain = service(sb, id, &format!("{id}-plain"), &sel, &[("", 80, "8080", "TCP")], "", "")?;
     let skipped =
         service(sb, id, &format!("{id}-skipped"), &sel, &[("", 80, "8080", "TCP")], &format!(", {label}"), "")?;
-    http_eventually(sb, &c, &format!("http://{plain}:80/"))?;
+    http_eventually(sb, &c, &format!("http://{plain}:80/hostname"))?;
     wait_for(
         "2 endpoints objects",
         Duration::from_secs(30),
         || Ok(ready_endpoints(sb, &format!("{id}-skipped")) == 1),
     )?;
     std::thread::sleep(Duration::from_millis(500));
-    match http(sb, &c, &format!("http://{skipped}:80/"))? {
+    match http(sb, &c, &format!("http://{skipped}:80/hostname"))? {
         Err(_) => Ok(()),
         Ok(b) => bail!("service labelled {label} answered {b:?}; it must not be proxied"),
     }
@@ -453,12 +470,12 @@ fn same_and_cross_node(sb: &Sandbox, id: &str) -> Result<()> {
     for n in [1u8, 2] {
         let c = format!("{id}-client-node{n}");
         client_pod(sb, id, &c, Some(n))?;
-        let b = http_eventually(sb, &c, &format!("http://{cip}:80/"))?;
+        let b = http_eventually(sb, &c, &format!("http://{cip}:80/hostname"))?;
         ensure!(hostname(&b) == pod, "TCP from node {n}: {b:?}");
         let t0 = Instant::now();
         loop {
-            match udp(sb, &c, &format!("{cip}:90"), "ping")? {
-                Ok(a) if a == format!("{pod}: ping") => break,
+            match udp(sb, &c, &format!("{cip}:90"))? {
+                Ok(a) if a == pod => break,
                 r if t0.elapsed() > Duration::from_secs(20) => bail!("UDP from node {n}: {r:?}"),
                 _ => std::thread::sleep(Duration::from_millis(300)),
             }
@@ -506,7 +523,7 @@ fn affinity_timeout(sb: &Sandbox, id: &str) -> Result<()> {
     wait_for("3 endpoints", Duration::from_secs(30), || Ok(ready_endpoints(sb, &svc) == 3))?;
     let c = format!("{id}-execpod-affinity");
     client_pod(sb, id, &c, None)?;
-    let url = format!("http://{cip}:80/");
+    let url = format!("http://{cip}:80/hostname");
     http_eventually(sb, &c, &url)?; // CheckServiceReachability
     // The service is sticky until the timeout expires...
     check_affinity(sb, &c, &cip, true)?;
@@ -528,7 +545,7 @@ fn affinity_timeout(sb: &Sandbox, id: &str) -> Result<()> {
 
 /// verifyServeHostnameServiceUp: requests from `client` reach exactly the pods `want`.
 fn verify_up(sb: &Sandbox, client: &str, cip: &str, port: u16, want: &BTreeSet<String>) -> Result<()> {
-    let url = format!("http://{cip}:{port}/");
+    let url = format!("http://{cip}:{port}/hostname");
     let (mut seen, mut failed) = (BTreeSet::new(), 0);
     for _ in 0..(20 * want.len()) {
         match http(sb, client, &url)? {
@@ -574,7 +591,7 @@ fn restart_agent(sb: &Sandbox, id: &str) -> Result<()> {
         client_pod(sb, id, c, Some(u8::try_from(n + 1)?))?;
     }
     for c in &clients {
-        http_eventually(sb, c, &format!("http://{}:80/", svcs[0].1))?;
+        http_eventually(sb, c, &format!("http://{}:80/hostname", svcs[0].1))?;
         for (_, cip, pods) in &svcs {
             verify_up(sb, c, cip, 80, pods)?;
         }
@@ -583,7 +600,7 @@ fn restart_agent(sb: &Sandbox, id: &str) -> Result<()> {
     // A connection through the ClusterIP, opened (request half sent) before the kill.
     let held = Held::open(sb, &clients[1], &format!("{}:80", svcs[0].1))?;
 
-    eprintln!("    killing every node's lb agent with SIGKILL");
+    eprintln!("    killing every node's lb agent with SIGKILL (the kubelet restarts the container)");
     for i in 1..=sb.nodes {
         sb.kill_agent(i)?;
     }
@@ -597,7 +614,7 @@ fn restart_agent(sb: &Sandbox, id: &str) -> Result<()> {
         Ok(())
     })();
     for i in 1..=sb.nodes {
-        sb.start_agent(i)?;
+        sb.wait_agent_ready(i)?;
     }
     down.context("while the agents were down")?;
     eprintln!("    agents restarted");
@@ -623,7 +640,7 @@ fn restart_agent(sb: &Sandbox, id: &str) -> Result<()> {
     let name3 = format!("{id}-restart-proxy-3");
     let cip3 = service(sb, id, &name3, &format!("app: {}", svcs[1].0), &[("", 80, "9376", "TCP")], "", "")?;
     for c in &clients {
-        http_eventually(sb, c, &format!("http://{cip3}:80/"))?;
+        http_eventually(sb, c, &format!("http://{cip3}:80/hostname"))?;
         verify_up(sb, c, &cip3, 80, &svcs[1].2)?;
     }
     Ok(())
@@ -650,7 +667,7 @@ spec:
       terminationGracePeriodSeconds: 5
       containers:
       - name: c
-        image: agnhost
+        image: {AGNHOST_IMAGE}
         args: [netexec, --http-port=8080, --delay-shutdown=3]
         ports: [{{containerPort: 8080}}]
         readinessProbe: {{httpGet: {{path: /readyz, port: 8080}}, periodSeconds: 1, failureThreshold: 1}}
@@ -663,7 +680,7 @@ spec:
         wait_for(&format!("{n} ready endpoints of {rs}"), Duration::from_secs(60), || Ok(ready_endpoints(sb, &rs) == n))
     };
     wait_eps(2)?;
-    let url = format!("http://{cip}:80/");
+    let url = format!("http://{cip}:80/hostname");
     http_eventually(sb, &c, &url)?;
 
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -751,7 +768,7 @@ fn terminating_server(sb: &Sandbox, id: &str, name: &str, sel: &str, node: u8, p
         ""
     };
     sb.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node{node}\n  terminationGracePeriodSeconds: {GRACE}\n  containers:\n  - name: agnhost\n    image: agnhost\n    args: [netexec, --http-port=80, --delay-shutdown={GRACE}]\n    ports: [{{containerPort: 80}}]\n{probe}"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node{node}\n  terminationGracePeriodSeconds: {GRACE}\n  containers:\n  - name: agnhost\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=80, --delay-shutdown={GRACE}]\n    ports: [{{containerPort: 80}}]\n{probe}"
     ))?;
     wait_pod_ready(sb, name, true)
 }
@@ -905,7 +922,7 @@ fn held_to_terminating(sb: &Sandbox, id: &str) -> Result<()> {
     expect_endpoints(sb, &svc, &[&format!("{b}:80")])?;
     // New connections only reach `b` once the agents have caught up...
     wait_for(&format!("new connections to reach only {b}"), Duration::from_secs(20), || {
-        Ok(hosts(sb, &c, &format!("http://{cip}:80/"), 5)?.iter().all(|h| *h == b))
+        Ok(hosts(sb, &c, &format!("http://{cip}:80/hostname"), 5)?.iter().all(|h| *h == b))
     })?;
     ensure!(pod_ready(sb, &a) == Some(false), "{a} is no longer terminating");
     // ...while the established one still reaches `a`, which is still serving.

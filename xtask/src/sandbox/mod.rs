@@ -1,23 +1,27 @@
-//! `cargo xtask sandbox up|down|exec|status`: a multi-node Kubernetes sandbox whose nodes
-//! and pods are network namespaces (docs/sandbox.md).
+//! `cargo xtask sandbox up|down|exec|status`: a Kubernetes 1.20.2 cluster of real parts
+//! (docs/sandbox.md): nodes are network plus mount namespaces running containerd, runc,
+//! the CNI plugins and the kubelet; the control plane runs on node 1, as on kind's
+//! control-plane node; the service proxy is lb's DaemonSet (or kube-proxy, or none).
 //!
-//! * `lbsb-fabric`: a bridge joining the control plane and the nodes (10.250.0.0/24).
-//! * `lbsb-cp`: etcd, kube-apiserver, kube-controller-manager (via [`crate::kube`]) on
-//!   10.250.0.1, and our kubelet (`lb-sandbox kubelet`), which makes the pod namespaces.
-//! * `lbsb-node<i>`: fabric address 10.250.0.<10+i>, pod CIDR 10.244.<i>.0/24, routes to the
-//!   other nodes' pod CIDRs, and `lb agent` attached to its uplink and pod veths.
-//! * The root namespace only gets `lb-sandbox relay` on 127.0.0.1:[`RELAY_PORT`], so that
-//!   host kubectl reaches the apiserver.
+//! * `lbsb-fabric`: a bridge joining the nodes (10.250.0.0/24).
+//! * `lbsb-node<i>`: fabric address 10.250.0.<10+i>, pod CIDR 10.244.<i>.0/24 on the CNI
+//!   bridge `cni0`, routes to the other nodes' pod CIDRs; node 1 also runs etcd,
+//!   kube-apiserver (10.250.0.11:16443), kube-controller-manager and kube-scheduler.
+//! * The root namespace only gets the relay on 127.0.0.1:[`RELAY_PORT`], so that kubectl
+//!   and `e2e.test` on the host reach the API server.
 //!
-//! Everything is found again by name (`lbsb-` prefix) and pid files, so `down` works after
-//! a crash and `up` starts with it.
+//! Everything is found again by name (`lbsb-` prefix), pid files, mount-namespace handles
+//! and the cgroup subtree `/lbsb`, so `down` works after a crash and `up` starts with it.
 
 pub mod demo;
 pub mod e2e;
+pub mod image;
+pub mod node;
+pub mod relay;
+pub mod upstream;
 
 use std::{
     fs,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Mutex,
@@ -28,29 +32,32 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::kube;
+use node::Node;
 
 pub const PREFIX: &str = "lbsb-";
 pub const STATE_DIR: &str = "/tmp/lbsb";
+/// Bind-mounted handles of the nodes' mount namespaces (a private bind mount itself).
+pub const NS_DIR: &str = "/tmp/lbsb/ns";
 const MARKER: &str = ".lbsb";
 pub const FABRIC_NS: &str = "lbsb-fabric";
-pub const CP_NS: &str = "lbsb-cp";
-pub const CP_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 pub const API_PORT: u16 = 16443;
 /// Loopback port of the relay in the root namespace.
 pub const RELAY_PORT: u16 = 16480;
-/// Per-node bpffs mounts (the agent mounts them; this machine has no /sys/fs/bpf mount,
-/// and `down` unmounts them).
-const BPFFS: &str = "/tmp/lbsb/bpffs";
-/// Agent metrics/health port, on each node namespace's own loopback.
-const AGENT_METRICS: &str = "127.0.0.1:9090";
+/// The sandbox's cgroup subtree, in every hierarchy: `/lbsb/lbsb-node<i>`.
+pub const CGROUP_ROOT: &str = "lbsb";
+/// The `kube-dns` Service's ClusterIP (the kubelet's `--cluster-dns`).
+pub const CLUSTER_DNS: &str = "10.96.0.10";
+const LB_MANIFEST: &str = include_str!("../../../deploy/lb-agent.yaml");
+const DNS_MANIFEST: &str = include_str!("manifests/dns.yaml");
+const KUBE_PROXY_MANIFEST: &str = include_str!("manifests/kube-proxy.yaml");
 
 #[derive(clap::Subcommand, Debug)]
 pub enum SandboxCmd {
     /// Bring up the sandbox cluster (tears down a stale one first); prints `export KUBECONFIG=...`.
     Up(UpArgs),
-    /// Remove every namespace, process, pinned map and file of the sandbox (safe after a crash).
+    /// Remove every namespace, process, mount, cgroup and file of the sandbox (safe after a crash).
     Down,
-    /// Run a command in a pod's network namespace with the pod's environment.
+    /// `kubectl exec` into a pod (the sandbox's kubeconfig, no -it needed).
     Exec {
         /// Pod name.
         pod: String,
@@ -59,27 +66,62 @@ pub enum SandboxCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Show namespaces, processes, nodes and pods.
+    /// Show nodes, their containerd and kubelet, and the pods.
     Status,
+    /// The root namespace's loopback relay to the API server (started by `up`).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+    },
+}
+
+/// Which service proxy the nodes run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Proxy {
+    /// lb's DaemonSet (deploy/lb-agent.yaml).
+    #[default]
+    Lb,
+    /// kube-proxy 1.20.2, iptables mode, as a DaemonSet.
+    Iptables,
+    /// kube-proxy 1.20.2, IPVS mode, as a DaemonSet.
+    Ipvs,
+    /// No service proxy (pods are still reachable by pod IP).
+    None,
+}
+
+impl Proxy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proxy::Lb => "lb",
+            Proxy::Iptables => "iptables",
+            Proxy::Ipvs => "ipvs",
+            Proxy::None => "none",
+        }
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct UpArgs {
-    /// Number of node namespaces.
+    /// Number of nodes (node 1 also runs the control plane).
     #[arg(long, default_value_t = 2)]
     pub nodes: u8,
-    /// Hook for both pod veths and uplinks (xdp, xdp-generic, tc); default: the agent's.
+    /// The service proxy on every node.
+    #[arg(long, value_enum, default_value_t = Proxy::Lb)]
+    pub proxy: Proxy,
+    /// lb: hook for both pod interfaces and uplinks (xdp, xdp-generic, tc); default: the manifest's.
     #[arg(long)]
     pub attach: Option<String>,
-    /// Hook for pod veths only (overrides --attach).
+    /// lb: hook for pod interfaces only (overrides --attach).
     #[arg(long)]
     pub pod_attach: Option<String>,
-    /// Hook for node uplinks only (overrides --attach).
+    /// lb: hook for node uplinks only (overrides --attach).
     #[arg(long)]
     pub uplink_attach: Option<String>,
-    /// Do not start `lb agent` on the nodes (pods are still reachable by pod IP).
-    #[arg(long)]
-    pub no_agent: bool,
     /// Manifests to `kubectl apply -f` once the cluster is up.
     #[arg(short = 'f', long = "filename")]
     pub files: Vec<PathBuf>,
@@ -87,23 +129,26 @@ pub struct UpArgs {
 
 impl Default for UpArgs {
     fn default() -> Self {
-        UpArgs { nodes: 2, attach: None, pod_attach: None, uplink_attach: None, no_agent: false, files: vec![] }
+        UpArgs { nodes: 2, proxy: Proxy::Lb, attach: None, pod_attach: None, uplink_attach: None, files: vec![] }
     }
 }
 
 pub fn run(cmd: SandboxCmd) -> Result<()> {
+    if let SandboxCmd::Relay { listen, netns, to } = cmd {
+        return relay::run(listen, &netns, to);
+    }
     require_root()?;
     match cmd {
         SandboxCmd::Up(a) => {
             install_teardown_on_signal();
             match up(&a) {
                 Ok(sb) => {
-                    eprintln!("sandbox up: {} nodes; try `kubectl get nodes,pods -o wide`", a.nodes);
+                    eprintln!("sandbox up: {} nodes, proxy {}; try `kubectl get nodes,pods -A -o wide`", a.nodes, a.proxy.name());
                     println!("export KUBECONFIG={}", sb.kubeconfig.display());
                     Ok(())
                 }
                 Err(e) => {
-                    eprintln!("sandbox up failed; tearing down (logs are removed too; rerun with the error below)");
+                    eprintln!("sandbox up failed; tearing down (rerun with the error below)");
                     let _ = down(false);
                     Err(e)
                 }
@@ -115,19 +160,56 @@ pub fn run(cmd: SandboxCmd) -> Result<()> {
             Ok(())
         }
         SandboxCmd::Exec { pod, namespace, cmd } => {
-            let code = Sandbox::open()?.exec_status(&namespace, &pod, &cmd)?;
-            std::process::exit(code);
+            let st = Sandbox::open()?.exec_cmd(&namespace, &pod, &cmd, false).status().context("running kubectl")?;
+            std::process::exit(st.code().unwrap_or(128));
         }
         SandboxCmd::Status => status(),
+        SandboxCmd::Relay { .. } => unreachable!("handled above"),
     }
 }
 
-fn require_root() -> Result<()> {
+pub(crate) fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "the sandbox creates network namespaces and loads BPF programs: run as root (sudo -E cargo xtask sandbox ...)"
-        );
+        bail!("the sandbox creates namespaces, mounts and cgroups: run as root (sudo -E cargo xtask sandbox ...)");
+    }
+    Ok(())
+}
+
+/// What `up` needs of this machine, each missing piece named with its fix.
+fn preflight() -> Result<()> {
+    let mut missing = vec![];
+    for (bin, pkg) in [
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        ("runc", "runc"),
+        ("nsenter", "util-linux"),
+        ("unshare", "util-linux"),
+        ("ldd", "libc-bin"),
+        ("curl", "curl"),
+    ] {
+        if !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success()) {
+            missing.push(format!("{bin} (package {pkg})"));
+        }
+    }
+    for (path, what) in [
+        ("/usr/lib/cni/bridge", "the CNI bridge plugin (package containernetworking-plugins)"),
+        ("/usr/lib/cni/host-local", "the CNI host-local plugin (package containernetworking-plugins)"),
+        ("/usr/lib/cni/loopback", "the CNI loopback plugin (package containernetworking-plugins)"),
+        ("/bin/busybox", "busybox (package busybox-static)"),
+        ("/usr/bin/nc.openbsd", "nc (package netcat-openbsd)"),
+        ("/sys/fs/bpf", "the bpf filesystem mount point (a kernel with CONFIG_BPF_SYSCALL)"),
+        ("/proc/sys/net/bridge", "bridge netfilter (kernel br_netfilter)"),
+    ] {
+        if !Path::new(path).exists() {
+            missing.push(what.to_string());
+        }
+    }
+    if node::cgroup_hierarchies().is_empty() {
+        missing.push("mounted cgroup hierarchies (/sys/fs/cgroup)".into());
+    }
+    if !missing.is_empty() {
+        bail!("the sandbox needs: {}; try `cargo xtask setup`", missing.join(", "));
     }
     Ok(())
 }
@@ -187,64 +269,69 @@ pub struct Sandbox {
     /// Kubeconfig for root-namespace clients (through the relay).
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
-    pub lb: PathBuf,
     pub nodes: u8,
-    pub agents: bool,
+    pub proxy: Proxy,
 }
 
-fn node_ns(i: u8) -> String {
-    format!("{PREFIX}node{i}")
-}
-
-fn node_ip(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 250, 0, 10 + i)
+pub fn node_name(i: u8) -> String {
+    Node::new(i).name
 }
 
 pub fn up(a: &UpArgs) -> Result<Sandbox> {
-    if a.nodes == 0 || a.nodes > 200 {
-        bail!("--nodes {}: use 1..=200", a.nodes);
+    if a.nodes == 0 || a.nodes > 50 {
+        bail!("--nodes {}: use 1..=50", a.nodes);
     }
+    preflight()?;
     down(false).context("removing a stale sandbox first; try `cargo xtask sandbox down`")?;
     let t0 = Instant::now();
-    step("building lb and lb-sandbox (cargo build; the first build takes a few minutes)");
-    let (lb, lb_sandbox) = build_binaries()?;
     let bins = kube::ensure_built()?;
+    step("building the lb agent and the sandbox DNS (cargo build --release; the first build takes a few minutes)");
+    let (lb, dns) = build_binaries()?;
     let dir = PathBuf::from(STATE_DIR);
-    fs::create_dir_all(dir.join("pods")).with_context(|| format!("creating {STATE_DIR}"))?;
+    fs::create_dir_all(&dir).with_context(|| format!("creating {STATE_DIR}"))?;
     fs::write(dir.join(MARKER), "lb sandbox state; `cargo xtask sandbox down` removes it\n")?;
 
-    step(&format!("network: fabric bridge, control-plane namespace, {} node namespaces", a.nodes));
+    step("images: pause, agnhost, client, mynapp, dns, kube-proxy, lb-agent (docker archives, no registry)");
+    let images = image::build_all(&image::Inputs { kube_bin: bins.dir.clone(), lb, dns }, &dir.join("images"))?;
+
+    step(&format!("network: fabric bridge and {} node namespaces", a.nodes));
     make_topology(a.nodes)?;
 
-    step("control plane: etcd, kube-apiserver, kube-controller-manager in lbsb-cp on 10.250.0.1");
-    let kdir = dir.join("kube");
+    let cp = Node::new(1);
+    step(&format!(
+        "control plane on {}: etcd, kube-apiserver {}:{API_PORT}, kube-controller-manager, kube-scheduler",
+        cp.name, cp.ip
+    ));
     let cluster = kube::up(&kube::UpOpts {
-        dir: kdir.clone(),
+        dir: dir.join("kube"),
         port: API_PORT,
         v1_crd: false,
         controllers: true,
-        netns: Some(CP_NS.into()),
-        bind: CP_IP,
+        netns: Some(cp.name.clone()),
+        bind: cp.ip,
+        nodes: true,
     })?;
 
-    step(&format!("relay 127.0.0.1:{RELAY_PORT} (root namespace) -> {CP_IP}:{API_PORT} (lbsb-cp)"));
+    step(&format!("relay 127.0.0.1:{RELAY_PORT} (root namespace) -> {}:{API_PORT} ({})", cp.ip, cp.name));
+    let me = std::env::current_exe().context("locating the xtask binary")?;
     spawn_detached(
         &dir,
         "relay",
-        None,
-        &lb_sandbox,
+        &mut Command::new("env"),
+        &me,
         &[
+            "sandbox".into(),
             "relay".into(),
             "--listen".into(),
             format!("127.0.0.1:{RELAY_PORT}"),
             "--netns".into(),
-            CP_NS.into(),
+            cp.name.clone(),
             "--to".into(),
-            format!("{CP_IP}:{API_PORT}"),
+            format!("{}:{API_PORT}", cp.ip),
         ],
     )?;
     let kubeconfig = dir.join("kubeconfig");
-    // The apiserver's self-signed cert names 10.250.0.1 and kubernetes.default.svc, not
+    // The apiserver's self-signed cert names 10.250.0.11 and kubernetes.default.svc, not
     // 127.0.0.1: verify it under the name it has.
     fs::write(
         &kubeconfig,
@@ -255,126 +342,103 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
             cluster.token
         ),
     )?;
-    let sb = Sandbox {
-        dir: dir.clone(),
-        kubeconfig,
-        kubectl: bins.kubectl.clone(),
-        lb: lb.clone(),
-        nodes: a.nodes,
-        agents: !a.no_agent,
-    };
+    let sb = Sandbox { dir: dir.clone(), kubeconfig, kubectl: bins.kubectl.clone(), nodes: a.nodes, proxy: a.proxy };
+    fs::write(dir.join("nodes"), format!("{}\n{}\n", a.nodes, a.proxy.name()))?;
     wait_for("kubectl through the relay", Duration::from_secs(20), || {
         Ok(sb.kubectl(&["get", "--raw", "/readyz"]).is_ok())
     })?;
 
-    step("kubelet (lb-sandbox kubelet, in lbsb-cp): registers nodes, runs pods");
-    // Not under `ip netns exec` (whose private mount namespace would hide the pod
-    // namespaces' bind mounts from everyone else): the kubelet enters lbsb-cp itself.
-    spawn_detached(
-        &dir,
-        "kubelet",
-        None,
-        &lb_sandbox,
-        &[
-            "kubelet".into(),
-            "--netns".into(),
-            CP_NS.into(),
-            "--nodes".into(),
-            a.nodes.to_string(),
-            "--kubeconfig".into(),
-            cluster.kubeconfig.display().to_string(),
-            "--state-dir".into(),
-            dir.display().to_string(),
-        ],
-    )?;
-    wait_for("nodes to register", Duration::from_secs(30), || {
-        let out = sb.kubectl(&["get", "nodes", "--no-headers"]).unwrap_or_default();
-        Ok(out.lines().filter(|l| l.contains(" Ready")).count() == usize::from(a.nodes))
-    })?;
-
-    if a.no_agent {
-        step("no agent (--no-agent): ClusterIPs are not served");
-    } else {
-        step("lb agent on every node (--source kubernetes, uplink eth0, pod veths vp*)");
-        for i in 1..=a.nodes {
-            start_agent(&dir, &cluster.kubeconfig, &lb, i, a)?;
-        }
-        for i in 1..=a.nodes {
-            wait_agent_ready(&dir, i)?;
-        }
+    for i in 1..=a.nodes {
+        let n = Node::new(i);
+        step(&format!("{}: mount namespace, cgroup /{CGROUP_ROOT}/{}, containerd, image import, kubelet", n.name, n.name));
+        n.start(&cluster.kubeconfig, &bins.kubelet, &images)?;
     }
+    wait_for("every node to be Ready", Duration::from_secs(120), || {
+        let out = sb.kubectl(&["get", "nodes", "--no-headers"]).unwrap_or_default();
+        Ok(out.lines().filter(|l| l.split_whitespace().nth(1) == Some("Ready")).count() == usize::from(a.nodes))
+    })
+    .with_context(|| sb.kubectl(&["get", "nodes", "-o", "wide"]).unwrap_or_default())?;
+
+    let apiserver = [("{{APISERVER_HOST}}", cp.ip.to_string()), ("{{APISERVER_PORT}}", API_PORT.to_string())];
+    match a.proxy {
+        Proxy::Lb => {
+            step("lb: kubectl apply -f deploy/lb-agent.yaml (the DaemonSet, with the local image)");
+            sb.apply(&fill(LB_AGENT_ENV, &apiserver))?;
+            sb.apply(LB_MANIFEST)?;
+            let mut env = vec![];
+            if let Some(m) = a.pod_attach.as_ref().or(a.attach.as_ref()) {
+                env.push(format!("LB_POD_ATTACH={m}"));
+                if m.starts_with("xdp") {
+                    // Asked for explicitly: the agent refuses XDP on pod veths otherwise, since
+                    // it miscomputes CHECKSUM_PARTIAL packets (docs/datapath.md).
+                    env.push("LB_ALLOW_XDP_ON_PODS=true".into());
+                }
+            }
+            if let Some(m) = a.uplink_attach.as_ref().or(a.attach.as_ref()) {
+                env.push(format!("LB_UPLINK_ATTACH={m}"));
+            }
+            if !env.is_empty() {
+                let mut args = vec!["-n", "kube-system", "set", "env", "ds/lb-agent"];
+                args.extend(env.iter().map(String::as_str));
+                sb.kubectl(&args)?;
+            }
+            sb.wait_daemonset("lb-agent")?;
+        }
+        Proxy::Iptables | Proxy::Ipvs => {
+            step(&format!("kube-proxy 1.20.2 ({} mode) as a DaemonSet", a.proxy.name()));
+            let mut vars = apiserver.to_vec();
+            vars.push(("{{MODE}}", a.proxy.name().to_string()));
+            vars.push(("{{IMAGE}}", image::KUBE_PROXY_IMAGE.to_string()));
+            sb.apply(&fill(KUBE_PROXY_MANIFEST, &vars))?;
+            sb.wait_daemonset("kube-proxy")?;
+        }
+        Proxy::None => step("no service proxy (--proxy none): ClusterIPs are not served"),
+    }
+    step(&format!("cluster DNS: lb-sandbox-dns behind the kube-dns Service ({CLUSTER_DNS}, UDP and TCP 53)"));
+    let mut vars = apiserver.to_vec();
+    vars.push(("{{IMAGE}}", image::DNS_IMAGE.to_string()));
+    vars.push(("{{CLUSTER_DNS}}", CLUSTER_DNS.to_string()));
+    sb.apply(&fill(DNS_MANIFEST, &vars))?;
+    wait_for("the cluster DNS to be available", Duration::from_secs(120), || {
+        Ok(sb
+            .kubectl(&["-n", "kube-system", "get", "deploy", "lb-sandbox-dns", "-o", "jsonpath={.status.availableReplicas}"])
+            .is_ok_and(|o| o.trim().parse::<u32>().is_ok_and(|n| n >= 1)))
+    })?;
     for f in &a.files {
         step(&format!("kubectl apply -f {}", f.display()));
         sb.kubectl(&["apply", "-f", &f.display().to_string()])?;
     }
-    fs::write(dir.join("nodes"), format!("{}\n{}\n", a.nodes, !a.no_agent))?;
     eprintln!("sandbox ready in {:.0?}", t0.elapsed());
     Ok(sb)
+}
+
+/// The agent's API server address: a proxy cannot reach the API server through the
+/// ClusterIP it is about to program, so it is given the address itself (as kubeadm gives
+/// kube-proxy a kubeconfig naming the control-plane endpoint). deploy/lb-agent.yaml reads
+/// this ConfigMap with `envFrom`, optionally.
+const LB_AGENT_ENV: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lb-agent-env\n  namespace: kube-system\ndata:\n  KUBERNETES_SERVICE_HOST: \"{{APISERVER_HOST}}\"\n  KUBERNETES_SERVICE_PORT: \"{{APISERVER_PORT}}\"\n";
+
+fn fill(template: &str, vars: &[(&str, String)]) -> String {
+    vars.iter().fold(template.to_string(), |t, (k, v)| t.replace(k, v))
 }
 
 fn step(msg: &str) {
     eprintln!("==> {msg}");
 }
 
-/// Starts `lb agent` in node `i`'s namespace (detached; pid file `agent-lbsb-node<i>.pid`).
-fn start_agent(dir: &Path, kubeconfig: &Path, lb: &Path, i: u8, a: &UpArgs) -> Result<()> {
-    let ns = node_ns(i);
-    let mut args: Vec<String> = vec![
-        "--bpffs".into(),
-        format!("{BPFFS}/{ns}"),
-        "--status-file".into(),
-        dir.join(&ns).join("status.json").display().to_string(),
-        "agent".into(),
-        "--source".into(),
-        "kubernetes".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--iface".into(),
-        "eth0".into(),
-        "--iface-glob".into(),
-        "vp*".into(),
-        "--metrics-addr".into(),
-        AGENT_METRICS.into(),
-    ];
-    if let Some(m) = a.pod_attach.as_ref().or(a.attach.as_ref()) {
-        args.extend(["--pod-attach".into(), m.clone()]);
-        if m.starts_with("xdp") {
-            // Asked for explicitly: the agent refuses XDP on pod veths otherwise, since it
-            // miscomputes CHECKSUM_PARTIAL packets (docs/datapath.md). On the sandbox's
-            // veth-only paths nothing completes those checksums, so it still works here.
-            args.push("--allow-xdp-on-pods".into());
-        }
-    }
-    if let Some(m) = a.uplink_attach.as_ref().or(a.attach.as_ref()) {
-        args.extend(["--uplink-attach".into(), m.clone()]);
-    }
-    fs::create_dir_all(dir.join(&ns))?;
-    spawn_detached(dir, &format!("agent-{ns}"), Some(&ns), lb, &args)
-}
-
-fn wait_agent_ready(dir: &Path, i: u8) -> Result<()> {
-    let ns = node_ns(i);
-    let log = dir.join(format!("agent-{ns}.log"));
-    wait_for(&format!("lb agent on {ns} to be ready"), Duration::from_secs(60), || {
-        if !pid_alive(dir, &format!("agent-{ns}")) {
-            bail!("lb agent on {ns} exited; log {}:\n{}", log.display(), tail(&log, 20));
-        }
-        Ok(curl_in(&ns, &format!("http://{AGENT_METRICS}/readyz")).is_some_and(|c| c == 200))
-    })
-}
-
-/// Builds `lb` and `lb-sandbox` (dev profile, shared with the colleagues' builds).
-fn build_binaries() -> Result<(PathBuf, PathBuf)> {
+/// Builds the release `lb` (the agent image) and `lb-sandbox-dns`.
+pub(crate) fn build_binaries() -> Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(&cargo)
-        .args(["build", "--package", "lb-userspace", "--bin", "lb", "--bin", "lb-sandbox"])
+        .args(["build", "--release", "--package", "lb-userspace", "--package", "lb-sandbox-dns"])
+        .args(["--bin", "lb", "--bin", "lb-sandbox-dns"])
         .status()
         .context("running cargo build")?;
     if !st.success() {
-        bail!("cargo build of lb / lb-sandbox failed ({st}); fix the build, then rerun `cargo xtask sandbox up`");
+        bail!("cargo build of lb / lb-sandbox-dns failed ({st}); fix the build, then rerun `cargo xtask sandbox up`");
     }
-    let target = target_dir()?.join("debug");
-    Ok((target.join("lb"), target.join("lb-sandbox")))
+    let target = target_dir()?.join("release");
+    Ok((target.join("lb"), target.join("lb-sandbox-dns")))
 }
 
 pub fn target_dir() -> Result<PathBuf> {
@@ -385,46 +449,36 @@ pub fn target_dir() -> Result<PathBuf> {
 }
 
 fn make_topology(nodes: u8) -> Result<()> {
-    for ns in [FABRIC_NS, CP_NS] {
-        netns_add(ns)?;
-    }
+    netns_add(FABRIC_NS)?;
     ip(&["-n", FABRIC_NS, "link", "add", "br0", "type", "bridge"])?;
     ip(&["-n", FABRIC_NS, "link", "set", "br0", "up"])?;
-    // Each veth is created with both ends already inside their namespaces.
-    let mut members = vec![("cp".to_string(), CP_NS.to_string(), CP_IP)];
     for i in 1..=nodes {
-        netns_add(&node_ns(i))?;
-        members.push((format!("node{i}"), node_ns(i), node_ip(i)));
-    }
-    for (port, ns, addr) in &members {
-        ip(&["link", "add", port, "netns", FABRIC_NS, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
-        ip(&["-n", FABRIC_NS, "link", "set", port, "master", "br0"])?;
-        ip(&["-n", FABRIC_NS, "link", "set", port, "up"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-    }
-    for i in 1..=nodes {
-        let ns = node_ns(i);
-        sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        let n = Node::new(i);
+        netns_add(&n.name)?;
+        let port = format!("node{i}");
+        // Each veth is created with both ends already inside their namespaces.
+        ip(&["link", "add", &port, "netns", FABRIC_NS, "type", "veth", "peer", "name", "eth0", "netns", &n.name])?;
+        ip(&["-n", FABRIC_NS, "link", "set", &port, "master", "br0"])?;
+        ip(&["-n", FABRIC_NS, "link", "set", &port, "up"])?;
+        ip(&["-n", &n.name, "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"])?;
+        ip(&["-n", &n.name, "link", "set", "eth0", "up"])?;
+        sysctl(&n.name, "net.ipv4.ip_forward", "1")?;
+        // kube-proxy's same-node replies are bridged: it needs bridged traffic in iptables.
+        sysctl(&n.name, "net.bridge.bridge-nf-call-iptables", "1")?;
         // Replies leave the datapath with a ClusterIP source, and nodes have no route to
         // the service range: strict reverse-path filtering would drop them.
         for conf in ["all", "default", "eth0"] {
-            sysctl(&ns, &format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
+            sysctl(&n.name, &format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
         }
-        for j in 1..=nodes {
-            if j != i {
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("10.244.{j}.0/24"),
-                    "via",
-                    &node_ip(j).to_string(),
-                    "dev",
-                    "eth0",
-                ])?;
-            }
+        // Host-network processes need a route covering the service range (else connect()
+        // fails with "Network is unreachable" before any proxy sees it); it ends on the
+        // fabric, never outside the sandbox.
+        ip(&["-n", &n.name, "route", "add", kube::SERVICE_CIDR, "dev", "eth0"])?;
+    }
+    for i in 1..=nodes {
+        for j in (1..=nodes).filter(|j| *j != i) {
+            let (n, m) = (Node::new(i), Node::new(j));
+            ip(&["-n", &n.name, "route", "add", &m.pod_cidr(), "via", &m.ip.to_string(), "dev", "eth0"])?;
         }
     }
     Ok(())
@@ -443,37 +497,12 @@ pub fn ip(args: &[&str]) -> Result<()> {
     run_ok(Command::new("ip").args(args), &format!("ip {}", args.join(" ")))
 }
 
-fn run_ok(c: &mut Command, what: &str) -> Result<()> {
+pub fn run_ok(c: &mut Command, what: &str) -> Result<()> {
     let out = c.stdin(Stdio::null()).output().with_context(|| format!("cannot run {what}"))?;
     if !out.status.success() {
         bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
-}
-
-/// HTTP status of `url` fetched from inside `ns`, None if unreachable.
-fn curl_in(ns: &str, url: &str) -> Option<u16> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "2",
-            "--noproxy",
-            "*",
-            url,
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok().filter(|c| *c != 0)
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -494,19 +523,16 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<boo
     }
 }
 
-/// Starts `bin args` detached (own session), optionally inside network namespace `netns`, logging to
-/// DIR/NAME.log; the process writes DIR/NAME.pid itself before exec'ing.
-fn spawn_detached(dir: &Path, name: &str, netns: Option<&str>, bin: &Path, args: &[String]) -> Result<()> {
+/// Starts `wrapper bin args` detached (own session), logging to DIR/NAME.log; the process
+/// writes DIR/NAME.pid itself before exec'ing. `wrapper` is the command that enters the
+/// namespaces (nsenter ...), or `env` for none.
+pub fn spawn_detached(dir: &Path, name: &str, wrapper: &mut Command, bin: &Path, args: &[String]) -> Result<()> {
     let log_path = dir.join(format!("{name}.log"));
     let pid_path = dir.join(format!("{name}.pid"));
     let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
     let mut c = Command::new("setsid");
     c.args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""]).arg(&pid_path);
-    if let Some(ns) = netns {
-        // nsenter enters the network namespace only. `ip netns exec` would also give the
-        // process a private mount namespace with a fresh /sys, without /sys/fs/bpf.
-        c.arg("nsenter").arg(format!("--net=/run/netns/{ns}"));
-    }
+    c.arg(wrapper.get_program()).args(wrapper.get_args());
     c.arg(bin).args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     for v in
         ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"]
@@ -517,9 +543,10 @@ fn spawn_detached(dir: &Path, name: &str, netns: Option<&str>, bin: &Path, args:
     if !st.success() {
         bail!("starting {name} failed ({st}); see {}", log_path.display());
     }
+    let base = bin.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     wait_for(&format!("{name} to start"), Duration::from_secs(10), || Ok(read_pid(dir, name).is_some()))?;
     sleep(Duration::from_millis(300));
-    if !pid_alive(dir, name) {
+    if !pid_alive(dir, name, &base) {
         sleep(Duration::from_millis(200)); // let its last words reach the log
         bail!("{name} exited at once; log {}:\n{}", log_path.display(), tail(&log_path, 20));
     }
@@ -534,12 +561,12 @@ fn cmdline(pid: i32) -> String {
     fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default()
 }
 
-/// The pid file's process is alive and is one of ours (an lb binary).
-fn pid_alive(dir: &Path, name: &str) -> bool {
+/// The pid file's process is alive (not a zombie) and runs `bin`.
+pub fn pid_alive(dir: &Path, name: &str, bin: &str) -> bool {
     read_pid(dir, name).is_some_and(|p| {
         let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
         let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-        !zombie && cmdline(p).contains("lb")
+        !zombie && cmdline(p).contains(bin)
     })
 }
 
@@ -562,7 +589,7 @@ fn our_netns() -> Vec<String> {
     v
 }
 
-/// Mount points under the state dir (the agents' bpffs), deepest first.
+/// Mount points under the state dir (the mount-namespace handles and their dir), deepest first.
 fn our_mounts() -> Vec<String> {
     let mut v: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
@@ -575,75 +602,76 @@ fn our_mounts() -> Vec<String> {
     v
 }
 
-fn netns_pids(ns: &str) -> Vec<i32> {
-    Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
-        .unwrap_or_default()
+fn ns_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(path).ok().map(|m| m.ino())
 }
 
-/// Removes everything of the sandbox: processes (by pid file and by namespace), pod, node,
-/// control-plane and fabric namespaces, pinned BPF dirs, the state dir.
+/// Every process of the sandbox: in a node's network or mount namespace (daemons, shims,
+/// host-network pods), or in its cgroup subtree (every pod's processes).
+fn sandbox_pids(namespaces: &[String]) -> Vec<i32> {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let mut inodes: Vec<u64> = namespaces.iter().filter_map(|n| ns_inode(&Path::new("/run/netns").join(n))).collect();
+    for e in fs::read_dir(NS_DIR).into_iter().flatten().flatten() {
+        // A mounted handle's inode is the namespace's; an unmounted one is a plain file.
+        if node::is_mountpoint(&e.path()) {
+            inodes.extend(ns_inode(&e.path()));
+        }
+    }
+    let mut pids = node::cgroup_pids();
+    for pid in fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+        for ns in ["net", "mnt"] {
+            if ns_inode(Path::new(&format!("/proc/{pid}/ns/{ns}"))).is_some_and(|i| inodes.contains(&i)) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids.retain(|p| *p != me && *p > 1);
+    pids
+}
+
+/// Removes everything of the sandbox: processes, node and fabric namespaces, the nodes'
+/// mount namespaces (and every mount in them: bpffs, overlays, tmpfs), cgroups, the state dir.
 pub fn down(verbose: bool) -> Result<()> {
     let _g = TEARDOWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = PathBuf::from(STATE_DIR);
     let me = i32::try_from(std::process::id()).unwrap_or(0);
     // The relay is in the root namespace: find it by pid file, check it is ours.
-    if let Some(p) = read_pid(&dir, "relay").filter(|p| cmdline(*p).contains("lb-sandbox") && *p != me) {
+    if let Some(p) = read_pid(&dir, "relay").filter(|p| cmdline(*p).contains("sandbox relay") && *p != me) {
         // SAFETY: kill(2) on a pid whose command line is our relay.
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
     let namespaces = our_netns();
-    // The kubelet first, so it stops making pods while we remove them.
-    if let Some(p) = read_pid(&dir, "kubelet").filter(|p| cmdline(*p).contains("lb-sandbox") && *p != me) {
-        // SAFETY: as above, our kubelet.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-    // Everything else of ours runs inside our namespaces; SIGTERM (agents, apiserver
-    // clean up), then SIGKILL what is left.
-    for sig in [libc::SIGTERM, libc::SIGKILL] {
-        let pids: Vec<i32> = namespaces.iter().flat_map(|n| netns_pids(n)).filter(|p| *p != me && *p > 1).collect();
-        if pids.is_empty() {
-            break;
-        }
-        if verbose && sig == libc::SIGTERM {
-            eprintln!("stopping {} processes in {} sandbox namespaces", pids.len(), namespaces.len());
-        }
-        for p in &pids {
-            // SAFETY: kill(2) on processes inside namespaces named lbsb-*, which only the
-            // sandbox creates.
-            unsafe { libc::kill(*p, sig) };
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(3) && namespaces.iter().any(|n| !netns_pids(n).is_empty()) {
-            sleep(Duration::from_millis(50));
-        }
-    }
-    // Stragglers outside any named namespace (e.g. pods of a kubelet that crashed after
-    // their namespace was deleted): processes running our lb-sandbox binary itself.
-    if let Ok(ours) = target_dir().map(|t| t.join("debug/lb-sandbox")).and_then(|p| Ok(fs::canonicalize(p)?)) {
-        for pid in fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        {
-            let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-            let exe = exe.to_string_lossy();
-            if pid != me && exe.trim_end_matches(" (deleted)") == ours.to_string_lossy() {
-                // SAFETY: kill(2) on a process running the sandbox's own binary.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
     let kdir = dir.join("kube");
     if kdir.exists() {
         kube::down(&kdir).context("stopping the control plane")?;
     }
-    // Pods first, then nodes (their pod veth peers are gone by then), cp, fabric.
+    // Kubelets first (they would restart what we kill), then everything else; SIGKILL: the
+    // cluster is going away as a whole, nothing in it needs a graceful end.
+    for round in 0..50 {
+        let pids = sandbox_pids(&namespaces);
+        if pids.is_empty() {
+            break;
+        }
+        if verbose && round == 0 {
+            eprintln!("stopping {} sandbox processes", pids.len());
+        }
+        for p in &pids {
+            // SAFETY: kill(2) on processes inside the sandbox's namespaces or cgroups, which
+            // only the sandbox creates.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        sleep(Duration::from_millis(100));
+    }
+    let left = sandbox_pids(&namespaces);
+    if !left.is_empty() {
+        bail!("sandbox processes {left:?} survived SIGKILL");
+    }
+    // Nodes before the fabric (their uplink peers go with them).
     let mut ordered = namespaces.clone();
-    ordered.sort_by_key(|n| (!n.starts_with("lbsb-pod-"), n == FABRIC_NS, n.clone()));
+    ordered.sort_by_key(|n| (n == FABRIC_NS, n.clone()));
     for ns in &ordered {
         if let Err(e) = ip(&["netns", "del", ns])
             && Path::new("/run/netns").join(ns).exists()
@@ -651,7 +679,8 @@ pub fn down(verbose: bool) -> Result<()> {
             return Err(e);
         }
     }
-    // Unmounting a node's bpffs drops its pins (maps and links) with it.
+    // Unmounting a node's handle drops its mount namespace (no process holds it now), and
+    // with it the bpffs (and so the agent's pins), the overlays and the private dirs.
     for m in our_mounts() {
         let c = std::ffi::CString::new(m.clone()).context("mount path")?;
         // SAFETY: umount2 on a path under our state dir, from /proc/self/mountinfo.
@@ -659,11 +688,25 @@ pub fn down(verbose: bool) -> Result<()> {
             bail!("cannot unmount {m}: {}", std::io::Error::last_os_error());
         }
     }
+    let mut t0 = Instant::now();
+    while let Err(e) = node::remove_cgroups() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            return Err(e);
+        }
+        sleep(Duration::from_millis(100));
+    }
+    t0 = Instant::now();
     if dir.exists() {
         if !dir.join(MARKER).exists() {
             bail!("{STATE_DIR} exists but is not a sandbox state dir (no {MARKER}); remove it yourself");
         }
-        fs::remove_dir_all(&dir).with_context(|| format!("removing {STATE_DIR}"))?;
+        // Overlay upper dirs can be busy for a moment after their mount namespace went.
+        while let Err(e) = fs::remove_dir_all(&dir) {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(e).with_context(|| format!("removing {STATE_DIR}"));
+            }
+            sleep(Duration::from_millis(200));
+        }
     }
     if verbose && !namespaces.is_empty() {
         eprintln!("removed namespaces: {}", namespaces.join(" "));
@@ -679,28 +722,32 @@ fn status() -> Result<()> {
         println!("sandbox: down");
         return Ok(());
     }
-    for name in ["relay", "kubelet"] {
-        println!("{name}: {}", if pid_alive(&dir, name) { "running" } else { "not running" });
-    }
+    println!("relay: {}", if pid_alive(&dir, "relay", "sandbox relay") { "running" } else { "NOT RUNNING" });
     let sb = Sandbox::open()?;
+    println!("proxy: {}", sb.proxy.name());
+    let mut broken = vec![];
     for i in 1..=sb.nodes {
-        let n = format!("agent-{}", node_ns(i));
-        println!(
-            "{n}: {}",
-            if !sb.agents {
-                "not started (--no-agent)"
-            } else if pid_alive(&dir, &n) {
-                "running"
-            } else {
-                "not running"
-            }
-        );
+        let n = Node::new(i);
+        let parts: Vec<String> = ["containerd", "kubelet"]
+            .iter()
+            .map(|d| {
+                let ok = pid_alive(&n.dir, d, d);
+                if !ok {
+                    broken.push(format!("{} {d}", n.name));
+                }
+                format!("{d} {}", if ok { "running" } else { "NOT RUNNING" })
+            })
+            .collect();
+        println!("{}: {}", n.name, parts.join(", "));
     }
     print!("{}", kube::status(&dir.join("kube"))?);
     println!("export KUBECONFIG={}", sb.kubeconfig.display());
-    match sb.kubectl(&["get", "nodes,pods", "-o", "wide"]) {
+    match sb.kubectl(&["get", "nodes,pods", "-A", "-o", "wide"]) {
         Ok(o) => print!("{o}"),
         Err(e) => println!("kubectl: {e:#}"),
+    }
+    if !broken.is_empty() {
+        bail!("not running: {}", broken.join(", "));
     }
     Ok(())
 }
@@ -713,16 +760,14 @@ impl Sandbox {
         let mut lines = nodes.lines();
         let n =
             lines.next().and_then(|l| l.trim().parse().ok()).context("bad nodes file; try `cargo xtask sandbox up`")?;
-        let agents = lines.next().is_none_or(|l| l.trim() == "true");
+        let proxy = match lines.next().map(str::trim) {
+            Some("iptables") => Proxy::Iptables,
+            Some("ipvs") => Proxy::Ipvs,
+            Some("none") => Proxy::None,
+            _ => Proxy::Lb,
+        };
         let bins = kube::cached().context("kube binaries missing; try `cargo xtask kube build`")?;
-        Ok(Sandbox {
-            kubeconfig: dir.join("kubeconfig"),
-            kubectl: bins.kubectl,
-            lb: target_dir()?.join("debug/lb"),
-            dir,
-            nodes: n,
-            agents,
-        })
+        Ok(Sandbox { kubeconfig: dir.join("kubeconfig"), kubectl: bins.kubectl, dir, nodes: n, proxy })
     }
 
     pub fn kubectl_cmd(&self) -> Command {
@@ -759,38 +804,39 @@ impl Sandbox {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The kubelet's record of a running pod (netns, IP, env).
-    pub fn pod_record(&self, ns: &str, pod: &str) -> Result<serde_json::Value> {
-        let f = self.dir.join("pods").join(format!("{ns}_{pod}.json"));
-        let text = fs::read_to_string(&f)
-            .with_context(|| format!("pod {ns}/{pod} is not running in the sandbox (no {})", f.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("bad {}", f.display()))
+    /// Waits until DaemonSet `name` in kube-system has a ready pod on every node.
+    pub fn wait_daemonset(&self, name: &str) -> Result<()> {
+        let want = self.nodes.to_string();
+        wait_for(&format!("DaemonSet {name} to be ready on every node"), Duration::from_secs(120), || {
+            let out = self.kubectl(&[
+                "-n",
+                "kube-system",
+                "get",
+                "ds",
+                name,
+                "-o",
+                "jsonpath={.status.numberReady}/{.status.updatedNumberScheduled}",
+            ])?;
+            Ok(out.trim() == format!("{want}/{want}"))
+        })
+        .with_context(|| self.kubectl(&["-n", "kube-system", "get", "pods", "-o", "wide"]).unwrap_or_default())
     }
 
-    /// A command that runs `cmd` in the pod's namespace with the pod's environment.
-    pub fn exec_cmd(&self, ns: &str, pod: &str, cmd: &[String]) -> Result<Command> {
-        let rec = self.pod_record(ns, pod)?;
-        let netns = rec["netns"].as_str().context("pod record without netns")?;
-        let Some((prog, args)) = cmd.split_first() else { bail!("exec needs a command after --") };
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", netns]).arg(prog).args(args).env_clear();
-        for kv in rec["env"].as_array().into_iter().flatten() {
-            if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_str()) {
-                c.env(k, v);
-            }
+    /// `kubectl exec [-i] -n NS POD -- CMD` as a command.
+    pub fn exec_cmd(&self, ns: &str, pod: &str, cmd: &[String], stdin: bool) -> Command {
+        let mut c = self.kubectl_cmd();
+        c.args(["exec", "-n", ns, pod]);
+        if stdin {
+            c.arg("-i");
         }
-        Ok(c)
-    }
-
-    pub fn exec_status(&self, ns: &str, pod: &str, cmd: &[String]) -> Result<i32> {
-        let st = self.exec_cmd(ns, pod, cmd)?.status().context("cannot run ip netns exec")?;
-        Ok(st.code().unwrap_or(128))
+        c.arg("--").args(cmd);
+        c
     }
 
     /// Runs `cmd` in the pod; (exit code, stdout, stderr).
     pub fn exec(&self, ns: &str, pod: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
         let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
-        let out = self.exec_cmd(ns, pod, &cmd)?.stdin(Stdio::null()).output().context("cannot run ip netns exec")?;
+        let out = self.exec_cmd(ns, pod, &cmd, false).stdin(Stdio::null()).output().context("cannot run kubectl exec")?;
         Ok((
             out.status.code().unwrap_or(128),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -798,40 +844,78 @@ impl Sandbox {
         ))
     }
 
-    /// Kills node `i`'s `lb agent` with SIGKILL (as a crash would) and waits until it is gone.
-    /// Its pinned maps and attached programs stay.
+    /// The lb agent pod on node `i`.
+    pub fn agent_pod(&self, i: u8) -> Result<String> {
+        let out = self.kubectl(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=lb-agent",
+            "--field-selector",
+            &format!("spec.nodeName={}", node_name(i)),
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])?;
+        out.split_whitespace().next().map(str::to_owned).with_context(|| format!("no lb-agent pod on {}", node_name(i)))
+    }
+
+    /// Kills node `i`'s `lb agent` process with SIGKILL (as a crash would); the kubelet
+    /// restarts the container. Its pinned maps and attached programs stay.
     pub fn kill_agent(&self, i: u8) -> Result<()> {
-        let name = format!("agent-{}", node_ns(i));
-        let pid = read_pid(&self.dir, &name)
-            .filter(|_| pid_alive(&self.dir, &name))
-            .with_context(|| format!("{name} is not running"))?;
-        // SAFETY: kill(2) on the pid of our agent (pid file, command line checked by pid_alive).
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        wait_for(&format!("{name} to die"), Duration::from_secs(10), || Ok(!pid_alive(&self.dir, &name)))
+        let n = Node::new(i);
+        let net = ns_inode(&Path::new("/run/netns").join(&n.name)).context("node namespace missing")?;
+        let pids: Vec<i32> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|p| {
+                let args: Vec<String> = cmdline(*p).split(' ').map(str::to_owned).collect();
+                args.first().is_some_and(|a| a.ends_with("/lb"))
+                    && args.get(1).is_some_and(|a| a == "agent")
+                    && ns_inode(Path::new(&format!("/proc/{p}/ns/net"))) == Some(net)
+            })
+            .collect();
+        if pids.is_empty() {
+            bail!("no lb agent process runs on {}", n.name);
+        }
+        for p in &pids {
+            // SAFETY: kill(2) on the lb agent process in this node's network namespace.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        wait_for(&format!("the lb agent on {} to die", n.name), Duration::from_secs(10), || {
+            Ok(pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists() || cmdline(*p).is_empty()))
+        })
     }
 
-    /// Starts node `i`'s `lb agent` the way `up` does (default hooks) and waits until it is ready.
-    pub fn start_agent(&self, i: u8) -> Result<()> {
-        let cluster = kube::Cluster::open(&self.dir.join("kube"))?;
-        start_agent(&self.dir, &cluster.kubeconfig, &self.lb, i, &UpArgs::default())?;
-        wait_agent_ready(&self.dir, i)
+    /// Waits until node `i`'s agent pod is ready again (after [`Sandbox::kill_agent`]).
+    pub fn wait_agent_ready(&self, i: u8) -> Result<()> {
+        sleep(Duration::from_secs(1));
+        wait_for(&format!("the lb agent on {} to be ready", node_name(i)), Duration::from_secs(90), || {
+            let pod = self.agent_pod(i)?;
+            let ready = self.kubectl(&[
+                "-n",
+                "kube-system",
+                "get",
+                "pod",
+                &pod,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])?;
+            Ok(ready.trim() == "True")
+        })
     }
 
-    /// `lb ARGS` against node `i`'s pinned maps.
+    /// `lb ARGS` inside node `i`'s agent pod, where the pinned maps are.
     pub fn lb_on_node(&self, i: u8, args: &[&str]) -> Result<String> {
-        let ns = node_ns(i);
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{ns}"))
-            .arg(&self.lb)
-            .arg("--bpffs")
-            .arg(format!("{BPFFS}/{ns}"))
-            .arg("--status-file")
-            .arg(self.dir.join(&ns).join("status.json"))
-            .args(args)
-            .output()
-            .context("cannot run lb")?;
+        let pod = self.agent_pod(i)?;
+        let mut cmd = vec!["lb".to_string()];
+        cmd.extend(args.iter().map(|s| s.to_string()));
+        let out = self.exec_cmd("kube-system", &pod, &cmd, false).stdin(Stdio::null()).output()?;
         if !out.status.success() {
-            bail!("lb {} on {ns} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!("lb {} on {} failed: {}", args.join(" "), node_name(i), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
