@@ -134,6 +134,29 @@ struct AgentArgs {
     /// maps) and exit.
     #[arg(long, env = "LB_CLEANUP")]
     cleanup: bool,
+    /// Size of the frontend map and the per-service counters: ClusterIP ports plus one
+    /// marker per ClusterIP. The maps are preallocated and charged to the agent's memory
+    /// cgroup (docs/agent.md gives the bytes per entry). Changing a size on a node with
+    /// pinned maps needs `lb agent --cleanup` first.
+    #[arg(long, env = "LB_MAX_SERVICES", default_value_t = lb_common::limits::SERVICES,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    max_services: u32,
+    /// Size of the backend-slot map (endpoints over all services).
+    #[arg(long, env = "LB_MAX_BACKENDS", default_value_t = lb_common::limits::BACKENDS,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    max_backends: u32,
+    /// Size of the map of draining backends (terminating or unready, still holding flows).
+    #[arg(long, env = "LB_MAX_DRAINING", default_value_t = lb_common::limits::DRAINING,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    max_draining: u32,
+    /// Size of the conntrack LRU (two entries per connection).
+    #[arg(long, env = "LB_MAX_CONNTRACK", default_value_t = lb_common::limits::CONNTRACK,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    max_conntrack: u32,
+    /// Size of the ClientIP affinity LRU (one entry per client and service).
+    #[arg(long, env = "LB_MAX_AFFINITY", default_value_t = lb_common::limits::AFFINITY,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    max_affinity: u32,
 }
 
 fn init_logs(filter: &str, format: LogFormat) -> Result<()> {
@@ -200,6 +223,17 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
         file_poll: Duration::from_millis(a.file_poll_ms.max(10)),
         status_file: Some(status_file.into()),
         iface_rescan: Duration::from_millis(a.iface_rescan_ms.max(100)),
+        map_sizes: {
+            use lb_common::map_names as m;
+            vec![
+                (m::SERVICES, a.max_services),
+                (m::SVC_STATS, a.max_services),
+                (m::BACKENDS, a.max_backends),
+                (m::DRAINING, a.max_draining),
+                (m::CONNTRACK, a.max_conntrack),
+                (m::AFFINITY, a.max_affinity),
+            ]
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub status_file: Option<PathBuf>,
     /// Rescan interfaces this often even without netlink news.
     pub iface_rescan: Duration,
+    /// `max_entries` by pinned map name (`--max-*`); empty keeps the defaults.
+    pub map_sizes: Vec<(&'static str, u32)>,
 }
 
 /// What `lb status` reads from the running agent.
@@ -135,7 +137,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     datapath::ensure_bpffs(&cfg.bpffs)
         .with_context(|| format!("preparing bpffs at {}; run as root, or pick another --bpffs", cfg.bpffs.display()))?;
-    let ebpf = datapath::load(&LoadOptions::new(&cfg.bpffs))
+    let mut opts = LoadOptions::new(&cfg.bpffs);
+    opts.max_entries.clone_from(&cfg.map_sizes);
+    let ebpf = datapath::load(&opts)
         .context("loading the datapath; `lb agent --cleanup` removes stale pins")?;
     let mut maps = sync::BpfMaps::from_ebpf(&ebpf).context("opening the datapath maps")?;
     let t0 = Instant::now();

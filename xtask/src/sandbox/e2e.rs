@@ -649,7 +649,7 @@ fn restart_agent(sb: &Sandbox, id: &str) -> Result<()> {
 // ----- scale while requesting -----
 
 /// A ReplicaSet of netexec-like pods (serving through a grace period after SIGTERM, with a
-/// /readyz readiness probe) is scaled 2 -> 5 -> 2 while a client requests its ClusterIP
+/// failing readiness once deleted) is scaled 2 -> 5 -> 2 while a client requests its ClusterIP
 /// without pause. The endpoints must follow, the new pods must get traffic, requests after
 /// the scale-down must only reach the survivors, and no request may fail.
 fn scale_while_requesting(sb: &Sandbox, id: &str) -> Result<()> {
@@ -668,10 +668,11 @@ spec:
       containers:
       - name: c
         image: {AGNHOST_IMAGE}
-        args: [netexec, --http-port=8080, --delay-shutdown=3]
+        args: [netexec, --http-port=8080]
         ports: [{{containerPort: 8080}}]
-        readinessProbe: {{httpGet: {{path: /readyz, port: 8080}}, periodSeconds: 1, failureThreshold: 1}}
-"#
+{}
+"#,
+        serve_through_grace(8, 3)
     ))?;
     let cip = service(sb, id, &rs, &format!("app: {rs}"), &[("", 80, "8080", "TCP")], "", "")?;
     let c = format!("{id}-client");
@@ -757,18 +758,29 @@ spec:
 
 // ----- terminating endpoints -----
 
-/// The upstream tests' webserver: agnhost netexec with --delay-shutdown=<grace> and a /readyz
-/// readiness probe (which fails after SIGTERM), optionally without the probe.
+/// What the webserver of upstream's terminating-endpoint tests (Kubernetes 1.22+) gets from
+/// netexec's `--delay-shutdown` and `/readyz`, which agnhost 2.21 lacks: once deleted, the
+/// container keeps serving for `grace` seconds (a preStop hook, run before SIGTERM) while
+/// its readiness probe fails (`probe`). `indent` spaces before each line.
+fn serve_through_grace(indent: usize, grace: u32) -> String {
+    let pad = " ".repeat(indent);
+    format!(
+        "{pad}lifecycle: {{preStop: {{exec: {{command: [sh, -c, 'touch /tmp/terminating; sleep {grace}']}}}}}}\n\
+         {pad}readinessProbe: {{exec: {{command: [sh, -c, 'test ! -e /tmp/terminating']}}, periodSeconds: 1, failureThreshold: 1}}\n"
+    )
+}
+
+/// The upstream tests' webserver: agnhost netexec serving through its grace period after
+/// deletion, with a readiness probe that then fails, or (`probe` false) with no probe.
 fn terminating_server(sb: &Sandbox, id: &str, name: &str, sel: &str, node: u8, probe: bool) -> Result<()> {
     const GRACE: u32 = 60; // upstream: 300 (publishNotReady tests), 100 (fallback); force-deleted at the end
-    // Upstream's probe uses the default period (10 s) and failureThreshold (3); 1/1 keeps it fast.
     let probe = if probe {
-        "    readinessProbe: {httpGet: {path: /readyz, port: 80}, periodSeconds: 1, failureThreshold: 1}\n"
+        serve_through_grace(4, GRACE)
     } else {
-        ""
+        format!("    lifecycle: {{preStop: {{exec: {{command: [sleep, '{GRACE}']}}}}}}\n")
     };
     sb.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node{node}\n  terminationGracePeriodSeconds: {GRACE}\n  containers:\n  - name: agnhost\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=80, --delay-shutdown={GRACE}]\n    ports: [{{containerPort: 80}}]\n{probe}"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node{node}\n  terminationGracePeriodSeconds: {GRACE}\n  containers:\n  - name: agnhost\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=80]\n    ports: [{{containerPort: 80}}]\n{probe}"
     ))?;
     wait_pod_ready(sb, name, true)
 }
