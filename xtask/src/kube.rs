@@ -520,6 +520,7 @@ impl Cluster {
             "openssl rsa -pubout",
         )?;
         fs::write(certs.join("tokens.csv"), format!("{},admin,admin,system:masters\n", self.token))?;
+        self.make_serving_cert(&certs)?;
         self.write_state()?;
 
         eprintln!("starting etcd on {}:{}...", self.opts.bind, self.etcd_port());
@@ -527,13 +528,6 @@ impl Cluster {
         eprintln!("starting kube-apiserver on {}...", self.server);
         self.spawn("kube-apiserver", &self.bins.kube_apiserver, &self.apiserver_args())?;
         self.wait_ready(READY_TIMEOUT)?;
-
-        // The self-signed serving cert file holds leaf + CA: pin the CA for clients.
-        let crt =
-            fs::read_to_string(certs.join("apiserver.crt")).context("apiserver did not write certs/apiserver.crt")?;
-        let blocks: Vec<&str> = crt.split("-----BEGIN CERTIFICATE-----").skip(1).collect();
-        let ca = blocks.last().ok_or_else(|| anyhow!("no certificate in certs/apiserver.crt"))?;
-        fs::write(&self.ca_file, format!("-----BEGIN CERTIFICATE-----{ca}"))?;
         fs::write(&self.kubeconfig, self.kubeconfig_yaml())?;
 
         if self.opts.v1_crd {
@@ -582,6 +576,55 @@ impl Cluster {
             format!("--cert-dir={}", self.dir.join("sched-certs").display()),
             "--leader-elect=false".into(),
         ]
+    }
+
+    /// A CA and the API server's serving certificate, for every name clients use: the
+    /// bind address, the `kubernetes` Service's ClusterIP and DNS names, and 127.0.0.1
+    /// (the sandbox's loopback relay; `e2e.test`'s client ignores `tls-server-name`).
+    fn make_serving_cert(&self, certs: &Path) -> Result<()> {
+        let p = |f: &str| certs.join(f).display().to_string();
+        run_ok(
+            Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650"]).args([
+                "-subj",
+                "/CN=lb-kube-ca",
+                "-keyout",
+                &p("ca.key"),
+                "-out",
+                &p("ca.crt"),
+            ]),
+            "openssl req (CA)",
+        )?;
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver"])
+                .args(["-keyout", &p("apiserver.key"), "-out", &p("apiserver.csr")]),
+            "openssl req (serving key)",
+        )?;
+        let service_ip = "10.96.0.1";
+        fs::write(
+            certs.join("apiserver.ext"),
+            format!(
+                "subjectAltName=IP:{},IP:{service_ip},IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,\
+                 DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n\
+                 extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+                self.opts.bind
+            ),
+        )?;
+        run_ok(
+            Command::new("openssl").args(["x509", "-req", "-days", "3650", "-CAcreateserial"]).args([
+                "-in",
+                &p("apiserver.csr"),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-extfile",
+                &p("apiserver.ext"),
+                "-out",
+                &p("apiserver.crt"),
+            ]),
+            "openssl x509 (serving cert)",
+        )
     }
 
     fn wait_code(&self, path: &str, timeout: Duration) -> Result<()> {
@@ -644,6 +687,8 @@ impl Cluster {
             format!("--advertise-address={b}"),
             format!("--secure-port={}", self.opts.port),
             format!("--cert-dir={}", c.display()),
+            format!("--tls-cert-file={}", c.join("apiserver.crt").display()),
+            format!("--tls-private-key-file={}", c.join("apiserver.key").display()),
             format!("--token-auth-file={}", c.join("tokens.csv").display()),
             "--authorization-mode=RBAC".into(),
             "--service-account-issuer=https://kubernetes.default.svc".into(),

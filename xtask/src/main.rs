@@ -103,7 +103,9 @@ fn main() -> Result<()> {
             match what.as_str() {
                 "datapath" => lb_dev(&["demo", "datapath"], &[]),
                 "sandbox" => sandbox::demo::run(),
-                other => bail!("unknown demo {other:?}; try `cargo xtask demo` (the sandbox) or `cargo xtask demo datapath`"),
+                other => {
+                    bail!("unknown demo {other:?}; try `cargo xtask demo` (the sandbox) or `cargo xtask demo datapath`")
+                }
             }
         }
         Cmd::Kube { cmd } => kube::run(cmd),

@@ -136,9 +136,29 @@ pub fn answer(records: &Records, request: &Message) -> Message {
         Node::Addresses(ips) if wants(RecordType::A) => {
             resp.answers.extend(ips.into_iter().map(|ip| Record::from_rdata(owner.clone(), ttl, RData::A(A(ip)))));
         }
-        // A CNAME answers every type; the resolver follows it (there is nothing
-        // here to follow it to: the sandbox cannot resolve outside names).
-        Node::Cname(target) => resp.answers.push(Record::from_rdata(owner, ttl, RData::CNAME(CNAME(target)))),
+        // A CNAME answers every type. A target in the cluster zone (an ExternalName naming
+        // another Service's FQDN, as upstream's "change the type from ClusterIP to
+        // ExternalName" test does) is followed here, as CoreDNS does, so that the answer
+        // carries its addresses; outside targets are left to the resolver (the sandbox
+        // cannot resolve outside names).
+        Node::Cname(target) => {
+            resp.answers.push(Record::from_rdata(owner, ttl, RData::CNAME(CNAME(target.clone()))));
+            let mut at = target;
+            for _ in 0..MAX_CNAME_CHAIN {
+                match lookup(records, &at) {
+                    Lookup::Found(_, Node::Cname(next)) => {
+                        resp.answers.push(Record::from_rdata(at, ttl, RData::CNAME(CNAME(next.clone()))));
+                        at = next;
+                    }
+                    Lookup::Found(_, Node::Addresses(ips)) if wants(RecordType::A) => {
+                        resp.answers
+                            .extend(ips.into_iter().map(|ip| Record::from_rdata(at.clone(), ttl, RData::A(A(ip)))));
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
         Node::Srv(targets) if wants(RecordType::SRV) => {
             // Equal weights summing to about 100, as CoreDNS does.
             let weight = u16::try_from(100 / targets.len().max(1)).unwrap_or(1).max(1);
@@ -164,6 +184,9 @@ pub fn answer(records: &Records, request: &Message) -> Message {
     }
     resp
 }
+
+/// In-zone CNAMEs followed for one answer at most (ExternalName chains, loops).
+const MAX_CNAME_CHAIN: usize = 8;
 
 fn soa(records: &Records) -> Record {
     let zone = records.zone();

@@ -62,6 +62,24 @@ fn fixture() -> Records {
             endpoints: vec![],
         },
     );
+    r.insert(
+        "default",
+        "alias",
+        ServiceRecord {
+            kind: Kind::ExternalName(Name::from_ascii("web.default.svc.cluster.local.").unwrap()),
+            ports: vec![],
+            endpoints: vec![],
+        },
+    );
+    r.insert(
+        "default",
+        "loop",
+        ServiceRecord {
+            kind: Kind::ExternalName(Name::from_ascii("loop.default.svc.cluster.local.").unwrap()),
+            ports: vec![],
+            endpoints: vec![],
+        },
+    );
     r.insert("default", "fifty", headless(50));
     r.insert("default", "many", headless(100));
     r
@@ -172,6 +190,34 @@ const CASES: &[Case] = &[
         qtype: A,
         rcode: OK,
         answers: &["CNAME example.com."],
+        soa: false,
+        aa: true,
+    },
+    Case {
+        what: "ExternalName naming another Service: CNAME, then its ClusterIP",
+        name: "alias.default.svc.cluster.local.",
+        qtype: A,
+        rcode: OK,
+        answers: &["CNAME web.default.svc.cluster.local.", "A 10.96.0.10"],
+        soa: false,
+        aa: true,
+    },
+    Case {
+        what: "ExternalName naming itself: the chain stops",
+        name: "loop.default.svc.cluster.local.",
+        qtype: A,
+        rcode: OK,
+        answers: &[
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+            "CNAME loop.default.svc.cluster.local.",
+        ],
         soa: false,
         aa: true,
     },
@@ -434,9 +480,19 @@ fn answer_table() {
         assert_eq!(resp.metadata.message_type, MessageType::Response, "{}", c.what);
         assert!(resp.metadata.recursion_desired, "{}: RD is copied", c.what);
         assert_eq!(resp.queries, req.queries, "{}", c.what);
+        // ... or, after a CNAME, under its target (an in-zone chain, RFC 1034 3.6.2).
+        let mut owner = req.queries[0].name().clone();
         for r in &resp.answers {
-            assert!(r.name.eq_case(req.queries[0].name()), "{}: owner {} is not the query name", c.what, r.name);
+            assert!(
+                r.name.eq_case(&owner),
+                "{}: owner {} is neither the query name nor a CNAME target",
+                c.what,
+                r.name
+            );
             assert_eq!(r.ttl, 5, "{}", c.what);
+            if let RData::CNAME(t) = &r.data {
+                owner = t.0.clone();
+            }
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n"));

@@ -39,13 +39,17 @@ spec:
 }
 
 fn client_yaml() -> String {
-    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  containers:\n  - {{name: client, image: {CLIENT_IMAGE}}}\n")
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  containers:\n  - {{name: client, image: {CLIENT_IMAGE}}}\n"
+    )
 }
 
 pub fn run() -> Result<()> {
     super::require_root()?;
     super::install_teardown_on_signal();
-    println!("lb sandbox demo: a ReplicaSet behind a ClusterIP Service on two real nodes (kubelet, containerd), served by the lb DaemonSet\n");
+    println!(
+        "lb sandbox demo: a ReplicaSet behind a ClusterIP Service on two real nodes (kubelet, containerd), served by the lb DaemonSet\n"
+    );
     let res = walkthrough();
     println!("\n== teardown ==\n$ cargo xtask sandbox down");
     let down = super::down(true);
@@ -58,7 +62,11 @@ pub fn run() -> Result<()> {
     };
     rows.push((
         "teardown".into(),
-        if down.is_ok() { "all lbsb-* namespaces, processes, mounts, cgroups and files removed".into() } else { "FAILED".into() },
+        if down.is_ok() {
+            "all lbsb-* namespaces, processes, mounts, cgroups and files removed".into()
+        } else {
+            "FAILED".into()
+        },
     ));
     down?;
     println!("\n== summary ==");

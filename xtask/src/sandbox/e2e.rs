@@ -46,6 +46,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("service variables in a pod created after its service", env_after_service),
     ("endpoints follow kubectl scale up and down while a client keeps requesting", scale_while_requesting),
     ("an established connection to a terminating pod keeps working during its grace period", held_to_terminating),
+    ("kubectl rollout restart of the lb-agent DaemonSet keeps established flows", rollout_restart),
 ];
 
 pub fn run() -> Result<()> {
@@ -246,7 +247,8 @@ fn hosts(sb: &Sandbox, client: &str, url: &str, n: usize) -> Result<Vec<String>>
 /// Ok(the answering pod's name) or Err(what nc said).
 fn udp(sb: &Sandbox, client: &str, addr: &str) -> Result<std::result::Result<String, String>> {
     let (ip, port) = addr.rsplit_once(':').context("udp address without a port")?;
-    let (code, out, err) = sb.exec("default", client, &["sh", "-c", &format!("echo hostname | nc -u -w 2 {ip} {port}")])?;
+    let (code, out, err) =
+        sb.exec("default", client, &["sh", "-c", &format!("echo hostname | nc -u -w 2 {ip} {port}")])?;
     let out = out.trim().to_owned();
     Ok(if code == 0 && !out.is_empty() { Ok(out) } else { Err(format!("nc exit {code}: {}", err.trim())) })
 }
@@ -952,6 +954,66 @@ fn held_to_terminating(sb: &Sandbox, id: &str) -> Result<()> {
                 "a connection established to {a} broke once {a} (terminating, still serving) left the endpoints ({e:#}; client node's `lb stats`: {gone}); kube-proxy keeps such TCP flows until the pod is gone"
             )
         }
+    }
+    Ok(())
+}
+
+// ----- DaemonSet rollout -----
+
+/// `kubectl -n kube-system rollout restart ds/lb-agent` (how users upgrade the agent): a
+/// connection established before it completes after it, requests from both nodes keep
+/// being answered while every node's agent pod is replaced, and the new pods follow a
+/// change made after the rollout.
+fn rollout_restart(sb: &Sandbox, id: &str) -> Result<()> {
+    let svc = format!("{id}-rollout");
+    let sel = format!("app: {svc}");
+    let cip = service(sb, id, &svc, &sel, &[("", 80, "8080", "TCP")], "", "")?;
+    let mut pods = BTreeSet::new();
+    for n in 1..=2u8 {
+        let pod = format!("{id}-server-{n}");
+        server_pod(sb, id, &pod, &sel, &[("", 8080, "TCP")], Some(n))?;
+        pods.insert(pod);
+    }
+    wait_for("2 endpoints", Duration::from_secs(30), || Ok(ready_endpoints(sb, &svc) == 2))?;
+    let clients = [format!("{id}-client-node1"), format!("{id}-client-node2")];
+    for (n, c) in clients.iter().enumerate() {
+        client_pod(sb, id, c, Some(u8::try_from(n + 1)?))?;
+        verify_up(sb, c, &cip, 80, &pods)?;
+    }
+    let held: Vec<Held> = clients.iter().map(|c| Held::open(sb, c, &format!("{cip}:80"))).collect::<Result<_>>()?;
+    let before: Vec<String> = (1..=sb.nodes).map(|i| sb.agent_pod(i)).collect::<Result<_>>()?;
+    sb.kubectl(&["-n", "kube-system", "rollout", "restart", "ds/lb-agent"])?;
+    // Requests go on while the pods are replaced, one node at a time.
+    let t0 = Instant::now();
+    let (mut ok, mut failed) = (0, vec![]);
+    loop {
+        for c in &clients {
+            match http(sb, c, &format!("http://{cip}:80/hostname"))? {
+                Ok(_) => ok += 1,
+                Err(code) => failed.push(format!("{c} at {:.1?}: curl exit {code}", t0.elapsed())),
+            }
+        }
+        let status = sb.kubectl(&["-n", "kube-system", "rollout", "status", "ds/lb-agent", "--timeout=1s"]);
+        if status.is_ok_and(|s| s.contains("successfully rolled out")) {
+            break;
+        }
+        ensure!(t0.elapsed() < Duration::from_secs(120), "the rollout did not finish in 120 s");
+    }
+    let after: Vec<String> = (1..=sb.nodes).map(|i| sb.agent_pod(i)).collect::<Result<_>>()?;
+    ensure!(before.iter().all(|p| !after.contains(p)), "agent pods before {before:?}, after {after:?}: not replaced");
+    eprintln!("    rollout done in {:.1?}: {ok} requests answered, {} failed", t0.elapsed(), failed.len());
+    ensure!(failed.is_empty(), "requests failed during the rollout: {}", failed.join(", "));
+    for h in held {
+        let answer = h.finish().context("a connection established before the rollout broke")?;
+        ensure!(pods.contains(&answer), "the held connection answered {answer:?}");
+    }
+    // The new agents follow changes: a third backend gets traffic.
+    let pod3 = format!("{id}-server-3");
+    server_pod(sb, id, &pod3, &sel, &[("", 8080, "TCP")], None)?;
+    wait_for("3 endpoints", Duration::from_secs(30), || Ok(ready_endpoints(sb, &svc) == 3))?;
+    pods.insert(pod3);
+    for c in &clients {
+        verify_up(sb, c, &cip, 80, &pods)?;
     }
     Ok(())
 }

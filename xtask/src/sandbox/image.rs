@@ -41,11 +41,25 @@ const MTIME: u64 = 1_600_000_000;
 /// One entry of an image's single layer.
 enum Entry {
     /// A file copied from this machine (symlinks followed).
-    File { src: PathBuf, dest: String, mode: u32 },
+    File {
+        src: PathBuf,
+        dest: String,
+        mode: u32,
+    },
     /// A file with the given contents.
-    Data { dest: String, data: Vec<u8>, mode: u32 },
-    Dir { dest: String, mode: u32 },
-    Link { target: String, dest: String },
+    Data {
+        dest: String,
+        data: Vec<u8>,
+        mode: u32,
+    },
+    Dir {
+        dest: String,
+        mode: u32,
+    },
+    Link {
+        target: String,
+        dest: String,
+    },
 }
 
 /// An image under construction.
@@ -164,9 +178,11 @@ impl Image {
         }]))?;
         let tmp = out.with_extension("tmp");
         let mut t = tar::Builder::new(fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
-        for (name, data) in
-            [(format!("{layer_sha}/layer.tar"), &layer), (format!("{config_sha}.json"), &config), ("manifest.json".into(), &manifest)]
-        {
+        for (name, data) in [
+            (format!("{layer_sha}/layer.tar"), &layer),
+            (format!("{config_sha}.json"), &config),
+            ("manifest.json".into(), &manifest),
+        ] {
             let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
             t.append_data(&mut h, name, data.as_slice())?;
         }
@@ -308,7 +324,9 @@ pub fn build_all(inp: &Inputs, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut app = Image::new(
         APP_IMAGE,
         &["/bin/sh", "-c"],
-        &["mkdir -p /tmp/www && echo \"You've hit $(hostname)\" > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"],
+        &[
+            "mkdir -p /tmp/www && echo \"You've hit $(hostname)\" > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+        ],
     );
     app.userland()?;
     images.push(("mynapp", app));
@@ -363,10 +381,7 @@ pub fn import(mnt: &Path, net: &str, sock: &Path, archives: &[(String, PathBuf)]
             .output()
             .context("running ctr (containerd)")?;
         if !out.status.success() {
-            bail!(
-                "importing {tag} into {net}'s containerd failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("importing {tag} into {net}'s containerd failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
     }
     Ok(())

@@ -143,7 +143,11 @@ pub fn run(cmd: SandboxCmd) -> Result<()> {
             install_teardown_on_signal();
             match up(&a) {
                 Ok(sb) => {
-                    eprintln!("sandbox up: {} nodes, proxy {}; try `kubectl get nodes,pods -A -o wide`", a.nodes, a.proxy.name());
+                    eprintln!(
+                        "sandbox up: {} nodes, proxy {}; try `kubectl get nodes,pods -A -o wide`",
+                        a.nodes,
+                        a.proxy.name()
+                    );
                     println!("export KUBECONFIG={}", sb.kubeconfig.display());
                     Ok(())
                 }
@@ -350,7 +354,10 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
 
     for i in 1..=a.nodes {
         let n = Node::new(i);
-        step(&format!("{}: mount namespace, cgroup /{CGROUP_ROOT}/{}, containerd, image import, kubelet", n.name, n.name));
+        step(&format!(
+            "{}: mount namespace, cgroup /{CGROUP_ROOT}/{}, containerd, image import, kubelet",
+            n.name, n.name
+        ));
         n.start(&cluster.kubeconfig, &bins.kubelet, &images)?;
     }
     wait_for("every node to be Ready", Duration::from_secs(120), || {
@@ -401,7 +408,15 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
     sb.apply(&fill(DNS_MANIFEST, &vars))?;
     wait_for("the cluster DNS to be available", Duration::from_secs(120), || {
         Ok(sb
-            .kubectl(&["-n", "kube-system", "get", "deploy", "lb-sandbox-dns", "-o", "jsonpath={.status.availableReplicas}"])
+            .kubectl(&[
+                "-n",
+                "kube-system",
+                "get",
+                "deploy",
+                "lb-sandbox-dns",
+                "-o",
+                "jsonpath={.status.availableReplicas}",
+            ])
             .is_ok_and(|o| o.trim().parse::<u32>().is_ok_and(|n| n >= 1)))
     })?;
     for f in &a.files {
@@ -619,7 +634,12 @@ fn sandbox_pids(namespaces: &[String]) -> Vec<i32> {
         }
     }
     let mut pids = node::cgroup_pids();
-    for pid in fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+    for pid in fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
         for ns in ["net", "mnt"] {
             if ns_inode(Path::new(&format!("/proc/{pid}/ns/{ns}"))).is_some_and(|i| inodes.contains(&i)) {
                 pids.push(pid);
@@ -836,7 +856,8 @@ impl Sandbox {
     /// Runs `cmd` in the pod; (exit code, stdout, stderr).
     pub fn exec(&self, ns: &str, pod: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
         let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
-        let out = self.exec_cmd(ns, pod, &cmd, false).stdin(Stdio::null()).output().context("cannot run kubectl exec")?;
+        let out =
+            self.exec_cmd(ns, pod, &cmd, false).stdin(Stdio::null()).output().context("cannot run kubectl exec")?;
         Ok((
             out.status.code().unwrap_or(128),
             String::from_utf8_lossy(&out.stdout).into_owned(),

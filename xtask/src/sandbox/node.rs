@@ -211,12 +211,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             varlib = d.join("varlib").display(),
         );
         for (key, _) in KERNEL_TUNABLES {
-            script += &format!("mount --bind {} /proc/sys/{key}; ", d.join("sysctl").join(key.replace('/', "_")).display());
+            script +=
+                &format!("mount --bind {} /proc/sys/{key}; ", d.join("sysctl").join(key.replace('/', "_")).display());
         }
         run_ok(
-            Command::new("unshare")
-                .arg(format!("--mount={}", self.mnt().display()))
-                .args(["--propagation", "private", "sh", "-c", &script]),
+            Command::new("unshare").arg(format!("--mount={}", self.mnt().display())).args([
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ]),
             &format!("making the mount namespace of {}", self.name),
         )
     }

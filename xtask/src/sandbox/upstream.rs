@@ -20,6 +20,10 @@ use crate::kube;
 
 /// The focus of the issue: every Service test of 1.20.
 pub const FOCUS: &str = r"\[sig-network\] Services";
+/// Not run with `--all`: the ten `[Slow]` tests all need a cloud load balancer (type
+/// LoadBalancer), which the skeleton provider never provides; each would wait 20 minutes
+/// for one. They are reported as not run (docs/conformance.md: out of scope).
+pub const SKIP: &str = r"\[Slow\]";
 
 /// The tests that must pass on lb (docs/conformance.md), by their full ginkgo name.
 pub const EXPECTED: &str = include_str!("upstream-expected.txt");
@@ -35,7 +39,8 @@ pub struct Outcome {
 pub fn run(proxy: Proxy, all: bool) -> Result<()> {
     super::require_root()?;
     super::install_teardown_on_signal();
-    let expected: Vec<&str> = EXPECTED.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let expected: Vec<&str> =
+        EXPECTED.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     let focus = if all {
         FOCUS.to_string()
     } else {
@@ -50,7 +55,7 @@ pub fn run(proxy: Proxy, all: bool) -> Result<()> {
             return Err(e);
         }
     };
-    let res = run_e2e(&sb, &focus);
+    let res = run_e2e(&sb, &focus, all.then_some(SKIP));
     let down = super::down(false);
     let outcomes = res?;
     down?;
@@ -69,7 +74,9 @@ pub fn run(proxy: Proxy, all: bool) -> Result<()> {
         let out = super::target_dir()?.join(format!("upstream-{}.json", proxy.name()));
         let v: Vec<serde_json::Value> = outcomes
             .iter()
-            .map(|o| serde_json::json!({"name": o.name, "result": o.result, "seconds": o.seconds, "message": o.message}))
+            .map(
+                |o| serde_json::json!({"name": o.name, "result": o.result, "seconds": o.seconds, "message": o.message}),
+            )
             .collect();
         fs::write(&out, serde_json::to_string_pretty(&v)?)?;
         eprintln!("results written to {}", out.display());
@@ -103,14 +110,18 @@ fn regex_escape(s: &str) -> String {
     out
 }
 
-fn run_e2e(sb: &super::Sandbox, focus: &str) -> Result<Vec<Outcome>> {
+fn run_e2e(sb: &super::Sandbox, focus: &str, skip: Option<&str>) -> Result<Vec<Outcome>> {
     let bins = kube::cached().context("kube binaries missing; try `cargo xtask kube build`")?;
     let report = sb.dir.join("e2e-report");
     fs::create_dir_all(&report)?;
     let log = sb.dir.join("e2e.log");
     let t0 = Instant::now();
     eprintln!("upstream: e2e.test --ginkgo.focus=<{} chars>; log {}", focus.len(), log.display());
-    let st = Command::new(&bins.e2e_test)
+    let mut cmd = Command::new(&bins.e2e_test);
+    if let Some(skip) = skip {
+        cmd.arg(format!("--ginkgo.skip={skip}"));
+    }
+    let st = cmd
         .arg(format!("--kubeconfig={}", sb.kubeconfig.display()))
         .arg("--provider=skeleton")
         .arg(format!("--num-nodes={}", sb.nodes))
@@ -141,11 +152,8 @@ fn path_with(dir: &Path) -> String {
 
 /// The test cases of every junit_*.xml in `dir` (ginkgo v1's reporter).
 fn parse_junit(dir: &Path) -> Result<Vec<Outcome>> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "xml"))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        fs::read_dir(dir)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "xml")).collect();
     files.sort();
     let mut out = vec![];
     for f in files {
@@ -164,7 +172,8 @@ fn parse_junit_text(text: &str) -> Result<Vec<Outcome>> {
     loop {
         match r.read_event()? {
             Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"testcase" => {
-                let mut o = Outcome { name: String::new(), result: "passed".into(), seconds: 0.0, message: String::new() };
+                let mut o =
+                    Outcome { name: String::new(), result: "passed".into(), seconds: 0.0, message: String::new() };
                 for a in e.attributes().flatten() {
                     let v = a.unescape_value()?.into_owned();
                     match a.key.as_ref() {
@@ -181,9 +190,7 @@ fn parse_junit_text(text: &str) -> Result<Vec<Outcome>> {
                     o.result = "skipped".into();
                 }
             }
-            Event::Start(e) | Event::Empty(e)
-                if in_case && matches!(e.name().as_ref(), b"failure" | b"error") =>
-            {
+            Event::Start(e) | Event::Empty(e) if in_case && matches!(e.name().as_ref(), b"failure" | b"error") => {
                 if let Some(o) = out.last_mut() {
                     o.result = "failed".into();
                     for a in e.attributes().flatten() {
