@@ -139,8 +139,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         .with_context(|| format!("preparing bpffs at {}; run as root, or pick another --bpffs", cfg.bpffs.display()))?;
     let mut opts = LoadOptions::new(&cfg.bpffs);
     opts.max_entries.clone_from(&cfg.map_sizes);
-    let ebpf = datapath::load(&opts)
-        .context("loading the datapath; `lb agent --cleanup` removes stale pins")?;
+    let ebpf = datapath::load(&opts).context("loading the datapath; `lb agent --cleanup` removes stale pins")?;
     let mut maps = sync::BpfMaps::from_ebpf(&ebpf).context("opening the datapath maps")?;
     let t0 = Instant::now();
     let mut syncer = maps.reconcile();

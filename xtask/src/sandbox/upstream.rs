@@ -20,6 +20,8 @@ use crate::kube;
 
 /// The focus of the issue: every Service test of 1.20.
 pub const FOCUS: &str = r"\[sig-network\] Services";
+/// What every test of [`FOCUS`] is named with.
+const FOCUS_PREFIX: &str = "[sig-network] Services ";
 /// Not run with `--all`: the ten `[Slow]` tests all need a cloud load balancer (type
 /// LoadBalancer), which the skeleton provider never provides; each would wait 20 minutes
 /// for one. They are reported as not run (docs/conformance.md: out of scope).
@@ -199,13 +201,19 @@ fn parse_junit_text(text: &str) -> Result<Vec<Outcome>> {
                         }
                     }
                 }
-                in_failure = matches!(r.read_event()?, Event::Text(_));
+                in_failure = true;
             }
             Event::Text(t) if in_failure => {
                 if let Some(o) = out.last_mut() {
                     o.message.push_str(&t.unescape()?);
                 }
             }
+            Event::CData(t) if in_failure => {
+                if let Some(o) = out.last_mut() {
+                    o.message.push_str(&String::from_utf8_lossy(&t));
+                }
+            }
+            Event::End(e) if matches!(e.name().as_ref(), b"failure" | b"error") => in_failure = false,
             Event::End(e) if e.name().as_ref() == b"testcase" => {
                 in_case = false;
                 in_failure = false;
@@ -214,8 +222,9 @@ fn parse_junit_text(text: &str) -> Result<Vec<Outcome>> {
             _ => {}
         }
     }
-    // Ginkgo reports the suite's BeforeSuite/AfterSuite as cases too; keep only tests.
-    out.retain(|o| o.name.contains("[sig-"));
+    // Ginkgo v1 reports every spec of the binary (those outside the focus as skipped) and
+    // the suite's BeforeSuite/AfterSuite: keep the Service tests.
+    out.retain(|o| o.name.starts_with(FOCUS_PREFIX));
     Ok(out)
 }
 
@@ -225,14 +234,16 @@ mod tests {
     fn junit_cases() {
         let x = r#"<?xml version="1.0"?><testsuite tests="3">
 <testcase name="[sig-network] Services should a" classname="Kubernetes e2e suite" time="12.5"></testcase>
-<testcase name="[sig-network] Services should b" classname="Kubernetes e2e suite" time="1"><failure type="Failure" message="x.go:1 boom">long &amp; text</failure></testcase>
+<testcase name="[sig-network] Services should b" classname="Kubernetes e2e suite" time="1"><failure type="Failure">x.go:1 boom&#xA;long &amp; text</failure><system-out>log</system-out></testcase>
 <testcase name="[sig-network] Services should c" classname="Kubernetes e2e suite" time="0"><skipped></skipped></testcase>
-<testcase name="[BeforeSuite] BeforeSuite" time="0"></testcase></testsuite>"#;
+<testcase name="[BeforeSuite] BeforeSuite" time="0"></testcase>
+<testcase name="[sig-storage] Secrets should x" time="0"><skipped></skipped></testcase></testsuite>"#;
         let o = super::parse_junit_text(x).unwrap();
         assert_eq!(o.len(), 3);
         assert_eq!((o[0].result.as_str(), o[0].seconds), ("passed", 12.5));
         assert_eq!(o[1].result, "failed");
-        assert!(o[1].message.contains("boom"), "{}", o[1].message);
+        assert!(o[1].message.starts_with("x.go:1 boom\nlong & text"), "{}", o[1].message);
+        assert!(!o[1].message.contains("log"), "{}", o[1].message);
         assert_eq!(o[2].result, "skipped");
     }
 
