@@ -34,6 +34,7 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "iptables",
     "ipvsadm",
+    "ipset",
     "conntrack",
     "busybox-static",
     "netcat-openbsd",

@@ -286,6 +286,13 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
         bail!("--nodes {}: use 1..=50", a.nodes);
     }
     preflight()?;
+    if a.proxy == Proxy::Ipvs && !Path::new("/proc/net/ip_vs").exists() {
+        // kube-proxy would log the failed check and quietly run its iptables proxier.
+        bail!(
+            "--proxy ipvs needs a kernel with IPVS (CONFIG_IP_VS); this one has none (/proc/net/ip_vs is missing); \
+             try --proxy iptables"
+        );
+    }
     down(false).context("removing a stale sandbox first; try `cargo xtask sandbox down`")?;
     let t0 = Instant::now();
     let bins = kube::ensure_built()?;
