@@ -133,9 +133,19 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
             require_root("the test suite")?;
             // The agent's Kubernetes tests and the e2e suite need a real API server:
             // build it now (about 6 minutes the first time, cached in /var/cache/lb).
+            // What each part costs is printed as it ends (CI's budget, docs/sandbox.md).
+            let part = |name: &str, t0: std::time::Instant| eprintln!("== {name}: {:.0?}", t0.elapsed());
+            let t = std::time::Instant::now();
             kube::ensure_built()?;
+            part("kubernetes binaries (cached after the first build)", t);
+            let t = std::time::Instant::now();
             cargo(&["test"])?;
+            part("cargo test (build and run)", t);
+            let t = std::time::Instant::now();
             sandbox::e2e::run()?;
+            part("e2e on real nodes (sandbox up included)", t);
+            // Last, so that its `N passed, M failed` line ends the output (it prints how
+            // long e2e.test took itself).
             sandbox::upstream::run(sandbox::Proxy::Lb, false)
         }
         "e2e" => {
