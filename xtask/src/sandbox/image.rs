@@ -346,10 +346,11 @@ pub fn build_all(inp: &Inputs, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         kp.binary("/usr/sbin/ipset", "/usr/sbin/ipset")?;
     }
     kp.file("/bin/busybox", "/bin/busybox", 0o755).link("/bin/busybox", "/bin/sh");
-    // iptables-nft loads its extensions from here.
+    // iptables-nft loads its extensions from here, and they link libraries of their own
+    // (libxt_statistic needs libm: without it kube-proxy's iptables-restore fails).
     for e in fs::read_dir("/usr/lib/x86_64-linux-gnu/xtables").into_iter().flatten().flatten() {
         let p = e.path();
-        kp.file(&p, &p.display().to_string(), 0o644);
+        kp.binary(&p, &p.display().to_string())?;
     }
     images.push(("kube-proxy", kp));
 
