@@ -44,7 +44,7 @@ pub const V1_CRD_JSON: &str = include_str!("../scripts/kube-endpointslice-v1-crd
 const MARKER: &str = ".lb-kube";
 const STATE_FILE: &str = "state.json";
 const COMPONENTS: [&str; 4] = ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"];
-const PROXY_VARS: [&str; 8] =
+pub const PROXY_VARS: [&str; 8] =
     ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"];
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 

@@ -257,10 +257,7 @@ impl Records {
                 .ports
                 .iter()
                 .flatten()
-                .filter_map(|p| {
-                    let name = p.name.as_deref().filter(|n| !n.is_empty())?;
-                    Some(Port::new(name, p.protocol.as_deref().unwrap_or("TCP"), u16::try_from(p.port).ok()?))
-                })
+                .filter_map(|p| named_port(p.name.as_deref(), p.protocol.as_deref(), p.port))
                 .collect();
             let endpoints = match (&kind, eps.get(&(ns, name))) {
                 (Kind::Headless, Some(e)) => ready_endpoints(e),
@@ -272,6 +269,13 @@ impl Records {
     }
 }
 
+/// A Service or endpoint port that can carry an SRV record: named, with a valid number
+/// (protocol TCP when unset, as the API defaults it).
+fn named_port(name: Option<&str>, protocol: Option<&str>, port: i32) -> Option<Port> {
+    let name = name.filter(|n| !n.is_empty())?;
+    Some(Port::new(name, protocol.unwrap_or("TCP"), u16::try_from(port).ok()?))
+}
+
 /// `subsets[].addresses` (the ready ones; the endpoints controller already moves
 /// not-ready pods there when the Service sets `publishNotReadyAddresses`), IPv4 only.
 fn ready_endpoints(e: &Endpoints) -> Vec<Endpoint> {
@@ -281,10 +285,7 @@ fn ready_endpoints(e: &Endpoints) -> Vec<Endpoint> {
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                let name = p.name.as_deref().filter(|n| !n.is_empty())?;
-                Some(Port::new(name, p.protocol.as_deref().unwrap_or("TCP"), u16::try_from(p.port).ok()?))
-            })
+            .filter_map(|p| named_port(p.name.as_deref(), p.protocol.as_deref(), p.port))
             .collect();
         for addr in subset.addresses.iter().flatten() {
             let Ok(ip) = addr.ip.parse::<Ipv4Addr>() else { continue };

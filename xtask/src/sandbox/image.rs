@@ -368,21 +368,24 @@ pub fn build_all(inp: &Inputs, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-/// `ctr images import` of every archive into the containerd at `sock` (namespace k8s.io,
-/// the CRI's), run inside the node's mount namespace `mnt` and network namespace `net`.
-pub fn import(mnt: &Path, net: &str, sock: &Path, archives: &[(String, PathBuf)]) -> Result<()> {
+/// `ctr images import` of every archive into `node`'s containerd (namespace k8s.io, the
+/// CRI's), run inside the node's mount and network namespaces.
+pub fn import(node: &super::node::Node, archives: &[(String, PathBuf)]) -> Result<()> {
     for (tag, path) in archives {
-        let out = Command::new("nsenter")
-            .arg(format!("--mount={}", mnt.display()))
-            .arg(format!("--net=/run/netns/{net}"))
+        let out = node
+            .nsenter()
             .args(["ctr", "-n", "k8s.io", "--address"])
-            .arg(sock)
+            .arg(node.containerd_sock())
             .args(["images", "import"])
             .arg(path)
             .output()
             .context("running ctr (containerd)")?;
         if !out.status.success() {
-            bail!("importing {tag} into {net}'s containerd failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "importing {tag} into {}'s containerd failed: {}",
+                node.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     Ok(())
@@ -404,7 +407,7 @@ pub fn run() -> Result<()> {
         Ok(sb) => {
             for i in 1..=sb.nodes {
                 let n = super::node::Node::new(i);
-                import(&n.mnt(), &n.name, &n.containerd_sock(), &images)?;
+                import(&n, &images)?;
                 println!("imported into {}", n.name);
             }
         }

@@ -556,9 +556,7 @@ pub fn spawn_detached(dir: &Path, name: &str, wrapper: &mut Command, bin: &Path,
     c.args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""]).arg(&pid_path);
     c.arg(wrapper.get_program()).args(wrapper.get_args());
     c.arg(bin).args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    for v in
-        ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"]
-    {
+    for v in kube::PROXY_VARS {
         c.env_remove(v);
     }
     let st = c.status().context("cannot run setsid (util-linux)")?;

@@ -97,7 +97,7 @@ impl Node {
             }
             Ok(sock.exists())
         })?;
-        super::image::import(&self.mnt(), &self.name, &sock, images)?;
+        super::image::import(self, images)?;
         spawn_detached(&self.dir, "kubelet", &mut self.nsenter(), kubelet, &self.kubelet_args(kubeconfig))?;
         self.join_cgroup("kubelet")
     }
