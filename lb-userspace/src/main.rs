@@ -104,9 +104,10 @@ struct AgentArgs {
     /// pods' packets once a device completes them (docs/datapath.md).
     #[arg(long, env = "LB_ALLOW_XDP_ON_PODS")]
     allow_xdp_on_pods: bool,
-    /// Hook for uplinks (`--iface`): xdp, xdp-generic or tc.
-    #[arg(long, env = "LB_UPLINK_ATTACH", default_value = "xdp")]
-    uplink_attach: AttachMode,
+    /// Hook for uplinks (`--iface`): auto (native XDP on NICs, tc on virtual devices
+    /// such as veths, where native XDP loses GRO), xdp, xdp-generic or tc.
+    #[arg(long, env = "LB_UPLINK_ATTACH", default_value = "auto")]
+    uplink_attach: agent::attach::UplinkMode,
     /// If net.ipv4.conf.all.rp_filter is 1 (strict), set it to 0. The agent always sets
     /// rp_filter to 0 on the interfaces it attaches to, but the kernel applies the
     /// maximum of `all` and the interface, and strict drops every reply the datapath

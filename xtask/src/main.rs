@@ -2,6 +2,7 @@
 //! BPF toolchain, so it builds on a fresh machine and can install that toolchain.
 
 mod kube;
+mod plot;
 mod sandbox;
 mod setup;
 
@@ -25,8 +26,9 @@ enum Cmd {
     Build,
     /// Run the test suite (needs root: it loads BPF programs and makes namespaces).
     Test {
-        /// Which part: all (default: every cargo test, then e2e, then upstream), unit,
-        /// datapath, e2e, upstream (Kubernetes' own Service e2e tests, expected-pass list).
+        /// Which part: all (default: every cargo test, then e2e, the bench smoke, then
+        /// upstream), unit, datapath, e2e, bench (`bench peers --smoke`: every row is
+        /// produced), upstream (Kubernetes' own Service e2e tests, expected-pass list).
         #[arg(default_value = "all")]
         suite: String,
         /// upstream: the service proxy to test (lb, iptables, ipvs, none).
@@ -40,7 +42,8 @@ enum Cmd {
     /// them into every running sandbox node's containerd.
     Image,
     /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN), `agent` (network
-    /// programming latency, full sync), `veth` (iperf3 through a ClusterIP per attach mode).
+    /// programming latency, full sync), `veth` (iperf3 through a ClusterIP per attach mode),
+    /// `peers` (lb beside kube-proxy on the sandbox cluster; `bench peers --help`).
     Bench {
         /// Which benchmark: datapath.
         what: String,
@@ -95,7 +98,17 @@ fn main() -> Result<()> {
                     }
                     lb_dev(&["bench", "veth"], &args)
                 }
-                other => bail!("unknown benchmark {other:?}: datapath, agent or veth"),
+                "peers" => {
+                    #[derive(Parser)]
+                    #[command(name = "cargo xtask bench peers")]
+                    struct Peers {
+                        #[command(flatten)]
+                        a: sandbox::peers::PeersArgs,
+                    }
+                    let p = Peers::parse_from(std::iter::once("peers".to_string()).chain(args));
+                    sandbox::peers::run(&p.a)
+                }
+                other => bail!("unknown benchmark {other:?}: datapath, agent, veth or peers"),
             }
         }
         Cmd::Demo { what } => {
@@ -144,6 +157,9 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
             let t = std::time::Instant::now();
             sandbox::e2e::run()?;
             part("e2e on real nodes (sandbox up included)", t);
+            let t = std::time::Instant::now();
+            sandbox::peers::run(&sandbox::peers::PeersArgs::smoke())?;
+            part("bench peers --smoke (every row produced; sandbox up included)", t);
             // Last, so that its `N passed, M failed` line ends the output (it prints how
             // long e2e.test took itself).
             sandbox::upstream::run(sandbox::Proxy::Lb, false)
@@ -152,12 +168,16 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
             require_root("the e2e suite")?;
             sandbox::e2e::run()
         }
+        "bench" => {
+            require_root("the bench smoke")?;
+            sandbox::peers::run(&sandbox::peers::PeersArgs::smoke())
+        }
         "upstream" => {
             require_root("the upstream suite")?;
             kube::ensure_built()?;
             sandbox::upstream::run(proxy, all)
         }
-        other => bail!("unknown suite {other:?}: all, unit, datapath, e2e or upstream"),
+        other => bail!("unknown suite {other:?}: all, unit, datapath, e2e, bench or upstream"),
     }
 }
 

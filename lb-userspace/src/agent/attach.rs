@@ -41,10 +41,62 @@ pub struct AttachConfig {
     pub ifaces: Vec<String>,
     /// Pod interfaces, by glob (`*`, `?`).
     pub globs: Vec<String>,
-    pub uplink_mode: AttachMode,
+    pub uplink_mode: UplinkMode,
     pub pod_mode: AttachMode,
     /// Set `net.ipv4.conf.all.rp_filter` to 0 if it is strict (see [`super::rpfilter`]).
     pub fix_rp_filter: bool,
+}
+
+/// `--uplink-attach`: one hook for every uplink, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkMode {
+    /// Native XDP on a device with hardware behind it (`/sys/class/net/IF/device`), tc
+    /// on a virtual one (veth, bridge, bond, VLAN). Native XDP on a veth makes the veth
+    /// run its NAPI path on MTU-sized frames, GRO lost: `cargo xtask bench peers`
+    /// measured cross-node TCP through a ClusterIP at 1.6 Gbit/s with XDP on the nodes'
+    /// veth uplinks against 8.9 direct (docs/benchmarks.md), as
+    /// ../shared/notes/xdp-on-veth.md found for pod veths.
+    Auto,
+    Fixed(AttachMode),
+}
+
+impl UplinkMode {
+    /// The hook for uplink `iface`.
+    pub fn for_iface(self, iface: &str) -> AttachMode {
+        match self {
+            UplinkMode::Fixed(m) => m,
+            UplinkMode::Auto if has_device(iface) => AttachMode::Xdp,
+            UplinkMode::Auto => AttachMode::Tc,
+        }
+    }
+}
+
+/// The interface is backed by a device (a NIC or a virtio/SR-IOV function): sysfs links
+/// it as `device`; virtual interfaces have none.
+fn has_device(iface: &str) -> bool {
+    !iface.contains('/') && Path::new("/sys/class/net").join(iface).join("device").exists()
+}
+
+impl std::fmt::Display for UplinkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UplinkMode::Auto => f.write_str("auto"),
+            UplinkMode::Fixed(m) => m.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for UplinkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(UplinkMode::Auto),
+            other => other
+                .parse()
+                .map(UplinkMode::Fixed)
+                .map_err(|_| format!("unknown uplink attach mode {other:?}: expected auto, xdp, xdp-generic or tc")),
+        }
+    }
 }
 
 /// Refuses XDP on pod interfaces unless `allowed`: a pod's TCP and UDP packets are
@@ -261,7 +313,7 @@ impl Attacher {
         let mut out = BTreeMap::new();
         for (name, idx) in ifaces {
             if self.cfg.ifaces.iter().any(|i| i == name) {
-                out.insert(name.clone(), (*idx, self.cfg.uplink_mode));
+                out.insert(name.clone(), (*idx, self.cfg.uplink_mode.for_iface(name)));
             } else if name != "lo" && self.cfg.globs.iter().any(|g| glob_match(g, name)) {
                 out.insert(name.clone(), (*idx, self.cfg.pod_mode));
             }
@@ -503,6 +555,13 @@ mod tests {
     #[test]
     fn xdp_on_pods_needs_consent() {
         assert_eq!(check_pod_mode(AttachMode::Tc, false), Ok(()));
+        assert_eq!("auto".parse::<UplinkMode>(), Ok(UplinkMode::Auto));
+        assert_eq!("xdp".parse::<UplinkMode>(), Ok(UplinkMode::Fixed(AttachMode::Xdp)));
+        assert!("nope".parse::<UplinkMode>().unwrap_err().contains("auto, xdp, xdp-generic or tc"));
+        assert_eq!(UplinkMode::Fixed(AttachMode::XdpGeneric).for_iface("lo"), AttachMode::XdpGeneric);
+        // Loopback is virtual: no `device` in sysfs.
+        assert_eq!(UplinkMode::Auto.for_iface("lo"), AttachMode::Tc);
+        assert_eq!(UplinkMode::Auto.for_iface("../x"), AttachMode::Tc);
         for mode in [AttachMode::Xdp, AttachMode::XdpGeneric] {
             let e = check_pod_mode(mode, false).unwrap_err();
             assert!(e.contains("--allow-xdp-on-pods") && e.contains("docs/datapath.md"), "{e}");

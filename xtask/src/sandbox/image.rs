@@ -30,6 +30,8 @@ pub const CLIENT_IMAGE: &str = "lb-sandbox/client:v1";
 pub const APP_IMAGE: &str = "lb-sandbox/mynapp:v1";
 pub const DNS_IMAGE: &str = "lb-sandbox/dns:v1";
 pub const KUBE_PROXY_IMAGE: &str = "k8s.gcr.io/kube-proxy:v1.20.2";
+/// `bench peers`' servers and client: lb-bench-tool and Debian's iperf3.
+pub const BENCH_IMAGE: &str = "lb-sandbox/bench:v1";
 
 /// The agent image's tag, as deploy/lb-agent.yaml names it.
 pub fn lb_agent_image() -> String {
@@ -297,6 +299,8 @@ pub struct Inputs {
     pub lb: PathBuf,
     /// The `lb-sandbox-dns` binary.
     pub dns: PathBuf,
+    /// The `lb-bench-tool` binary.
+    pub bench: PathBuf,
 }
 
 /// Writes every image into `dir`; returns (tag, archive) pairs.
@@ -354,6 +358,12 @@ pub fn build_all(inp: &Inputs, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     }
     images.push(("kube-proxy", kp));
 
+    let mut bench = Image::new(BENCH_IMAGE, &["/bin/sleep"], &["2147483647"]);
+    bench.userland()?;
+    bench.binary(&inp.bench, "/usr/local/bin/lb-bench-tool")?;
+    bench.binary("/usr/bin/iperf3", "/usr/bin/iperf3")?;
+    images.push(("bench", bench));
+
     let tag = lb_agent_image();
     let mut agent = Image::new(&tag, &["/usr/local/bin/lb"], &[]);
     agent.binary(&inp.lb, "/usr/local/bin/lb")?;
@@ -396,9 +406,9 @@ pub fn import(node: &super::node::Node, archives: &[(String, PathBuf)]) -> Resul
 pub fn run() -> Result<()> {
     super::require_root()?;
     let bins = crate::kube::ensure_built()?;
-    let (lb, dns) = super::build_binaries()?;
+    let super::Binaries { lb, dns, bench } = super::build_binaries()?;
     let dir = super::target_dir()?.join("images");
-    let images = build_all(&Inputs { kube_bin: bins.dir, lb, dns }, &dir)?;
+    let images = build_all(&Inputs { kube_bin: bins.dir, lb, dns, bench }, &dir)?;
     for (tag, path) in &images {
         let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         println!("{tag:45} {:>6.1} MB  {}", size as f64 / 1e6, path.display());

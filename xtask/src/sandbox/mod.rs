@@ -17,6 +17,7 @@ pub mod demo;
 pub mod e2e;
 pub mod image;
 pub mod node;
+pub mod peers;
 pub mod relay;
 pub mod upstream;
 
@@ -40,6 +41,8 @@ pub const STATE_DIR: &str = "/tmp/lbsb";
 pub const NS_DIR: &str = "/tmp/lbsb/ns";
 const MARKER: &str = ".lbsb";
 pub const FABRIC_NS: &str = "lbsb-fabric";
+/// An address on the fabric that no node has: the next hop of the service range.
+const FABRIC_NOWHERE: &str = "10.250.0.254";
 pub const API_PORT: u16 = 16443;
 /// Loopback port of the relay in the root namespace.
 pub const RELAY_PORT: u16 = 16480;
@@ -296,14 +299,16 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
     down(false).context("removing a stale sandbox first; try `cargo xtask sandbox down`")?;
     let t0 = Instant::now();
     let bins = kube::ensure_built()?;
-    step("building the lb agent and the sandbox DNS (cargo build --release; the first build takes a few minutes)");
-    let (lb, dns) = build_binaries()?;
+    step(
+        "building the lb agent, the sandbox DNS and the bench tool (cargo build --release; the first build takes a few minutes)",
+    );
+    let Binaries { lb, dns, bench } = build_binaries()?;
     let dir = PathBuf::from(STATE_DIR);
     fs::create_dir_all(&dir).with_context(|| format!("creating {STATE_DIR}"))?;
     fs::write(dir.join(MARKER), "lb sandbox state; `cargo xtask sandbox down` removes it\n")?;
 
-    step("images: pause, agnhost, client, mynapp, dns, kube-proxy, lb-agent (docker archives, no registry)");
-    let images = image::build_all(&image::Inputs { kube_bin: bins.dir.clone(), lb, dns }, &dir.join("images"))?;
+    step("images: pause, agnhost, client, mynapp, dns, kube-proxy, bench, lb-agent (docker archives, no registry)");
+    let images = image::build_all(&image::Inputs { kube_bin: bins.dir.clone(), lb, dns, bench }, &dir.join("images"))?;
 
     step(&format!("network: fabric bridge and {} node namespaces", a.nodes));
     make_topology(a.nodes)?;
@@ -353,8 +358,10 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
             cluster.token
         ),
     )?;
-    let sb = Sandbox { dir: dir.clone(), kubeconfig, kubectl: bins.kubectl.clone(), nodes: a.nodes, proxy: a.proxy };
-    fs::write(dir.join("nodes"), format!("{}\n{}\n", a.nodes, a.proxy.name()))?;
+    // The proxy is recorded once it is installed (`install_proxy`).
+    let sb =
+        Sandbox { dir: dir.clone(), kubeconfig, kubectl: bins.kubectl.clone(), nodes: a.nodes, proxy: Proxy::None };
+    sb.record()?;
     wait_for("kubectl through the relay", Duration::from_secs(20), || {
         Ok(sb.kubectl(&["get", "--raw", "/readyz"]).is_ok())
     })?;
@@ -373,41 +380,9 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
     })
     .with_context(|| sb.kubectl(&["get", "nodes", "-o", "wide"]).unwrap_or_default())?;
 
-    let apiserver = [("{{APISERVER_HOST}}", cp.ip.to_string()), ("{{APISERVER_PORT}}", API_PORT.to_string())];
-    match a.proxy {
-        Proxy::Lb => {
-            step("lb: kubectl apply -f deploy/lb-agent.yaml (the DaemonSet, with the local image)");
-            sb.apply(&fill(LB_AGENT_ENV, &apiserver))?;
-            sb.apply(LB_MANIFEST)?;
-            let mut env = vec![];
-            if let Some(m) = a.pod_attach.as_ref().or(a.attach.as_ref()) {
-                env.push(format!("LB_POD_ATTACH={m}"));
-                if m.starts_with("xdp") {
-                    // Asked for explicitly: the agent refuses XDP on pod veths otherwise, since
-                    // it miscomputes CHECKSUM_PARTIAL packets (docs/datapath.md).
-                    env.push("LB_ALLOW_XDP_ON_PODS=true".into());
-                }
-            }
-            if let Some(m) = a.uplink_attach.as_ref().or(a.attach.as_ref()) {
-                env.push(format!("LB_UPLINK_ATTACH={m}"));
-            }
-            if !env.is_empty() {
-                let mut args = vec!["-n", "kube-system", "set", "env", "ds/lb-agent"];
-                args.extend(env.iter().map(String::as_str));
-                sb.kubectl(&args)?;
-            }
-            sb.wait_daemonset("lb-agent")?;
-        }
-        Proxy::Iptables | Proxy::Ipvs => {
-            step(&format!("kube-proxy 1.20.2 ({} mode) as a DaemonSet", a.proxy.name()));
-            let mut vars = apiserver.to_vec();
-            vars.push(("{{MODE}}", a.proxy.name().to_string()));
-            vars.push(("{{IMAGE}}", image::KUBE_PROXY_IMAGE.to_string()));
-            sb.apply(&fill(KUBE_PROXY_MANIFEST, &vars))?;
-            sb.wait_daemonset("kube-proxy")?;
-        }
-        Proxy::None => step("no service proxy (--proxy none): ClusterIPs are not served"),
-    }
+    let mut sb = sb;
+    sb.install_proxy(a.proxy, &LbAttach::from_args(a))?;
+    let apiserver = apiserver_vars();
     step(&format!("cluster DNS: lb-sandbox-dns behind the kube-dns Service ({CLUSTER_DNS}, UDP and TCP 53)"));
     let mut vars = apiserver.to_vec();
     vars.push(("{{IMAGE}}", image::DNS_IMAGE.to_string()));
@@ -434,6 +409,216 @@ pub fn up(a: &UpArgs) -> Result<Sandbox> {
     Ok(sb)
 }
 
+/// The placeholders every manifest of the sandbox may use for the API server address.
+fn apiserver_vars() -> Vec<(&'static str, String)> {
+    let cp = Node::new(1);
+    vec![("{{APISERVER_HOST}}", cp.ip.to_string()), ("{{APISERVER_PORT}}", API_PORT.to_string())]
+}
+
+/// lb's hooks, when not the manifest's (`--attach`, `--pod-attach`, `--uplink-attach`).
+#[derive(Debug, Clone, Default)]
+pub struct LbAttach {
+    pub pod: Option<String>,
+    pub uplink: Option<String>,
+}
+
+impl LbAttach {
+    pub fn from_args(a: &UpArgs) -> LbAttach {
+        LbAttach {
+            pod: a.pod_attach.clone().or_else(|| a.attach.clone()),
+            uplink: a.uplink_attach.clone().or_else(|| a.attach.clone()),
+        }
+    }
+}
+
+/// kube-proxy's chains of its own (the kubelet makes KUBE-MARK-*, KUBE-FIREWALL,
+/// KUBE-POSTROUTING and KUBE-KUBELET-CANARY itself, so those stay).
+const KUBE_PROXY_CHAINS: [&str; 7] = [
+    "KUBE-SERVICES",
+    "KUBE-SVC-",
+    "KUBE-SEP-",
+    "KUBE-NODEPORTS",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-CANARY",
+];
+
+impl Sandbox {
+    /// Records the node count and the proxy for later `Sandbox::open` calls.
+    fn record(&self) -> Result<()> {
+        fs::write(self.dir.join("nodes"), format!("{}\n{}\n", self.nodes, self.proxy.name()))
+            .context("writing the sandbox's nodes file")
+    }
+
+    /// Installs `proxy` on every node (after [`Sandbox::remove_proxy`] of the one before)
+    /// and waits until its DaemonSet is ready everywhere.
+    pub fn install_proxy(&mut self, proxy: Proxy, attach: &LbAttach) -> Result<()> {
+        if self.proxy != Proxy::None && self.proxy != proxy {
+            bail!("{} is installed; remove it first", self.proxy.name());
+        }
+        let apiserver = apiserver_vars();
+        match proxy {
+            Proxy::Lb => {
+                step("lb: kubectl apply -f deploy/lb-agent.yaml (the DaemonSet, with the local image)");
+                self.apply(&fill(LB_AGENT_ENV, &apiserver))?;
+                self.apply(LB_MANIFEST)?;
+                let mut env = vec![];
+                if let Some(m) = &attach.pod {
+                    env.push(format!("LB_POD_ATTACH={m}"));
+                    if m.starts_with("xdp") {
+                        // Asked for explicitly: the agent refuses XDP on pod veths otherwise, since
+                        // it miscomputes CHECKSUM_PARTIAL packets (docs/datapath.md).
+                        env.push("LB_ALLOW_XDP_ON_PODS=true".into());
+                    }
+                }
+                if let Some(m) = &attach.uplink {
+                    env.push(format!("LB_UPLINK_ATTACH={m}"));
+                }
+                if !env.is_empty() {
+                    let mut args = vec!["-n", "kube-system", "set", "env", "ds/lb-agent"];
+                    args.extend(env.iter().map(String::as_str));
+                    self.kubectl(&args)?;
+                }
+                self.proxy = proxy;
+                self.record()?;
+                self.wait_daemonset("lb-agent")?;
+            }
+            Proxy::Iptables | Proxy::Ipvs => {
+                step(&format!("kube-proxy 1.20.2 ({} mode) as a DaemonSet", proxy.name()));
+                self.apply(&kube_proxy_manifest(proxy))?;
+                self.proxy = proxy;
+                self.record()?;
+                self.wait_daemonset("kube-proxy")?;
+            }
+            Proxy::None => step("no service proxy (--proxy none): ClusterIPs are not served"),
+        }
+        Ok(())
+    }
+
+    /// Removes the installed proxy and everything it left on the nodes: lb's pinned
+    /// programs and maps (`lb agent --cleanup` in each node), kube-proxy's chains, IPVS
+    /// services and `kube-ipvs0` (`kube-proxy --cleanup` in each node), and the nodes'
+    /// conntrack tables; then checks that nothing is left ([`Sandbox::proxy_leftovers`]).
+    pub fn remove_proxy(&mut self) -> Result<()> {
+        let (manifest, app, cleanup) = match self.proxy {
+            Proxy::None => return Ok(()),
+            Proxy::Lb => {
+                let lb = target_dir()?.join("release/lb");
+                (
+                    LB_MANIFEST.to_string(),
+                    "app.kubernetes.io/name=lb-agent",
+                    vec![lb.display().to_string(), "agent".into(), "--cleanup".into(), "--bpffs=/sys/fs/bpf/lb".into()],
+                )
+            }
+            p @ (Proxy::Iptables | Proxy::Ipvs) => {
+                let bins = kube::cached().context("kube binaries missing; try `cargo xtask kube build`")?;
+                (
+                    kube_proxy_manifest(p),
+                    "k8s-app=kube-proxy",
+                    vec![bins.dir.join("kube-proxy").display().to_string(), "--cleanup".into()],
+                )
+            }
+        };
+        step(&format!("removing {} from every node", self.proxy.name()));
+        self.delete(&manifest)?;
+        wait_for(&format!("the {} pods to be gone", self.proxy.name()), Duration::from_secs(120), || {
+            Ok(self.kubectl(&["-n", "kube-system", "get", "pods", "-l", app, "-o", "name"])?.trim().is_empty())
+        })?;
+        for i in 1..=self.nodes {
+            let n = Node::new(i);
+            // The node's own mount namespace (its bpffs) and network namespace (its rules).
+            run_ok(
+                n.nsenter().args(&cleanup).env("LB_LOG_FORMAT", "text"),
+                &format!("{} on {}", cleanup.join(" "), n.name),
+            )?;
+            if matches!(self.proxy, Proxy::Iptables | Proxy::Ipvs) {
+                // kube-proxy 1.20's --cleanup leaves its canary chains behind.
+                for (bin, table) in
+                    ["iptables-nft", "ip6tables-nft"].iter().flat_map(|b| ["mangle", "nat", "filter"].map(|t| (*b, t)))
+                {
+                    for op in ["-F", "-X"] {
+                        let _ = n
+                            .nsenter()
+                            .args([bin, "-w", "-t", table, op, "KUBE-PROXY-CANARY"])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
+                }
+            }
+            run_ok(n.nsenter().args(["conntrack", "-F"]), &format!("conntrack -F on {}", n.name))?;
+        }
+        self.proxy = Proxy::None;
+        self.record()?;
+        let left = self.proxy_leftovers()?;
+        if !left.is_empty() {
+            bail!("the previous proxy left state behind: {}", left.join("; "));
+        }
+        Ok(())
+    }
+
+    /// What any service proxy left on the nodes: kube-proxy chains, IPVS services, the
+    /// `kube-ipvs0` dummy, lb's pins, XDP programs on uplinks.
+    pub fn proxy_leftovers(&self) -> Result<Vec<String>> {
+        let mut left = vec![];
+        for i in 1..=self.nodes {
+            let n = Node::new(i);
+            let out = |args: &[&str]| -> String {
+                n.nsenter()
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            // kube-proxy 1.20 drives iptables-nft (its image ships only that).
+            let rules = out(&["iptables-nft-save"]);
+            let chains: Vec<&str> = rules
+                .lines()
+                .filter(|l| l.starts_with(':'))
+                .filter_map(|l| l[1..].split_whitespace().next())
+                .filter(|c| KUBE_PROXY_CHAINS.iter().any(|k| c.starts_with(k)))
+                .collect();
+            if !chains.is_empty() {
+                left.push(format!("{}: iptables chains {}", n.name, chains.join(" ")));
+            }
+            let links = out(&["ip", "-d", "link", "show"]);
+            if links.contains("kube-ipvs0") {
+                left.push(format!("{}: interface kube-ipvs0", n.name));
+            }
+            for l in links.lines().filter(|l| l.contains("prog/xdp")) {
+                left.push(format!("{}: XDP program: {}", n.name, l.trim()));
+            }
+            if Path::new("/proc/net/ip_vs").exists() {
+                let ipvs = out(&["ipvsadm", "-Ln"]);
+                if ipvs.lines().any(|l| l.starts_with("TCP") || l.starts_with("UDP")) {
+                    left.push(format!("{}: IPVS services", n.name));
+                }
+            }
+            let pins = out(&["ls", "-A", "/sys/fs/bpf/lb"]);
+            if !pins.trim().is_empty() {
+                left.push(format!(
+                    "{}: lb pins in /sys/fs/bpf/lb: {}",
+                    n.name,
+                    pins.split_whitespace().collect::<Vec<_>>().join(" ")
+                ));
+            }
+        }
+        Ok(left)
+    }
+
+    /// `kubectl delete --ignore-not-found -f -` with `yaml` on stdin.
+    pub fn delete(&self, yaml: &str) -> Result<String> {
+        self.kubectl_stdin(&["delete", "--ignore-not-found", "-f", "-"], yaml)
+    }
+}
+
+fn kube_proxy_manifest(proxy: Proxy) -> String {
+    let mut vars = apiserver_vars();
+    vars.push(("{{MODE}}", proxy.name().to_string()));
+    vars.push(("{{IMAGE}}", image::KUBE_PROXY_IMAGE.to_string()));
+    fill(KUBE_PROXY_MANIFEST, &vars)
+}
+
 /// The agent's API server address: a proxy cannot reach the API server through the
 /// ClusterIP it is about to program, so it is given the address itself (as kubeadm gives
 /// kube-proxy a kubeconfig naming the control-plane endpoint). deploy/lb-agent.yaml reads
@@ -448,19 +633,30 @@ fn step(msg: &str) {
     eprintln!("==> {msg}");
 }
 
-/// Builds the release `lb` (the agent image) and `lb-sandbox-dns`.
-pub(crate) fn build_binaries() -> Result<(PathBuf, PathBuf)> {
+/// The sandbox's own binaries, built in release mode.
+pub(crate) struct Binaries {
+    /// The agent image's `lb`.
+    pub lb: PathBuf,
+    pub dns: PathBuf,
+    /// `bench peers`' workload client and server.
+    pub bench: PathBuf,
+}
+
+/// Builds the release `lb`, `lb-sandbox-dns` and `lb-bench-tool`.
+pub(crate) fn build_binaries() -> Result<Binaries> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(&cargo)
         .args(["build", "--release", "--package", "lb-userspace", "--package", "lb-sandbox-dns"])
-        .args(["--bin", "lb", "--bin", "lb-sandbox-dns"])
+        .args(["--package", "lb-bench-tool", "--bin", "lb", "--bin", "lb-sandbox-dns", "--bin", "lb-bench-tool"])
         .status()
         .context("running cargo build")?;
     if !st.success() {
-        bail!("cargo build of lb / lb-sandbox-dns failed ({st}); fix the build, then rerun `cargo xtask sandbox up`");
+        bail!(
+            "cargo build of lb / lb-sandbox-dns / lb-bench-tool failed ({st}); fix the build, then rerun `cargo xtask sandbox up`"
+        );
     }
     let target = target_dir()?.join("release");
-    Ok((target.join("lb"), target.join("lb-sandbox-dns")))
+    Ok(Binaries { lb: target.join("lb"), dns: target.join("lb-sandbox-dns"), bench: target.join("lb-bench-tool") })
 }
 
 pub fn target_dir() -> Result<PathBuf> {
@@ -494,8 +690,11 @@ fn make_topology(nodes: u8) -> Result<()> {
         }
         // Host-network processes need a route covering the service range (else connect()
         // fails with "Network is unreachable" before any proxy sees it); it ends on the
-        // fabric, never outside the sandbox.
-        ip(&["-n", &n.name, "route", "add", kube::SERVICE_CIDR, "dev", "eth0"])?;
+        // fabric, never outside the sandbox. Through one absent gateway rather than on-link:
+        // unproxied ClusterIP packets then make one unresolved neighbour, not one per
+        // ClusterIP (the neighbour table's gc_thresh3 is shared by every namespace of
+        // this machine).
+        ip(&["-n", &n.name, "route", "add", kube::SERVICE_CIDR, "via", FABRIC_NOWHERE, "dev", "eth0", "onlink"])?;
     }
     for i in 1..=nodes {
         for j in (1..=nodes).filter(|j| *j != i) {
@@ -812,19 +1011,25 @@ impl Sandbox {
 
     /// `kubectl apply -f -` with `yaml` on stdin.
     pub fn apply(&self, yaml: &str) -> Result<String> {
+        self.kubectl_stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    /// kubectl ARGS with `input` on stdin, returning stdout; errors carry stderr.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
         use std::io::Write as _;
         let mut child = self
             .kubectl_cmd()
-            .args(["apply", "-f", "-"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("cannot run kubectl")?;
-        child.stdin.take().context("kubectl stdin")?.write_all(yaml.as_bytes())?;
+        child.stdin.take().context("kubectl stdin")?.write_all(input.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("kubectl apply failed: {}\n{yaml}", String::from_utf8_lossy(&out.stderr).trim());
+            let shown: String = input.chars().take(2000).collect();
+            bail!("kubectl {} failed: {}\n{shown}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
