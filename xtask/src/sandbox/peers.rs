@@ -579,7 +579,7 @@ fn run_peer(
     );
     if peer != Peer::Direct {
         rows.push(row(round, scale, peer, None, "startup", start_proxy(sb, peer, targets)?));
-        rows.push(row(round, scale, peer, None, "memory", proxy_memory(sb, peer)?));
+        rows.push(row(round, scale, peer, None, "memory", proxy_memory(peer)?));
     }
     // A workload that fails is a row saying so (the smoke check counts it as missing);
     // the other workloads and peers still run.
@@ -609,29 +609,21 @@ fn run_peer(
     Ok(rows)
 }
 
+/// `lb-bench-tool ARGS` in the client pod, in the background, stdout and stderr piped;
+/// stdin piped too with `input` (`kubectl exec -i`), else closed.
+fn spawn_tool(sb: &Sandbox, args: &[&str], input: bool) -> Result<Child> {
+    let mut cmd = vec!["lb-bench-tool".to_string()];
+    cmd.extend(args.iter().map(|a| a.to_string()));
+    let stdin = if input { Stdio::piped() } else { Stdio::null() };
+    Ok(sb.exec_cmd(NS, "client", &cmd, input).stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)
+}
+
 /// Installs the peer's proxy while a probe in the client pod waits for every Service to
 /// answer; the time from the proxy process's start (and from the DaemonSet's creation) to
 /// the last Service answering.
 fn start_proxy(sb: &mut Sandbox, peer: Peer, targets: &str) -> Result<Value> {
-    let mut probe = sb
-        .exec_cmd(
-            NS,
-            "client",
-            &[
-                "lb-bench-tool".into(),
-                "probe".into(),
-                "--targets-file".into(),
-                "-".into(),
-                "--timeout".into(),
-                "600".into(),
-            ],
-            true,
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the probe")?;
+    let mut probe =
+        spawn_tool(sb, &["probe", "--targets-file", "-", "--timeout", "600"], true).context("starting the probe")?;
     probe.stdin.take().context("probe stdin")?.write_all(targets.as_bytes())?;
     // The probe is reading its targets and trying the first ones before the proxy exists.
     std::thread::sleep(Duration::from_millis(500));
@@ -697,8 +689,7 @@ fn process_start_ns(pid: i32) -> Result<i128> {
 
 /// The proxy's resident memory on node 1, and the BPF maps it holds (their memlock, from
 /// /proc/PID/fdinfo: what the kernel charges for them).
-fn proxy_memory(sb: &Sandbox, peer: Peer) -> Result<Value> {
-    let _ = sb;
+fn proxy_memory(peer: Peer) -> Result<Value> {
     let pid = proxy_pid(1, peer).with_context(|| format!("no {} process on node 1", peer.name()))?;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kb: f64 = status
@@ -717,7 +708,12 @@ fn proxy_memory(sb: &Sandbox, peer: Peer) -> Result<Value> {
     Ok(json!({"rss_mb": rss_kb / 1024.0, "bpf_map_mb": maps.values().sum::<f64>() / 1048576.0, "bpf_maps": maps.len()}))
 }
 
-fn iperf_json(sb: &Sandbox, args: &[&str]) -> Result<Value> {
+/// `iperf3 --json` to `ip` for the run's duration, plus `extra`.
+fn iperf_json(sb: &Sandbox, s: &Settings, ip: &str, extra: &[&str]) -> Result<Value> {
+    let (port, time) = (IPERF_PORT.to_string(), s.duration.to_string());
+    let mut args = vec!["--client", ip, "--port", &port, "--time", &time];
+    args.extend_from_slice(extra);
+    let args = &args;
     let mut cmd = vec!["iperf3", "--json"];
     cmd.extend_from_slice(args);
     let (code, out, err) = sb.exec(NS, "client", &cmd)?;
@@ -732,19 +728,7 @@ fn iperf_json(sb: &Sandbox, args: &[&str]) -> Result<Value> {
 
 fn iperf_tcp(sb: &Sandbox, s: &Settings, ip: &str, streams: u32) -> Result<Value> {
     let cpu = cpu_now();
-    let v = iperf_json(
-        sb,
-        &[
-            "--client",
-            ip,
-            "--port",
-            &IPERF_PORT.to_string(),
-            "--time",
-            &s.duration.to_string(),
-            "--parallel",
-            &streams.to_string(),
-        ],
-    )?;
+    let v = iperf_json(sb, s, ip, &["--parallel", &streams.to_string()])?;
     let c = cpu_since(cpu);
     let recv = &v["end"]["sum_received"];
     let bytes = recv["bytes"].as_f64().context("iperf3: no end.sum_received.bytes")?;
@@ -759,22 +743,7 @@ fn iperf_tcp(sb: &Sandbox, s: &Settings, ip: &str, streams: u32) -> Result<Value
 }
 
 fn iperf_udp(sb: &Sandbox, s: &Settings, ip: &str) -> Result<Value> {
-    let v = iperf_json(
-        sb,
-        &[
-            "--client",
-            ip,
-            "--port",
-            &IPERF_PORT.to_string(),
-            "--udp",
-            "--bitrate",
-            &s.udp_rate,
-            "--length",
-            "1400",
-            "--time",
-            &s.duration.to_string(),
-        ],
-    )?;
+    let v = iperf_json(sb, s, ip, &["--udp", "--bitrate", &s.udp_rate, "--length", "1400"])?;
     // iperf 3.12: the receiver's view is end.sum_received (end.sum on older versions).
     let sum = if v["end"]["sum_received"].is_object() { &v["end"]["sum_received"] } else { &v["end"]["sum"] };
     Ok(json!({
@@ -882,19 +851,9 @@ fn programming(sb: &Sandbox, w: &Workload, n: u32) -> Result<Value> {
         // to this proxy: start timing only once the Service answers from the current pod.
         let t0 = Instant::now();
         let (mut watch, mut lines) = loop {
-            let mut watch: Child = sb
-                .exec_cmd(
-                    NS,
-                    "client",
-                    &["lb-bench-tool", "watch", "--target", &target, "--want", pods[next].0, "--timeout", "120"]
-                        .map(String::from),
-                    false,
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting the watch")?;
+            let mut watch =
+                spawn_tool(sb, &["watch", "--target", &target, "--want", pods[next].0, "--timeout", "120"], false)
+                    .context("starting the watch")?;
             let mut lines = BufReader::new(watch.stdout.take().context("watch stdout")?).lines();
             let ready = lines.next().transpose()?.unwrap_or_default();
             if ready.split_whitespace().nth(1) == Some(pods[cur].0) {
