@@ -34,6 +34,8 @@ pub fn crr(target: SocketAddr, clients: u32, duration: Duration, timeout: Durati
     let deadline = start + duration;
     let mut tally = on_threads(clients, || {
         let mut tally = Tally::default();
+        // The run's duration counts from the connection, not from a retried connect.
+        let deadline = deadline.max(Instant::now() + duration);
         let mut buf = [0; MAX_NAME + 1];
         loop {
             let t0 = Instant::now();

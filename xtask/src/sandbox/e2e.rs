@@ -719,7 +719,7 @@ spec:
             sb.kubectl(&["scale", "rs", &rs, "--replicas=2"])?;
             wait_eps(2)?;
             // Wait until the removed pods are gone (they serve through their grace period).
-            wait_for("the scaled-down pods to go", Duration::from_secs(30), || {
+            wait_for("the scaled-down pods to go", Duration::from_secs(60), || {
                 Ok(sb.kubectl(&["get", "pods", "-l", &format!("app={rs}"), "--no-headers"])?.lines().count() == 2)
             })?;
             let after = t0.elapsed();

@@ -67,7 +67,7 @@ pub struct PeersArgs {
     /// Parallel clients of the connection-rate run.
     #[arg(long, default_value_t = 4)]
     pub crr_clients: u32,
-    /// Tiny sizes (1 round, 1-second runs, 10 Services, 4 changes): checks that every
+    /// Tiny sizes (1 round, 2-second runs, 10 Services, 4 changes): checks that every
     /// row is produced; what `cargo xtask test` runs.
     #[arg(long)]
     pub smoke: bool,
@@ -179,7 +179,7 @@ struct Settings {
 impl Settings {
     fn from_args(a: &PeersArgs) -> Result<Settings> {
         let (rounds, duration, scales, changes) =
-            if a.smoke { (1, 1, vec![10], 4) } else { (a.rounds, a.duration, a.scales.clone(), a.changes) };
+            if a.smoke { (1, 2, vec![10], 4) } else { (a.rounds, a.duration, a.scales.clone(), a.changes) };
         ensure!(rounds >= 1, "--rounds must be at least 1");
         ensure!(duration >= 1, "--duration must be at least 1 second");
         ensure!(!scales.is_empty() && scales.windows(2).all(|w| w[0] < w[1]), "--scales must be ascending");
