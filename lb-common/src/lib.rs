@@ -12,23 +12,34 @@ pub mod hash;
 
 /// Bumped whenever the layout of any pinned map changes. The agent refuses to reuse a
 /// pinned map whose name carries another version (see `map_names`).
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
-/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v2` suffix is
+/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v3` suffix is
 /// [`MAP_LAYOUT_VERSION`]; change both together (and the `#[map(name)]`s in lb-ebpf).
 pub mod map_names {
-    pub const SERVICES: &str = "lb4_svc_v2";
-    pub const BACKENDS: &str = "lb4_be_v2";
-    pub const DRAINING: &str = "lb4_drain_v2";
-    pub const AFFINITY: &str = "lb4_aff_v2";
-    pub const CONNTRACK: &str = "lb4_ct_v2";
-    pub const STATS: &str = "lb_stats_v2";
-    pub const SVC_STATS: &str = "lb4_svcst_v2";
+    pub const SERVICES: &str = "lb4_svc_v3";
+    pub const BACKENDS: &str = "lb4_be_v3";
+    pub const DRAINING: &str = "lb4_drain_v3";
+    pub const AFFINITY: &str = "lb4_aff_v3";
+    pub const CONNTRACK: &str = "lb4_ct_v3";
+    pub const STATS: &str = "lb_stats_v3";
+    pub const SVC_STATS: &str = "lb4_svcst_v3";
+    pub const FRAGS: &str = "lb4_frag_v3";
+    pub const IDS: &str = "lb_ids_v3";
     /// Every pinned map, for clean-up and layout checks.
-    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, DRAINING, AFFINITY, CONNTRACK, STATS, SVC_STATS];
+    pub const ALL: [&str; 9] = [SERVICES, BACKENDS, DRAINING, AFFINITY, CONNTRACK, STATS, SVC_STATS, FRAGS, IDS];
     /// Prefixes shared by every version of our maps, to recognise stale layouts.
-    pub const PREFIXES: [&str; 7] =
-        ["lb4_svc_v", "lb4_be_v", "lb4_drain_v", "lb4_aff_v", "lb4_ct_v", "lb_stats_v", "lb4_svcst_v"];
+    pub const PREFIXES: [&str; 9] = [
+        "lb4_svc_v",
+        "lb4_be_v",
+        "lb4_drain_v",
+        "lb4_aff_v",
+        "lb4_ct_v",
+        "lb_stats_v",
+        "lb4_svcst_v",
+        "lb4_frag_v",
+        "lb_ids_v",
+    ];
 }
 
 /// Default `max_entries` of each map; the agent may override them at load time.
@@ -43,6 +54,8 @@ pub mod limits {
     pub const AFFINITY: u32 = 262_144;
     /// Each connection takes two entries (forward and reverse).
     pub const CONNTRACK: u32 = 524_288;
+    /// Datagrams in flight as fragments (first fragment seen, later ones expected).
+    pub const FRAGS: u32 = 8_192;
     /// Service ids run 1..SVC_STATS; id 0 is "unset".
     pub const SVC_STATS: u32 = 262_144;
     /// Most backends one service may have: the datapath scans at most this many slots
@@ -178,16 +191,30 @@ pub const CT_DIR_FORWARD: u8 = 1;
 /// `CtValue4::dir`: backend -> client; rewrite the source to the frontend.
 pub const CT_DIR_REPLY: u8 = 2;
 
-/// `CtValue4::flags`: the service had ClientIP affinity when the flow started; every
-/// forward packet refreshes the client's `AFFINITY` entry.
+/// `CtValue4::flags`: the service had ClientIP affinity when the flow started.
 pub const CT_F_AFFINITY: u8 = 1 << 0;
 /// `CtValue4::flags`: hairpin, the client is its own backend. Forward packets also get
 /// their source rewritten to the ClusterIP, so that the backend's reply leaves the pod
 /// instead of being delivered locally (kube-proxy masquerades the same case,
 /// KUBE-MARK-MASQ); replies get their destination rewritten back to the client.
 pub const CT_F_HAIRPIN: u8 = 1 << 1;
+/// `CtValue4::flags`: a packet has gone in the reply direction (TCP: the flow is past
+/// its handshake; UDP: the flow is "assured", as netfilter says).
+pub const CT_F_REPLIED: u8 = 1 << 2;
+/// `CtValue4::flags`: the client sent a FIN.
+pub const CT_F_FIN_FWD: u8 = 1 << 3;
+/// `CtValue4::flags`: the backend sent a FIN.
+pub const CT_F_FIN_REPLY: u8 = 1 << 4;
+/// `CtValue4::flags`: either side sent a RST.
+pub const CT_F_RST: u8 = 1 << 5;
+/// The state bits, kept equal in both halves of a flow.
+pub const CT_F_STATE: u8 = CT_F_REPLIED | CT_F_FIN_FWD | CT_F_FIN_REPLY | CT_F_RST;
 
 /// `CONNTRACK` value: the NAT state of one direction.
+///
+/// Both halves of a flow carry the same state bits and are refreshed together (the
+/// datapath touches the other half whenever it moves `seen_s` or the state), so that
+/// the LRU ages them as one and a lost half is re-created from the other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue4 {
@@ -202,8 +229,98 @@ pub struct CtValue4 {
     pub svc_id: u32,
     pub backend_id: u32,
     pub slot: u32,
+    /// `bpf_ktime_get_ns() / 1e9` (CLOCK_MONOTONIC seconds) when the flow was last
+    /// refreshed; refreshed at most once a second, so that a busy flow does not write
+    /// its entry on every packet.
+    pub seen_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtValue4>() == 20);
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 24);
+
+/// Conntrack timeouts, in seconds, after the last packet: kube-proxy's settings of
+/// nf_conntrack where it sets them (`--conntrack-tcp-timeout-established` 24 h,
+/// `--conntrack-tcp-timeout-close-wait` 1 h), netfilter's defaults elsewhere
+/// (net/netfilter/nf_conntrack_proto_tcp.c, nf_conntrack_proto_udp.c).
+pub mod ct_timeouts {
+    /// SYN sent, nothing back yet (`nf_conntrack_tcp_timeout_syn_sent`).
+    pub const TCP_SYN_SENT: u32 = 120;
+    pub const TCP_ESTABLISHED: u32 = 86_400;
+    /// One side has sent its FIN (kube-proxy's close-wait).
+    pub const TCP_CLOSING: u32 = 3_600;
+    /// Both FINs seen (`nf_conntrack_tcp_timeout_time_wait`).
+    pub const TCP_TIME_WAIT: u32 = 120;
+    /// A RST seen (`nf_conntrack_tcp_timeout_close`).
+    pub const TCP_CLOSE: u32 = 10;
+    /// No reply yet (`nf_conntrack_udp_timeout`).
+    pub const UDP: u32 = 30;
+    /// Replies seen (`nf_conntrack_udp_timeout_stream`).
+    pub const UDP_STREAM: u32 = 120;
+}
+
+impl CtValue4 {
+    /// Seconds this entry lives after `seen_s`, from its protocol and state.
+    pub const fn timeout_s(&self, proto: u8) -> u32 {
+        use ct_timeouts::*;
+        let f = self.flags;
+        if proto == IPPROTO_UDP {
+            return if f & CT_F_REPLIED != 0 { UDP_STREAM } else { UDP };
+        }
+        if f & CT_F_RST != 0 {
+            TCP_CLOSE
+        } else if f & CT_F_FIN_FWD != 0 && f & CT_F_FIN_REPLY != 0 {
+            TCP_TIME_WAIT
+        } else if f & (CT_F_FIN_FWD | CT_F_FIN_REPLY) != 0 {
+            TCP_CLOSING
+        } else if f & CT_F_REPLIED != 0 {
+            TCP_ESTABLISHED
+        } else {
+            TCP_SYN_SENT
+        }
+    }
+    /// Whether the entry has outlived its timeout at monotonic second `now_s`.
+    pub const fn expired(&self, proto: u8, now_s: u32) -> bool {
+        now_s.wrapping_sub(self.seen_s) > self.timeout_s(proto)
+    }
+    /// A flow that counts as a connection in `lb services`: not closed by a RST nor by
+    /// both FINs.
+    pub const fn open(&self) -> bool {
+        self.flags & CT_F_RST == 0 && (self.flags & CT_F_FIN_FWD == 0 || self.flags & CT_F_FIN_REPLY == 0)
+    }
+}
+
+/// `FRAGS` key: one datagram in flight as fragments, as the IPv4 header names it
+/// (RFC 791: source, destination, protocol, identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey4 {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey4>() == 12);
+
+/// `FRAGS` value: the ports the first fragment carried, which the later fragments lack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue4 {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragValue4>() == 4);
+
+/// `IDS` value (one entry, index 0): the agent's id allocators, so that a restarted
+/// agent does not hand out an id that a conntrack or affinity entry still remembers.
+/// Written by the agent before any map entry that uses a newly issued id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdState {
+    /// The next service id to try (ids are issued round-robin over 1..SVC_STATS).
+    pub next_svc_id: u32,
+    /// The next backend id to issue (never reused).
+    pub next_backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdState>() == 8);
 
 /// Per-CPU counter, one per `STATS` reason and per `SVC_STATS` service.
 #[repr(C)]
@@ -249,7 +366,9 @@ pub enum Reason {
     NoBackendReject = 12,
     /// No ready backend, service set to drop: XDP_DROP.
     NoBackendDrop = 13,
-    /// An IPv4 fragment to a ClusterIP: XDP_DROP (no reassembly; see docs/datapath.md).
+    /// A non-first IPv4 fragment to a ClusterIP whose first fragment was not seen (it
+    /// came out of order, or it was lost): XDP_DROP. Fragments whose first fragment was
+    /// seen are NATed like it (`FragTracked`).
     DropFragment = 14,
     /// TCP or UDP to a ClusterIP whose L4 header is truncated: XDP_DROP.
     DropMalformedL4 = 15,
@@ -270,10 +389,26 @@ pub enum Reason {
     /// A later packet of a known flow whose backend has left the service's slots but
     /// still exists (`DRAINING`): still sent to it, destination rewritten.
     FwdDraining = 21,
+    /// Counted besides the packet's verdict: a non-first fragment took its ports and
+    /// NAT decision from the first fragment of its datagram (`FRAGS`).
+    FragTracked = 22,
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem)
+    /// quoting a NATed flow: the outer and the quoted headers translated.
+    IcmpErrorNat = 23,
+    /// Counted besides the verdict: a conntrack entry past its timeout was found and
+    /// discarded; the packet was handled as a new flow.
+    CtExpired = 24,
+    /// Counted besides the verdict: one half of a flow was missing (LRU eviction) and
+    /// was re-created from the other.
+    CtRecovered = 25,
+    /// Counted besides the verdict: a TCP packet that is not a SYN, to a frontend, with
+    /// no conntrack entry (evicted, or expired): scheduled afresh, which lands on the
+    /// same backend while the backend set has not changed.
+    CtMidflowMiss = 26,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 27;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,
         Reason::PassNotService,
@@ -297,6 +432,11 @@ impl Reason {
         Reason::RewriteFailed,
         Reason::PassOtherProto,
         Reason::FwdDraining,
+        Reason::FragTracked,
+        Reason::IcmpErrorNat,
+        Reason::CtExpired,
+        Reason::CtRecovered,
+        Reason::CtMidflowMiss,
     ];
 
     /// Stable snake_case name, used for metrics labels and CLI output.
@@ -324,6 +464,11 @@ impl Reason {
             Reason::RewriteFailed => "rewrite_failed",
             Reason::PassOtherProto => "pass_other_proto",
             Reason::FwdDraining => "fwd_draining",
+            Reason::FragTracked => "frag_tracked",
+            Reason::IcmpErrorNat => "icmp_error_nat",
+            Reason::CtExpired => "ct_expired",
+            Reason::CtRecovered => "ct_recovered",
+            Reason::CtMidflowMiss => "ct_midflow_miss",
         }
     }
 }
@@ -343,6 +488,9 @@ mod pod {
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue4 {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for FragKey4 {}
+    unsafe impl aya::Pod for FragValue4 {}
+    unsafe impl aya::Pod for IdState {}
 }
 
 #[cfg(test)]
@@ -363,7 +511,10 @@ mod tests {
         assert_eq!((size_of::<AffinityKey4>(), align_of::<AffinityKey4>()), (8, 4));
         assert_eq!((size_of::<AffinityValue>(), align_of::<AffinityValue>()), (16, 8));
         assert_eq!((size_of::<CtKey4>(), align_of::<CtKey4>()), (16, 4));
-        assert_eq!((size_of::<CtValue4>(), align_of::<CtValue4>()), (20, 4));
+        assert_eq!((size_of::<CtValue4>(), align_of::<CtValue4>()), (24, 4));
+        assert_eq!((size_of::<FragKey4>(), align_of::<FragKey4>()), (12, 4));
+        assert_eq!((size_of::<FragValue4>(), align_of::<FragValue4>()), (4, 2));
+        assert_eq!((size_of::<IdState>(), align_of::<IdState>()), (8, 4));
         assert_eq!((size_of::<Counter>(), align_of::<Counter>()), (16, 8));
         assert_eq!(size_of::<Reason>(), 4);
     }
@@ -374,7 +525,27 @@ mod tests {
         assert_eq!(core::mem::offset_of!(ServiceValue, no_backends), 14);
         assert_eq!(core::mem::offset_of!(CtKey4, proto), 12);
         assert_eq!(core::mem::offset_of!(CtValue4, svc_id), 8);
+        assert_eq!(core::mem::offset_of!(CtValue4, seen_s), 20);
+        assert_eq!(core::mem::offset_of!(FragKey4, proto), 10);
         assert_eq!(core::mem::offset_of!(BackendValue, port_be), 8);
+    }
+
+    #[test]
+    fn conntrack_timeouts_follow_the_state() {
+        let v = |flags| CtValue4 { flags, seen_s: 1000, ..Default::default() };
+        assert_eq!(v(0).timeout_s(IPPROTO_TCP), ct_timeouts::TCP_SYN_SENT);
+        assert_eq!(v(CT_F_REPLIED).timeout_s(IPPROTO_TCP), ct_timeouts::TCP_ESTABLISHED);
+        assert_eq!(v(CT_F_REPLIED | CT_F_FIN_FWD).timeout_s(IPPROTO_TCP), ct_timeouts::TCP_CLOSING);
+        assert_eq!(v(CT_F_REPLIED | CT_F_FIN_FWD | CT_F_FIN_REPLY).timeout_s(IPPROTO_TCP), ct_timeouts::TCP_TIME_WAIT);
+        assert_eq!(v(CT_F_REPLIED | CT_F_RST).timeout_s(IPPROTO_TCP), ct_timeouts::TCP_CLOSE);
+        assert_eq!(v(0).timeout_s(IPPROTO_UDP), ct_timeouts::UDP);
+        assert_eq!(v(CT_F_REPLIED).timeout_s(IPPROTO_UDP), ct_timeouts::UDP_STREAM);
+        assert!(!v(0).expired(IPPROTO_UDP, 1030));
+        assert!(v(0).expired(IPPROTO_UDP, 1031));
+        assert!(!v(CT_F_REPLIED).expired(IPPROTO_UDP, 1031));
+        assert!(!v(CT_F_RST).expired(IPPROTO_TCP, 1010) && v(CT_F_RST).expired(IPPROTO_TCP, 1011));
+        assert!(v(CT_F_REPLIED).open() && !v(CT_F_RST).open() && !v(CT_F_FIN_FWD | CT_F_FIN_REPLY).open());
+        assert!(v(CT_F_FIN_FWD).open());
     }
 
     #[test]

@@ -391,6 +391,7 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
         svc_id: svc.id,
         backend_id: backend.backend_id,
         slot,
+        seen_s: 0,
     };
     let reply_key = CtKey4 {
         src_addr_be: backend.addr_be,

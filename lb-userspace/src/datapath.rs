@@ -130,6 +130,8 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         map_names::AFFINITY => (MapType::LruHash, sz(s::<AffinityKey4>()), sz(s::<AffinityValue>())),
         map_names::CONNTRACK => (MapType::LruHash, sz(s::<CtKey4>()), sz(s::<CtValue4>())),
         map_names::STATS | map_names::SVC_STATS => (MapType::PerCpuArray, 4, sz(s::<Counter>())),
+        map_names::FRAGS => (MapType::LruHash, sz(s::<FragKey4>()), sz(s::<FragValue4>())),
+        map_names::IDS => (MapType::Array, 4, sz(s::<IdState>())),
         _ => return None,
     })
 }
