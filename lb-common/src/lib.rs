@@ -405,10 +405,14 @@ pub enum Reason {
     /// no conntrack entry (evicted, or expired): scheduled afresh, which lands on the
     /// same backend while the backend set has not changed.
     CtMidflowMiss = 26,
+    /// tc egress of a pod interface, a packet that is no reply of a NATed flow (the
+    /// egress hook only reverse-NATs replies the node's own stack sends to pods, e.g.
+    /// from a host-network backend): TC_ACT_UNSPEC.
+    PassEgress = 27,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,
         Reason::PassNotService,
@@ -437,6 +441,7 @@ impl Reason {
         Reason::CtExpired,
         Reason::CtRecovered,
         Reason::CtMidflowMiss,
+        Reason::PassEgress,
     ];
 
     /// Stable snake_case name, used for metrics labels and CLI output.
@@ -469,6 +474,7 @@ impl Reason {
             Reason::CtExpired => "ct_expired",
             Reason::CtRecovered => "ct_recovered",
             Reason::CtMidflowMiss => "ct_midflow_miss",
+            Reason::PassEgress => "pass_egress",
         }
     }
 }

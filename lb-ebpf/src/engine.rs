@@ -6,15 +6,30 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_HAIRPIN,
-    CtKey4, CtValue4, DrainKey, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4,
-    ServiceValue, hash, limits,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_FIN_FWD,
+    CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey, FragKey4,
+    FragValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, hash,
+    limits,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, SERVICES, count},
-    parse::{ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, parse_ipv4, parse_l2, parse_l4},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, FRAGS, SERVICES, count},
+    parse::{
+        ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, parse_ipv4,
+        parse_l2, parse_l4,
+    },
 };
+
+/// Which hook runs the engine.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP, or tc ingress: the full datapath.
+    Ingress,
+    /// tc egress of a pod interface: only replies of NATed flows are rewritten. They
+    /// come from the node's own stack (a host-network backend on this node, which
+    /// replies through the pod's interface rather than through any ingress hook).
+    Egress,
+}
 
 /// Old and new values of the header fields a NAT rewrite may touch, all in network
 /// byte order. Equal old and new means "leave it".
@@ -28,6 +43,10 @@ pub struct Rewrite {
     pub daddr: (u32, u32),
     pub sport: (u16, u16),
     pub dport: (u16, u16),
+    /// The packet carries the L4 header: false for a fragment after the first, whose
+    /// only rewrite is the addresses (the first fragment's L4 checksum, which covers
+    /// the whole datagram, took the address change already).
+    pub has_l4: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -178,7 +197,7 @@ fn ct_key(l3: &L3, l4: &L4) -> CtKey4 {
 #[unsafe(no_mangle)]
 static BENCH_CT_BYPASS: u8 = 0;
 
-pub fn process<C: Packet>(ctx: &C) -> Action {
+pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
     let Some(l2) = parse_l2(ctx) else {
         return Action::pass(Reason::PassMalformedL3);
     };
@@ -188,26 +207,59 @@ pub fn process<C: Packet>(ctx: &C) -> Action {
     let Some(l3) = parse_ipv4(ctx, l2.l3_off) else {
         return Action::pass(Reason::PassMalformedL3);
     };
-    let is_vip = || unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
+    let not_ours = if hook == Hook::Egress { Reason::PassEgress } else { Reason::PassNotService };
+    let is_vip = || hook == Hook::Ingress && unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
 
     if l3.proto != IPPROTO_TCP && l3.proto != IPPROTO_UDP {
         if !is_vip() {
-            return Action::pass(Reason::PassNotService);
+            return Action::pass(not_ours);
         }
         return Action::pass(if l3.proto == IPPROTO_ICMP { Reason::PassIcmp } else { Reason::PassOtherProto });
     }
-    if l3.fragment {
-        // Non-first fragments carry no ports, so no frontend can be matched; we do no
-        // reassembly. Fragments to a ClusterIP are dropped and counted, the rest pass.
-        return if is_vip() { Action::drop(Reason::DropFragment) } else { Action::pass(Reason::PassNotService) };
-    }
     let l4_off = l2.l3_off + l3.hdr_len;
-    let Some(l4) = parse_l4(ctx, l4_off, l3.proto) else {
-        return if is_vip() { Action::drop(Reason::DropMalformedL4) } else { Action::pass(Reason::PassNotService) };
+    let frag_key = FragKey4 { src_addr_be: l3.saddr_be, dst_addr_be: l3.daddr_be, id_be: l3.id_be, proto: l3.proto, _pad: 0 };
+    let l4 = if l3.later_fragment {
+        // No ports in this fragment: take the first fragment's, as Cilium does
+        // (bpf/lib/ipv4.h, ipv4_handle_fragmentation). Without them no frontend or flow
+        // can be matched; we do no reassembly.
+        match unsafe { FRAGS.get(&frag_key) } {
+            Some(f) => {
+                count(Reason::FragTracked, 0);
+                L4 { off: l4_off, sport_be: f.src_port_be, dport_be: f.dst_port_be, tcp_flags: 0, csum_off: 0 }
+            }
+            None => return if is_vip() { Action::drop(Reason::DropFragment) } else { Action::pass(not_ours) },
+        }
+    } else {
+        match parse_l4(ctx, l4_off, l3.proto) {
+            Some(l4) => l4,
+            None => {
+                return if is_vip() { Action::drop(Reason::DropMalformedL4) } else { Action::pass(not_ours) };
+            }
+        }
     };
+    let action = flow(&l3, &l4, l2.l3_off, hook, is_vip);
+    if l3.fragment && !l3.later_fragment && action.kind == Kind::Nat {
+        // The first fragment of a datagram we NAT: its later fragments will need the ports.
+        let f = FragValue4 { src_port_be: l4.sport_be, dst_port_be: l4.dport_be };
+        if FRAGS.insert(&frag_key, &f, 0).is_err() {
+            count(Reason::MapInsertFailed, 0);
+        }
+    }
+    action
+}
 
-    let key = ct_key(&l3, &l4);
-    let ct = unsafe { CONNTRACK.get(&key) }.copied();
+/// Monotonic seconds, the clock of `CtValue4::seen_s` (the agent's collector reads
+/// CLOCK_MONOTONIC, which is what `bpf_ktime_get_ns` returns).
+#[inline(always)]
+fn now_s() -> u32 {
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, is_vip: impl Fn() -> bool) -> Action {
+    let key = ct_key(l3, l4);
+    let not_ours = if hook == Hook::Egress { Reason::PassEgress } else { Reason::PassNotService };
+    let ct = CONNTRACK.get_ptr_mut(&key);
     // SAFETY: a plain read of a constant the loader may set.
     let bypass = unsafe { core::ptr::read_volatile(&BENCH_CT_BYPASS) } != 0;
     // A SYN starts a new connection even when its 5-tuple is still in conntrack (the
@@ -216,31 +268,127 @@ pub fn process<C: Packet>(ctx: &C) -> Action {
     // retransmitted SYN schedules to the same backend, as the choice is a pure function
     // of the flow, the backend set and the affinity entry.
     let syn = l3.proto == IPPROTO_TCP && l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    if let Some(ct) = ct
+    let mut now = 0;
+    if let Some(ctp) = ct
         && !bypass
-        && !(syn && ct.dir == CT_DIR_FORWARD)
     {
-        match established(&l3, &l4, &key, &ct, l2.l3_off) {
-            Some(action) => return action,
-            None => {
-                // The flow's backend is gone and this packet may start a new flow.
-                let _ = CONNTRACK.remove(&key);
-                count(Reason::CtStaleRescheduled, 0);
+        // SAFETY: a pointer into the map's value, valid for this program run.
+        let ct = unsafe { *ctp };
+        now = now_s();
+        if ct.expired(l3.proto, now) {
+            // netfilter's conntrack would have forgotten this flow by now; so do we.
+            let _ = CONNTRACK.remove(&key);
+            count(Reason::CtExpired, 0);
+        } else if !(syn && ct.dir == CT_DIR_FORWARD) && (hook == Hook::Ingress || ct.dir == CT_DIR_REPLY) {
+            match established(l3, l4, &key, &ct, l3_off) {
+                Some(action) => {
+                    if action.kind == Kind::Nat {
+                        track(ctp, &key, &ct, l3.proto, l4.tcp_flags, now);
+                    }
+                    return action;
+                }
+                None => {
+                    // The flow's backend is gone and this packet may start a new flow.
+                    let _ = CONNTRACK.remove(&key);
+                    count(Reason::CtStaleRescheduled, 0);
+                }
             }
         }
+    }
+    if hook == Hook::Egress {
+        return Action::pass(not_ours);
     }
 
     // The address marker first: for the common case, traffic that is for no service at
     // all, that is the second and last lookup (8-byte key), and the full frontend key
     // is only looked up for ClusterIPs.
     if !is_vip() {
-        return Action::pass(Reason::PassNotService);
+        return Action::pass(not_ours);
     }
     let svc_key = ServiceKey4::new(l3.daddr_be, l4.dport_be, l3.proto);
     let Some(svc) = unsafe { SERVICES.get(&svc_key) }.copied() else {
         return Action::pass(Reason::PassUnknownPort);
     };
-    new_flow(&l3, &l4, &key, &svc, l2.l3_off)
+    if now == 0 {
+        now = now_s();
+    }
+    new_flow(l3, l4, &key, &svc, l3_off, syn, now)
+}
+
+/// State bits a packet of direction `dir` with TCP flags `tcp_flags` adds.
+#[inline(always)]
+fn state_bits(dir: u8, proto: u8, tcp_flags: u8) -> u8 {
+    let mut f = if dir == CT_DIR_REPLY { CT_F_REPLIED } else { 0 };
+    if proto == IPPROTO_TCP {
+        if tcp_flags & TCP_FLAG_RST != 0 {
+            f |= CT_F_RST;
+        }
+        if tcp_flags & TCP_FLAG_FIN != 0 {
+            f |= if dir == CT_DIR_REPLY { CT_F_FIN_REPLY } else { CT_F_FIN_FWD };
+        }
+    }
+    f
+}
+
+/// The other half of a flow, computed from one half: the reply half's key is the
+/// forward half's NAT target talking back to the client (to the ClusterIP when
+/// hairpinned), and the other way round.
+#[inline(always)]
+fn other_half(key: &CtKey4, ct: &CtValue4) -> (CtKey4, CtValue4) {
+    let hairpin = ct.flags & CT_F_HAIRPIN != 0;
+    if ct.dir == CT_DIR_FORWARD {
+        let k = CtKey4 {
+            src_addr_be: ct.nat_addr_be,
+            dst_addr_be: if hairpin { key.dst_addr_be } else { key.src_addr_be },
+            src_port_be: ct.nat_port_be,
+            dst_port_be: key.src_port_be,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        (k, CtValue4 { nat_addr_be: key.dst_addr_be, nat_port_be: key.dst_port_be, dir: CT_DIR_REPLY, ..*ct })
+    } else {
+        let k = CtKey4 {
+            src_addr_be: if hairpin { key.src_addr_be } else { key.dst_addr_be },
+            dst_addr_be: ct.nat_addr_be,
+            src_port_be: key.dst_port_be,
+            dst_port_be: ct.nat_port_be,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        (k, CtValue4 { nat_addr_be: key.src_addr_be, nat_port_be: key.src_port_be, dir: CT_DIR_FORWARD, ..*ct })
+    }
+}
+
+/// Moves a flow's state and refresh time, in both halves, when either has changed:
+/// at most one write per half per second for a busy flow, and one per state change
+/// (first reply, FIN, RST). Touching the other half keeps the LRU from evicting it
+/// while this one lives; a half found missing is re-created from this one.
+#[inline(always)]
+fn track(ctp: *mut CtValue4, key: &CtKey4, ct: &CtValue4, proto: u8, tcp_flags: u8, now: u32) {
+    let flags = ct.flags | state_bits(ct.dir, proto, tcp_flags);
+    if flags == ct.flags && ct.seen_s == now {
+        return;
+    }
+    // SAFETY: the map value this packet's lookup returned; plain stores.
+    unsafe {
+        (*ctp).flags = flags;
+        (*ctp).seen_s = now;
+    }
+    let (okey, oval) = other_half(key, ct);
+    match CONNTRACK.get_ptr_mut(&okey) {
+        Some(o) => unsafe {
+            (*o).flags = ((*o).flags & !CT_F_STATE) | (flags & CT_F_STATE);
+            (*o).seen_s = now;
+        },
+        None => {
+            let v = CtValue4 { flags, seen_s: now, ..oval };
+            if CONNTRACK.insert(&okey, &v, 0).is_ok() {
+                count(Reason::CtRecovered, 0);
+            } else {
+                count(Reason::MapInsertFailed, 0);
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -259,6 +407,7 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
                 daddr: (l3.daddr_be, client),
                 sport: (l4.sport_be, ct.nat_port_be),
                 dport: (l4.dport_be, l4.dport_be),
+                has_l4: !l3.later_fragment,
             },
         ));
     }
@@ -282,7 +431,8 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
                 return None;
             }
             // A pod that left the endpoints but still exists (terminating, unready)
-            // keeps its established connections, as under kube-proxy.
+            // keeps its established connections, as under kube-proxy; so does a
+            // backend of a deleted Service, whose flows kube-proxy's conntrack keeps.
             match unsafe { DRAINING.get(&DrainKey { svc_id: ct.svc_id, backend_id: ct.backend_id }) } {
                 Some(b) => {
                     reason = Reason::FwdDraining;
@@ -292,23 +442,7 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
             }
         }
     };
-    if ct.flags & CT_F_AFFINITY != 0 {
-        refresh_affinity(ct.svc_id, l3.saddr_be, ct.backend_id);
-    }
     Some(Action::nat(reason, ct.svc_id, forward_rewrite(l3, l4, l3_off, &backend, ct.flags & CT_F_HAIRPIN != 0)))
-}
-
-/// kube-proxy's `recent` match is refreshed by traffic; so is ours, on every packet.
-#[inline(always)]
-fn refresh_affinity(svc_id: u32, client_be: u32, backend_id: u32) {
-    let key = AffinityKey4 { svc_id, client_addr_be: client_be };
-    if let Some(a) = AFFINITY.get_ptr_mut(&key) {
-        unsafe {
-            if (*a).backend_id == backend_id {
-                (*a).last_used_ns = bpf_ktime_get_ns();
-            }
-        }
-    }
 }
 
 #[inline(always)]
@@ -324,11 +458,12 @@ fn forward_rewrite(l3: &L3, l4: &L4, l3_off: usize, b: &BackendValue, hairpin: b
         daddr: (l3.daddr_be, b.addr_be),
         sport: (l4.sport_be, l4.sport_be),
         dport: (l4.dport_be, b.port_be),
+        has_l4: !l3.later_fragment,
     }
 }
 
 #[inline(always)]
-fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -> Action {
+fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize, syn: bool, now_s: u32) -> Action {
     if svc.count == 0 {
         return if svc.no_backends == NO_BACKENDS_DROP {
             Action::drop(Reason::NoBackendDrop)
@@ -342,6 +477,11 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
     let aff_key = AffinityKey4 { svc_id: svc.id, client_addr_be: l3.saddr_be };
     if affinity {
         now = unsafe { bpf_ktime_get_ns() };
+        // Refreshed by every new connection, not by the packets of one: kube-proxy's
+        // `-m recent --rcheck --seconds T` in KUBE-SVC-* and `--set` in KUBE-SEP-* sit
+        // in the nat table, which sees only a connection's first packet
+        // (pkg/proxy/iptables/proxier.go), so T counts from the client's last new
+        // connection to the Service.
         if let Some(a) = unsafe { AFFINITY.get(&aff_key) }.copied() {
             let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
             if now.wrapping_sub(a.last_used_ns) > timeout_ns {
@@ -383,6 +523,14 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
     if hairpin {
         flags |= CT_F_HAIRPIN;
     }
+    if l3.proto == IPPROTO_TCP && !syn {
+        // Mid-connection with no entry: it was evicted or expired. The backend chosen
+        // is the one the flow had as long as the backend set is unchanged (the choice
+        // is a pure function of the 5-tuple); take the flow as established.
+        count(Reason::CtMidflowMiss, 0);
+        flags |= CT_F_REPLIED;
+    }
+    flags |= state_bits(CT_DIR_FORWARD, l3.proto, l4.tcp_flags);
     let fwd = CtValue4 {
         nat_addr_be: backend.addr_be,
         nat_port_be: backend.port_be,
@@ -391,7 +539,7 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize) -
         svc_id: svc.id,
         backend_id: backend.backend_id,
         slot,
-        seen_s: 0,
+        seen_s: now_s,
     };
     let reply_key = CtKey4 {
         src_addr_be: backend.addr_be,

@@ -1,6 +1,7 @@
 //! lb datapath: Kubernetes ClusterIP load balancing in XDP (`lb_xdp`) and tc clsact
-//! (`lb_tc`). Both run the same parse, lookup and NAT core (`engine::process`); only the
-//! way they rewrite packets and fix checksums differs. See docs/datapath.md.
+//! (`lb_tc` on ingress, `lb_tc_egress` on pod interfaces' egress). All run the same
+//! parse, lookup and NAT core (`engine::process`); only the way they rewrite packets and
+//! fix checksums differs. See docs/datapath.md.
 #![no_std]
 #![no_main]
 
@@ -11,7 +12,7 @@ mod parse;
 mod reject;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_SHOT, xdp_action},
     helpers::{
         bpf_redirect,
         generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
@@ -22,13 +23,17 @@ use aya_ebpf::{
 use lb_common::{IPPROTO_UDP, Reason};
 
 use crate::{
-    engine::{Kind, Rewrite, process},
+    engine::{Hook, Kind, Rewrite, process},
     maps::{count, count_service},
     parse::{EthHdr, Ipv4Hdr, ptr_at},
     reject::{MAX_QUOTE, REJECT_HDRS, RejectHdrs},
 };
 
-/// `TC_ACT_UNSPEC`: not ours; let the next tc program or the default action decide.
+/// `TC_ACT_UNSPEC` (`TCX_NEXT`): hand the packet on to the next program on the hook,
+/// or to the default action if there is none. Also after a rewrite: `TC_ACT_OK`
+/// (`TCX_PASS`) would end the chain, and a network-policy program attached after ours
+/// would never see service traffic (include/uapi/linux/bpf.h, `enum tcx_action_base`;
+/// net/core/dev.c, `tcx_run`).
 const TC_ACT_UNSPEC: i32 = -1;
 /// tc can pull this much into the linear area when headers are not there yet: the
 /// largest Ethernet + VLAN + IPv4 (with options) + TCP header we parse.
@@ -47,7 +52,22 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
-    match try_lb_tc(&ctx) {
+    match try_lb_tc(&ctx, Hook::Ingress) {
+        Ok(v) => v,
+        Err(()) => {
+            count(Reason::RewriteFailed, 0);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// tc egress of pod interfaces: replies the node's own stack sends to a pod, for flows
+/// whose backend is the node itself (a host-network pod, the API server behind
+/// `kubernetes.default`). They reach the pod through this hook only, never through an
+/// ingress one.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    match try_lb_tc(&ctx, Hook::Egress) {
         Ok(v) => v,
         Err(()) => {
             count(Reason::RewriteFailed, 0);
@@ -58,7 +78,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 
 fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let action = process(ctx);
+    let action = process(ctx, Hook::Ingress);
     #[cfg(feature = "debug-log")]
     log_action(ctx, &action);
     let verdict = match action.kind {
@@ -80,14 +100,14 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     Ok(verdict)
 }
 
-fn try_lb_tc(ctx: &TcContext) -> Result<i32, ()> {
+fn try_lb_tc(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
     let len = ctx.len();
     // GSO and some drivers leave headers outside the linear area, where direct packet
     // access cannot see them; pull only what we parse, never the whole skb.
     if ctx.data_end() - ctx.data() < TC_PULL_LEN as usize && len > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
     }
-    let action = process(ctx);
+    let action = process(ctx, hook);
     #[cfg(feature = "debug-log")]
     log_action(ctx, &action);
     let verdict = match action.kind {
@@ -95,7 +115,7 @@ fn try_lb_tc(ctx: &TcContext) -> Result<i32, ()> {
         Kind::Drop => TC_ACT_SHOT as i32,
         Kind::Nat => {
             tc_nat(ctx, &action.rw)?;
-            TC_ACT_OK as i32
+            TC_ACT_UNSPEC
         }
         Kind::Reject => {
             tc_reject(ctx, action.l3_off, action.ip_hdr_len)?;
@@ -121,6 +141,10 @@ fn log_action<C: aya_ebpf::EbpfContext>(ctx: &C, action: &crate::engine::Action)
 
 fn xdp_nat(ctx: &XdpContext, rw: &Rewrite) -> Result<(), ()> {
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
+    if !rw.has_l4 {
+        unsafe { nat_l3_only(&mut *ip, rw) };
+        return Ok(());
+    }
     // Ports and checksum are read and written through one bounds-checked pointer per
     // protocol: the verifier tracks packet ranges per pointer, not per offset.
     if rw.proto == IPPROTO_UDP {
@@ -170,6 +194,21 @@ fn xdp_nat_l4<const N: usize>(ip: &mut Ipv4Hdr, l4: &mut [u16; N], csum_word: us
     }
     ip.check = ipc;
     l4[csum_word] = c;
+}
+
+/// A later fragment: the addresses and the IPv4 header checksum only.
+#[inline(always)]
+fn nat_l3_only(ip: &mut Ipv4Hdr, rw: &Rewrite) {
+    let mut check = ip.check;
+    if rw.saddr.0 != rw.saddr.1 {
+        check = csum::replace32(check, rw.saddr.0, rw.saddr.1);
+        ip.saddr_be = rw.saddr.1;
+    }
+    if rw.daddr.0 != rw.daddr.1 {
+        check = csum::replace32(check, rw.daddr.0, rw.daddr.1);
+        ip.daddr_be = rw.daddr.1;
+    }
+    ip.check = check;
 }
 
 /// Quote the original IPv4 header and 8 bytes of L4 into a stack buffer.
@@ -239,6 +278,11 @@ const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
+    if !rw.has_l4 {
+        let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
+        unsafe { nat_l3_only(&mut *ip, rw) };
+        return Ok(());
+    }
     // The L4 checksum goes through the helper, the only code that knows the skb's
     // ip_summed: under CHECKSUM_PARTIAL the field holds the pseudo-header sum, which
     // changes with the addresses (BPF_F_PSEUDO_HDR) but not with the ports.
@@ -260,17 +304,7 @@ fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
     let ports = ptr_at::<[u16; 2], _>(ctx, rw.l4_off).ok_or(())?;
     unsafe {
-        let ip = &mut *ip;
-        let mut check = ip.check;
-        if rw.saddr.0 != rw.saddr.1 {
-            check = csum::replace32(check, rw.saddr.0, rw.saddr.1);
-            ip.saddr_be = rw.saddr.1;
-        }
-        if rw.daddr.0 != rw.daddr.1 {
-            check = csum::replace32(check, rw.daddr.0, rw.daddr.1);
-            ip.daddr_be = rw.daddr.1;
-        }
-        ip.check = check;
+        nat_l3_only(&mut *ip, rw);
         (*ports)[0] = rw.sport.1;
         (*ports)[1] = rw.dport.1;
     }

@@ -86,7 +86,9 @@ pub const TCP_CSUM_OFF: usize = 16;
 pub const TCP_FLAGS_OFF: usize = 13;
 pub const UDP_HDR_LEN: usize = 8;
 pub const UDP_CSUM_OFF: usize = 6;
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Layer 2: Ethernet and at most one 802.1Q tag.
@@ -120,6 +122,10 @@ pub struct L3 {
     pub hdr_len: usize,
     /// MF set or a non-zero offset.
     pub fragment: bool,
+    /// A fragment other than the first: no L4 header (RFC 791 fragment offset > 0).
+    pub later_fragment: bool,
+    /// Identification, network byte order: names the datagram of a fragment.
+    pub id_be: u16,
 }
 
 /// `None`: truncated, not version 4, IHL < 5, or a total length shorter than the
@@ -144,6 +150,8 @@ pub fn parse_ipv4<C: Packet>(ctx: &C, off: usize) -> Option<L3> {
         proto: unsafe { (*ip).proto },
         hdr_len,
         fragment: frag & (IP_MF | IP_OFFSET) != 0,
+        later_fragment: frag & IP_OFFSET != 0,
+        id_be: unsafe { (*ip).id_be },
     })
 }
 

@@ -19,6 +19,8 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
+/// tc egress of pod interfaces: reverse NAT of replies from the node's own stack.
+pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -212,6 +214,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
     load_program::<Xdp>(&mut ebpf, XDP_PROGRAM)?;
     load_program::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?;
+    load_program::<SchedClassifier>(&mut ebpf, TC_EGRESS_PROGRAM)?;
     Ok(ebpf)
 }
 
@@ -268,6 +271,19 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<(), Data
             })?;
         }
     }
+    Ok(())
+}
+
+/// Attaches `lb_tc_egress` to `iface`'s tc egress, as the agent does on pod interfaces.
+pub fn attach_egress(ebpf: &mut Ebpf, iface: &str) -> Result<(), DatapathError> {
+    let _ = tc::qdisc_add_clsact(iface);
+    let prog: &mut SchedClassifier = program(ebpf, TC_EGRESS_PROGRAM)?;
+    prog.attach(iface, TcAttachType::Egress).map_err(|source| DatapathError::Attach {
+        program: TC_EGRESS_PROGRAM,
+        iface: iface.into(),
+        mode: AttachMode::Tc,
+        source,
+    })?;
     Ok(())
 }
 

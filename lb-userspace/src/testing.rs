@@ -14,11 +14,11 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, Reason, ServiceKey4,
-    ServiceValue, map_names,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, FragKey4, FragValue4,
+    Reason, ServiceKey4, ServiceValue, map_names,
 };
 
-use crate::datapath::{self, LoadOptions, TC_PROGRAM, XDP_PROGRAM};
+use crate::datapath::{self, LoadOptions, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 
 /// A bpffs mounted on a fresh directory, unmounted and removed on drop, so that tests
 /// never see each other's (or a running agent's) pinned maps.
@@ -54,6 +54,8 @@ impl Drop for PrivateBpffs {
 pub enum Hook {
     Xdp,
     Tc,
+    /// `lb_tc_egress`, the reverse-NAT-only hook of pod interfaces.
+    TcEgress,
 }
 
 impl Hook {
@@ -63,7 +65,7 @@ impl Hook {
 /// The verdict, normalised over both hooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// XDP_PASS, or tc TC_ACT_UNSPEC/TC_ACT_OK: handed on (rewritten or not).
+    /// XDP_PASS, or tc TC_ACT_UNSPEC: handed on (rewritten or not).
     Pass,
     /// XDP_DROP, TC_ACT_SHOT.
     Drop,
@@ -78,7 +80,6 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_UNSPEC: u32 = u32::MAX;
-const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -157,6 +158,21 @@ impl Datapath {
         m.iter().filter_map(|r| r.ok()).collect()
     }
 
+    pub fn put_conntrack(&mut self, key: CtKey4, value: CtValue4) -> Result<()> {
+        self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK).insert(key, value, 0)?;
+        Ok(())
+    }
+
+    pub fn remove_conntrack(&mut self, key: &CtKey4) -> Result<()> {
+        self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK).remove(key)?;
+        Ok(())
+    }
+
+    pub fn frags(&mut self) -> Vec<(FragKey4, FragValue4)> {
+        let m = self.hash::<FragKey4, FragValue4>(map_names::FRAGS);
+        m.iter().filter_map(|r| r.ok()).collect()
+    }
+
     pub fn affinity(&mut self) -> Vec<(AffinityKey4, AffinityValue)> {
         let m = self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY);
         m.iter().filter_map(|r| r.ok()).collect()
@@ -178,6 +194,7 @@ impl Datapath {
         clear(&mut self.hash::<BackendKey, BackendValue>(map_names::BACKENDS))?;
         clear(&mut self.hash::<DrainKey, BackendValue>(map_names::DRAINING))?;
         clear(&mut self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY))?;
+        clear(&mut self.hash::<FragKey4, FragValue4>(map_names::FRAGS))?;
         self.clear_conntrack()
     }
 
@@ -223,10 +240,16 @@ pub fn run_on(ebpf: &Ebpf, hook: Hook, packet: &[u8], repeat: u32) -> Result<(Ve
             let p: &SchedClassifier = ebpf.program(TC_PROGRAM).context("lb_tc")?.try_into()?;
             p.test_run(opts)?
         }
+        Hook::TcEgress => {
+            let p: &SchedClassifier = ebpf.program(TC_EGRESS_PROGRAM).context("lb_tc_egress")?.try_into()?;
+            p.test_run(opts)?
+        }
     };
     let verdict = match (hook, res.return_value) {
-        (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_UNSPEC | TC_ACT_OK) => Verdict::Pass,
-        (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Verdict::Drop,
+        // tc hands every packet it does not drop on to the next program (TCX_NEXT),
+        // rewritten or not; TC_ACT_OK would end the chain.
+        (Hook::Xdp, XDP_PASS) | (Hook::Tc | Hook::TcEgress, TC_ACT_UNSPEC) => Verdict::Pass,
+        (Hook::Xdp, XDP_DROP) | (Hook::Tc | Hook::TcEgress, TC_ACT_SHOT) => Verdict::Drop,
         (Hook::Xdp, XDP_TX) | (Hook::Tc, TC_ACT_REDIRECT) => Verdict::Bounce,
         (Hook::Xdp, XDP_ABORTED) => Verdict::Aborted,
         (h, v) => bail!("{h:?} returned unexpected {v}"),
@@ -241,6 +264,11 @@ fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Resul
         m.remove(&k)?;
     }
     Ok(())
+}
+
+/// CLOCK_MONOTONIC in whole seconds, the clock of `CtValue4::seen_s`.
+pub fn monotonic_s() -> u32 {
+    (monotonic_ns() / 1_000_000_000) as u32
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.

@@ -11,7 +11,7 @@ use lb_common::{
     AffinityKey4, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, NO_BACKENDS_REJECT, Reason,
     SVC_F_AFFINITY, ServiceValue, hash,
 };
-use lb_userspace::testing::{Datapath, Hook, Verdict, ip, monotonic_ns};
+use lb_userspace::testing::{Datapath, Hook, Verdict, ip, monotonic_ns, monotonic_s};
 
 const MAC_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const MAC_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -118,6 +118,14 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Pkt {
         frag_offset: 0,
         truncate: None,
         patch: vec![],
+    }
+}
+
+/// `p`'s TCP header with FIN set.
+fn fin(p: &Pkt) -> L4 {
+    match p.l4 {
+        L4::Tcp { sport, dport, syn, ack, .. } => L4::Tcp { sport, dport, syn, ack, fin: true },
+        other => other,
     }
 }
 
@@ -247,6 +255,9 @@ enum Expect {
     Packet(Pkt),
     /// An ICMP port unreachable back to the sender, quoting the input.
     IcmpPortUnreachable,
+    /// The input with only its IPv4 addresses (and header checksum) changed: a later
+    /// fragment, which has no L4 header to rewrite.
+    Addresses([u8; 4], [u8; 4]),
     /// Nothing to compare (dropped).
     Nothing,
 }
@@ -299,6 +310,24 @@ fn ct_has_flow(dp: &mut Datapath, p: &Pkt) {
     let (_, r) = rev.unwrap_or_else(|| panic!("no reply conntrack entry in {ct:?}"));
     assert_eq!(r.dir, lb_common::CT_DIR_REPLY);
     assert_eq!((r.nat_addr_be, r.nat_port_be), (ip(&s(p.dst)), dport.to_be()));
+}
+
+/// The conntrack entry whose key is `p`'s 5-tuple.
+fn ct_entry(dp: &mut Datapath, p: &Pkt) -> Option<(lb_common::CtKey4, lb_common::CtValue4)> {
+    let (sport, dport) = p.ports();
+    dp.conntrack().into_iter().find(|(k, _)| {
+        k.src_addr_be == ip(&s(p.src))
+            && k.dst_addr_be == ip(&s(p.dst))
+            && k.src_port_be == sport.to_be()
+            && k.dst_port_be == dport.to_be()
+    })
+}
+
+/// Moves `p`'s conntrack entry `age_s` seconds into the past.
+fn age_ct(dp: &mut Datapath, p: &Pkt, age_s: u32) {
+    let (k, mut v) = ct_entry(dp, p).unwrap_or_else(|| panic!("no conntrack entry for {p:?}"));
+    v.seen_s = monotonic_s() - age_s;
+    dp.put_conntrack(k, v).unwrap();
 }
 
 fn ct_empty(dp: &mut Datapath, _: &Pkt) {
@@ -565,7 +594,7 @@ fn cases() -> Vec<Case> {
             est.payload = b"more".to_vec();
             let exp = est.nat(CLIENT, 1000, BE_AFF[aff_pick(CLIENT, 1000)], 8080);
             let mut c = case(
-                "affinity: every packet of a flow refreshes last use",
+                "affinity: packets of an established flow do not refresh last use",
                 est,
                 Pass,
                 Expect::Packet(exp),
@@ -573,13 +602,14 @@ fn cases() -> Vec<Case> {
             );
             c.before = vec![aff_syn(CLIENT, 1000)];
             c.between = |dp| {
-                // Age the entry by 0.8 s; the packet must make it fresh again.
+                // Age the entry by 0.8 s: kube-proxy's `recent` match is set by new
+                // connections only, so the packet must leave it as it is.
                 let a = affinity_entry(dp, CLIENT);
                 put_aff(dp, CLIENT, a.backend_id, a.slot, 800_000_000);
             };
             c.after = |dp, _| {
                 let a = affinity_entry(dp, CLIENT);
-                assert!(monotonic_ns() - a.last_used_ns < 500_000_000, "last use refreshed");
+                assert!(monotonic_ns() - a.last_used_ns >= 800_000_000, "last use left alone");
             };
             c
         },
@@ -755,19 +785,159 @@ fn cases() -> Vec<Case> {
                 &[PassNotService],
             )
         },
-        // --- Fragments.
+        // --- Conntrack lifecycle: state from TCP flags in both halves, timeouts, a
+        // lost half re-created, a flow whose entry went rescheduled.
         Case {
-            input: Pkt { more_fragments: true, ..dns.clone() },
-            after: ct_empty,
-            ..case("first fragment to a clusterip is dropped", dns.clone(), Drop, Expect::Nothing, &[DropFragment])
+            before: vec![web_syn.clone(), reply.clone(), Pkt { l4: fin(&web), ..web.clone() }],
+            after: |dp, _| {
+                let f = ct_entry(dp, &tcp(CLIENT, 40000, VIP, 80)).unwrap().1.flags;
+                let r = ct_entry(dp, &tcp(BE_TCP, 8080, CLIENT, 40000)).unwrap().1.flags;
+                let closed = lb_common::CT_F_REPLIED | lb_common::CT_F_FIN_FWD | lb_common::CT_F_FIN_REPLY;
+                assert_eq!((f & closed, r & closed), (closed, closed), "both halves closed: {f:#x} {r:#x}");
+            },
+            ..case(
+                "tcp: a FIN each way marks both halves closed",
+                Pkt { l4: fin(&reply), ..reply.clone() },
+                Pass,
+                Expect::Packet(Pkt { l4: fin(&reply), ..reply.clone() }.nat(VIP, 80, CLIENT, 40000)),
+                &[RevNat],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
+                let p = tcp(CLIENT, 40000, VIP, 80);
+                age_ct(dp, &p, lb_common::ct_timeouts::TCP_SYN_SENT + 1);
+            },
+            after: ct_has_flow,
+            ..case(
+                "tcp: an entry past its timeout is discarded and the flow scheduled afresh",
+                web.clone(),
+                Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdNew, CtExpired, CtMidflowMiss],
+            )
+        },
+        Case {
+            before: vec![dns.clone()],
+            between: |dp| age_ct(dp, &udp(CLIENT, 40001, VIP, 53), lb_common::ct_timeouts::UDP - 2),
+            after: |dp, _| {
+                let f = ct_entry(dp, &udp(CLIENT, 40001, VIP, 53)).unwrap().1;
+                let r = ct_entry(dp, &udp(BE_UDP, 5353, CLIENT, 40001)).unwrap().1;
+                let now = monotonic_s();
+                assert!(now - f.seen_s <= 1 && now - r.seen_s <= 1, "both halves refreshed: {f:?} {r:?}");
+            },
+            ..case(
+                "udp: a packet refreshes both halves",
+                dns.clone(),
+                Pass,
+                Expect::Packet(dns.nat(CLIENT, 40001, BE_UDP, 5353)),
+                &[FwdEstablished],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
+                let (k, _) = ct_entry(dp, &tcp(BE_TCP, 8080, CLIENT, 40000)).unwrap();
+                dp.remove_conntrack(&k).unwrap();
+                age_ct(dp, &tcp(CLIENT, 40000, VIP, 80), 5);
+            },
+            after: ct_has_flow,
+            ..case(
+                "a lost reply half is re-created from the forward half",
+                web.clone(),
+                Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdEstablished, CtRecovered],
+            )
+        },
+        Case {
+            before: vec![web_syn.clone()],
+            between: |dp| {
+                let (k, _) = ct_entry(dp, &tcp(CLIENT, 40000, VIP, 80)).unwrap();
+                dp.remove_conntrack(&k).unwrap();
+                age_ct(dp, &tcp(BE_TCP, 8080, CLIENT, 40000), 5);
+            },
+            after: |dp, _| ct_has_flow(dp, &tcp(CLIENT, 40000, VIP, 80)),
+            ..case(
+                "a lost forward half is re-created from the reply half",
+                reply.clone(),
+                Pass,
+                Expect::Packet(reply.nat(VIP, 80, CLIENT, 40000)),
+                &[RevNat, CtRecovered],
+            )
+        },
+        Case {
+            after: ct_has_flow,
+            ..case(
+                "tcp mid-connection without an entry is scheduled afresh and counted",
+                web.clone(),
+                Pass,
+                Expect::Packet(web.nat(CLIENT, 40000, BE_TCP, 8080)),
+                &[FwdNew, CtMidflowMiss],
+            )
+        },
+        // --- Fragments: the first one carries the ports, and is NATed and remembered
+        // (by source, destination, protocol and IP id); the later ones are NATed like
+        // it, addresses only.
+        Case {
+            after: |dp, _| assert_eq!(dp.frags().len(), 1, "first fragment remembered"),
+            ..case(
+                "first fragment to a clusterip is natted and remembered",
+                Pkt { more_fragments: true, ..dns.clone() },
+                Pass,
+                Expect::Packet(Pkt { more_fragments: true, ..dns.nat(CLIENT, 40001, BE_UDP, 5353) }),
+                &[FwdNew],
+            )
+        },
+        Case {
+            before: vec![Pkt { more_fragments: true, ..dns.clone() }],
+            ..case(
+                "later fragment after its first is natted like it",
+                Pkt { frag_offset: 185, ..dns.clone() },
+                Pass,
+                Expect::Addresses(CLIENT, BE_UDP),
+                &[FwdEstablished, FragTracked],
+            )
+        },
+        Case {
+            before: vec![dns.clone(), Pkt { more_fragments: true, ..udp_reply.clone() }],
+            ..case(
+                "later fragment of a backend's reply is reverse-natted",
+                Pkt { frag_offset: 185, ..udp_reply.clone() },
+                Pass,
+                Expect::Addresses(VIP, CLIENT),
+                &[RevNat, FragTracked],
+            )
+        },
+        Case {
+            before: vec![dns.clone()],
+            ..case(
+                "first fragment of a backend's reply is reverse-natted",
+                Pkt { more_fragments: true, ..udp_reply.clone() },
+                Pass,
+                Expect::Packet(Pkt { more_fragments: true, ..udp_reply.nat(VIP, 53, CLIENT, 40001) }),
+                &[RevNat],
+            )
         },
         Case {
             input: Pkt { frag_offset: 185, ..dns.clone() },
-            ..case("later fragment to a clusterip is dropped", dns.clone(), Drop, Expect::Nothing, &[DropFragment])
+            ..case(
+                "later fragment to a clusterip without its first is dropped",
+                dns.clone(),
+                Drop,
+                Expect::Nothing,
+                &[DropFragment],
+            )
         },
         Case {
             input: Pkt { more_fragments: true, ..udp(CLIENT, 1, OTHER, 53) },
+            after: |dp, _| assert!(dp.frags().is_empty(), "nothing remembered for others' traffic"),
             ..case("fragment to another address passes", dns.clone(), Pass, Expect::Unchanged, &[PassNotService])
+        },
+        Case {
+            input: Pkt { frag_offset: 185, ..udp(BE_UDP, 5353, CLIENT, 40001) },
+            ..case("later fragment of unknown traffic passes", dns.clone(), Pass, Expect::Unchanged, &[PassNotService])
         },
         // --- Not ours.
         Case {
@@ -1029,6 +1199,14 @@ fn packet_fixtures_through_both_entry_points() {
                     assert_eq!(out, want, "{name}: rewritten packet");
                 }
                 Expect::IcmpPortUnreachable => check_icmp_reply(&name, &input, &out),
+                Expect::Addresses(src, dst) => {
+                    let mut want = input.clone();
+                    want[26..30].copy_from_slice(src);
+                    want[30..34].copy_from_slice(dst);
+                    let (hdr, _) = Ipv4Header::from_slice(&want[14..]).unwrap();
+                    want[24..26].copy_from_slice(&hdr.calc_header_checksum().to_be_bytes());
+                    assert_eq!(out, want, "{name}: only the addresses rewritten");
+                }
                 Expect::Nothing => {}
             }
             assert_checksums(&name, &out);
@@ -1208,4 +1386,56 @@ fn inspection_copes_with_a_count_lowered_before_its_slots_go() {
     };
     assert!(backends("10.96.0.77").is_empty());
     assert_eq!(backends("10.96.0.78"), ["10.244.7.8:8080"]);
+}
+
+/// `lb_tc_egress` on a pod interface: the reply of a flow whose backend is the node
+/// itself (a host-network pod) is reverse-NATed there, since the node's stack sends it
+/// to the pod through the interface's egress and no ingress hook sees it; everything
+/// else is handed on untouched, and no flow is ever started there.
+#[test]
+fn egress_reverse_nats_replies_from_the_node_only() {
+    use Reason::*;
+    const NODE: [u8; 4] = [10, 250, 0, 11];
+    let mut dp = Datapath::load().unwrap();
+    for (name, tcp_case) in [("tcp", true), ("udp", false)] {
+        dp.reset().unwrap();
+        let (proto, port, tport) = if tcp_case { (IPPROTO_TCP, 443, 6443) } else { (IPPROTO_UDP, 53, 5353) };
+        dp.put_service(&s(VIP), port, proto, svc(SVC_TCP, 1)).unwrap();
+        dp.put_backends(SVC_TCP, &[(101, &s(NODE), tport)]).unwrap();
+        let (fwd, back) = if tcp_case {
+            (syn(CLIENT, 40000, VIP, port), tcp(NODE, tport, CLIENT, 40000))
+        } else {
+            (udp(CLIENT, 40000, VIP, port), udp(NODE, tport, CLIENT, 40000))
+        };
+
+        // Nothing starts on egress: a packet to the ClusterIP leaves as it is.
+        let before = dp.stat(PassEgress).packets;
+        let (v, out, _) = dp.run(Hook::TcEgress, &fwd.build(), 1).unwrap();
+        assert_eq!((v, out), (Verdict::Pass, fwd.build()), "{name}: egress starts no flow");
+        assert!(dp.conntrack().is_empty(), "{name}: no conntrack entry from egress");
+        assert_eq!(dp.stat(PassEgress).packets, before + 1, "{name}: counted as pass_egress");
+
+        // The pod's packet in at its interface's ingress: DNAT to the node.
+        let (v, out, _) = dp.run(Hook::Tc, &fwd.build(), 1).unwrap();
+        assert_eq!((v, out), (Verdict::Pass, fwd.nat(CLIENT, 40000, NODE, tport).build()), "{name}: DNAT");
+
+        // The node's reply out at the interface's egress: reverse NAT.
+        let before = dp.stat(RevNat).packets;
+        let (v, out, _) = dp.run(Hook::TcEgress, &back.build(), 1).unwrap();
+        let want = back.nat(VIP, port, CLIENT, 40000).build();
+        assert_checksums(name, &out);
+        assert_eq!((v, out), (Verdict::Pass, want), "{name}: reply reverse-NATed on egress");
+        assert_eq!(dp.stat(RevNat).packets, before + 1, "{name}: counted as rev_nat");
+
+        // A later forward packet seen on egress (it cannot be, but a forward entry
+        // must never be applied there) passes untouched.
+        let later = if tcp_case { tcp(CLIENT, 40000, VIP, port) } else { fwd.clone() };
+        let (v, out, _) = dp.run(Hook::TcEgress, &later.build(), 1).unwrap();
+        assert_eq!((v, out), (Verdict::Pass, later.build()), "{name}: forward entries not applied on egress");
+
+        // Unrelated traffic to the pod.
+        let other = tcp(OTHER, 80, CLIENT, 40000);
+        let (v, out, _) = dp.run(Hook::TcEgress, &other.build(), 1).unwrap();
+        assert_eq!((v, out), (Verdict::Pass, other.build()), "{name}: others' traffic untouched");
+    }
 }

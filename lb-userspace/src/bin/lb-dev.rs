@@ -463,10 +463,10 @@ fn demo_datapath() -> Result<()> {
                 (Hook::Xdp, Verdict::Drop) => "XDP_DROP",
                 (Hook::Xdp, Verdict::Bounce) => "XDP_TX",
                 (Hook::Xdp, Verdict::Aborted) => "XDP_ABORTED",
-                (Hook::Tc, Verdict::Pass) => "tc pass (TC_ACT_OK/UNSPEC)",
-                (Hook::Tc, Verdict::Drop) => "TC_ACT_SHOT",
-                (Hook::Tc, Verdict::Bounce) => "TC_ACT_REDIRECT",
-                (Hook::Tc, Verdict::Aborted) => "aborted",
+                (Hook::Tc | Hook::TcEgress, Verdict::Pass) => "tc next (TC_ACT_UNSPEC)",
+                (Hook::Tc | Hook::TcEgress, Verdict::Drop) => "TC_ACT_SHOT",
+                (Hook::Tc | Hook::TcEgress, Verdict::Bounce) => "TC_ACT_REDIRECT",
+                (Hook::Tc | Hook::TcEgress, Verdict::Aborted) => "aborted",
             };
             println!("  {what}");
             println!("    in : {}", describe(&pkt));
