@@ -306,3 +306,120 @@ pub fn pin_foreign_hash_map(path: &Path, key_size: u32, value_size: u32) -> Resu
     }
     Ok(())
 }
+
+/// A second tc program, attached with tcx after whatever is on the hook already, that
+/// counts the packets it sees and then either hands them on or drops them: a stand-in
+/// for a network-policy program running after the datapath. Built from raw
+/// instructions through the bpf(2) syscall (eight instructions; no ELF needed), and
+/// detached when dropped.
+pub struct TcxProbe {
+    map_fd: std::os::fd::OwnedFd,
+    _prog_fd: std::os::fd::OwnedFd,
+    _link_fd: std::os::fd::OwnedFd,
+}
+
+/// What a [`TcxProbe`] does with a packet after counting it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeVerdict {
+    /// TCX_NEXT.
+    Next,
+    /// TC_ACT_SHOT.
+    Drop,
+}
+
+fn bpf_sys(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i32> {
+    // SAFETY: `attr` is a zero-padded `union bpf_attr` of the size we pass.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc as i32) }
+}
+
+fn put<const N: usize>(attr: &mut [u8; 128], off: usize, v: [u8; N]) {
+    attr[off..off + N].copy_from_slice(&v);
+}
+
+impl TcxProbe {
+    /// Attaches to `iface` (in the calling thread's network namespace), on ingress or
+    /// egress, after the programs already there.
+    pub fn attach(iface: &str, egress: bool, verdict: ProbeVerdict) -> Result<Self> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        // include/uapi/linux/bpf.h
+        const BPF_MAP_CREATE: u32 = 0;
+        const BPF_PROG_LOAD: u32 = 5;
+        const BPF_LINK_CREATE: u32 = 28;
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+        const BPF_TCX_INGRESS: u32 = 46;
+        const BPF_TCX_EGRESS: u32 = 47;
+        let name = std::ffi::CString::new(iface).context("interface name")?;
+        // SAFETY: a NUL-terminated name; returns 0 if there is no such interface.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {iface}");
+        }
+
+        let mut attr = [0u8; 128];
+        put(&mut attr, 0, BPF_MAP_TYPE_ARRAY.to_ne_bytes());
+        put(&mut attr, 4, 4u32.to_ne_bytes());
+        put(&mut attr, 8, 8u32.to_ne_bytes());
+        put(&mut attr, 12, 1u32.to_ne_bytes());
+        // SAFETY: a new fd the kernel handed us.
+        let map_fd = unsafe { OwnedFd::from_raw_fd(bpf_sys(BPF_MAP_CREATE, &mut attr).context("creating the probe's map")?) };
+
+        let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| -> [u8; 8] {
+            let o = off.to_ne_bytes();
+            let i = imm.to_ne_bytes();
+            [code, dst | (src << 4), o[0], o[1], i[0], i[1], i[2], i[3]]
+        };
+        let action: i32 = match verdict {
+            ProbeVerdict::Next => -1,
+            ProbeVerdict::Drop => 2,
+        };
+        let prog: Vec<[u8; 8]> = vec![
+            insn(0x62, 10, 0, -4, 0),                     // *(u32 *)(r10 - 4) = 0
+            insn(0xbf, 2, 10, 0, 0),                      // r2 = r10
+            insn(0x07, 2, 0, 0, -4),                      // r2 += -4
+            insn(0x18, 1, 1, 0, map_fd.as_raw_fd()),      // r1 = map (BPF_PSEUDO_MAP_FD) ...
+            insn(0, 0, 0, 0, 0),                          // ... upper half of the imm64
+            insn(0x85, 0, 0, 0, 1),                       // call bpf_map_lookup_elem
+            insn(0x15, 0, 0, 2, 0),                       // if r0 == 0 goto +2
+            insn(0xb7, 1, 0, 0, 1),                       // r1 = 1
+            insn(0xdb, 0, 1, 0, 0),                       // lock *(u64 *)(r0 + 0) += r1
+            insn(0xb7, 0, 0, 0, action),                  // r0 = verdict
+            insn(0x95, 0, 0, 0, 0),                       // exit
+        ];
+        let code: Vec<u8> = prog.concat();
+        let license = c"GPL";
+        let mut attr = [0u8; 128];
+        put(&mut attr, 0, BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+        put(&mut attr, 4, (prog.len() as u32).to_ne_bytes());
+        put(&mut attr, 8, (code.as_ptr() as u64).to_ne_bytes());
+        put(&mut attr, 16, (license.as_ptr() as u64).to_ne_bytes());
+        // SAFETY: as above.
+        let prog_fd = unsafe { OwnedFd::from_raw_fd(bpf_sys(BPF_PROG_LOAD, &mut attr).context("loading the probe")?) };
+
+        let mut attr = [0u8; 128];
+        put(&mut attr, 0, (prog_fd.as_raw_fd() as u32).to_ne_bytes());
+        put(&mut attr, 4, ifindex.to_ne_bytes());
+        put(&mut attr, 8, (if egress { BPF_TCX_EGRESS } else { BPF_TCX_INGRESS }).to_ne_bytes());
+        // No relative program and no flags: appended after the programs on the hook.
+        // SAFETY: as above.
+        let link_fd = unsafe {
+            OwnedFd::from_raw_fd(bpf_sys(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching the probe to {iface}"))?)
+        };
+        Ok(Self { map_fd, _prog_fd: prog_fd, _link_fd: link_fd })
+    }
+
+    /// Packets the probe has seen.
+    pub fn seen(&self) -> Result<u64> {
+        use std::os::fd::AsRawFd as _;
+        const BPF_MAP_LOOKUP_ELEM: u32 = 1;
+        let key = 0u32;
+        let mut value = 0u64;
+        let mut attr = [0u8; 128];
+        put(&mut attr, 0, (self.map_fd.as_raw_fd() as u32).to_ne_bytes());
+        put(&mut attr, 8, (&key as *const u32 as u64).to_ne_bytes());
+        put(&mut attr, 16, (&mut value as *mut u64 as u64).to_ne_bytes());
+        bpf_sys(BPF_MAP_LOOKUP_ELEM, &mut attr).context("reading the probe's count")?;
+        Ok(value)
+    }
+}

@@ -1,8 +1,16 @@
 //! Attaching the datapath to interfaces, following interfaces that come and go, and
 //! keeping the attachments alive across agent restarts.
 //!
+//! Uplinks get one hook (XDP or tc ingress); pod interfaces get two: tc ingress, the
+//! full datapath, and tc egress (`lb_tc_egress`), which reverse-NATs the replies the
+//! node's own stack sends to a pod when a Service's backend is the node itself (a
+//! host-network pod, the API server behind `kubernetes.default`): those replies leave
+//! through the pod interface's egress and cross no ingress hook.
+//!
 //! Every attachment is a BPF link (XDP link, or tcx on kernels >= 6.6) pinned under
-//! `<bpffs>/links/` as `<ifindex>_<mode>_<ifname>`. A pinned link outlives the agent
+//! `<bpffs>/links/` as `<ifindex>_<mode>_<ifname>` (mode `tc-egress` for the egress
+//! hook). A failed attach is retried with backoff, and the agent is not ready while any
+//! wanted attachment is missing. A pinned link outlives the agent
 //! process, so a killed agent leaves the datapath attached and its flows flowing.
 //! The next agent finds the pin and swaps its own, freshly loaded program in with
 //! `BPF_LINK_UPDATE` (atomic: no packet sees "no program"); the maps are the same
@@ -13,6 +21,7 @@ use std::{
     ffi::CStr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -29,7 +38,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::rpfilter::{PROC_IPV4_CONF, RpFilter, RpFilterStatus};
-use crate::datapath::{AttachMode, TC_PROGRAM, XDP_PROGRAM};
+use crate::datapath::{AttachMode, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 
 /// Directory, under the agent's bpffs, of the pinned links.
 pub const LINKS_DIR: &str = "links";
@@ -125,24 +134,67 @@ pub struct AttachPoint {
     pub iface: String,
     pub ifindex: u32,
     pub mode: AttachMode,
+    /// tc egress (`lb_tc_egress`), on pod interfaces; `mode` is then `tc`.
+    #[serde(default)]
+    pub egress: bool,
     /// Link and program ids, if the link could be inspected.
     pub link_id: Option<u32>,
     pub program_id: Option<u32>,
 }
 
+/// Pin-name token of the egress hook.
+const EGRESS_TOKEN: &str = "tc-egress";
+
 impl AttachPoint {
     /// `<ifindex>_<mode>_<ifname>`: bpffs reserves names with dots, so a dot in the
     /// interface name (a VLAN such as `eth0.100`) is written `%2e` (and `%` as `%25`).
     pub fn pin_name(&self) -> String {
-        format!("{}_{}_{}", self.ifindex, self.mode, self.iface.replace('%', "%25").replace('.', "%2e"))
+        let mode = if self.egress { EGRESS_TOKEN.to_string() } else { self.mode.to_string() };
+        format!("{}_{}_{}", self.ifindex, mode, self.iface.replace('%', "%25").replace('.', "%2e"))
     }
-    pub fn from_pin_name(name: &str) -> Option<(u32, AttachMode, String)> {
+    /// (ifindex, mode, egress, interface).
+    pub fn from_pin_name(name: &str) -> Option<(u32, AttachMode, bool, String)> {
         let mut it = name.splitn(3, '_');
         let ifindex = it.next()?.parse().ok()?;
-        let mode = it.next()?.parse().ok()?;
-        Some((ifindex, mode, it.next()?.replace("%2e", ".").replace("%25", "%")))
+        let (mode, egress) = match it.next()? {
+            EGRESS_TOKEN => (AttachMode::Tc, true),
+            m => (m.parse().ok()?, false),
+        };
+        Some((ifindex, mode, egress, it.next()?.replace("%2e", ".").replace("%25", "%")))
+    }
+    /// "eth0 (xdp)", "veth1 (tc-egress)".
+    pub fn hook_name(&self) -> String {
+        if self.egress { EGRESS_TOKEN.to_string() } else { self.mode.to_string() }
     }
 }
+
+/// A wanted attachment that is not in place, as `lb status` and the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachFailure {
+    pub iface: String,
+    pub ifindex: u32,
+    /// `xdp`, `xdp-generic`, `tc` or `tc-egress`.
+    pub hook: String,
+    pub error: String,
+    pub attempts: u32,
+    /// Seconds until the next attempt.
+    pub retry_in_s: u64,
+}
+
+/// First retry after a failed attach; doubled per failure up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+struct Failed {
+    ifindex: u32,
+    error: String,
+    attempts: u32,
+    next_try: Instant,
+}
+
+/// Which attachment: interface, ifindex, hook.
+type Want = (String, bool);
 
 /// Pinned links under `links_dir`, with their kernel ids.
 pub fn pinned_links(links_dir: &Path) -> Vec<(PathBuf, AttachPoint)> {
@@ -150,7 +202,7 @@ pub fn pinned_links(links_dir: &Path) -> Vec<(PathBuf, AttachPoint)> {
     let Ok(entries) = std::fs::read_dir(links_dir) else { return out };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some((ifindex, mode, iface)) = AttachPoint::from_pin_name(&name) else { continue };
+        let Some((ifindex, mode, egress, iface)) = AttachPoint::from_pin_name(&name) else { continue };
         let info = PinnedLink::from_pin(e.path()).ok().and_then(|p| FdLink::from(p).info().ok());
         out.push((
             e.path(),
@@ -158,12 +210,13 @@ pub fn pinned_links(links_dir: &Path) -> Vec<(PathBuf, AttachPoint)> {
                 iface,
                 ifindex,
                 mode,
+                egress,
                 link_id: info.as_ref().map(|i| i.id()),
                 program_id: info.as_ref().map(|i| i.program_id()),
             },
         ));
     }
-    out.sort_by(|a, b| (a.1.ifindex, &a.1.iface).cmp(&(b.1.ifindex, &b.1.iface)));
+    out.sort_by(|a, b| (a.1.ifindex, &a.1.iface, a.1.egress).cmp(&(b.1.ifindex, &b.1.iface, b.1.egress)));
     out
 }
 
@@ -233,8 +286,8 @@ pub struct Attacher {
     links_dir: PathBuf,
     /// Attachments made or adopted by this process, by pin name.
     ours: BTreeSet<String>,
-    /// Interfaces whose attach failed, not retried until they change.
-    failed: BTreeMap<(u32, String), (AttachMode, String)>,
+    /// Wanted attachments whose attach failed: retried with backoff.
+    failed: BTreeMap<Want, Failed>,
     rp: RpFilter,
     rp_status: RpFilterStatus,
 }
@@ -308,17 +361,52 @@ impl Attacher {
     }
 
     /// What should be attached now: uplinks by name (uplink mode), then pod interfaces
-    /// by glob (pod mode). `lo` only if named.
-    pub fn wanted(&self, ifaces: &[(String, u32)]) -> BTreeMap<String, (u32, AttachMode)> {
+    /// by glob (pod mode on ingress, and tc egress). `lo` only if named. Keyed by
+    /// (interface, egress).
+    pub fn wanted(&self, ifaces: &[(String, u32)]) -> BTreeMap<Want, (u32, AttachMode)> {
         let mut out = BTreeMap::new();
         for (name, idx) in ifaces {
             if self.cfg.ifaces.iter().any(|i| i == name) {
-                out.insert(name.clone(), (*idx, self.cfg.uplink_mode.for_iface(name)));
+                out.insert((name.clone(), false), (*idx, self.cfg.uplink_mode.for_iface(name)));
             } else if name != "lo" && self.cfg.globs.iter().any(|g| glob_match(g, name)) {
-                out.insert(name.clone(), (*idx, self.cfg.pod_mode));
+                out.insert((name.clone(), false), (*idx, self.cfg.pod_mode));
+                out.insert((name.clone(), true), (*idx, AttachMode::Tc));
             }
         }
         out
+    }
+
+    /// Wanted attachments not in place, with the last error.
+    pub fn failures(&self) -> Vec<AttachFailure> {
+        let now = Instant::now();
+        let wanted = self.wanted(&interfaces());
+        self.failed
+            .iter()
+            .map(|((iface, egress), f)| {
+                let (ifindex, mode) = wanted.get(&(iface.clone(), *egress)).copied().unwrap_or((0, AttachMode::Tc));
+                let ap = AttachPoint {
+                    iface: iface.clone(),
+                    ifindex,
+                    mode,
+                    egress: *egress,
+                    link_id: None,
+                    program_id: None,
+                };
+                AttachFailure {
+                    iface: iface.clone(),
+                    ifindex,
+                    hook: ap.hook_name(),
+                    error: f.error.clone(),
+                    attempts: f.attempts,
+                    retry_in_s: f.next_try.saturating_duration_since(now).as_secs(),
+                }
+            })
+            .collect()
+    }
+
+    /// When the next failed attach is due for a retry.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.failed.values().map(|f| f.next_try).min()
     }
 
     /// Brings the attachments in line with the interfaces present. Returns the
@@ -329,10 +417,11 @@ impl Attacher {
         let pinned = pinned_links(&self.links_dir);
         let mut have = BTreeSet::new();
         for (path, ap) in pinned {
-            let keep = wanted.get(&ap.iface).is_some_and(|(idx, mode)| *idx == ap.ifindex && *mode == ap.mode);
+            let want = (ap.iface.clone(), ap.egress);
+            let keep = wanted.get(&want).is_some_and(|(idx, mode)| *idx == ap.ifindex && *mode == ap.mode);
             let name = ap.pin_name();
             if !keep {
-                info!(iface = %ap.iface, mode = %ap.mode, "detaching (interface gone or no longer selected)");
+                info!(iface = %ap.iface, hook = %ap.hook_name(), "detaching (interface gone or no longer selected)");
                 if let Err(e) = std::fs::remove_file(&path) {
                     warn!(path = %path.display(), error = %e, "cannot remove pinned link");
                 }
@@ -341,9 +430,9 @@ impl Attacher {
             }
             if !self.ours.contains(&name) {
                 // Left by a previous agent: swap our program in.
-                match self.adopt(&path, ap.mode) {
+                match self.adopt(&path, ap.mode, ap.egress) {
                     Ok(()) => {
-                        info!(iface = %ap.iface, mode = %ap.mode, "adopted the pinned link; program replaced atomically");
+                        info!(iface = %ap.iface, hook = %ap.hook_name(), "adopted the pinned link; program replaced atomically");
                         self.ours.insert(name);
                     }
                     Err(e) => {
@@ -354,24 +443,42 @@ impl Attacher {
                     }
                 }
             }
-            have.insert(ap.iface.clone());
+            have.insert(want);
         }
-        self.failed.retain(|(idx, _), (mode, iface)| wanted.get(iface).is_some_and(|w| *w == (*idx, *mode)));
-        for (iface, (ifindex, mode)) in &wanted {
-            if have.contains(iface) || self.failed.contains_key(&(*ifindex, mode.to_string())) {
+        // Failures of attachments no longer wanted (the interface went, or came back
+        // as another one) are forgotten.
+        self.failed.retain(|w, f| wanted.get(w).is_some_and(|(idx, _)| *idx == f.ifindex));
+        let now = Instant::now();
+        for (want, (ifindex, mode)) in &wanted {
+            if have.contains(want) {
+                self.failed.remove(want);
                 continue;
             }
-            let ap =
-                AttachPoint { iface: iface.clone(), ifindex: *ifindex, mode: *mode, link_id: None, program_id: None };
+            if self.failed.get(want).is_some_and(|f| f.next_try > now) {
+                continue;
+            }
+            let (iface, egress) = want;
+            let ap = AttachPoint {
+                iface: iface.clone(),
+                ifindex: *ifindex,
+                mode: *mode,
+                egress: *egress,
+                link_id: None,
+                program_id: None,
+            };
             match self.attach_new(&ap) {
                 Ok(()) => {
-                    info!(iface, %mode, "attached");
+                    info!(iface, hook = %ap.hook_name(), "attached");
                     self.ours.insert(ap.pin_name());
+                    self.failed.remove(want);
                 }
                 Err(e) => {
                     errors += 1;
-                    warn!(iface, %mode, error = %crate::agent::chain(&e), "attach failed; not retried until the interface changes");
-                    self.failed.insert((*ifindex, mode.to_string()), (*mode, iface.clone()));
+                    let attempts = self.failed.get(want).map_or(1, |f| f.attempts + 1);
+                    let backoff = RETRY_FIRST.saturating_mul(1 << (attempts - 1).min(16)).min(RETRY_MAX);
+                    let error = crate::agent::chain(&e);
+                    warn!(iface, hook = %ap.hook_name(), error, attempts, retry_in = ?backoff, "attach failed; not ready until it holds");
+                    self.failed.insert(want.clone(), Failed { ifindex: *ifindex, error, attempts, next_try: now + backoff });
                 }
             }
         }
@@ -380,7 +487,7 @@ impl Attacher {
         (now, errors)
     }
 
-    fn adopt(&mut self, path: &Path, mode: AttachMode) -> Result<(), AttachError> {
+    fn adopt(&mut self, path: &Path, mode: AttachMode, egress: bool) -> Result<(), AttachError> {
         let reuse = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Reuse { path: path.into(), source };
         let fd: FdLink = PinnedLink::from_pin(path).map_err(|e| reuse(e.into()))?.into();
         match mode {
@@ -393,7 +500,8 @@ impl Attacher {
             }
             AttachMode::Tc => {
                 let link = SchedClassifierLink::try_from(fd).map_err(|e| reuse(e.into()))?;
-                let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                let prog: &mut SchedClassifier =
+                    program(&mut self.ebpf, if egress { TC_EGRESS_PROGRAM } else { TC_PROGRAM })?;
                 let id = prog.attach_to_link(link).map_err(|e| reuse(e.into()))?;
                 drop(prog.take_link(id).map_err(|e| reuse(e.into()))?.try_into_fd());
             }
@@ -411,11 +519,13 @@ impl Attacher {
                 prog.take_link(id).map_err(err)?.try_into_fd()
             }
             AttachMode::Tc => {
-                let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                let (name, kind) =
+                    if ap.egress { (TC_EGRESS_PROGRAM, TcAttachType::Egress) } else { (TC_PROGRAM, TcAttachType::Ingress) };
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
                 let id = prog
                     .attach_with_options(
                         &ap.iface,
-                        TcAttachType::Ingress,
+                        kind,
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
                     .map_err(err)?;
@@ -544,9 +654,12 @@ mod tests {
     fn pin_names_round_trip() {
         for mode in [AttachMode::Xdp, AttachMode::XdpGeneric, AttachMode::Tc] {
             for iface in ["veth.a_b", "eth0.100", "odd%2e"] {
-                let ap = AttachPoint { iface: iface.into(), ifindex: 42, mode, link_id: None, program_id: None };
+                let ap =
+                    AttachPoint { iface: iface.into(), ifindex: 42, mode, egress: false, link_id: None, program_id: None };
                 assert!(!ap.pin_name().contains('.'), "bpffs refuses dots: {}", ap.pin_name());
-                assert_eq!(AttachPoint::from_pin_name(&ap.pin_name()), Some((42, mode, iface.into())));
+                assert_eq!(AttachPoint::from_pin_name(&ap.pin_name()), Some((42, mode, false, iface.into())));
+                let eg = AttachPoint { mode: AttachMode::Tc, egress: true, ..ap };
+                assert_eq!(AttachPoint::from_pin_name(&eg.pin_name()), Some((42, AttachMode::Tc, true, iface.into())));
             }
         }
         assert_eq!(AttachPoint::from_pin_name("junk"), None);

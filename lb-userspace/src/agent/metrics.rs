@@ -84,6 +84,7 @@ pub struct Metrics {
     invalid_now: Mutex<BTreeMap<IssueKind, u64>>,
     attached: AtomicU64,
     attach_errors: AtomicU64,
+    attach_failing: Mutex<Vec<super::attach::AttachFailure>>,
     rp_filter: Mutex<super::rpfilter::RpFilterStatus>,
     programmed: Mutex<Arc<Vec<ProgrammedFrontend>>>,
     stats: Mutex<Option<StatsReader>>,
@@ -101,11 +102,34 @@ impl Metrics {
             *s = Some(r);
         }
     }
+    /// The initial sync is done.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
-    pub fn is_ready(&self) -> bool {
+    pub fn is_synced(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+    /// Synced, and every wanted attachment in place: without the uplink hook, say,
+    /// every cross-node reply would go un-NATed.
+    pub fn is_ready(&self) -> bool {
+        self.not_ready_because().is_none()
+    }
+    /// Why `/readyz` fails, if it does.
+    pub fn not_ready_because(&self) -> Option<String> {
+        if !self.is_synced() {
+            return Some("initial sync not done".into());
+        }
+        let failing = self.attach_failing.lock().map(|f| f.clone()).unwrap_or_default();
+        if failing.is_empty() {
+            return None;
+        }
+        let list: Vec<String> = failing.iter().map(|f| format!("{} ({}): {}", f.iface, f.hook, f.error)).collect();
+        Some(format!("attach failing on {}", list.join("; ")))
+    }
+    pub fn set_attach_failures(&self, f: &[super::attach::AttachFailure]) {
+        if let Ok(mut m) = self.attach_failing.lock() {
+            *m = f.to_vec();
+        }
     }
     pub fn watch_restart(&self, resource: &'static str) {
         bump(&self.watch_restarts, resource);
@@ -187,7 +211,13 @@ impl Metrics {
         let g = |o: &mut String, name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        g(&mut o, "lb_ready", "gauge", "1 once the initial sync is done.", u64::from(self.is_ready()));
+        g(
+            &mut o,
+            "lb_ready",
+            "gauge",
+            "1 once the initial sync is done and every wanted attachment is in place.",
+            u64::from(self.is_ready()),
+        );
         g(
             &mut o,
             "lb_syncs_total",
@@ -237,6 +267,22 @@ impl Metrics {
             "Failed attach attempts.",
             self.attach_errors.load(Ordering::Relaxed),
         );
+        let failing = self.attach_failing.lock().map(|f| f.clone()).unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "# HELP lb_attach_failing Wanted attachments not in place (retried with backoff; the agent is not ready meanwhile).\n# TYPE lb_attach_failing gauge"
+        );
+        if failing.is_empty() {
+            let _ = writeln!(o, "lb_attach_failing 0");
+        }
+        for f in &failing {
+            let _ = writeln!(
+                o,
+                "lb_attach_failing{{interface=\"{}\",hook=\"{}\"}} 1",
+                f.iface.replace('\\', "\\\\").replace('"', "\\\""),
+                f.hook
+            );
+        }
         let rp = self.rp_filter();
         if let Some(all) = rp.all {
             g(
@@ -420,10 +466,10 @@ pub async fn serve(
                     let (status, ctype, body) = match (method, path) {
                         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
                         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                        ("GET", "/readyz") if metrics.is_ready() => ("200 OK", "text/plain", "ok\n".to_string()),
-                        ("GET", "/readyz") => {
-                            ("503 Service Unavailable", "text/plain", "initial sync not done\n".to_string())
-                        }
+                        ("GET", "/readyz") => match metrics.not_ready_because() {
+                            None => ("200 OK", "text/plain", "ok\n".to_string()),
+                            Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+                        },
                         ("GET", _) => {
                             ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string())
                         }

@@ -89,6 +89,10 @@ pub struct AgentStatus {
     pub invalid_objects: usize,
     pub watch_restarts: u64,
     pub attach: Vec<attach::AttachPoint>,
+    /// Wanted attachments that are not in place (retried with backoff); the agent is
+    /// not ready while any is listed.
+    #[serde(default)]
+    pub attach_failures: Vec<attach::AttachFailure>,
     /// rp_filter on the node (see [`rpfilter`]): a warning here means ClusterIP
     /// replies are being dropped.
     #[serde(default)]
@@ -165,19 +169,24 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     };
 
     // Attachments: their own task, which owns the loaded programs.
-    let attach_points: Arc<Mutex<Vec<attach::AttachPoint>>> = Arc::default();
+    let attach_points: Arc<Mutex<(Vec<attach::AttachPoint>, Vec<attach::AttachFailure>)>> = Arc::default();
     let has_attach = !cfg.attach.ifaces.is_empty() || !cfg.attach.globs.is_empty();
     let mut attacher =
         attach::Attacher::new(ebpf, cfg.attach.clone(), &cfg.bpffs).context("creating the links directory")?;
-    {
-        let (points, errors) = attacher.reconcile();
+    let reconcile = |attacher: &mut attach::Attacher,
+                     metrics: &metrics::Metrics,
+                     points: &Mutex<(Vec<attach::AttachPoint>, Vec<attach::AttachFailure>)>| {
+        let (now, errors) = attacher.reconcile();
         for _ in 0..errors {
             metrics.attach_error();
         }
-        metrics.set_attached(points.len());
+        let failures = attacher.failures();
+        metrics.set_attached(now.len());
+        metrics.set_attach_failures(&failures);
         metrics.set_rp_filter(attacher.rp_filter_status());
-        *attach_points.lock().unwrap_or_else(|e| e.into_inner()) = points;
-    }
+        *points.lock().unwrap_or_else(|e| e.into_inner()) = (now, failures);
+    };
+    reconcile(&mut attacher, &metrics, &attach_points);
     let link_events = Arc::new(Notify::new());
     if has_attach {
         attach::watch_links(link_events.clone());
@@ -193,20 +202,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 std::future::pending::<()>().await;
             }
             loop {
+                let retry = attacher.next_retry().map(tokio::time::Instant::from_std);
                 tokio::select! {
                     _ = events.notified() => {
                         // Let a burst of link messages (veth pair creation) settle.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     _ = tokio::time::sleep(every) => {}
+                    _ = async { tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)).await }, if retry.is_some() => {}
                 }
-                let (now, errors) = attacher.reconcile();
-                for _ in 0..errors {
-                    metrics.attach_error();
-                }
-                metrics.set_attached(now.len());
-                metrics.set_rp_filter(attacher.rp_filter_status());
-                *points.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                reconcile(&mut attacher, &metrics, &points);
             }
         });
     }
@@ -260,7 +265,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             Ok(st) => {
                 retry = None;
                 status.last_sync_error = None;
-                let first = !metrics.is_ready();
+                let first = !metrics.is_synced();
                 metrics.sync_done(took, true, st.ops(), st.frontends, st.endpoints);
                 if st.ops() > 0 || first {
                     info!(
@@ -300,7 +305,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         status.last_sync_duration_us = took.as_micros() as u64;
         status.invalid_objects = computed.issues.len();
         status.watch_restarts = metrics.watch_restarts_total();
-        status.attach = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
+        (status.attach, status.attach_failures) = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
         status.rp_filter = metrics.rp_filter();
         if let Some(p) = &cfg.status_file {
             write_status(p, &status);
