@@ -189,7 +189,10 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 
 /// Keeps only what the agent reads, so that 10,000 Services stay small in memory.
 fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    use super::model::{ANNOTATION_NO_ENDPOINTS, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+    use super::model::{
+        ANNOTATION_NO_ENDPOINTS, ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE, LABEL_HEADLESS,
+        LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    };
     meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
@@ -201,7 +204,9 @@ fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
     meta.generation = None;
     meta.generate_name = None;
     if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == ANNOTATION_NO_ENDPOINTS);
+        a.retain(|k, _| {
+            k == ANNOTATION_NO_ENDPOINTS || k == ANNOTATION_TOPOLOGY_AWARE_HINTS || k == ANNOTATION_TOPOLOGY_MODE
+        });
     }
     if let Some(l) = meta.labels.as_mut() {
         l.retain(|k, _| k == LABEL_SERVICE_NAME || k == LABEL_HEADLESS || k == LABEL_SERVICE_PROXY_NAME);
@@ -220,6 +225,9 @@ fn slim_service(s: &mut Service) {
             publish_not_ready_addresses: spec.publish_not_ready_addresses,
             session_affinity: spec.session_affinity,
             session_affinity_config: spec.session_affinity_config,
+            // Node awareness (model::NodeInfo). A 1.20 API server has neither field.
+            internal_traffic_policy: spec.internal_traffic_policy,
+            traffic_distribution: spec.traffic_distribution,
             ports: spec.ports.map(|ports| {
                 ports
                     .into_iter()
@@ -238,7 +246,10 @@ fn slim_service(s: &mut Service) {
 
 /// `discovery.k8s.io/v1beta1` EndpointSlice, as Kubernetes 1.20 serves it, decoded
 /// straight from the wire into v1's field types: v1beta1's JSON is v1's plus
-/// `topology` (ignored by the decoder) and minus `hints`, `nodeName` and `zone`.
+/// `topology` (ignored by the decoder). 1.20 has no `hints` and no `zone`, and its
+/// `nodeName` is behind the alpha EndpointSliceNodeName gate; later v1beta1 servers
+/// (1.21–1.24) send `nodeName` and `hints` under v1's names, so they decode into v1's
+/// fields and reach the model like v1's (`Slice::from_k8s`).
 ///
 /// The recipe (shared/recipes/README.md) watches v1beta1 as `DynamicObject` and
 /// converts through `serde_json::Value`; decoding directly skips that second pass,
@@ -581,6 +592,25 @@ spec: {ports: "not a list"}
     }
 
     #[test]
+    fn slim_service_keeps_what_node_awareness_reads() {
+        let mut s: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default", "annotations": {
+                "service.kubernetes.io/topology-aware-hints": "auto",
+                "service.kubernetes.io/topology-mode": "Auto",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                     "trafficDistribution": "PreferClose", "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        slim_service(&mut s);
+        let spec = s.spec.as_ref().unwrap();
+        assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(spec.traffic_distribution.as_deref(), Some("PreferClose"));
+        let a = s.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.len(), 2, "{a:?}");
+    }
+
+    #[test]
     fn yaml_syntax_error_is_reported_not_fatal() {
         let p = parse_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
         assert!(p.snapshot.services.is_empty());
@@ -625,6 +655,8 @@ spec: {ports: "not a list"}
                 endpoints: vec![SliceEndpoint {
                     address: EndpointAddress::V4("10.244.0.2".parse().unwrap()),
                     cond: Conditions { ready: true, serving: true, terminating: false },
+                    node_name: None,
+                    zone_hints: Box::default(),
                 }]
                 .into(),
             }

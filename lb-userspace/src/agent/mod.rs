@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub iface_rescan: Duration,
     /// `max_entries` by pinned map name (`--max-*`); empty keeps the defaults.
     pub map_sizes: Vec<(&'static str, u32)>,
+    /// This node (`--node-name`, `--node-zone`), for `internalTrafficPolicy: Local`
+    /// and topology aware hints.
+    pub node: model::NodeInfo,
 }
 
 /// What `lb status` reads from the running agent.
@@ -218,7 +221,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             k8s::kubernetes(client, metrics.clone()).await.context("starting the Kubernetes watches")?
         }
     };
-    info!(source = %source.description, "waiting for the initial list");
+    info!(source = %source.description, node = ?cfg.node.name, zone = ?cfg.node.zone, "waiting for the initial list");
     let mut shutdown = std::pin::pin!(shutdown);
     tokio::select! {
         r = source.wait_ready() => r.context("waiting for the initial list")?,
@@ -239,7 +242,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     loop {
         let t_start = Instant::now();
         let snap = source.snapshot();
-        let computed = model::compute(snap.services.iter().map(|s| s.as_ref()), snap.slices.iter().map(|s| s.as_ref()));
+        let computed = model::compute_on(
+            &cfg.node,
+            snap.services.iter().map(|s| s.as_ref()),
+            snap.slices.iter().map(|s| s.as_ref()),
+        );
         let t_computed = t_start.elapsed();
         let res = syncer.sync(&computed.desired, &mut maps);
         let took = t_start.elapsed();
