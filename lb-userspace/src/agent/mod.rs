@@ -90,6 +90,10 @@ pub struct AgentStatus {
     pub frontends: usize,
     pub endpoints: usize,
     pub invalid_objects: usize,
+    /// Why the source's latest read was rejected as a whole (a YAML syntax error in
+    /// the `file:` source); the agent keeps programming its last good state meanwhile.
+    #[serde(default)]
+    pub source_error: Option<String>,
     pub watch_restarts: u64,
     pub attach: Vec<attach::AttachPoint>,
     /// rp_filter on the node (see [`rpfilter`]): a warning here means ClusterIP
@@ -306,6 +310,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         status.last_sync_unix_ms = unix_ms();
         status.last_sync_duration_us = took.as_micros() as u64;
         status.invalid_objects = computed.issues.len();
+        status.source_error = source.error();
         status.watch_restarts = metrics.watch_restarts_total();
         status.attach = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
         status.rp_filter = metrics.rp_filter();
