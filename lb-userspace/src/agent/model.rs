@@ -163,8 +163,10 @@ pub struct Frontend {
     /// The backends new connections go to (the service's slots).
     pub backends: BTreeSet<Backend>,
     /// Every other endpoint its EndpointSlices still list (terminating, not ready,
-    /// not serving): it takes no new connections, but established ones keep going to
-    /// it, as under kube-proxy, until it leaves the slices. Never in `backends`.
+    /// not serving, or hinted for another zone): it takes no new connections, but
+    /// established ones keep going to it, as under kube-proxy, until it leaves the
+    /// slices. Never in `backends`. Other nodes' endpoints of an
+    /// `internalTrafficPolicy: Local` Service are left out (see `Selection`).
     pub draining: BTreeSet<Backend>,
 }
 
