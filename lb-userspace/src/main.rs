@@ -50,6 +50,7 @@ enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start; boxing the agent's flags buys nothing")]
 enum Cmd {
     /// Run the node agent: load and attach the datapath, watch Services and
     /// EndpointSlices, and program the maps.
@@ -131,6 +132,18 @@ struct AgentArgs {
     /// Rescan interfaces this often besides netlink notifications (milliseconds).
     #[arg(long, env = "LB_IFACE_RESCAN_MS", default_value_t = 5000)]
     iface_rescan_ms: u64,
+    /// This node's name, as EndpointSlices' `nodeName` gives it (the DaemonSet sets it
+    /// from the downward API's `spec.nodeName`). Needed for `internalTrafficPolicy:
+    /// Local`: without it such Services drop their traffic (and are counted as
+    /// `node_name_unknown`), since no endpoint can be told local.
+    #[arg(long, env = "LB_NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for topology aware
+    /// hints; without it hints are ignored, as kube-proxy does on an unlabelled node.
+    /// A flag rather than a watch of Node objects, which would cost API load on every
+    /// node for a label that seldom changes.
+    #[arg(long, env = "LB_NODE_ZONE")]
+    node_zone: Option<String>,
     /// Remove everything the agent pinned (links, which detaches the datapath, and
     /// maps) and exit.
     #[arg(long, env = "LB_CLEANUP")]
@@ -234,6 +247,11 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
                 (m::CONNTRACK, a.max_conntrack),
                 (m::AFFINITY, a.max_affinity),
             ]
+        },
+        // An empty value (an unset downward-API field) means unknown.
+        node: agent::model::NodeInfo {
+            name: a.node_name.filter(|n| !n.is_empty()),
+            zone: a.node_zone.filter(|z| !z.is_empty()),
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

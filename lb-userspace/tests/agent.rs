@@ -731,3 +731,89 @@ fn xdp_on_pod_interfaces_is_refused_without_consent() -> Result<()> {
     assert!(help.contains("Attach defaults:") && help.contains("--allow-xdp-on-pods"), "{help}");
     Ok(())
 }
+
+/// Two Services from v1 objects through `--source file:`, on node `node-b` in
+/// `zone-b`: `internalTrafficPolicy: Local` (one local endpoint, then none), and
+/// topology aware hints.
+fn node_yaml(local_node_of_second: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: default}}\n\
+         spec: {{clusterIP: 10.96.0.20, internalTrafficPolicy: Local, ports: [{{name: http, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: local-1, namespace: default, labels: {{kubernetes.io/service-name: local}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n\
+         - {{addresses: [10.244.1.1], nodeName: node-a, conditions: {{ready: true}}}}\n\
+         - {{addresses: [10.244.2.1], nodeName: {local_node_of_second}, conditions: {{ready: true}}}}\n---\n\
+         apiVersion: v1\nkind: Service\n\
+         metadata: {{name: zonal, namespace: default, annotations: {{service.kubernetes.io/topology-aware-hints: auto}}}}\n\
+         spec: {{clusterIP: 10.96.0.21, ports: [{{name: http, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: zonal-1, namespace: default, labels: {{kubernetes.io/service-name: zonal}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n\
+         - {{addresses: [10.244.1.2], nodeName: node-a, zone: zone-a, hints: {{forZones: [{{name: zone-a}}]}}}}\n\
+         - {{addresses: [10.244.2.2], nodeName: node-b, zone: zone-b, hints: {{forZones: [{{name: zone-b}}]}}}}\n\
+         - {{addresses: [10.244.3.2], nodeName: node-c, zone: zone-b, hints: {{forZones: [{{name: zone-b}}]}}}}\n"
+    )
+}
+
+#[test]
+fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()> {
+    let bpffs = PrivateBpffs::new()?;
+    let dir = Scratch::new("node")?;
+    let file = dir.0.join("objects.yaml");
+    let status_file = dir.0.join("status.json");
+    write_file(&file, &node_yaml("node-b"))?;
+    let mut c = Command::new(lb());
+    c.args(["agent", "--source"])
+        .arg(format!("file:{}", file.display()))
+        .args(["--file-poll-ms=20", "--node-name=node-b"])
+        .env("LB_NODE_ZONE", "zone-b")
+        .env("LB_BPFFS", bpffs.path())
+        .env("LB_STATUS_FILE", &status_file);
+    let mut agent = Agent::start(c, &dir.0.join("agent.log"))?;
+    let want = |local: &[&str]| {
+        vec![
+            ("10.96.0.20:80/TCP".to_string(), local.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            ("10.96.0.21:80/TCP".to_string(), vec!["10.244.2.2:8080".to_string(), "10.244.3.2:8080".to_string()]),
+        ]
+    };
+    wait_for("Local and hinted backends", Duration::from_secs(20), Some(&agent), || {
+        (programmed(bpffs.path()) == want(&["10.244.2.1:8080"])).then_some(())
+    })?;
+    let rows = inspect::services(bpffs.path())?;
+    let zonal = rows.iter().find(|r| r.frontend.starts_with("10.96.0.21")).expect("zonal frontend");
+    assert_eq!(zonal.draining.iter().map(|d| d.address.as_str()).collect::<Vec<_>>(), ["10.244.1.2:8080"]);
+
+    // The local endpoint moves to another node: Local drops.
+    write_file(&file, &node_yaml("node-c"))?;
+    let rows = wait_for("Local without a local endpoint", Duration::from_secs(10), Some(&agent), || {
+        let rows = inspect::services(bpffs.path()).ok()?;
+        (programmed(bpffs.path()) == want(&[])).then_some(rows)
+    })?;
+    let local = rows.iter().find(|r| r.frontend.starts_with("10.96.0.20")).expect("local frontend");
+    assert_eq!(local.no_endpoints, "drop");
+    wait_for("status", Duration::from_secs(10), Some(&agent), || {
+        status(&status_file).is_some_and(|s| s.ready && s.source_error.is_none()).then_some(())
+    })?;
+
+    // A syntax error half-way through the file: nothing changes, the error is reported.
+    let good = node_yaml("node-b");
+    let (first, rest) = good.split_once("---\n").expect("documents");
+    write_file(&file, &format!("{first}---\nkind: [unterminated\n---\n{rest}"))?;
+    let st = wait_for("source error in the status", Duration::from_secs(10), Some(&agent), || {
+        status(&status_file).filter(|s| s.source_error.is_some())
+    })?;
+    assert!(st.source_error.as_deref().is_some_and(|e| e.contains("not valid YAML")), "{:?}", st.source_error);
+    assert_eq!(programmed(bpffs.path()), want(&[]), "the last good state must stay programmed");
+
+    // Fixed: the new state is programmed and the error clears.
+    write_file(&file, &good)?;
+    wait_for("fixed file", Duration::from_secs(10), Some(&agent), || {
+        (programmed(bpffs.path()) == want(&["10.244.2.1:8080"])
+            && status(&status_file).is_some_and(|s| s.source_error.is_none()))
+        .then_some(())
+    })?;
+    assert!(agent.log_text().contains("not valid YAML; keeping the last good state"));
+    agent.term()?;
+    Ok(())
+}

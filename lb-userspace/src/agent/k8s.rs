@@ -22,7 +22,7 @@ use kube::{
     },
 };
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{metrics::Metrics, model::Slice};
 
@@ -75,8 +75,16 @@ pub enum SourceError {
 }
 
 enum Inner {
-    Kube { services: Store<Service>, slices: Store<Slice> },
-    File { state: Arc<Mutex<Snapshot>>, ready: Arc<tokio::sync::watch::Sender<bool>> },
+    Kube {
+        services: Store<Service>,
+        slices: Store<Slice>,
+    },
+    File {
+        state: Arc<Mutex<Snapshot>>,
+        ready: Arc<tokio::sync::watch::Sender<bool>>,
+        /// Why the latest read of the file was rejected (the state is the last good one).
+        error: Arc<Mutex<Option<String>>>,
+    },
 }
 
 /// A source of Services and EndpointSlices.
@@ -92,6 +100,15 @@ impl Source {
         match &self.inner {
             Inner::Kube { services, slices } => Snapshot { services: services.state(), slices: slices.state() },
             Inner::File { state, .. } => state.lock().map(|s| s.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Why the source's latest read was rejected as a whole, while it serves its last
+    /// good snapshot (the file source after a YAML syntax error); None when it is fine.
+    pub fn error(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Kube { .. } => None,
+            Inner::File { error, .. } => error.lock().ok().and_then(|e| e.clone()),
         }
     }
 
@@ -189,7 +206,10 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 
 /// Keeps only what the agent reads, so that 10,000 Services stay small in memory.
 fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    use super::model::{ANNOTATION_NO_ENDPOINTS, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+    use super::model::{
+        ANNOTATION_NO_ENDPOINTS, ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE, LABEL_HEADLESS,
+        LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    };
     meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
@@ -201,7 +221,9 @@ fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
     meta.generation = None;
     meta.generate_name = None;
     if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == ANNOTATION_NO_ENDPOINTS);
+        a.retain(|k, _| {
+            k == ANNOTATION_NO_ENDPOINTS || k == ANNOTATION_TOPOLOGY_AWARE_HINTS || k == ANNOTATION_TOPOLOGY_MODE
+        });
     }
     if let Some(l) = meta.labels.as_mut() {
         l.retain(|k, _| k == LABEL_SERVICE_NAME || k == LABEL_HEADLESS || k == LABEL_SERVICE_PROXY_NAME);
@@ -220,6 +242,9 @@ fn slim_service(s: &mut Service) {
             publish_not_ready_addresses: spec.publish_not_ready_addresses,
             session_affinity: spec.session_affinity,
             session_affinity_config: spec.session_affinity_config,
+            // Node awareness (model::NodeInfo). A 1.20 API server has neither field.
+            internal_traffic_policy: spec.internal_traffic_policy,
+            traffic_distribution: spec.traffic_distribution,
             ports: spec.ports.map(|ports| {
                 ports
                     .into_iter()
@@ -238,7 +263,10 @@ fn slim_service(s: &mut Service) {
 
 /// `discovery.k8s.io/v1beta1` EndpointSlice, as Kubernetes 1.20 serves it, decoded
 /// straight from the wire into v1's field types: v1beta1's JSON is v1's plus
-/// `topology` (ignored by the decoder) and minus `hints`, `nodeName` and `zone`.
+/// `topology` (ignored by the decoder). 1.20 has no `hints` and no `zone`, and its
+/// `nodeName` is behind the alpha EndpointSliceNodeName gate; later v1beta1 servers
+/// (1.21–1.24) send `nodeName` and `hints` under v1's names, so they decode into v1's
+/// fields and reach the model like v1's (`Slice::from_k8s`).
 ///
 /// The recipe (shared/recipes/README.md) watches v1beta1 as `DynamicObject` and
 /// converts through `serde_json::Value`; decoding directly skips that second pass,
@@ -404,20 +432,34 @@ pub struct Parsed {
     pub errors: Vec<String>,
 }
 
+/// A file that is not valid YAML as a whole: none of it is used.
+#[derive(Debug, thiserror::Error)]
+#[error("document {document} is not valid YAML")]
+pub struct YamlError {
+    /// 1-based, counting `---` separators.
+    pub document: usize,
+    #[source]
+    pub source: serde_yaml::Error,
+}
+
 /// Parses Services and EndpointSlices (v1 or v1beta1; also inside `kind: List`) from
-/// multi-document YAML. Bad documents are reported and skipped.
-pub fn parse_yaml(text: &str) -> Parsed {
+/// multi-document YAML. A document that is valid YAML but not a valid object is
+/// reported in [`Parsed::errors`] and skipped; a YAML syntax error anywhere rejects the
+/// whole file.
+///
+/// Why all or nothing: a syntax error ends the YAML stream, so the documents after it
+/// are unknown, not absent. Programming only the part before it would delete every
+/// later Service and cut its flows because of a typo (a file being written, a bad
+/// merge); keeping the last good state is what the API source does when it cannot
+/// list.
+pub fn parse_yaml(text: &str) -> Result<Parsed, YamlError> {
     use serde::Deserialize as _;
     let mut out = Parsed::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
-            Err(e) => {
-                out.errors.push(format!("document {}: {e}", i + 1));
-                // A syntax error ends the stream: the rest cannot be trusted.
-                break;
-            }
+            Err(source) => return Err(YamlError { document: i + 1, source }),
         };
         let json = match serde_json::to_value(&value) {
             Ok(j) => j,
@@ -428,7 +470,7 @@ pub fn parse_yaml(text: &str) -> Parsed {
         };
         add_object(json, &format!("document {}", i + 1), &mut out);
     }
-    out
+    Ok(out)
 }
 
 fn add_object(mut json: serde_json::Value, at: &str, out: &mut Parsed) {
@@ -463,14 +505,17 @@ fn add_object(mut json: serde_json::Value, at: &str, out: &mut Parsed) {
 
 /// Follows a YAML file: re-read whenever its inode, size or mtime changes (checked
 /// every `poll`). Editors that write a new file and rename it are handled too. A file
-/// that is missing or unreadable keeps the last good state.
+/// that is missing, unreadable or not valid YAML ([`parse_yaml`]) keeps the last good
+/// state; a file that is not valid YAML at start keeps the source not ready (so the
+/// pinned maps of a previous agent are not emptied) until it is fixed.
 pub fn file(path: PathBuf, poll: Duration, metrics: Arc<Metrics>) -> Source {
     let changed = Arc::new(Notify::new());
     let state = Arc::new(Mutex::new(Snapshot::default()));
+    let error: Arc<Mutex<Option<String>>> = Arc::default();
     let (ready, _) = tokio::sync::watch::channel(false);
     let ready = Arc::new(ready);
     let description = format!("file {}", path.display());
-    let (c, s, r) = (changed.clone(), state.clone(), ready.clone());
+    let (c, s, r, err) = (changed.clone(), state.clone(), ready.clone(), error.clone());
     tokio::spawn(async move {
         let mut last: Option<(u64, u64, SystemTime)> = None;
         let mut warned_missing = false;
@@ -485,7 +530,28 @@ pub fn file(path: PathBuf, poll: Duration, metrics: Arc<Metrics>) -> Source {
                     match tokio::fs::read_to_string(&path).await {
                         Ok(text) => {
                             last = Some(stamp);
-                            let parsed = parse_yaml(&text);
+                            let parsed = match parse_yaml(&text) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    let e = super::chain(&e);
+                                    metrics.source_error();
+                                    error!(file = %path.display(), error = %e, "not valid YAML; keeping the last good state");
+                                    if let Ok(mut slot) = err.lock() {
+                                        *slot = Some(e);
+                                    }
+                                    // A sync with the unchanged state publishes the error in
+                                    // the status; before the first good read, nothing runs.
+                                    if *r.borrow() {
+                                        c.notify_one();
+                                    }
+                                    tokio::time::sleep(poll).await;
+                                    continue;
+                                }
+                            };
+                            metrics.set_source_ok();
+                            if let Ok(mut slot) = err.lock() {
+                                *slot = None;
+                            }
                             for e in &parsed.errors {
                                 metrics.decode_error("file");
                                 warn!(file = %path.display(), "{e}");
@@ -521,7 +587,7 @@ pub fn file(path: PathBuf, poll: Duration, metrics: Arc<Metrics>) -> Source {
             tokio::time::sleep(poll).await;
         }
     });
-    Source { changed, description, inner: Inner::File { state, ready } }
+    Source { changed, description, inner: Inner::File { state, ready, error } }
 }
 
 #[cfg(test)]
@@ -568,7 +634,7 @@ kind: Service
 metadata: {name: broken}
 spec: {ports: "not a list"}
 "#;
-        let p = parse_yaml(text);
+        let p = parse_yaml(text).unwrap();
         assert_eq!(p.snapshot.services.len(), 2, "{:?}", p.errors);
         assert_eq!(p.snapshot.slices.len(), 1);
         assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
@@ -581,10 +647,92 @@ spec: {ports: "not a list"}
     }
 
     #[test]
-    fn yaml_syntax_error_is_reported_not_fatal() {
-        let p = parse_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
-        assert!(p.snapshot.services.is_empty());
-        assert_eq!(p.errors.len(), 1);
+    fn slim_service_keeps_what_node_awareness_reads() {
+        let mut s: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default", "annotations": {
+                "service.kubernetes.io/topology-aware-hints": "auto",
+                "service.kubernetes.io/topology-mode": "Auto",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                     "trafficDistribution": "PreferClose", "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        slim_service(&mut s);
+        let spec = s.spec.as_ref().unwrap();
+        assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(spec.traffic_distribution.as_deref(), Some("PreferClose"));
+        let a = s.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.len(), 2, "{a:?}");
+    }
+
+    #[test]
+    fn yaml_syntax_error_rejects_the_whole_file() {
+        let e = parse_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: [\n").unwrap_err();
+        assert_eq!(e.document, 1);
+        // Half-way: the good documents before the error are not used either.
+        let good =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let text = format!("{good}---\n{good}---\nkind: [oops\n---\n{good}");
+        let e = parse_yaml(&text).unwrap_err();
+        assert_eq!(e.document, 3, "{e}");
+        assert!(super::super::chain(&e).starts_with("document 3 is not valid YAML: "), "{}", super::super::chain(&e));
+        // A valid YAML document that is a bad object is still only skipped.
+        let p = parse_yaml(&format!("{good}---\napiVersion: v1\nkind: Service\nspec: 7\n")).unwrap();
+        assert_eq!((p.snapshot.services.len(), p.errors.len()), (1, 1), "{:?}", p.errors);
+    }
+
+    /// The file source end to end (no datapath): good file, a syntax error half-way
+    /// (state kept, error reported), fixed file (new state).
+    #[tokio::test]
+    async fn file_source_keeps_the_last_good_state_on_a_syntax_error() {
+        let dir = std::env::temp_dir().join(format!("lb-k8s-file-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("objects.yaml");
+        let svc = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let write = |text: &str| {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        let names = |src: &Source| {
+            let mut v: Vec<String> = src.snapshot().services.iter().filter_map(|s| s.metadata.name.clone()).collect();
+            v.sort();
+            v
+        };
+        async fn until(what: &str, mut f: impl FnMut() -> bool) {
+            let t0 = std::time::Instant::now();
+            while !f() {
+                assert!(t0.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let metrics = Arc::new(Metrics::default());
+        write(&format!("{}---\n{}", svc("a", "10.96.0.1"), svc("b", "10.96.0.2")));
+        let src = file(path.clone(), Duration::from_millis(10), metrics.clone());
+        src.wait_ready().await.unwrap();
+        assert_eq!(names(&src), ["a", "b"]);
+        assert_eq!(src.error(), None);
+
+        write(&format!("{}---\nkind: [oops\n---\n{}", svc("a", "10.96.0.1"), svc("c", "10.96.0.3")));
+        until("the error", || src.error().is_some()).await;
+        assert_eq!(names(&src), ["a", "b"], "the last good state is kept");
+        assert!(src.error().unwrap().contains("document 2 is not valid YAML"), "{:?}", src.error());
+        assert!(metrics.render().lines().any(|l| l == "lb_source_error 1"));
+
+        write(&format!("{}---\n{}", svc("a", "10.96.0.1"), svc("c", "10.96.0.3")));
+        until("the fixed file", || names(&src) == ["a", "c"]).await;
+        assert_eq!(src.error(), None);
+        let m = metrics.render();
+        assert!(
+            m.lines().any(|l| l == "lb_source_error 0") && m.lines().any(|l| l == "lb_source_errors_total 1"),
+            "{m}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -625,6 +773,8 @@ spec: {ports: "not a list"}
                 endpoints: vec![SliceEndpoint {
                     address: EndpointAddress::V4("10.244.0.2".parse().unwrap()),
                     cond: Conditions { ready: true, serving: true, terminating: false },
+                    node_name: None,
+                    zone_hints: Box::default(),
                 }]
                 .into(),
             }

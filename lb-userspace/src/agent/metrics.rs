@@ -80,6 +80,8 @@ pub struct Metrics {
     watch_restarts: Mutex<BTreeMap<&'static str, u64>>,
     watch_errors: Mutex<BTreeMap<&'static str, u64>>,
     decode_errors: Mutex<BTreeMap<&'static str, u64>>,
+    source_errors: AtomicU64,
+    source_error: AtomicBool,
     invalid_total: Mutex<BTreeMap<IssueKind, u64>>,
     invalid_now: Mutex<BTreeMap<IssueKind, u64>>,
     attached: AtomicU64,
@@ -139,6 +141,15 @@ impl Metrics {
     }
     pub fn decode_error(&self, source: &'static str) {
         bump(&self.decode_errors, source);
+    }
+    /// The source could not be read as a whole (a YAML syntax error in the file
+    /// source): it keeps its last good state until `set_source_ok`.
+    pub fn source_error(&self) {
+        self.source_errors.fetch_add(1, Ordering::Relaxed);
+        self.source_error.store(true, Ordering::Relaxed);
+    }
+    pub fn set_source_ok(&self) {
+        self.source_error.store(false, Ordering::Relaxed);
     }
     pub fn watch_restarts_total(&self) -> u64 {
         self.watch_restarts.lock().map(|m| m.values().sum()).unwrap_or(0)
@@ -283,6 +294,20 @@ impl Metrics {
                 f.hook
             );
         }
+        g(
+            &mut o,
+            "lb_source_errors_total",
+            "counter",
+            "Reads of the source rejected as a whole (YAML syntax errors in the file source).",
+            self.source_errors.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lb_source_error",
+            "gauge",
+            "1 while the source's latest read was rejected and the last good state is kept.",
+            u64::from(self.source_error.load(Ordering::Relaxed)),
+        );
         let rp = self.rp_filter();
         if let Some(all) = rp.all {
             g(
@@ -512,6 +537,7 @@ mod tests {
         m.sync_done(Duration::from_millis(3), true, 12, 2, 5);
         m.set_ready();
         m.watch_restart("services");
+        m.source_error();
         let issue = Issue { kind: IssueKind::InvalidIp, object: "Service a/b".into(), detail: "x".into() };
         m.issues(&[&issue], std::slice::from_ref(&issue));
         m.set_programmed(vec![ProgrammedFrontend {
@@ -532,6 +558,8 @@ mod tests {
             "lb_invalid_objects{reason=\"invalid_ip\"} 1",
             "lb_sync_duration_seconds_bucket{le=\"0.005\"} 1",
             "lb_sync_duration_seconds_count 1",
+            "lb_source_errors_total 1",
+            "lb_source_error 1",
         ] {
             assert!(body.lines().any(|l| l == line), "missing {line:?} in\n{body}");
         }

@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub iface_rescan: Duration,
     /// `max_entries` by pinned map name (`--max-*`); empty keeps the defaults.
     pub map_sizes: Vec<(&'static str, u32)>,
+    /// This node (`--node-name`, `--node-zone`), for `internalTrafficPolicy: Local`
+    /// and topology aware hints.
+    pub node: model::NodeInfo,
 }
 
 /// What `lb status` reads from the running agent.
@@ -87,6 +90,10 @@ pub struct AgentStatus {
     pub frontends: usize,
     pub endpoints: usize,
     pub invalid_objects: usize,
+    /// Why the source's latest read was rejected as a whole (a YAML syntax error in
+    /// the `file:` source); the agent keeps programming its last good state meanwhile.
+    #[serde(default)]
+    pub source_error: Option<String>,
     pub watch_restarts: u64,
     pub attach: Vec<attach::AttachPoint>,
     /// Wanted attachments that are not in place (retried with backoff); the agent is
@@ -223,7 +230,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             k8s::kubernetes(client, metrics.clone()).await.context("starting the Kubernetes watches")?
         }
     };
-    info!(source = %source.description, "waiting for the initial list");
+    info!(source = %source.description, node = ?cfg.node.name, zone = ?cfg.node.zone, "waiting for the initial list");
     let mut shutdown = std::pin::pin!(shutdown);
     tokio::select! {
         r = source.wait_ready() => r.context("waiting for the initial list")?,
@@ -244,7 +251,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     loop {
         let t_start = Instant::now();
         let snap = source.snapshot();
-        let computed = model::compute(snap.services.iter().map(|s| s.as_ref()), snap.slices.iter().map(|s| s.as_ref()));
+        let computed = model::compute_on(
+            &cfg.node,
+            snap.services.iter().map(|s| s.as_ref()),
+            snap.slices.iter().map(|s| s.as_ref()),
+        );
         let t_computed = t_start.elapsed();
         let res = syncer.sync(&computed.desired, &mut maps);
         let took = t_start.elapsed();
@@ -304,6 +315,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         status.last_sync_unix_ms = unix_ms();
         status.last_sync_duration_us = took.as_micros() as u64;
         status.invalid_objects = computed.issues.len();
+        status.source_error = source.error();
         status.watch_restarts = metrics.watch_restarts_total();
         (status.attach, status.attach_failures) = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
         status.rp_filter = metrics.rp_filter();

@@ -19,7 +19,15 @@
 //!   such a Service ready (`pkg/controller/endpointslice/utils.go`); we honour the field
 //!   directly too, so hand-written slices behave the same;
 //! - ClientIP affinity: default 10800 s, at most 86400 s
-//!   (`v1.DefaultClientIPServiceAffinitySeconds`, `MaxClientIPServiceAffinitySeconds`).
+//!   (`v1.DefaultClientIPServiceAffinitySeconds`, `MaxClientIPServiceAffinitySeconds`);
+//! - node awareness (see [`NodeInfo`]): `internalTrafficPolicy: Local` (KEP-2086,
+//!   <https://github.com/kubernetes/enhancements/tree/master/keps/sig-network/2086-service-internal-traffic-policy>)
+//!   and topology aware hints (KEP-2433,
+//!   <https://github.com/kubernetes/enhancements/tree/master/keps/sig-network/2433-topology-aware-hints>,
+//!   and `trafficDistribution`, KEP-4444,
+//!   <https://github.com/kubernetes/enhancements/tree/master/keps/sig-network/4444-service-traffic-distribution>),
+//!   as `pkg/proxy/topology.go` (`CategorizeEndpoints`, `canUseTopology`) of
+//!   Kubernetes 1.27–1.31 applies them.
 //!
 //! Bad objects never stop the computation: each problem becomes an [`Issue`] and the
 //! rest is still programmed.
@@ -43,6 +51,12 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label naming the Service an EndpointSlice belongs to.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The Service annotation that asks for topology aware hints (KEP-2433); deprecated
+/// by [`ANNOTATION_TOPOLOGY_MODE`] in 1.27 but, as in kube-proxy
+/// (`pkg/proxy/serviceport.go`), it wins when both are set.
+pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// Its 1.27+ name.
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// Annotation choosing what a frontend with no usable endpoint does: `reject` (the
 /// default, ICMP port unreachable like kube-proxy's REJECT) or `drop`.
 pub const ANNOTATION_NO_ENDPOINTS: &str = "lb.io/no-endpoints";
@@ -149,8 +163,10 @@ pub struct Frontend {
     /// The backends new connections go to (the service's slots).
     pub backends: BTreeSet<Backend>,
     /// Every other endpoint its EndpointSlices still list (terminating, not ready,
-    /// not serving): it takes no new connections, but established ones keep going to
-    /// it, as under kube-proxy, until it leaves the slices. Never in `backends`.
+    /// not serving, or hinted for another zone): it takes no new connections, but
+    /// established ones keep going to it, as under kube-proxy, until it leaves the
+    /// slices. Never in `backends`. Other nodes' endpoints of an
+    /// `internalTrafficPolicy: Local` Service are left out (see `Selection`).
     pub draining: BTreeSet<Backend>,
 }
 
@@ -188,10 +204,15 @@ pub enum IssueKind {
     InvalidAnnotation,
     /// More endpoints for one frontend than the datapath scans.
     TooManyEndpoints,
+    /// An `internalTrafficPolicy` other than `Cluster` or `Local`.
+    InvalidTrafficPolicy,
+    /// A Service with `internalTrafficPolicy: Local` while the agent does not know its
+    /// node (no `--node-name`): its frontends get no backends and drop.
+    NodeNameUnknown,
 }
 
 impl IssueKind {
-    pub const ALL: [IssueKind; 9] = [
+    pub const ALL: [IssueKind; 11] = [
         IssueKind::InvalidIp,
         IssueKind::InvalidPort,
         IssueKind::DuplicateEndpoint,
@@ -201,6 +222,8 @@ impl IssueKind {
         IssueKind::InvalidAffinity,
         IssueKind::InvalidAnnotation,
         IssueKind::TooManyEndpoints,
+        IssueKind::InvalidTrafficPolicy,
+        IssueKind::NodeNameUnknown,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -213,6 +236,8 @@ impl IssueKind {
             IssueKind::InvalidAffinity => "invalid_affinity",
             IssueKind::InvalidAnnotation => "invalid_annotation",
             IssueKind::TooManyEndpoints => "too_many_endpoints",
+            IssueKind::InvalidTrafficPolicy => "invalid_traffic_policy",
+            IssueKind::NodeNameUnknown => "node_name_unknown",
         }
     }
 }
@@ -246,6 +271,21 @@ pub struct Skipped {
     pub no_cluster_ip: usize,
     /// IPv6 ClusterIPs (the datapath is IPv4 only for now).
     pub ipv6_cluster_ips: usize,
+}
+
+/// What the agent knows of the node it runs on, for node-aware endpoint selection.
+///
+/// kube-proxy learns both from its Node object (`--hostname-override` or the hostname,
+/// and the Node's `topology.kubernetes.io/zone` label). The agent takes them as flags
+/// (`--node-name` from the downward API's `spec.nodeName`, `--node-zone`) rather than
+/// watching Nodes: one more watch of every Node from every node is API load for a
+/// label that seldom changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The Node's name, as EndpointSlice endpoints' `nodeName` gives it.
+    pub name: Option<String>,
+    /// The Node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
 }
 
 /// The result of [`compute`].
@@ -299,6 +339,11 @@ pub struct SliceEndpoint {
     /// The first address (kube-proxy uses only that one).
     pub address: EndpointAddress,
     pub cond: Conditions,
+    /// `nodeName` (v1; absent from 1.20's v1beta1), for `internalTrafficPolicy: Local`.
+    pub node_name: Option<Box<str>>,
+    /// `hints.forZones[].name` (v1, 1.21+), for topology aware hints. Empty when the
+    /// endpoint has no zone hint (an empty box does not allocate).
+    pub zone_hints: Box<[Box<str>]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -363,6 +408,16 @@ impl Slice {
                             serving: c.and_then(|c| c.serving).unwrap_or(true),
                             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
                         },
+                        node_name: ep.node_name.as_deref().filter(|n| !n.is_empty()).map(Into::into),
+                        zone_hints: ep
+                            .hints
+                            .as_ref()
+                            .and_then(|h| h.for_zones.as_ref())
+                            .into_iter()
+                            .flatten()
+                            .filter(|z| !z.name.is_empty())
+                            .map(|z| z.name.as_str().into())
+                            .collect(),
                     })
                 })
                 .collect(),
@@ -432,10 +487,30 @@ struct ServiceInfo<'a> {
     proxied: bool,
 }
 
-/// Computes the desired state from all Services and EndpointSlices (in their compact
-/// form, [`Slice`]). Pure: the same input always gives the same output, whatever the
-/// order of the objects.
+/// What the selection reads of one endpoint, borrowed from its [`Slice`].
+#[derive(Clone, Copy, Debug)]
+struct EpRef<'a> {
+    cond: Conditions,
+    node_name: Option<&'a str>,
+    zone_hints: &'a [Box<str>],
+}
+
+type PortEndpoints<'a> = HashMap<PortRef, BTreeMap<Backend, EpRef<'a>>>;
+
+/// [`compute_on`] for a node that is not known: no `internalTrafficPolicy: Local`
+/// endpoint is local, and topology hints are ignored.
 pub fn compute<'a, S, E>(services: S, slices: E) -> Computed
+where
+    S: IntoIterator<Item = &'a Service>,
+    E: IntoIterator<Item = &'a Slice>,
+{
+    compute_on(&NodeInfo::default(), services, slices)
+}
+
+/// Computes the desired state of `node` from all Services and EndpointSlices (in their
+/// compact form, [`Slice`]). Pure: the same input always gives the same output,
+/// whatever the order of the objects.
+pub fn compute_on<'a, S, E>(node: &NodeInfo, services: S, slices: E) -> Computed
 where
     S: IntoIterator<Item = &'a Service>,
     E: IntoIterator<Item = &'a Slice>,
@@ -453,8 +528,7 @@ where
     }
 
     // Endpoints per (namespace, service name) and service port, merged over slices.
-    type PortEndpoints = HashMap<PortRef, BTreeMap<Backend, Conditions>>;
-    let mut endpoints: HashMap<(String, String), PortEndpoints> = HashMap::new();
+    let mut endpoints: HashMap<(String, String), PortEndpoints<'a>> = HashMap::new();
     let mut slices: Vec<&Slice> = slices.into_iter().collect();
     slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for slice in slices {
@@ -534,9 +608,10 @@ where
                 };
                 let cond = ep.cond;
                 let backend = Backend { ip, port: num };
+                let info = EpRef { cond, node_name: ep.node_name.as_deref(), zone_hints: &ep.zone_hints };
                 match port_eps.get_mut(&backend) {
                     None => {
-                        port_eps.insert(backend, cond);
+                        port_eps.insert(backend, info);
                     }
                     Some(prev) => {
                         issues.insert(Issue {
@@ -545,9 +620,13 @@ where
                             detail: format!("endpoint {backend} for port {name:?} appears more than once"),
                         });
                         // Keep the most usable view of it.
-                        prev.ready |= cond.ready;
-                        prev.serving |= cond.serving;
-                        prev.terminating &= cond.terminating;
+                        prev.cond.ready |= cond.ready;
+                        prev.cond.serving |= cond.serving;
+                        prev.cond.terminating &= cond.terminating;
+                        prev.node_name = prev.node_name.or(info.node_name);
+                        if prev.zone_hints.is_empty() {
+                            prev.zone_hints = info.zone_hints;
+                        }
                     }
                 }
             }
@@ -558,7 +637,8 @@ where
         if !info.proxied {
             continue;
         }
-        service_frontends(ns, name, info.svc, endpoints.get(&(ns.clone(), name.clone())), &mut out, &mut issues);
+        let eps = endpoints.get(&(ns.clone(), name.clone()));
+        service_frontends(node, ns, name, info.svc, eps, &mut out, &mut issues);
     }
     out.issues = issues.into_iter().collect();
     out
@@ -596,10 +676,11 @@ fn classify(svc: &Service, skipped: &mut Skipped) -> bool {
 }
 
 fn service_frontends(
+    node: &NodeInfo,
     ns: &str,
     name: &str,
     svc: &Service,
-    endpoints: Option<&HashMap<PortRef, BTreeMap<Backend, Conditions>>>,
+    endpoints: Option<&PortEndpoints<'_>>,
     out: &mut Computed,
     issues: &mut BTreeSet<Issue>,
 ) {
@@ -676,6 +757,33 @@ fn service_frontends(
         }
     };
     let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+    let policy = match spec.internal_traffic_policy.as_deref() {
+        None | Some("" | "Cluster") => Policy::Cluster { hints: wants_hints(svc) },
+        Some("Local") => {
+            if node.name.is_none() {
+                // kube-proxy always knows its node (it falls back to the hostname).
+                // Without it no endpoint can be told local; sending the traffic to
+                // remote ones would break the promise of Local (it never leaves the
+                // node), so the frontends drop, as with no local endpoint.
+                issues.insert(Issue {
+                    kind: IssueKind::NodeNameUnknown,
+                    object: object.clone(),
+                    detail: "has internalTrafficPolicy Local but the agent has no --node-name; its traffic is \
+                             dropped"
+                        .into(),
+                });
+            }
+            Policy::Local
+        }
+        Some(other) => {
+            issues.insert(Issue {
+                kind: IssueKind::InvalidTrafficPolicy,
+                object: object.clone(),
+                detail: format!("internalTrafficPolicy {other:?} is neither Cluster nor Local; using Cluster"),
+            });
+            Policy::Cluster { hints: wants_hints(svc) }
+        }
+    };
 
     let mut seen_ports = HashSet::new();
     for port in spec.ports.iter().flatten() {
@@ -708,7 +816,7 @@ fn service_frontends(
             continue;
         }
         let candidates = endpoints.and_then(|e| e.get(&PortRef { name: port_name.clone(), proto }));
-        let backends = select_backends(candidates, publish_not_ready);
+        let Selection { backends, eligible, no_local } = select(candidates, publish_not_ready, policy, node);
         if backends.len() > lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize {
             issues.insert(Issue {
                 kind: IssueKind::TooManyEndpoints,
@@ -722,8 +830,11 @@ fn service_frontends(
         }
         let backends: BTreeSet<Backend> =
             backends.into_iter().take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize).collect();
-        let draining: BTreeSet<Backend> =
-            candidates.into_iter().flat_map(|c| c.keys()).filter(|b| !backends.contains(b)).copied().collect();
+        let draining: BTreeSet<Backend> = eligible.into_iter().filter(|b| !backends.contains(b)).collect();
+        // KEP-2086: Local with endpoints elsewhere but none here drops (kube-proxy's
+        // iptables and ipvs modes alike); with no endpoint anywhere it is the usual
+        // "no endpoints" reject.
+        let no_endpoints = if no_local { NoEndpoints::Drop } else { no_endpoints };
         for &ip in &ips {
             let key = FrontendKey { ip, port: num, proto };
             let frontend = Frontend {
@@ -746,15 +857,110 @@ fn service_frontends(
     }
 }
 
-/// Ready endpoints (all of them with `publishNotReadyAddresses`); if there are none,
-/// serving and terminating ones (KEP-1669); never non-serving ones.
-fn select_backends(candidates: Option<&BTreeMap<Backend, Conditions>>, publish_not_ready: bool) -> BTreeSet<Backend> {
-    let Some(c) = candidates else { return BTreeSet::new() };
-    let ready: BTreeSet<Backend> = c.iter().filter(|(_, c)| c.ready || publish_not_ready).map(|(b, _)| *b).collect();
-    if !ready.is_empty() {
-        return ready;
+/// How a Service's endpoints are chosen (KEP-2086 `internalTrafficPolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    /// All endpoints; `hints`: the Service asks for topology aware hints.
+    Cluster { hints: bool },
+    /// Only this node's endpoints. It wins over hints, as in kube-proxy (hints only
+    /// filter `clusterEndpoints` in `CategorizeEndpoints`).
+    Local,
+}
+
+/// Whether a Service asks for topology aware routing: the hints annotation (the
+/// deprecated name wins when both are present, `pkg/proxy/serviceport.go`) with any
+/// value but empty or `disabled`/`Disabled` (`canUseTopology`, 1.27–1.29; the
+/// EndpointSlice controller only writes hints for `auto`/`Auto`), or KEP-4444
+/// `trafficDistribution: PreferClose` (1.30+; `PreferSameZone` is its 1.33 name).
+fn wants_hints(svc: &Service) -> bool {
+    let annotation = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_TOPOLOGY_AWARE_HINTS).or_else(|| a.get(ANNOTATION_TOPOLOGY_MODE)));
+    if annotation.is_some_and(|v| !matches!(v.as_str(), "" | "disabled" | "Disabled")) {
+        return true;
     }
-    c.iter().filter(|(_, c)| c.serving && c.terminating).map(|(b, _)| *b).collect()
+    let distribution = svc.spec.as_ref().and_then(|s| s.traffic_distribution.as_deref());
+    matches!(distribution, Some("PreferClose" | "PreferSameZone"))
+}
+
+struct Selection {
+    /// The endpoints new connections go to.
+    backends: BTreeSet<Backend>,
+    /// The endpoints this node may send to at all (the local ones for Local, all of
+    /// them otherwise): those not in `backends` drain.
+    ///
+    /// Remote endpoints of a Local Service are not drained: an endpoint's `nodeName`
+    /// never changes, so this node never sent them a flow, and a DaemonSet's Service
+    /// would otherwise fill the draining map with every other node's pod. Endpoints
+    /// of other zones are drained: hints move between zones as the controller
+    /// rebalances, and flows to a healthy pod must survive that.
+    eligible: BTreeSet<Backend>,
+    /// Local, no usable endpoint on this node, some elsewhere: drop.
+    no_local: bool,
+}
+
+/// Ready endpoints (all of them with `publishNotReadyAddresses`); if there are none,
+/// serving and terminating ones (KEP-1669); never non-serving ones. Local keeps the
+/// node's own endpoints first; Cluster with hints those hinted for the node's zone
+/// when kube-proxy's `canUseTopology` allows it.
+fn select(
+    candidates: Option<&BTreeMap<Backend, EpRef<'_>>>,
+    publish_not_ready: bool,
+    policy: Policy,
+    node: &NodeInfo,
+) -> Selection {
+    let Some(c) = candidates else {
+        return Selection { backends: BTreeSet::new(), eligible: BTreeSet::new(), no_local: false };
+    };
+    let ready = |e: &EpRef<'_>| e.cond.ready || publish_not_ready;
+    let usable = |keep: &dyn Fn(&EpRef<'_>) -> bool| -> BTreeSet<Backend> {
+        let r: BTreeSet<Backend> = c.iter().filter(|(_, e)| keep(e) && ready(e)).map(|(b, _)| *b).collect();
+        if !r.is_empty() {
+            return r;
+        }
+        c.iter().filter(|(_, e)| keep(e) && e.cond.serving && e.cond.terminating).map(|(b, _)| *b).collect()
+    };
+    match policy {
+        Policy::Local => {
+            let here = node.name.as_deref();
+            let local = |e: &EpRef<'_>| here.is_some() && e.node_name == here;
+            let backends = usable(&local);
+            let no_local = backends.is_empty() && !usable(&|_| true).is_empty();
+            let eligible = c.iter().filter(|(_, e)| local(e)).map(|(b, _)| *b).collect();
+            Selection { backends, eligible, no_local }
+        }
+        Policy::Cluster { hints } => {
+            let eligible = c.keys().copied().collect();
+            let zone = node.zone.as_deref().filter(|z| !z.is_empty());
+            if let Some(zone) = zone.filter(|z| hints && can_use_topology(c, ready, z)) {
+                let in_zone: BTreeSet<Backend> = c
+                    .iter()
+                    .filter(|(_, e)| ready(e) && e.zone_hints.iter().any(|h| **h == *zone))
+                    .map(|(b, _)| *b)
+                    .collect();
+                // Not empty: `can_use_topology` found a ready endpoint for the zone.
+                return Selection { backends: in_zone, eligible, no_local: false };
+            }
+            Selection { backends: usable(&|_| true), eligible, no_local: false }
+        }
+    }
+}
+
+/// kube-proxy's `canUseTopology` (`pkg/proxy/topology.go`, 1.27–1.31), given that the
+/// Service asks for hints and the node's zone is known: every ready endpoint has a zone
+/// hint, and at least one is hinted for `zone`. Otherwise hints are ignored (all
+/// endpoints), so that a half-hinted Service never loses endpoints.
+fn can_use_topology(c: &BTreeMap<Backend, EpRef<'_>>, ready: impl Fn(&EpRef<'_>) -> bool, zone: &str) -> bool {
+    let mut for_zone = false;
+    for e in c.values().filter(|e| ready(e)) {
+        if e.zone_hints.is_empty() {
+            return false;
+        }
+        for_zone |= e.zone_hints.iter().any(|h| **h == *zone);
+    }
+    for_zone
 }
 
 #[cfg(test)]

@@ -714,3 +714,340 @@ fn skipped_services_are_counted_by_reason() {
         Skipped { headless: 1, headless_label: 1, other_proxy: 1, external_name: 1, ..Default::default() }
     );
 }
+
+/// A ready endpoint on `node`, hinted for `zones` (none: no `hints` at all).
+fn ep_at(addr: &str, node: &str, zones: &[&str]) -> Value {
+    ep_at_cond(addr, node, zones, true, true, false)
+}
+
+fn ep_at_cond(addr: &str, node: &str, zones: &[&str], ready: bool, serving: bool, terminating: bool) -> Value {
+    let mut v = ep_cond(addr, ready, serving, terminating);
+    v["nodeName"] = json!(node);
+    if !zones.is_empty() {
+        v["hints"] = json!({"forZones": zones.iter().map(|z| json!({"name": z})).collect::<Vec<_>>()});
+    }
+    v
+}
+
+fn node(name: Option<&str>, zone: Option<&str>) -> NodeInfo {
+    NodeInfo { name: name.map(Into::into), zone: zone.map(Into::into) }
+}
+
+struct NodeCase {
+    name: &'static str,
+    node: NodeInfo,
+    /// Extra Service spec fields (internalTrafficPolicy, trafficDistribution).
+    spec: Value,
+    /// Service annotations.
+    annotations: Value,
+    endpoints: Value,
+    backends: Vec<&'static str>,
+    draining: Vec<&'static str>,
+    no_endpoints: NoEndpoints,
+    issues: Vec<IssueKind>,
+}
+
+fn run_node_case(c: &NodeCase) {
+    let mut spec = cluster_ip("10.96.0.10");
+    for (k, v) in c.spec.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    let s: Service =
+        serde_json::from_value(svc_meta("default", "web", json!({"annotations": c.annotations}), spec)).unwrap();
+    let es: EndpointSlice =
+        serde_json::from_value(slice("default", "web-1", "web", http_port(), c.endpoints.clone())).unwrap();
+    let got = compute_on(&c.node, [&s], [&Slice::from(&es)]);
+    let f = &got.desired.frontends[&FrontendKey { ip: Ipv4Addr::new(10, 96, 0, 10), port: 80, proto: Protocol::Tcp }];
+    let strs = |set: &BTreeSet<Backend>| set.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+    assert_eq!(strs(&f.backends), c.backends, "case {:?}: backends", c.name);
+    assert_eq!(strs(&f.draining), c.draining, "case {:?}: draining", c.name);
+    assert_eq!(f.no_endpoints, c.no_endpoints, "case {:?}: no_endpoints", c.name);
+    assert_eq!(got.issues.iter().map(|i| i.kind).collect::<Vec<_>>(), c.issues, "case {:?}: {:?}", c.name, got.issues);
+}
+
+/// KEP-2086 internalTrafficPolicy: Local.
+#[test]
+fn internal_traffic_policy_local() {
+    let local = json!({"internalTrafficPolicy": "Local"});
+    let two_nodes = json!([ep_at("10.244.1.2", "node-a", &[]), ep_at("10.244.2.2", "node-b", &[])]);
+    let cases = vec![
+        NodeCase {
+            name: "Local: only this node's endpoint",
+            node: node(Some("node-a"), None),
+            spec: local.clone(),
+            annotations: json!({}),
+            endpoints: two_nodes.clone(),
+            backends: vec!["10.244.1.2:8080"],
+            // The other node's endpoint never had a flow from here: not drained.
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "Local without a local endpoint drops (kube-proxy), even if the annotation says reject",
+            node: node(Some("node-c"), None),
+            spec: local.clone(),
+            annotations: json!({ANNOTATION_NO_ENDPOINTS: "reject"}),
+            endpoints: two_nodes.clone(),
+            backends: vec![],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Drop,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "Local with no endpoint anywhere rejects as usual",
+            node: node(Some("node-a"), None),
+            spec: local.clone(),
+            annotations: json!({}),
+            endpoints: json!([]),
+            backends: vec![],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "Local: a local terminating endpoint serves when no local one is ready (KEP-1669)",
+            node: node(Some("node-a"), None),
+            spec: local.clone(),
+            annotations: json!({}),
+            endpoints: json!([
+                ep_at_cond("10.244.1.2", "node-a", &[], false, true, true),
+                ep_at("10.244.2.2", "node-b", &[]),
+            ]),
+            backends: vec!["10.244.1.2:8080"],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "Local: an unready local endpoint drains",
+            node: node(Some("node-a"), None),
+            spec: local.clone(),
+            annotations: json!({}),
+            endpoints: json!([
+                ep_at("10.244.1.2", "node-a", &[]),
+                ep_at_cond("10.244.1.3", "node-a", &[], false, false, false),
+                ep_at("10.244.2.2", "node-b", &[]),
+            ]),
+            backends: vec!["10.244.1.2:8080"],
+            draining: vec!["10.244.1.3:8080"],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "Local without --node-name: nothing is local, drop, counted",
+            node: node(None, Some("zone-a")),
+            spec: local.clone(),
+            annotations: json!({}),
+            endpoints: two_nodes.clone(),
+            backends: vec![],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Drop,
+            issues: vec![IssueKind::NodeNameUnknown],
+        },
+        NodeCase {
+            name: "Cluster (explicit) uses every endpoint",
+            node: node(Some("node-a"), None),
+            spec: json!({"internalTrafficPolicy": "Cluster"}),
+            annotations: json!({}),
+            endpoints: two_nodes.clone(),
+            backends: vec!["10.244.1.2:8080", "10.244.2.2:8080"],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "unknown policy: Cluster, counted",
+            node: node(Some("node-a"), None),
+            spec: json!({"internalTrafficPolicy": "Nearby"}),
+            annotations: json!({}),
+            endpoints: two_nodes.clone(),
+            backends: vec!["10.244.1.2:8080", "10.244.2.2:8080"],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![IssueKind::InvalidTrafficPolicy],
+        },
+        NodeCase {
+            name: "endpoints without nodeName are never local",
+            node: node(Some("node-a"), None),
+            spec: local.clone(),
+            annotations: json!({}),
+            endpoints: json!([ep("10.244.1.2")]),
+            backends: vec![],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Drop,
+            issues: vec![],
+        },
+    ];
+    for c in &cases {
+        run_node_case(c);
+    }
+}
+
+/// KEP-2433 topology aware hints and KEP-4444 trafficDistribution, by kube-proxy's
+/// `canUseTopology`; Local wins over hints.
+#[test]
+fn topology_aware_hints() {
+    let auto = json!({ANNOTATION_TOPOLOGY_AWARE_HINTS: "auto"});
+    let hinted = json!([
+        ep_at("10.244.1.2", "node-a", &["zone-a"]),
+        ep_at("10.244.2.2", "node-b", &["zone-b"]),
+        ep_at("10.244.3.2", "node-c", &["zone-b"]),
+    ]);
+    let all = vec!["10.244.1.2:8080", "10.244.2.2:8080", "10.244.3.2:8080"];
+    let here = node(Some("node-b"), Some("zone-b"));
+    let cases = vec![
+        NodeCase {
+            name: "hints used: only zone-b's endpoints; zone-a's drains",
+            node: here.clone(),
+            spec: json!({}),
+            annotations: auto.clone(),
+            endpoints: hinted.clone(),
+            backends: vec!["10.244.2.2:8080", "10.244.3.2:8080"],
+            draining: vec!["10.244.1.2:8080"],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "Auto, and the 1.27 annotation name",
+            node: here.clone(),
+            spec: json!({}),
+            annotations: json!({ANNOTATION_TOPOLOGY_MODE: "Auto"}),
+            endpoints: hinted.clone(),
+            backends: vec!["10.244.2.2:8080", "10.244.3.2:8080"],
+            draining: vec!["10.244.1.2:8080"],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "trafficDistribution PreferClose without the annotation",
+            node: here.clone(),
+            spec: json!({"trafficDistribution": "PreferClose"}),
+            annotations: json!({}),
+            endpoints: hinted.clone(),
+            backends: vec!["10.244.2.2:8080", "10.244.3.2:8080"],
+            draining: vec!["10.244.1.2:8080"],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "the Service does not ask: hints ignored",
+            node: here.clone(),
+            spec: json!({}),
+            annotations: json!({}),
+            endpoints: hinted.clone(),
+            backends: all.clone(),
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "annotation Disabled: hints ignored",
+            node: here.clone(),
+            spec: json!({}),
+            annotations: json!({ANNOTATION_TOPOLOGY_AWARE_HINTS: "Disabled", ANNOTATION_TOPOLOGY_MODE: "Auto"}),
+            endpoints: hinted.clone(),
+            backends: all.clone(),
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "one ready endpoint without a hint: hints ignored",
+            node: here.clone(),
+            spec: json!({}),
+            annotations: auto.clone(),
+            endpoints: json!([
+                ep_at("10.244.1.2", "node-a", &["zone-a"]),
+                ep_at("10.244.2.2", "node-b", &["zone-b"]),
+                ep_at("10.244.3.2", "node-c", &[]),
+            ]),
+            backends: all.clone(),
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "an unready endpoint without a hint does not matter",
+            node: here.clone(),
+            spec: json!({}),
+            annotations: auto.clone(),
+            endpoints: json!([
+                ep_at("10.244.1.2", "node-a", &["zone-a"]),
+                ep_at("10.244.2.2", "node-b", &["zone-b"]),
+                ep_at_cond("10.244.3.2", "node-c", &[], false, false, false),
+            ]),
+            backends: vec!["10.244.2.2:8080"],
+            draining: vec!["10.244.1.2:8080", "10.244.3.2:8080"],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "no endpoint hinted for our zone: hints ignored",
+            node: node(Some("node-d"), Some("zone-c")),
+            spec: json!({}),
+            annotations: auto.clone(),
+            endpoints: hinted.clone(),
+            backends: all.clone(),
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "zone unknown (no --node-zone): hints ignored",
+            node: node(Some("node-b"), None),
+            spec: json!({}),
+            annotations: auto.clone(),
+            endpoints: hinted.clone(),
+            backends: all.clone(),
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "an endpoint hinted for several zones",
+            node: node(Some("node-a"), Some("zone-a")),
+            spec: json!({}),
+            annotations: auto.clone(),
+            endpoints: json!([
+                ep_at("10.244.1.2", "node-a", &["zone-b"]),
+                ep_at("10.244.2.2", "node-b", &["zone-b", "zone-a"]),
+            ]),
+            backends: vec!["10.244.2.2:8080"],
+            draining: vec!["10.244.1.2:8080"],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+        NodeCase {
+            name: "Local wins over hints",
+            node: node(Some("node-a"), Some("zone-b")),
+            spec: json!({"internalTrafficPolicy": "Local"}),
+            annotations: auto.clone(),
+            endpoints: hinted.clone(),
+            backends: vec!["10.244.1.2:8080"],
+            draining: vec![],
+            no_endpoints: NoEndpoints::Reject,
+            issues: vec![],
+        },
+    ];
+    for c in &cases {
+        run_node_case(c);
+    }
+}
+
+#[test]
+fn v1_slice_carries_node_name_and_hints_into_the_compact_form() {
+    let s: EndpointSlice = serde_json::from_value(slice(
+        "default",
+        "web-1",
+        "web",
+        http_port(),
+        json!([ep_at("10.244.1.2", "node-a", &["zone-a", "zone-b"]), ep("10.244.2.2")]),
+    ))
+    .unwrap();
+    let c = Slice::from(&s);
+    assert_eq!(c.endpoints[0].node_name.as_deref(), Some("node-a"));
+    assert_eq!(&*c.endpoints[0].zone_hints, [Box::from("zone-a"), Box::from("zone-b")]);
+    assert_eq!(c.endpoints[1].node_name, None);
+    assert!(c.endpoints[1].zone_hints.is_empty());
+}
