@@ -27,14 +27,36 @@
 //! the slots to draining (or back) is in one or the other at every moment. A draining
 //! entry is keyed by the backend id the backend has in the slots, and holds that id
 //! alive (see [`BackendIds`]) until it goes.
+//!
+//! A frontend that leaves the desired state (its Service was deleted) keeps its
+//! established TCP flows, as under kube-proxy: it only deletes its iptables rules, and
+//! the DNAT'd nf_conntrack entries carry on until they time out; it flushes conntrack
+//! for UDP only (kubernetes pkg/proxy/iptables/proxier.go, `syncProxyRules`, whose
+//! clean-up of stale services and endpoints in pkg/proxy/conntrack only deletes UDP
+//! entries). So the frontend's slot backends are first put into `DRAINING` under its
+//! service id, then its entry and slots go; its draining entries stay. The datapath
+//! then finds an established TCP flow's backend there (`FwdDraining`). These "orphan"
+//! entries hold the service id (not issued again while they exist) and their backend
+//! ids, until [`Syncer::release_orphans`] (called by the conntrack garbage collector
+//! with the flows still alive) or [`ORPHAN_MAX_AGE`] releases them. UDP flows never
+//! look in `DRAINING`: the datapath reschedules them, like kube-proxy's flush.
+//!
+//! Ids survive restarts: the allocators' state ([`IdState`]: the service id cursor and
+//! the next backend id) is kept in the pinned `IDS` map, written ([`Op::PutIds`]) at
+//! the head of every batch of writes that uses an id issued since the last write, so
+//! that a crash can never leave in the maps an id that a restarted agent would issue
+//! again to another service or backend, which a stale conntrack entry would then
+//! match.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     time::{Duration, Instant},
 };
 
-use lb_common::{BackendKey, BackendValue, Counter, DrainKey, SVC_F_AFFINITY, ServiceKey4, ServiceValue};
+use lb_common::{
+    BackendKey, BackendValue, Counter, DrainKey, IdState, SVC_F_AFFINITY, ServiceKey4, ServiceValue, ct_timeouts,
+};
 
 use super::model::{Desired, Frontend, FrontendKey};
 
@@ -49,6 +71,9 @@ pub enum Op {
     DeleteDraining(DrainKey),
     /// Zero the `SVC_STATS` counters of a freshly allocated service id.
     ResetStats(u32),
+    /// Persist the id allocators (`IDS`, index 0). Comes first in a batch that uses a
+    /// newly issued id.
+    PutIds(IdState),
 }
 
 impl fmt::Display for Op {
@@ -76,6 +101,9 @@ impl fmt::Display for Op {
             ),
             Op::DeleteDraining(k) => write!(f, "delete draining {}/id {}", k.svc_id, k.backend_id),
             Op::ResetStats(id) => write!(f, "reset stats of service {id}"),
+            Op::PutIds(s) => {
+                write!(f, "put ids: next service id {}, next backend id {}", s.next_svc_id, s.next_backend_id)
+            }
         }
     }
 }
@@ -114,6 +142,8 @@ pub struct SyncStats {
     pub backends_deleted: usize,
     pub draining_put: usize,
     pub draining_deleted: usize,
+    /// `IDS` writes.
+    pub ids_put: usize,
     pub frontends: usize,
     pub endpoints: usize,
 }
@@ -126,6 +156,7 @@ impl SyncStats {
             + self.backends_deleted
             + self.draining_put
             + self.draining_deleted
+            + self.ids_put
     }
 }
 
@@ -145,23 +176,42 @@ fn is_marker(k: &ServiceKey4) -> bool {
 }
 
 /// Service ids: 1..limit, where `limit` is the size of `SVC_STATS`, which they index.
-/// Fresh ids are handed out first; freed ones are reused oldest first, so an id comes
-/// back only after every other one has been used, long after any conntrack or
-/// affinity entry of its previous frontend has aged out.
+/// Issued round-robin from a cursor that is persisted in `IDS`: ids in use are
+/// skipped, and the cursor wraps at `limit`, so a freed id comes back only after the
+/// cursor has gone round the whole space, long after any conntrack or affinity entry
+/// of its previous frontend has aged out, restarts included.
 #[derive(Clone, Debug)]
 struct ServiceIds {
-    next: u32,
+    /// The next id to try, in 1..limit.
+    cursor: u32,
     limit: u32,
-    free: VecDeque<u32>,
+    /// Ids a frontend, slots or `DRAINING` entries (orphans included) hold.
+    held: HashSet<u32>,
 }
 
 impl ServiceIds {
+    fn new(limit: u32) -> Self {
+        Self { cursor: 1, limit: limit.max(2), held: HashSet::new() }
+    }
+
+    /// `id` if it is a valid cursor, else 1 (wrapped).
+    fn wrap(&self, id: u32) -> u32 {
+        if (1..self.limit).contains(&id) { id } else { 1 }
+    }
+
     fn alloc(&mut self) -> Result<u32, SyncError> {
-        if self.next < self.limit {
-            self.next += 1;
-            return Ok(self.next - 1);
+        for _ in 1..self.limit {
+            let id = self.cursor;
+            self.cursor = self.wrap(id.saturating_add(1));
+            if self.held.insert(id) {
+                return Ok(id);
+            }
         }
-        self.free.pop_front().ok_or(SyncError::OutOfServiceIds { limit: self.limit })
+        Err(SyncError::OutOfServiceIds { limit: self.limit })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.held.remove(&id);
     }
 }
 
@@ -181,6 +231,17 @@ struct BackendIds {
 }
 
 const RETIRE_GRACE: Duration = Duration::from_secs(600);
+
+/// How long orphan `DRAINING` entries (those of a deleted frontend) are kept at most,
+/// in case the conntrack garbage collector never releases them: conntrack's own
+/// timeout for an established TCP flow, which is also kube-proxy's default for
+/// nf_conntrack's (`conntrack.tcpEstablishedTimeout`, pkg/proxy/apis/config/v1alpha1/defaults.go).
+pub const ORPHAN_MAX_AGE: Duration = Duration::from_secs(ct_timeouts::TCP_ESTABLISHED as u64);
+
+/// Orphans younger than this are kept by [`Syncer::release_orphans`] whatever `live`
+/// says: a conntrack scan that began before their frontend went may have passed a flow
+/// created just before it went.
+pub const ORPHAN_MIN_AGE: Duration = Duration::from_secs(30);
 
 impl BackendIds {
     fn id_for(&mut self, addr: u32, port: u16) -> Result<u32, SyncError> {
@@ -231,6 +292,11 @@ pub struct Syncer {
     shadow: Shadow,
     svc_ids: ServiceIds,
     backend_ids: BackendIds,
+    /// What `IDS` holds (as last written or read).
+    persisted: IdState,
+    /// Service ids that no frontend owns but whose `DRAINING` entries are kept for the
+    /// established flows of their deleted frontend, with when they were orphaned.
+    orphans: BTreeMap<u32, Instant>,
 }
 
 impl Syncer {
@@ -238,17 +304,29 @@ impl Syncer {
     pub fn new(svc_id_limit: u32) -> Self {
         Self {
             shadow: Shadow::default(),
-            svc_ids: ServiceIds { next: 1, limit: svc_id_limit.max(2), free: VecDeque::new() },
+            svc_ids: ServiceIds::new(svc_id_limit),
             backend_ids: BackendIds { next: 1, live: HashMap::new(), retired: HashMap::new(), pending: Vec::new() },
+            persisted: IdState::default(),
+            orphans: BTreeMap::new(),
         }
     }
 
     /// Rebuilds the shadow and the id allocators from what the pinned maps hold, so
     /// that the first sync after a restart writes only what changed meanwhile.
+    ///
+    /// `ids` is what `IDS` holds: the allocators go on from there. Zero fields (maps
+    /// of an agent that did not persist them) fall back to the largest id in the maps
+    /// plus one. The backend id is the larger of both, so it never goes backwards;
+    /// a valid persisted service cursor is taken as it is, since after a wrap it is
+    /// rightly below ids in use (they are skipped when it reaches them).
+    ///
+    /// `DRAINING` entries (and slots) of service ids that no frontend owns are
+    /// orphans of deleted frontends: kept, and aged from now.
     pub fn from_maps(
         services: impl IntoIterator<Item = (ServiceKey4, ServiceValue)>,
         backends: impl IntoIterator<Item = (BackendKey, BackendValue)>,
         draining: impl IntoIterator<Item = (DrainKey, BackendValue)>,
+        ids: IdState,
         svc_id_limit: u32,
     ) -> Self {
         let mut s = Self::new(svc_id_limit);
@@ -272,19 +350,35 @@ impl Syncer {
             s.backend_ids.incref(&v);
             s.shadow.draining.entry(k.svc_id).or_default().insert(k.backend_id, v);
         }
-        let used: HashSet<u32> = s
+        let owned = s.owned_ids();
+        let now = Instant::now();
+        s.orphans = s
             .shadow
-            .services
-            .iter()
-            .filter(|(k, _)| !is_marker(k))
-            .map(|(_, v)| v.id)
-            .chain(s.shadow.slots.keys().copied())
-            .chain(s.shadow.draining.keys().copied())
+            .slots
+            .keys()
+            .chain(s.shadow.draining.keys())
+            .filter(|id| !owned.contains(id))
+            .map(|id| (*id, now))
             .collect();
-        s.svc_ids.next = (max_svc.saturating_add(1)).clamp(1, s.svc_ids.limit);
-        s.svc_ids.free = (1..s.svc_ids.next).filter(|id| !used.contains(id)).collect();
-        s.backend_ids.next = max_backend.saturating_add(1).max(1);
+        s.svc_ids.held = owned.into_iter().chain(s.orphans.keys().copied()).collect();
+        s.svc_ids.cursor = if (1..s.svc_ids.limit).contains(&ids.next_svc_id) {
+            ids.next_svc_id
+        } else {
+            s.svc_ids.wrap(max_svc.saturating_add(1))
+        };
+        s.backend_ids.next = ids.next_backend_id.max(max_backend.saturating_add(1)).max(1);
+        s.persisted = ids;
         s
+    }
+
+    /// What `IDS` should hold.
+    fn id_state(&self) -> IdState {
+        IdState { next_svc_id: self.svc_ids.cursor, next_backend_id: self.backend_ids.next }
+    }
+
+    /// Service ids of the frontends.
+    fn owned_ids(&self) -> HashSet<u32> {
+        self.shadow.services.iter().filter(|(k, _)| !is_marker(k)).map(|(_, v)| v.id).collect()
     }
 
     pub fn shadow(&self) -> &Shadow {
@@ -294,6 +388,117 @@ impl Syncer {
     /// Frontends (not markers) currently programmed.
     pub fn frontend_count(&self) -> usize {
         self.shadow.services.keys().filter(|k| !is_marker(k)).count()
+    }
+
+    /// Orphan `DRAINING` entries: those of deleted frontends, kept for their
+    /// established flows.
+    pub fn orphan_count(&self) -> usize {
+        self.orphans.keys().filter_map(|id| self.shadow.draining.get(id)).map(BTreeMap::len).sum()
+    }
+
+    /// Deletes the orphan `DRAINING` entries (see the module doc) that no live flow
+    /// uses: those whose (service id, backend id) is not in `live`, which the caller
+    /// (the conntrack garbage collector) collects from the conntrack entries still
+    /// alive. Orphans younger than [`ORPHAN_MIN_AGE`] stay whatever `live` says; those
+    /// older than [`ORPHAN_MAX_AGE`] go whatever it says. A service id left with no
+    /// entry can be issued again (once the cursor comes round to it).
+    pub fn release_orphans<W: MapWriter>(
+        &mut self,
+        live: &HashSet<(u32, u32)>,
+        w: &mut W,
+    ) -> Result<SyncStats, SyncError> {
+        let now = Instant::now();
+        let mut stats = SyncStats::default();
+        let res = self.release_orphans_at(Some(live), w, &mut stats, now);
+        self.backend_ids.end_sync(now);
+        res.map(|()| stats)
+    }
+
+    /// With `live` `None`, only the orphans past [`ORPHAN_MAX_AGE`] go.
+    fn release_orphans_at<W: MapWriter>(
+        &mut self,
+        live: Option<&HashSet<(u32, u32)>>,
+        w: &mut W,
+        stats: &mut SyncStats,
+        now: Instant,
+    ) -> Result<(), SyncError> {
+        let mut ops = Vec::new();
+        let ids: Vec<(u32, Instant)> = self.orphans.iter().map(|(id, at)| (*id, *at)).collect();
+        for (id, at) in ids {
+            let age = now.saturating_duration_since(at);
+            if age < ORPHAN_MIN_AGE {
+                continue;
+            }
+            let expired = age >= ORPHAN_MAX_AGE;
+            if !expired && live.is_none() {
+                continue;
+            }
+            if let Some(d) = self.shadow.draining.get(&id) {
+                ops.extend(
+                    d.keys()
+                        .filter(|&&b| expired || live.is_some_and(|l| !l.contains(&(id, b))))
+                        .map(|&backend_id| Op::DeleteDraining(DrainKey { svc_id: id, backend_id })),
+                );
+            }
+            self.apply(w, &mut ops, stats, now)?;
+            self.settle_orphan(id, now);
+        }
+        Ok(())
+    }
+
+    /// After the frontend of service `id` went, or some of its orphans did: `id` is an
+    /// orphan while entries under it remain, and free once none does.
+    fn settle_orphan(&mut self, id: u32, now: Instant) {
+        if self.id_in_use(id) {
+            self.orphans.entry(id).or_insert(now);
+        } else {
+            self.orphans.remove(&id);
+            self.svc_ids.release(id);
+        }
+    }
+
+    /// Service `id` has no frontend (any more): keeps its slot backends' established
+    /// flows going by putting them into `DRAINING` under `id`, then deletes its entry
+    /// (`key`, if it still has one) and its slots. Its draining entries stay, as
+    /// orphans.
+    fn orphan<W: MapWriter>(
+        &mut self,
+        id: u32,
+        key: Option<ServiceKey4>,
+        w: &mut W,
+        stats: &mut SyncStats,
+        now: Instant,
+    ) -> Result<(), SyncError> {
+        let mut ops = Vec::new();
+        let mut seen = HashSet::new();
+        if let Some(slots) = self.shadow.slots.get(&id) {
+            for v in slots.values() {
+                if seen.insert(v.backend_id)
+                    && self.shadow.draining.get(&id).and_then(|d| d.get(&v.backend_id)) != Some(v)
+                {
+                    ops.push(Op::PutDraining(DrainKey { svc_id: id, backend_id: v.backend_id }, *v));
+                }
+            }
+        }
+        if let Err(e) = self.apply(w, &mut ops, stats, now) {
+            // Most likely `DRAINING` is full. A deleted Service must not keep serving
+            // new connections because of that: cut its flows, as before orphans.
+            ops.clear();
+            tracing::warn!(
+                svc_id = id,
+                error = %super::chain(&e),
+                "cannot keep the established flows of a deleted service (is DRAINING full? see --max-draining); they are cut"
+            );
+        }
+        ops.extend(key.map(Op::DeleteService));
+        self.delete_slots_ops(id, 0, &mut ops);
+        let res = self.apply(w, &mut ops, stats, now);
+        // If the entry could not be deleted, the frontend still owns `id`; the next
+        // sync tries again.
+        if !key.is_some_and(|k| self.shadow.services.contains_key(&k)) {
+            self.settle_orphan(id, now);
+        }
+        res
     }
 
     /// Writes what differs between `desired` and the shadow. On error, the shadow
@@ -311,40 +516,35 @@ impl Syncer {
         let wanted: HashMap<ServiceKey4, &FrontendKey> = desired.frontends.keys().map(|k| (k.map_key(), k)).collect();
         let mut ops = Vec::new();
 
-        // 1. Frontends that are gone, first, which also makes room in the maps.
+        // 1. Frontends that are gone, first, which also makes room in the maps. Their
+        //    established flows go on (see the module doc).
         let mut gone: Vec<ServiceKey4> =
             self.shadow.services.keys().filter(|k| !is_marker(k) && !wanted.contains_key(k)).copied().collect();
         gone.sort_unstable();
         for key in gone {
             let id = self.shadow.services[&key].id;
-            ops.push(Op::DeleteService(key));
-            self.delete_slots_ops(id, 0, &mut ops);
-            self.delete_draining_ops(id, &HashSet::new(), &mut ops);
-            self.apply(w, &mut ops, &mut stats, now)?;
-            if !self.id_in_use(id) {
-                self.svc_ids.free.push_back(id);
-            }
+            self.orphan(id, Some(key), w, &mut stats, now)?;
         }
-        // Slots of ids no frontend owns (left by an interrupted write or a crash).
-        let owned: HashSet<u32> =
-            self.shadow.services.iter().filter(|(k, _)| !is_marker(k)).map(|(_, v)| v.id).collect();
-        let mut orphans: Vec<u32> = self
+        // Ids no frontend owns that still have slots (left by an interrupted write or a
+        // crash), or draining entries not yet known as orphans (after a failed write):
+        // orphans too.
+        let owned = self.owned_ids();
+        let mut strays: Vec<u32> = self
             .shadow
             .slots
             .keys()
-            .chain(self.shadow.draining.keys())
+            .chain(self.shadow.draining.keys().filter(|id| !self.orphans.contains_key(id)))
             .filter(|id| !owned.contains(id))
             .copied()
             .collect::<HashSet<u32>>()
             .into_iter()
             .collect();
-        orphans.sort_unstable();
-        for id in orphans {
-            self.delete_slots_ops(id, 0, &mut ops);
-            self.delete_draining_ops(id, &HashSet::new(), &mut ops);
-            self.apply(w, &mut ops, &mut stats, now)?;
-            self.svc_ids.free.push_back(id);
+        strays.sort_unstable();
+        for id in strays {
+            self.orphan(id, None, w, &mut stats, now)?;
         }
+        // Orphans past their maximum age, in case the garbage collector never ran.
+        self.release_orphans_at(None, w, &mut stats, now)?;
 
         // 2. New and changed frontends: new draining entries, slots and count, stale
         //    draining entries, in that order.
@@ -355,14 +555,12 @@ impl Syncer {
                 Some(cur) => cur.id,
                 None => self.svc_ids.alloc()?,
             };
-            let keep = self.put_draining_ops(id, fe, &mut ops)?;
-            match cur {
-                Some(cur) => self.plan_update(key, cur, fe, &mut ops)?,
-                None => self.plan_new(key, id, fe, &mut ops)?,
+            let res = self.sync_frontend(key, cur, id, fe, w, &mut stats, now);
+            if res.is_err() && cur.is_none() && !self.shadow.services.contains_key(&key) && !self.id_in_use(id) {
+                // Nothing holds the new id: it is free again.
+                self.svc_ids.release(id);
             }
-            // Under a new id these are leftovers (should not happen; be safe).
-            self.delete_draining_ops(id, &keep, &mut ops);
-            self.apply(w, &mut ops, &mut stats, now)?;
+            res?;
         }
 
         // 3. Address markers: present for every ClusterIP with a frontend, removed
@@ -380,6 +578,29 @@ impl Syncer {
         }
         self.apply(w, &mut ops, &mut stats, now)?;
         Ok(stats)
+    }
+
+    /// Plans and writes one frontend of the desired state, under service `id`.
+    #[expect(clippy::too_many_arguments, reason = "the state of one step of `sync_inner`")]
+    fn sync_frontend<W: MapWriter>(
+        &mut self,
+        key: ServiceKey4,
+        cur: Option<ServiceValue>,
+        id: u32,
+        fe: &Frontend,
+        w: &mut W,
+        stats: &mut SyncStats,
+        now: Instant,
+    ) -> Result<(), SyncError> {
+        let mut ops = Vec::new();
+        let keep = self.put_draining_ops(id, fe, &mut ops)?;
+        match cur {
+            Some(cur) => self.plan_update(key, cur, fe, &mut ops)?,
+            None => self.plan_new(key, id, fe, &mut ops)?,
+        }
+        // Under a new id these are leftovers (should not happen; be safe).
+        self.delete_draining_ops(id, &keep, &mut ops);
+        self.apply(w, &mut ops, stats, now)
     }
 
     fn id_in_use(&self, id: u32) -> bool {
@@ -525,7 +746,9 @@ impl Syncer {
         Ok(())
     }
 
-    /// Applies `ops` in order, recording each in the shadow as it succeeds.
+    /// Applies `ops` in order, recording each in the shadow as it succeeds. If ids were
+    /// issued since `IDS` was last written, writes it first: the ops may use them, and
+    /// a restarted agent must not issue them again.
     fn apply<W: MapWriter>(
         &mut self,
         w: &mut W,
@@ -533,6 +756,16 @@ impl Syncer {
         stats: &mut SyncStats,
         now: Instant,
     ) -> Result<(), SyncError> {
+        let ids = self.id_state();
+        if !ops.is_empty() && ids != self.persisted {
+            let op = Op::PutIds(ids);
+            if let Err(source) = w.apply(&op) {
+                ops.clear();
+                return Err(SyncError::Write { op: op.to_string(), source });
+            }
+            self.persisted = ids;
+            stats.ids_put += 1;
+        }
         for op in ops.drain(..) {
             w.apply(&op).map_err(|source| SyncError::Write { op: op.to_string(), source })?;
             match op {
@@ -581,6 +814,10 @@ impl Syncer {
                     stats.draining_deleted += 1;
                 }
                 Op::ResetStats(_) => {}
+                Op::PutIds(s) => {
+                    self.persisted = s;
+                    stats.ids_put += 1;
+                }
             }
         }
         Ok(())
@@ -590,12 +827,14 @@ impl Syncer {
 /// What `SERVICES` and `BACKENDS` hold.
 pub type MapContents = (Vec<(ServiceKey4, ServiceValue)>, Vec<(BackendKey, BackendValue)>);
 
-/// The pinned `SERVICES`, `BACKENDS`, `DRAINING` and `SVC_STATS` maps, as a [`MapWriter`].
+/// The pinned `SERVICES`, `BACKENDS`, `DRAINING`, `SVC_STATS` and `IDS` maps, as a
+/// [`MapWriter`].
 pub struct BpfMaps {
     pub services: aya::maps::HashMap<aya::maps::MapData, ServiceKey4, ServiceValue>,
     pub backends: aya::maps::HashMap<aya::maps::MapData, BackendKey, BackendValue>,
     pub draining: aya::maps::HashMap<aya::maps::MapData, DrainKey, BackendValue>,
     pub svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
+    pub ids: aya::maps::Array<aya::maps::MapData, IdState>,
     nr_cpus: usize,
 }
 
@@ -627,7 +866,7 @@ impl BpfMaps {
             let path = pin_dir.join(name);
             aya::maps::MapData::from_pin(&path).map_err(|source| MapsError::Open { path, source })
         };
-        Self::from_data(open(n::SERVICES)?, open(n::BACKENDS)?, open(n::DRAINING)?, open(n::SVC_STATS)?)
+        Self::from_data(open(n::SERVICES)?, open(n::BACKENDS)?, open(n::DRAINING)?, open(n::SVC_STATS)?, open(n::IDS)?)
     }
 
     /// New handles on the maps of a loaded datapath (they stay usable by it).
@@ -639,7 +878,7 @@ impl BpfMaps {
             let id = data.info().map_err(|source| MapsError::Type { name, source })?.id();
             aya::maps::MapData::from_id(id).map_err(|source| MapsError::Type { name, source })
         };
-        Self::from_data(dup(n::SERVICES)?, dup(n::BACKENDS)?, dup(n::DRAINING)?, dup(n::SVC_STATS)?)
+        Self::from_data(dup(n::SERVICES)?, dup(n::BACKENDS)?, dup(n::DRAINING)?, dup(n::SVC_STATS)?, dup(n::IDS)?)
     }
 
     fn from_data(
@@ -647,6 +886,7 @@ impl BpfMaps {
         backends: aya::maps::MapData,
         draining: aya::maps::MapData,
         svc_stats: aya::maps::MapData,
+        ids: aya::maps::MapData,
     ) -> Result<Self, MapsError> {
         use aya::maps::Map;
         use lb_common::map_names as n;
@@ -664,6 +904,7 @@ impl BpfMaps {
             svc_stats: Map::PerCpuArray(svc_stats)
                 .try_into()
                 .map_err(|source| MapsError::Type { name: n::SVC_STATS, source })?,
+            ids: Map::Array(ids).try_into().map_err(|source| MapsError::Type { name: n::IDS, source })?,
             nr_cpus,
         })
     }
@@ -683,10 +924,16 @@ impl BpfMaps {
         self.draining.iter().filter_map(Result::ok).collect()
     }
 
-    /// A syncer whose shadow is what the maps hold now.
+    /// What `IDS` holds; zero if unreadable (the syncer then derives the ids from the
+    /// other maps).
+    pub fn read_ids(&self) -> IdState {
+        self.ids.get(&0, 0).unwrap_or_default()
+    }
+
+    /// A syncer whose shadow and id allocators are what the maps hold now.
     pub fn reconcile(&self) -> Syncer {
         let (s, b) = self.read_all();
-        Syncer::from_maps(s, b, self.read_draining(), self.svc_id_limit())
+        Syncer::from_maps(s, b, self.read_draining(), self.read_ids(), self.svc_id_limit())
     }
 
     /// Packets and bytes of one service id, summed over CPUs.
@@ -732,6 +979,7 @@ impl MapWriter for BpfMaps {
                     self.svc_stats.set(*id, zero, 0)?;
                 }
             }
+            Op::PutIds(s) => self.ids.set(0, s, 0)?,
         }
         Ok(())
     }

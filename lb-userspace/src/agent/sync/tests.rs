@@ -8,17 +8,20 @@ use crate::agent::model::{Backend, Frontend, FrontendKey, NoEndpoints, Protocol}
 
 /// Maps in memory. After every op it checks that each frontend's slots 1..=count are
 /// all there, that its ClusterIP has its marker, that every backend in `sticky`
-/// (frontend key -> (addr_be, port_be)) stays visible within 1..=count, and that every
+/// (frontend key -> (addr_be, port_be)) stays visible within 1..=count, that every
 /// backend in `reachable` stays reachable by its established flows: within 1..=count
-/// or in `DRAINING`, under the backend id it had.
+/// of its frontend (while that has the service id the flows know) or in `DRAINING`,
+/// under the backend id it had, and that `IDS` is ahead of every backend id in the
+/// maps (written before the entries that use a new id).
 #[derive(Default)]
 struct FakeMaps {
     services: HashMap<ServiceKey4, ServiceValue>,
     backends: HashMap<BackendKey, BackendValue>,
     draining: HashMap<DrainKey, BackendValue>,
+    ids: IdState,
     sticky: Vec<(ServiceKey4, (u32, u16))>,
-    /// (frontend, backend as it was in the maps before the sync).
-    reachable: Vec<(ServiceKey4, BackendValue)>,
+    /// (frontend, its service id, backend as it was in the maps before the sync).
+    reachable: Vec<(ServiceKey4, u32, BackendValue)>,
     log: Vec<Op>,
     /// Fail the op with this index (counting all ops ever applied).
     fail_at: Option<usize>,
@@ -51,10 +54,12 @@ impl FakeMaps {
                 return Err(format!("staying backend of {} vanished from 1..=count", fmt_key(k)));
             }
         }
-        for (k, b) in &self.reachable {
-            let Some(v) = self.services.get(k) else { continue };
-            let in_slots = (1..=v.count).any(|slot| self.backends.get(&BackendKey { svc_id: v.id, slot }) == Some(b));
-            let draining = self.draining.get(&DrainKey { svc_id: v.id, backend_id: b.backend_id }) == Some(b);
+        for (k, id, b) in &self.reachable {
+            let in_slots = self.services.get(k).is_some_and(|v| {
+                v.id == *id
+                    && (1..=v.count).any(|slot| self.backends.get(&BackendKey { svc_id: v.id, slot }) == Some(b))
+            });
+            let draining = self.draining.get(&DrainKey { svc_id: *id, backend_id: b.backend_id }) == Some(b);
             if !in_slots && !draining {
                 return Err(format!(
                     "backend {}:{} (id {}) of {} is neither in 1..=count nor draining",
@@ -64,6 +69,14 @@ impl FakeMaps {
                     fmt_key(k)
                 ));
             }
+        }
+        if let Some(b) =
+            self.backends.values().chain(self.draining.values()).find(|b| b.backend_id >= self.ids.next_backend_id)
+        {
+            return Err(format!(
+                "backend id {} in the maps, IDS says next is {}",
+                b.backend_id, self.ids.next_backend_id
+            ));
         }
         Ok(())
     }
@@ -96,6 +109,7 @@ impl MapWriter for FakeMaps {
                 self.draining.remove(&k);
             }
             Op::ResetStats(_) => {}
+            Op::PutIds(s) => self.ids = s,
         }
         self.log.push(*op);
         self.check().map_err(|e| format!("after {op}: {e}"))?;
@@ -158,8 +172,9 @@ fn contents(m: &FakeMaps) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-/// `DRAINING` as (frontend -> set of backends), checking that it holds nothing else and
-/// that each entry carries the backend id the slots give that backend.
+/// `DRAINING` as (frontend -> set of backends), checking that it holds nothing else but
+/// orphans (entries of service ids no frontend owns) and that each entry carries the
+/// backend id the slots give that backend.
 fn draining_contents(m: &FakeMaps) -> BTreeMap<String, BTreeSet<String>> {
     let ids: HashMap<(u32, u16), u32> = m.backends.values().map(|b| ((b.addr_be, b.port_be), b.backend_id)).collect();
     let mut out = BTreeMap::new();
@@ -182,8 +197,24 @@ fn draining_contents(m: &FakeMaps) -> BTreeMap<String, BTreeSet<String>> {
             out.insert(fmt_key(k), set);
         }
     }
-    assert_eq!(owned, m.draining.len(), "stray DRAINING entries");
+    assert_eq!(owned + orphans(m).len(), m.draining.len(), "stray DRAINING entries");
     out
+}
+
+/// `DRAINING` entries of service ids that no frontend owns.
+fn orphans(m: &FakeMaps) -> BTreeSet<(u32, u32)> {
+    let owned: HashSet<u32> = m.services.iter().filter(|(k, _)| !is_marker(k)).map(|(_, v)| v.id).collect();
+    m.draining.keys().filter(|k| !owned.contains(&k.svc_id)).map(|k| (k.svc_id, k.backend_id)).collect()
+}
+
+/// The backends a frontend holds in the maps: slots 1..=count, and draining.
+fn held(m: &FakeMaps, k: &FrontendKey) -> Vec<(u32, BackendValue)> {
+    let Some(v) = m.services.get(&k.map_key()) else { return Vec::new() };
+    (1..=v.count)
+        .filter_map(|slot| m.backends.get(&BackendKey { svc_id: v.id, slot }))
+        .chain(m.draining.iter().filter(|(dk, _)| dk.svc_id == v.id).map(|(_, b)| b))
+        .map(|b| (v.id, *b))
+        .collect()
 }
 
 fn expected(d: &Desired) -> BTreeMap<String, BTreeSet<String>> {
@@ -211,8 +242,8 @@ fn shadow_draining(s: &Syncer) -> HashMap<DrainKey, BackendValue> {
 
 /// Syncs to `to`, checking invariants op by op with the backends common to the
 /// current and the new state marked sticky, and every backend the maps hold for a
-/// frontend (in its slots or draining) that the slices still list marked reachable;
-/// returns the ops.
+/// frontend (in its slots or draining) that the slices still list, or for a frontend
+/// that goes, marked reachable; returns the ops.
 fn step(s: &mut Syncer, m: &mut FakeMaps, from: &Desired, to: &Desired) -> Vec<Op> {
     m.sticky.clear();
     m.reachable.clear();
@@ -224,23 +255,42 @@ fn step(s: &mut Syncer, m: &mut FakeMaps, from: &Desired, to: &Desired) -> Vec<O
         }
         let listed: HashSet<(u32, u16)> =
             f.backends.iter().chain(&f.draining).map(|b| (u32::from_ne_bytes(b.ip.octets()), b.port.to_be())).collect();
-        if let Some(v) = m.services.get(&k.map_key()) {
-            let held = (1..=v.count)
-                .filter_map(|slot| m.backends.get(&BackendKey { svc_id: v.id, slot }))
-                .chain(m.draining.iter().filter(|(dk, _)| dk.svc_id == v.id).map(|(_, b)| b));
-            for b in held {
-                if listed.contains(&(b.addr_be, b.port_be)) {
-                    m.reachable.push((k.map_key(), *b));
-                }
+        for (id, b) in held(m, k) {
+            if listed.contains(&(b.addr_be, b.port_be)) {
+                m.reachable.push((k.map_key(), id, b));
             }
         }
     }
+    // A deleted Service keeps its established flows (as under kube-proxy).
+    let gone: Vec<(ServiceKey4, u32, BackendValue)> = from
+        .frontends
+        .keys()
+        .filter(|k| !to.frontends.contains_key(k))
+        .flat_map(|k| held(m, k).into_iter().map(|(id, b)| (k.map_key(), id, b)))
+        .collect();
+    m.reachable.extend(gone.iter().copied());
     m.log.clear();
     s.sync(to, m).unwrap_or_else(|e| panic!("{e}: {:?}", std::error::Error::source(&e)));
     assert_eq!(contents(m), expected(to));
     assert_eq!(draining_contents(m), expected_draining(to));
     assert_eq!(s.shadow().services, m.services);
     assert_eq!(shadow_draining(s), m.draining);
+    for (_, id, b) in gone {
+        assert_eq!(
+            m.draining.get(&DrainKey { svc_id: id, backend_id: b.backend_id }),
+            Some(&b),
+            "not kept as an orphan"
+        );
+    }
+    // The syncer knows its orphans, and holds their service ids.
+    let known: BTreeSet<(u32, u32)> = s
+        .orphans
+        .keys()
+        .flat_map(|id| s.shadow().draining.get(id).into_iter().flat_map(move |d| d.keys().map(move |b| (*id, *b))))
+        .collect();
+    assert_eq!(known, orphans(m));
+    assert!(known.iter().all(|(id, _)| s.svc_ids.held.contains(id)));
+    assert_eq!(m.ids, s.persisted);
     std::mem::take(&mut m.log)
 }
 
@@ -253,6 +303,7 @@ fn new_frontend_writes_slots_then_marker_then_entry() {
     let kinds: Vec<&str> = ops
         .iter()
         .map(|o| match o {
+            Op::PutIds(_) => "ids",
             Op::ResetStats(_) => "reset",
             Op::PutService(k, _) if is_marker(k) => "marker",
             Op::PutService(..) => "service",
@@ -260,7 +311,9 @@ fn new_frontend_writes_slots_then_marker_then_entry() {
             _ => "other",
         })
         .collect();
-    assert_eq!(kinds, ["reset", "marker", "backend", "backend", "service"]);
+    // The new ids are persisted first.
+    assert_eq!(kinds, ["ids", "reset", "marker", "backend", "backend", "service"]);
+    assert_eq!(m.ids, IdState { next_svc_id: 2, next_backend_id: 3 });
     // A second sync of the same state writes nothing.
     assert!(step(&mut s, &mut m, &d, &d).is_empty());
 }
@@ -300,7 +353,11 @@ fn adding_writes_the_slot_before_raising_count() {
     let ops = step(&mut s, &mut m, &a, &b);
     assert!(matches!(
         ops[..],
-        [Op::PutBackend(BackendKey { slot: 2, .. }, _), Op::PutService(_, ServiceValue { count: 2, .. })]
+        [
+            Op::PutIds(IdState { next_backend_id: 3, .. }),
+            Op::PutBackend(BackendKey { slot: 2, .. }, BackendValue { backend_id: 2, .. }),
+            Op::PutService(_, ServiceValue { count: 2, .. })
+        ]
     ));
 }
 
@@ -312,12 +369,16 @@ fn replacing_a_backend_overwrites_in_place() {
     step(&mut s, &mut m, &Desired::default(), &a);
     let b = desired(vec![(fe_key(10, 80), frontend([1, 3, 4]))]);
     let ops = step(&mut s, &mut m, &a, &b);
-    // One slot rewritten, nothing else (count unchanged).
-    assert!(matches!(ops[..], [Op::PutBackend(BackendKey { slot: 2, .. }, _)]), "{ops:#?}");
+    // One slot rewritten (after persisting the new backend's id), nothing else (count
+    // unchanged).
+    assert!(matches!(ops[..], [Op::PutIds(_), Op::PutBackend(BackendKey { slot: 2, .. }, _)]), "{ops:#?}");
 }
 
+/// Deleting a frontend used to delete its entry, slots and draining entries, cutting
+/// its established flows; now (as under kube-proxy, which leaves TCP conntrack entries
+/// alone) its slot backends move to `DRAINING` first and stay there as orphans.
 #[test]
-fn deleting_a_frontend_removes_entry_then_slots_and_marker_last() {
+fn deleting_a_frontend_drains_its_backends_then_removes_entry_slots_and_marker_last() {
     let mut s = Syncer::new(1024);
     let mut m = FakeMaps::default();
     let a = desired(vec![(fe_key(10, 80), frontend([1, 2])), (fe_key(10, 443), frontend([1]))]);
@@ -325,12 +386,17 @@ fn deleting_a_frontend_removes_entry_then_slots_and_marker_last() {
     // Another port of the same ClusterIP remains: the marker stays.
     let b = desired(vec![(fe_key(10, 443), frontend([1]))]);
     let ops = step(&mut s, &mut m, &a, &b);
-    assert!(matches!(ops[0], Op::DeleteService(k) if !is_marker(&k)));
-    assert_eq!(ops.len(), 3);
+    assert_eq!(
+        ops.iter().map(kind).collect::<Vec<_>>(),
+        ["put_draining", "put_draining", "delete_service", "delete_backend", "delete_backend"],
+        "{ops:#?}"
+    );
+    assert!(matches!(ops[2], Op::DeleteService(k) if !is_marker(&k)));
     assert!(m.services.contains_key(&ServiceKey4::address_marker(fe_key(10, 80).map_key().addr_be)));
     let ops = step(&mut s, &mut m, &b, &Desired::default());
     assert!(matches!(ops.last(), Some(Op::DeleteService(k)) if is_marker(k)));
     assert!(m.services.is_empty() && m.backends.is_empty());
+    assert_eq!(m.draining.len(), 3, "the orphans of both");
 }
 
 #[test]
@@ -375,6 +441,9 @@ fn ids_are_stable_unique_and_not_reused_soon() {
     assert_eq!(backend_ids(&m), ids);
 }
 
+/// Frontends without backends here: a deleted one leaves no orphan, so its id is free
+/// at once (see `release_orphans_keeps_those_with_live_flows_and_frees_the_id_after_the_last`
+/// for the other case).
 #[test]
 fn service_ids_wrap_to_the_oldest_freed_one() {
     let mut s = Syncer::new(4); // ids 1..=3
@@ -382,16 +451,16 @@ fn service_ids_wrap_to_the_oldest_freed_one() {
     let mut cur = Desired::default();
     let mut seen = Vec::new();
     for vip in 1..=6 {
-        let next = desired(vec![(fe_key(vip, 80), frontend([1]))]);
+        let next = desired(vec![(fe_key(vip, 80), frontend([]))]);
         step(&mut s, &mut m, &cur, &next);
         seen.push(m.services[&fe_key(vip, 80).map_key()].id);
         cur = next;
     }
     assert_eq!(seen, [1, 2, 3, 1, 2, 3]);
-    let full = desired((1..=3).map(|v| (fe_key(v, 80), frontend([1]))).collect());
+    let full = desired((1..=3).map(|v| (fe_key(v, 80), frontend([]))).collect());
     step(&mut s, &mut m, &cur, &desired(vec![]));
     step(&mut s, &mut m, &Desired::default(), &full);
-    let too_many = desired((1..=4).map(|v| (fe_key(v, 80), frontend([1]))).collect());
+    let too_many = desired((1..=4).map(|v| (fe_key(v, 80), frontend([]))).collect());
     assert!(matches!(s.sync(&too_many, &mut m), Err(SyncError::OutOfServiceIds { limit: 4 })));
 }
 
@@ -446,6 +515,13 @@ fn random_walk_keeps_every_invariant_and_converges() {
             })
             .collect();
         step(&mut s, &mut m, &cur, &next);
+        // The garbage collector comes by now and then, with some orphans' flows alive.
+        if rng.below(4) == 0 {
+            let all = orphans(&m);
+            let live: HashSet<(u32, u32)> = all.iter().filter(|_| rng.below(2) == 0).copied().collect();
+            release(&mut s, &mut m, &live);
+            assert_eq!(orphans(&m), live.into_iter().collect(), "round {round}");
+        }
         // A backend that stayed in a frontend kept its backend id.
         for (k, v) in m.services.iter().filter(|(k, _)| !is_marker(k)) {
             for slot in 1..=v.count {
@@ -504,12 +580,7 @@ fn reconcile_from_maps_writes_nothing_when_nothing_changed() {
     step(&mut s, &mut m, &Desired::default(), &a);
     assert_eq!(m.draining.len(), 3);
     // "Restart": a new syncer from what the maps hold.
-    let mut s2 = Syncer::from_maps(
-        m.services.iter().map(|(k, v)| (*k, *v)),
-        m.backends.iter().map(|(k, v)| (*k, *v)),
-        m.draining.iter().map(|(k, v)| (*k, *v)),
-        1024,
-    );
+    let mut s2 = restart(&m, 1024);
     assert!(step(&mut s2, &mut m, &a, &a).is_empty());
     // The draining entries hold their backend ids: still live, not retired.
     for b in m.draining.values() {
@@ -555,12 +626,7 @@ fn reconcile_cleans_half_written_state() {
     m.backends.insert(BackendKey { svc_id: 5, slot: 3 }, bv(3, 3));
     m.backends.insert(BackendKey { svc_id: 5, slot: 4 }, bv(4, 4));
     m.backends.insert(BackendKey { svc_id: 9, slot: 1 }, bv(1, 1));
-    let mut s = Syncer::from_maps(
-        m.services.iter().map(|(k, v)| (*k, *v)),
-        m.backends.iter().map(|(k, v)| (*k, *v)),
-        m.draining.iter().map(|(k, v)| (*k, *v)),
-        1024,
-    );
+    let mut s = restart(&m, 1024);
     let d = desired(vec![(fe_key(10, 80), frontend([1, 2, 3]))]);
     // The fake's op-by-op checks would trip over the broken start state; check the end.
     let mut w = FakeMaps { services: m.services.clone(), backends: m.backends.clone(), ..Default::default() };
@@ -575,6 +641,7 @@ fn reconcile_cleans_half_written_state() {
                 Op::PutDraining(k, v) => drop(self.0.draining.insert(k, v)),
                 Op::DeleteDraining(k) => drop(self.0.draining.remove(&k)),
                 Op::ResetStats(_) => {}
+                Op::PutIds(s) => self.0.ids = s,
             }
             Ok(())
         }
@@ -587,6 +654,10 @@ fn reconcile_cleans_half_written_state() {
     assert_eq!(by_addr[&u32::from_ne_bytes(ip(1).octets())], 1);
     assert_eq!(by_addr[&u32::from_ne_bytes(ip(3).octets())], 3);
     assert!(by_addr[&u32::from_ne_bytes(ip(2).octets())] > 4);
+    // The slot of id 9 might have carried flows: it is kept as an orphan.
+    assert_eq!(w.draining.keys().copied().collect::<Vec<_>>(), [DrainKey { svc_id: 9, backend_id: 1 }]);
+    assert_eq!(s.orphans.keys().copied().collect::<Vec<_>>(), [9]);
+    assert_eq!(w.ids.next_backend_id, 6);
 }
 
 fn addr(i: u32) -> (u32, u16) {
@@ -604,6 +675,7 @@ fn kind(o: &Op) -> &'static str {
         Op::PutBackend(..) => "backend",
         Op::DeleteBackend(..) => "delete_backend",
         Op::ResetStats(_) => "reset",
+        Op::PutIds(_) => "ids",
     }
 }
 
@@ -637,7 +709,7 @@ fn a_backend_leaving_the_slots_drains_first_under_its_id() {
     step(&mut s, &mut m, &a, &b);
     let c = desired(vec![(fe_key(10, 80), frontend([1, 3, 4]))]);
     let ops = step(&mut s, &mut m, &b, &c);
-    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["backend", "service", "delete_draining"], "{ops:#?}");
+    assert_eq!(ops.iter().map(kind).collect::<Vec<_>>(), ["ids", "backend", "service", "delete_draining"], "{ops:#?}");
     assert!(m.draining.is_empty());
     // Now released: no slot or draining entry holds it any more.
     assert!(!s.backend_ids.live.contains_key(&addr(2)));
@@ -657,42 +729,356 @@ fn a_new_frontend_with_draining_endpoints_and_its_deletion() {
         |m: &FakeMaps, i: u32| m.backends.values().find(|b| (b.addr_be, b.port_be) == addr(i)).unwrap().backend_id;
     let svc10 = m.services[&fe_key(10, 80).map_key()].id;
     assert_eq!(m.draining[&DrainKey { svc_id: svc10, backend_id: id_of(&m, 2) }].backend_id, id_of(&m, 2));
-    // Deleting the service removes its draining entries (after its entry), then its
-    // ClusterIP's marker.
+    // Deleting the service used to remove its draining entries too; now its slot
+    // backend joins them in `DRAINING` first, then its entry, its slot and its
+    // ClusterIP's marker go, and all three entries stay as orphans.
     let b = desired(vec![(fe_key(11, 80), frontend_d([2], [1]))]);
+    let id1 = id_of(&m, 1);
     let ops = step(&mut s, &mut m, &a, &b);
     assert_eq!(
         ops.iter().map(kind).collect::<Vec<_>>(),
-        ["delete_service", "delete_backend", "delete_draining", "delete_draining", "delete_service"],
+        ["put_draining", "delete_service", "delete_backend", "delete_service"],
         "{ops:#?}"
     );
-    assert!(is_marker(match &ops[4] {
+    assert!(
+        matches!(ops[0], Op::PutDraining(DrainKey { svc_id, backend_id }, _) if svc_id == svc10 && backend_id == id1)
+    );
+    assert!(is_marker(match &ops[3] {
         Op::DeleteService(k) => k,
         _ => unreachable!(),
     }));
-    assert!(m.draining.keys().all(|k| k.svc_id != svc10));
+    assert_eq!(m.draining.keys().filter(|k| k.svc_id == svc10).count(), 3);
     step(&mut s, &mut m, &b, &Desired::default());
-    assert!(m.draining.is_empty() && m.backends.is_empty() && m.services.is_empty());
+    assert!(m.backends.is_empty() && m.services.is_empty());
+    assert_eq!(m.draining.len(), 5);
+    // No flow left: the garbage collector releases them all.
+    let st = release(&mut s, &mut m, &HashSet::new());
+    assert_eq!(st.draining_deleted, 5);
+    assert!(m.draining.is_empty() && s.orphans.is_empty() && s.svc_ids.held.is_empty());
 }
 
+/// Used to be "reconcile deletes draining entries of unknown services": such entries are
+/// orphans of a deleted frontend (see `a_restart_recognises_orphans`), kept until
+/// released.
 #[test]
-fn reconcile_deletes_draining_entries_of_unknown_services() {
+fn reconcile_keeps_draining_entries_of_unknown_services_as_orphans() {
     let mut s = Syncer::new(1024);
     let mut m = FakeMaps::default();
     let a = desired(vec![(fe_key(10, 80), frontend_d([1], [2]))]);
     step(&mut s, &mut m, &Desired::default(), &a);
     let stray = BackendValue { backend_id: 77, addr_be: addr(9).0, port_be: addr(9).1, _pad: [0; 2] };
     m.draining.insert(DrainKey { svc_id: 40, backend_id: 77 }, stray);
-    let mut s2 = Syncer::from_maps(
-        m.services.iter().map(|(k, v)| (*k, *v)),
-        m.backends.iter().map(|(k, v)| (*k, *v)),
-        m.draining.iter().map(|(k, v)| (*k, *v)),
-        1024,
-    );
-    let ops = step(&mut s2, &mut m, &a, &a);
-    assert!(matches!(ops[..], [Op::DeleteDraining(DrainKey { svc_id: 40, backend_id: 77 })]), "{ops:#?}");
+    let mut s2 = restart(&m, 1024);
+    assert!(step(&mut s2, &mut m, &a, &a).is_empty());
+    assert_eq!(orphans(&m).into_iter().collect::<Vec<_>>(), [(40, 77)]);
     // Ids above every id seen, draining ones included, for new backends.
     let b = desired(vec![(fe_key(10, 80), frontend_d([1, 5], [2]))]);
     step(&mut s2, &mut m, &a, &b);
     assert!(m.backends.values().all(|b| b.backend_id != 77 && (b.addr_be, b.port_be) != addr(5) || b.backend_id > 77));
+    let st = release(&mut s2, &mut m, &HashSet::new());
+    assert_eq!((st.draining_deleted, orphans(&m).len()), (1, 0));
+}
+
+/// "Restarts" the agent: a new syncer from what the maps hold, `IDS` included.
+fn restart(m: &FakeMaps, limit: u32) -> Syncer {
+    Syncer::from_maps(
+        m.services.iter().map(|(k, v)| (*k, *v)),
+        m.backends.iter().map(|(k, v)| (*k, *v)),
+        m.draining.iter().map(|(k, v)| (*k, *v)),
+        m.ids,
+        limit,
+    )
+}
+
+/// The garbage collector's call, as if the orphans were old enough to be released.
+fn release(s: &mut Syncer, m: &mut FakeMaps, live: &HashSet<(u32, u32)>) -> SyncStats {
+    m.sticky.clear();
+    m.reachable.clear();
+    let mut stats = SyncStats::default();
+    s.release_orphans_at(Some(live), m, &mut stats, Instant::now() + ORPHAN_MIN_AGE).expect("release");
+    stats
+}
+
+fn svc_id(m: &FakeMaps, k: FrontendKey) -> u32 {
+    m.services[&k.map_key()].id
+}
+
+fn backend_id(m: &FakeMaps, i: u32) -> u32 {
+    m.backends.values().find(|b| (b.addr_be, b.port_be) == addr(i)).expect("backend").backend_id
+}
+
+/// The bug: `from_maps` derived the next ids from the largest in the maps, so after a
+/// restart the id of the service or backend with the largest id, removed just before,
+/// was issued again, and a stale conntrack entry (which knows a flow's service id,
+/// backend id and slot) then matched the new service or backend. At the old head, the
+/// new service got id 2 and the new backend id 3.
+#[test]
+fn a_restart_does_not_reissue_the_ids_of_removed_services_and_backends() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2, 3])), (fe_key(11, 80), frontend([1]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    assert_eq!((svc_id(&m, fe_key(10, 80)), svc_id(&m, fe_key(11, 80))), (1, 2));
+    assert_eq!(backend_id(&m, 3), 3);
+    // The service and the backend with the largest ids go (the backend's pod is gone:
+    // not even draining), and the service's orphans are released.
+    let b = desired(vec![(fe_key(10, 80), frontend([1, 2]))]);
+    step(&mut s, &mut m, &a, &b);
+    release(&mut s, &mut m, &HashSet::new());
+    assert!(m.draining.is_empty());
+    assert_eq!(m.ids, IdState { next_svc_id: 3, next_backend_id: 4 });
+
+    let mut s2 = restart(&m, 1024);
+    let c = desired(vec![(fe_key(10, 80), frontend([1, 2, 4])), (fe_key(12, 80), frontend([1]))]);
+    step(&mut s2, &mut m, &b, &c);
+    assert_eq!(svc_id(&m, fe_key(12, 80)), 3, "the removed service's id was issued again");
+    assert_eq!(backend_id(&m, 4), 4, "the removed backend's id was issued again");
+    // Backend 4 took the slot backend 3 had: only its id tells a stale flow apart.
+    assert_eq!(m.backends[&BackendKey { svc_id: 1, slot: 3 }].backend_id, 4);
+}
+
+/// Maps written by an agent that did not persist `IDS`: the ids go on from the
+/// largest in the maps, and are persisted with the first write that issues one.
+#[test]
+fn a_restart_without_persisted_ids_derives_them_from_the_maps() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2])), (fe_key(11, 80), frontend([3]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    m.ids = IdState::default();
+    let mut s2 = restart(&m, 1024);
+    assert!(step(&mut s2, &mut m, &a, &a).is_empty(), "nothing to write, not even IDS");
+    let b = desired(vec![
+        (fe_key(10, 80), frontend([1, 2, 4])),
+        (fe_key(11, 80), frontend([3])),
+        (fe_key(12, 80), frontend([])),
+    ]);
+    let ops = step(&mut s2, &mut m, &a, &b);
+    assert_eq!(kind(&ops[0]), "ids", "{ops:#?}");
+    assert_eq!((backend_id(&m, 4), svc_id(&m, fe_key(12, 80))), (4, 3));
+    assert_eq!(m.ids, IdState { next_svc_id: 4, next_backend_id: 5 });
+    // A persisted state behind the maps (it cannot be, but) never takes ids backwards.
+    m.ids = IdState { next_svc_id: 0, next_backend_id: 2 };
+    let s3 = restart(&m, 1024);
+    assert_eq!((s3.svc_ids.cursor, s3.backend_ids.next), (4, 5));
+}
+
+/// `IDS` is written before any entry that uses an id issued since it was last written,
+/// and only then.
+#[test]
+fn ids_are_persisted_before_the_entries_that_use_them() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let id10 = svc_id(&m, fe_key(10, 80));
+    // A new service with a new backend, a new draining backend and a new slot backend
+    // in the other: each batch starts with the ids it issued.
+    let b = desired(vec![(fe_key(10, 80), frontend_d([1, 2, 3], [4])), (fe_key(11, 80), frontend([5]))]);
+    let ops = step(&mut s, &mut m, &a, &b);
+    let mut persisted = m.ids;
+    persisted.next_svc_id = id10 + 1;
+    persisted.next_backend_id = 3;
+    for op in &ops {
+        let (svc, backend) = match *op {
+            Op::PutIds(st) => {
+                assert!(st.next_svc_id >= persisted.next_svc_id && st.next_backend_id >= persisted.next_backend_id);
+                persisted = st;
+                continue;
+            }
+            Op::PutBackend(k, v) => (k.svc_id, v.backend_id),
+            Op::PutDraining(k, v) => (k.svc_id, v.backend_id),
+            Op::PutService(_, v) => (v.id, 0),
+            Op::ResetStats(id) => (id, 0),
+            _ => continue,
+        };
+        assert!(svc < persisted.next_svc_id && backend < persisted.next_backend_id, "{op} before its ids: {ops:#?}");
+    }
+    assert_eq!(ops.iter().filter(|o| kind(o) == "ids").count(), 2, "one per frontend that issued ids: {ops:#?}");
+    assert_eq!(kind(&ops[0]), "ids");
+    // Nothing issued (a backend goes, a service goes): IDS is not written.
+    let c = desired(vec![(fe_key(10, 80), frontend([1, 3]))]);
+    let ops = step(&mut s, &mut m, &b, &c);
+    assert!(ops.iter().all(|o| kind(o) != "ids"), "{ops:#?}");
+    // A failed IDS write writes nothing else, and the next sync retries it first.
+    let d = desired(vec![(fe_key(10, 80), frontend([1, 3, 6]))]);
+    m.fail_at = Some(m.applied);
+    let before = (m.backends.clone(), m.ids);
+    assert!(s.sync(&d, &mut m).is_err());
+    assert_eq!((m.backends.clone(), m.ids), before);
+    let ops = step(&mut s, &mut m, &c, &d);
+    assert_eq!(kind(&ops[0]), "ids");
+}
+
+/// Service ids go round-robin from the persisted cursor: ids in use are skipped, the
+/// cursor wraps, and a restart carries on where it was instead of starting again after
+/// the largest id in use.
+#[test]
+fn service_ids_go_round_robin_across_restarts_skipping_ids_in_use() {
+    let mut s = Syncer::new(5); // ids 1..=4
+    let mut m = FakeMaps::default();
+    let one = |vips: &[u8]| desired(vips.iter().map(|&v| (fe_key(v, 80), frontend([]))).collect());
+    let a = one(&[1, 2, 3]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let ids = |m: &FakeMaps, vips: &[u8]| vips.iter().map(|&v| svc_id(m, fe_key(v, 80))).collect::<Vec<_>>();
+    assert_eq!(ids(&m, &[1, 2, 3]), [1, 2, 3]);
+    // 2 and 3 go; a restart; a new one gets 4 (not 2, the lowest free one, nor 2 as
+    // the largest id in use plus one).
+    let b = one(&[1]);
+    step(&mut s, &mut m, &a, &b);
+    let mut s = restart(&m, 5);
+    let c = one(&[1, 4]);
+    step(&mut s, &mut m, &b, &c);
+    assert_eq!(ids(&m, &[4]), [4]);
+    // The cursor wraps to 1, which is in use, and goes on to 2; then 3.
+    let d = one(&[1, 4, 5, 6]);
+    step(&mut s, &mut m, &c, &d);
+    assert_eq!(ids(&m, &[5, 6]), [2, 3]);
+    assert_eq!(m.ids.next_svc_id, 4);
+    // Full; 4 goes; after a restart the next one gets 4 again (the cursor is there),
+    // then the space is full.
+    let e = one(&[1, 5, 6]);
+    step(&mut s, &mut m, &d, &e);
+    let mut s = restart(&m, 5);
+    let f = one(&[1, 5, 6, 7]);
+    step(&mut s, &mut m, &e, &f);
+    assert_eq!(ids(&m, &[7]), [4]);
+    assert!(matches!(s.sync(&one(&[1, 5, 6, 7, 8]), &mut m), Err(SyncError::OutOfServiceIds { limit: 5 })));
+    // A persisted cursor out of range (a smaller SVC_STATS) wraps.
+    m.ids.next_svc_id = 9;
+    let s = restart(&m, 5);
+    assert_eq!(s.svc_ids.cursor, 1);
+}
+
+/// kube-proxy leaves the conntrack entries of a deleted Service's TCP flows alone: they
+/// go on. Here the deleted frontend's slot backends move to `DRAINING` (before its
+/// entry and slots go) and its draining ones stay; nothing in `DRAINING` is deleted.
+#[test]
+fn deleting_a_frontend_keeps_its_backends_draining_as_orphans() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend_d([1, 2], [3])), (fe_key(11, 80), frontend([2]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let id = svc_id(&m, fe_key(10, 80));
+    let (b1, b2, b3) = (backend_id(&m, 1), backend_id(&m, 2), m.draining.values().next().expect("draining").backend_id);
+    let b = desired(vec![(fe_key(11, 80), frontend([2]))]);
+    let ops = step(&mut s, &mut m, &a, &b);
+    let put: BTreeSet<(u32, u32)> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::PutDraining(k, v) => {
+                assert_eq!(k.backend_id, v.backend_id);
+                Some((k.svc_id, k.backend_id))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(put, [(id, b1), (id, b2)].into());
+    assert!(ops.iter().all(|o| kind(o) != "delete_draining"), "{ops:#?}");
+    let first_delete = ops.iter().position(|o| kind(o).starts_with("delete")).expect("deletes");
+    assert!(ops[..first_delete].iter().all(|o| kind(o) == "put_draining"), "{ops:#?}");
+    assert_eq!(orphans(&m), [(id, b1), (id, b2), (id, b3)].into());
+    assert_eq!(s.orphan_count(), 3);
+    // The orphans hold the service id and the backend ids.
+    assert!(s.svc_ids.held.contains(&id));
+    assert_eq!(s.backend_ids.live.get(&addr(1)).map(|e| e.0), Some(b1));
+    // A sync of the same state changes nothing.
+    assert!(step(&mut s, &mut m, &b, &b).is_empty());
+}
+
+#[test]
+fn release_orphans_keeps_those_with_live_flows_and_frees_the_id_after_the_last() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let id = svc_id(&m, fe_key(10, 80));
+    let (b1, b2) = (backend_id(&m, 1), backend_id(&m, 2));
+    step(&mut s, &mut m, &a, &Desired::default());
+    // Too young: kept whatever `live` says (a scan may have missed its newest flows).
+    assert_eq!(s.release_orphans(&HashSet::new(), &mut m).expect("release").ops(), 0);
+    assert_eq!(orphans(&m).len(), 2);
+    // A flow to backend 1 still lives: its entry stays; the other goes.
+    let st = release(&mut s, &mut m, &[(id, b1), (id + 1, b2)].into());
+    assert_eq!(st.draining_deleted, 1);
+    assert_eq!(orphans(&m), [(id, b1)].into());
+    assert!(s.svc_ids.held.contains(&id));
+    // The service comes back meanwhile: a fresh id; the orphan stays.
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let id2 = svc_id(&m, fe_key(10, 80));
+    assert_ne!(id2, id);
+    assert_eq!(orphans(&m), [(id, b1)].into());
+    // Same pods, same backend ids.
+    assert_eq!((backend_id(&m, 1), backend_id(&m, 2)), (b1, b2));
+    // Its flow ended: the entry goes, and the id is free again.
+    let st = release(&mut s, &mut m, &HashSet::new());
+    assert_eq!(st.draining_deleted, 1);
+    assert!(orphans(&m).is_empty() && s.orphans.is_empty());
+    assert!(!s.svc_ids.held.contains(&id) && s.svc_ids.held.contains(&id2));
+    // Reusable: once the cursor comes round to it.
+    let mut s = Syncer::new(4);
+    let mut m = FakeMaps::default();
+    let one = |v: u8| desired(vec![(fe_key(v, 80), frontend([1]))]);
+    step(&mut s, &mut m, &Desired::default(), &one(1));
+    step(&mut s, &mut m, &one(1), &Desired::default());
+    step(&mut s, &mut m, &Desired::default(), &one(2));
+    step(&mut s, &mut m, &one(2), &one(3));
+    assert_eq!(svc_id(&m, fe_key(3, 80)), 3);
+    // 1 and 2 are held by orphans: no id left.
+    assert!(matches!(s.sync(&one(4), &mut m), Err(SyncError::OutOfServiceIds { limit: 4 })));
+    release(&mut s, &mut m, &HashSet::new());
+    step(&mut s, &mut m, &one(3), &one(4));
+    assert_eq!(svc_id(&m, fe_key(4, 80)), 1);
+}
+
+#[test]
+fn orphans_go_after_their_maximum_age_without_the_collector() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    step(&mut s, &mut m, &a, &Desired::default());
+    m.reachable.clear();
+    let t0 = Instant::now();
+    let mut stats = SyncStats::default();
+    // Before: a sync keeps them, and so does the collector with their flows alive.
+    s.sync_inner(&Desired::default(), &mut m, t0 + ORPHAN_MAX_AGE - Duration::from_secs(60)).expect("sync");
+    assert_eq!(orphans(&m).len(), 2);
+    let live: HashSet<(u32, u32)> = orphans(&m).into_iter().collect();
+    s.release_orphans_at(Some(&live), &mut m, &mut stats, t0 + ORPHAN_MAX_AGE - Duration::from_secs(60))
+        .expect("release");
+    assert_eq!(orphans(&m).len(), 2);
+    // After: the next sync deletes them.
+    let st = s.sync_inner(&Desired::default(), &mut m, t0 + ORPHAN_MAX_AGE + Duration::from_secs(1)).expect("sync");
+    assert_eq!(st.draining_deleted, 2);
+    assert!(m.draining.is_empty() && s.orphans.is_empty() && s.svc_ids.held.is_empty());
+}
+
+/// After a restart, `DRAINING` entries of service ids without a frontend are orphans:
+/// kept, holding their ids, and released like any other.
+#[test]
+fn a_restart_recognises_orphans() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend_d([1, 2], [3])), (fe_key(11, 80), frontend([4]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let id = svc_id(&m, fe_key(10, 80));
+    let b = desired(vec![(fe_key(11, 80), frontend([4]))]);
+    step(&mut s, &mut m, &a, &b);
+    let before = orphans(&m);
+    assert_eq!(before.len(), 3);
+
+    let mut s2 = restart(&m, 1024);
+    assert_eq!(s2.orphans.keys().copied().collect::<Vec<_>>(), [id]);
+    assert_eq!(s2.orphan_count(), 3);
+    assert!(step(&mut s2, &mut m, &b, &b).is_empty(), "the orphans are not deleted");
+    // The service comes back: a fresh id, not the orphans'.
+    let ops = step(&mut s2, &mut m, &b, &a);
+    assert_ne!(svc_id(&m, fe_key(10, 80)), id);
+    assert!(ops.iter().all(|o| kind(o) != "delete_draining"), "{ops:#?}");
+    assert_eq!(orphans(&m), before);
+    // Released by the collector.
+    let live: HashSet<(u32, u32)> = before.iter().take(1).copied().collect();
+    release(&mut s2, &mut m, &live);
+    assert_eq!(orphans(&m), live.into_iter().collect());
 }
