@@ -280,6 +280,41 @@ impl CtValue4 {
     pub const fn expired(&self, proto: u8, now_s: u32) -> bool {
         now_s.wrapping_sub(self.seen_s) > self.timeout_s(proto)
     }
+    /// The other half of the flow whose half this is, under `key`: the reply half's key
+    /// is the forward half's NAT target talking back to the client (to the ClusterIP
+    /// when hairpinned), and the other way round. The datapath re-creates a lost half
+    /// with it; the agent's collector deletes both halves together with it.
+    pub const fn other_half(&self, key: &CtKey4) -> (CtKey4, CtValue4) {
+        let hairpin = self.flags & CT_F_HAIRPIN != 0;
+        let mut v = *self;
+        if self.dir == CT_DIR_FORWARD {
+            let k = CtKey4 {
+                src_addr_be: self.nat_addr_be,
+                dst_addr_be: if hairpin { key.dst_addr_be } else { key.src_addr_be },
+                src_port_be: self.nat_port_be,
+                dst_port_be: key.src_port_be,
+                proto: key.proto,
+                _pad: [0; 3],
+            };
+            v.nat_addr_be = key.dst_addr_be;
+            v.nat_port_be = key.dst_port_be;
+            v.dir = CT_DIR_REPLY;
+            (k, v)
+        } else {
+            let k = CtKey4 {
+                src_addr_be: if hairpin { key.src_addr_be } else { key.dst_addr_be },
+                dst_addr_be: self.nat_addr_be,
+                src_port_be: key.dst_port_be,
+                dst_port_be: self.nat_port_be,
+                proto: key.proto,
+                _pad: [0; 3],
+            };
+            v.nat_addr_be = key.src_addr_be;
+            v.nat_port_be = key.src_port_be;
+            v.dir = CT_DIR_FORWARD;
+            (k, v)
+        }
+    }
     /// A flow that counts as a connection in `lb services`: not closed by a RST nor by
     /// both FINs.
     pub const fn open(&self) -> bool {
@@ -552,6 +587,38 @@ mod tests {
         assert!(!v(CT_F_RST).expired(IPPROTO_TCP, 1010) && v(CT_F_RST).expired(IPPROTO_TCP, 1011));
         assert!(v(CT_F_REPLIED).open() && !v(CT_F_RST).open() && !v(CT_F_FIN_FWD | CT_F_FIN_REPLY).open());
         assert!(v(CT_F_FIN_FWD).open());
+    }
+
+    #[test]
+    fn the_two_halves_of_a_flow_find_each_other() {
+        for flags in [0, CT_F_HAIRPIN] {
+            // client 10.0.0.5:40000 -> VIP 10.96.0.1:80, backend 10.0.1.7:8080 (the
+            // client itself when hairpinned).
+            let (client, vip, backend) = (0x0500_000a, 0x0100_600a, if flags != 0 { 0x0500_000a } else { 0x0701_000a });
+            let k = CtKey4 {
+                src_addr_be: client,
+                dst_addr_be: vip,
+                src_port_be: 40000u16.to_be(),
+                dst_port_be: 80u16.to_be(),
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            let fwd = CtValue4 {
+                nat_addr_be: backend,
+                nat_port_be: 8080u16.to_be(),
+                dir: CT_DIR_FORWARD,
+                flags,
+                svc_id: 3,
+                backend_id: 9,
+                slot: 1,
+                seen_s: 7,
+            };
+            let (rk, rv) = fwd.other_half(&k);
+            assert_eq!((rk.src_addr_be, rk.src_port_be, rk.dst_port_be), (backend, 8080u16.to_be(), 40000u16.to_be()));
+            assert_eq!(rk.dst_addr_be, if flags != 0 { vip } else { client });
+            assert_eq!((rv.dir, rv.nat_addr_be, rv.nat_port_be, rv.svc_id), (CT_DIR_REPLY, vip, 80u16.to_be(), 3));
+            assert_eq!(rv.other_half(&rk), (k, fwd));
+        }
     }
 
     #[test]

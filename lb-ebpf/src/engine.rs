@@ -330,35 +330,6 @@ fn state_bits(dir: u8, proto: u8, tcp_flags: u8) -> u8 {
     f
 }
 
-/// The other half of a flow, computed from one half: the reply half's key is the
-/// forward half's NAT target talking back to the client (to the ClusterIP when
-/// hairpinned), and the other way round.
-#[inline(always)]
-fn other_half(key: &CtKey4, ct: &CtValue4) -> (CtKey4, CtValue4) {
-    let hairpin = ct.flags & CT_F_HAIRPIN != 0;
-    if ct.dir == CT_DIR_FORWARD {
-        let k = CtKey4 {
-            src_addr_be: ct.nat_addr_be,
-            dst_addr_be: if hairpin { key.dst_addr_be } else { key.src_addr_be },
-            src_port_be: ct.nat_port_be,
-            dst_port_be: key.src_port_be,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
-        (k, CtValue4 { nat_addr_be: key.dst_addr_be, nat_port_be: key.dst_port_be, dir: CT_DIR_REPLY, ..*ct })
-    } else {
-        let k = CtKey4 {
-            src_addr_be: if hairpin { key.src_addr_be } else { key.dst_addr_be },
-            dst_addr_be: ct.nat_addr_be,
-            src_port_be: key.dst_port_be,
-            dst_port_be: ct.nat_port_be,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
-        (k, CtValue4 { nat_addr_be: key.src_addr_be, nat_port_be: key.src_port_be, dir: CT_DIR_FORWARD, ..*ct })
-    }
-}
-
 /// Moves a flow's state and refresh time, in both halves, when either has changed:
 /// at most one write per half per second for a busy flow, and one per state change
 /// (first reply, FIN, RST). Touching the other half keeps the LRU from evicting it
@@ -374,7 +345,7 @@ fn track(ctp: *mut CtValue4, key: &CtKey4, ct: &CtValue4, proto: u8, tcp_flags: 
         (*ctp).flags = flags;
         (*ctp).seen_s = now;
     }
-    let (okey, oval) = other_half(key, ct);
+    let (okey, oval) = ct.other_half(key);
     match CONNTRACK.get_ptr_mut(&okey) {
         Some(o) => unsafe {
             (*o).flags = ((*o).flags & !CT_F_STATE) | (flags & CT_F_STATE);

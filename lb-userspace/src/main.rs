@@ -132,6 +132,11 @@ struct AgentArgs {
     /// Rescan interfaces this often besides netlink notifications (milliseconds).
     #[arg(long, env = "LB_IFACE_RESCAN_MS", default_value_t = 5000)]
     iface_rescan_ms: u64,
+    /// Walk the conntrack table this often, deleting flows past their timeout and
+    /// releasing what deleted Services' flows no longer use (seconds; 0: never). The
+    /// datapath checks timeouts on every lookup either way.
+    #[arg(long, env = "LB_CONNTRACK_GC_S", default_value_t = 30)]
+    conntrack_gc_s: u64,
     /// This node's name, as EndpointSlices' `nodeName` gives it (the DaemonSet sets it
     /// from the downward API's `spec.nodeName`). Needed for `internalTrafficPolicy:
     /// Local`: without it such Services drop their traffic (and are counted as
@@ -237,6 +242,7 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
         file_poll: Duration::from_millis(a.file_poll_ms.max(10)),
         status_file: Some(status_file.into()),
         iface_rescan: Duration::from_millis(a.iface_rescan_ms.max(100)),
+        conntrack_gc: (a.conntrack_gc_s > 0).then(|| Duration::from_secs(a.conntrack_gc_s)),
         map_sizes: {
             use lb_common::map_names as m;
             vec![

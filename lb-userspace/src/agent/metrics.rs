@@ -87,6 +87,10 @@ pub struct Metrics {
     attached: AtomicU64,
     attach_errors: AtomicU64,
     attach_failing: Mutex<Vec<super::attach::AttachFailure>>,
+    ct_entries: AtomicU64,
+    ct_open_flows: AtomicU64,
+    ct_expired_total: AtomicU64,
+    ct_passes: AtomicU64,
     rp_filter: Mutex<super::rpfilter::RpFilterStatus>,
     programmed: Mutex<Arc<Vec<ProgrammedFrontend>>>,
     stats: Mutex<Option<StatsReader>>,
@@ -127,6 +131,12 @@ impl Metrics {
         }
         let list: Vec<String> = failing.iter().map(|f| format!("{} ({}): {}", f.iface, f.hook, f.error)).collect();
         Some(format!("attach failing on {}", list.join("; ")))
+    }
+    pub fn conntrack_pass(&self, p: &super::conntrack::GcPass) {
+        self.ct_entries.store(p.entries as u64, Ordering::Relaxed);
+        self.ct_open_flows.store(p.open_flows as u64, Ordering::Relaxed);
+        self.ct_expired_total.fetch_add(p.expired_flows as u64, Ordering::Relaxed);
+        self.ct_passes.fetch_add(1, Ordering::Relaxed);
     }
     pub fn set_attach_failures(&self, f: &[super::attach::AttachFailure]) {
         if let Ok(mut m) = self.attach_failing.lock() {
@@ -278,6 +288,29 @@ impl Metrics {
             "Failed attach attempts.",
             self.attach_errors.load(Ordering::Relaxed),
         );
+        if self.ct_passes.load(Ordering::Relaxed) > 0 {
+            g(
+                &mut o,
+                "lb_conntrack_entries",
+                "gauge",
+                "Conntrack entries (two per flow) at the collector's last pass.",
+                self.ct_entries.load(Ordering::Relaxed),
+            );
+            g(
+                &mut o,
+                "lb_conntrack_open_flows",
+                "gauge",
+                "Live flows not closed by a RST or both FINs, at the collector's last pass.",
+                self.ct_open_flows.load(Ordering::Relaxed),
+            );
+            g(
+                &mut o,
+                "lb_conntrack_expired_total",
+                "counter",
+                "Flows the collector deleted as past their timeout.",
+                self.ct_expired_total.load(Ordering::Relaxed),
+            );
+        }
         let failing = self.attach_failing.lock().map(|f| f.clone()).unwrap_or_default();
         let _ = writeln!(
             o,

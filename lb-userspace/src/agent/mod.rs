@@ -4,6 +4,7 @@
 //! ([`attach`]) and exports metrics and health ([`metrics`]).
 
 pub mod attach;
+pub mod conntrack;
 pub mod k8s;
 pub mod metrics;
 pub mod model;
@@ -63,6 +64,8 @@ pub struct AgentConfig {
     pub status_file: Option<PathBuf>,
     /// Rescan interfaces this often even without netlink news.
     pub iface_rescan: Duration,
+    /// Run the conntrack collector this often; None: never.
+    pub conntrack_gc: Option<Duration>,
     /// `max_entries` by pinned map name (`--max-*`); empty keeps the defaults.
     pub map_sizes: Vec<(&'static str, u32)>,
     /// This node (`--node-name`, `--node-zone`), for `internalTrafficPolicy: Local`
@@ -223,6 +226,37 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         });
     }
 
+    // The conntrack collector: its own task and map handle; its passes come back to
+    // the sync loop, which owns the syncer and releases orphans.
+    let (gc_tx, mut gc_rx) = tokio::sync::mpsc::channel::<conntrack::GcPass>(1);
+    if let Some(every) = cfg.conntrack_gc {
+        match conntrack::open(&cfg.bpffs) {
+            Ok(ct) => {
+                let ct = Arc::new(Mutex::new(ct));
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let ct = ct.clone();
+                        let pass = tokio::task::spawn_blocking(move || {
+                            let mut ct = ct.lock().unwrap_or_else(|e| e.into_inner());
+                            conntrack::collect(&mut ct, conntrack::monotonic_s())
+                        })
+                        .await;
+                        match pass {
+                            Ok(p) => {
+                                if gc_tx.send(p).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => warn!(error = %e, "conntrack collector pass failed"),
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!(error = %chain(&e), "no conntrack collector; expired flows age out of the LRU only"),
+        }
+    }
+
     let source = match &cfg.source {
         SourceSpec::File(path) => k8s::file(path.clone(), cfg.file_poll, metrics.clone()),
         SourceSpec::Kubernetes { kubeconfig } => {
@@ -332,10 +366,28 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         }
 
         // Wait for the next change (or retry), then let a burst of changes settle.
-        tokio::select! {
-            _ = source.changed.notified() => {}
-            _ = tokio::time::sleep(retry.unwrap_or(Duration::from_secs(3600))) => {}
-            _ = &mut shutdown => break,
+        // Collector passes are handled meanwhile, without a sync.
+        let wake = tokio::time::Instant::now() + retry.unwrap_or(Duration::from_secs(3600));
+        let stop = loop {
+            tokio::select! {
+                _ = source.changed.notified() => break false,
+                _ = tokio::time::sleep_until(wake) => break false,
+                Some(pass) = gc_rx.recv() => {
+                    metrics.conntrack_pass(&pass);
+                    match syncer.release_orphans(&pass.live, &mut maps) {
+                        Ok(st) if st.ops() > 0 => info!(writes = st.ops(), left = syncer.orphan_count(), "released draining entries of deleted Services that no flow uses"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %chain(&e), "releasing orphaned draining entries failed; retried at the next pass"),
+                    }
+                    if pass.expired_flows > 0 {
+                        debug!(expired = pass.expired_flows, open = pass.open_flows, took_us = pass.took_us, "conntrack collected");
+                    }
+                }
+                _ = &mut shutdown => break true,
+            }
+        };
+        if stop {
+            break;
         }
         let first = Instant::now();
         loop {
