@@ -211,6 +211,13 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
     let is_vip = || hook == Hook::Ingress && unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
 
     if l3.proto != IPPROTO_TCP && l3.proto != IPPROTO_UDP {
+        // An ICMP error quoting a NATed flow is translated in place (icmp.rs) and then
+        // handed on as it is; any other ICMP keeps the verdicts below.
+        if l3.proto == IPPROTO_ICMP
+            && let Some(svc_id) = crate::icmp::translate_error(ctx, l2.l3_off, &l3)
+        {
+            return Action { svc_id: svc_id.get(), ..Action::pass(Reason::IcmpErrorNat) };
+        }
         if !is_vip() {
             return Action::pass(not_ours);
         }

@@ -7,6 +7,7 @@
 
 mod csum;
 mod engine;
+mod icmp;
 mod maps;
 mod parse;
 mod reject;

@@ -12,6 +12,9 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
+    /// Makes the first `len` bytes (or the whole packet, if shorter) directly
+    /// accessible. Invalidates every packet pointer taken before.
+    fn pull(&self, len: usize);
 }
 
 impl Packet for XdpContext {
@@ -23,6 +26,9 @@ impl Packet for XdpContext {
     fn data_end(&self) -> usize {
         XdpContext::data_end(self)
     }
+    /// `lb_xdp` is no multi-buffer (`xdp.frags`) program: its frames are linear.
+    #[inline(always)]
+    fn pull(&self, _len: usize) {}
 }
 
 impl Packet for TcContext {
@@ -33,6 +39,17 @@ impl Packet for TcContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         TcContext::data_end(self)
+    }
+    /// Only when the linear area is too short: pulling also unclones a cloned skb.
+    /// Compared through `ptr_at`, not as `data_end - data`, which the verifier forbids
+    /// when LLVM turns it into arithmetic on `pkt_end`.
+    #[inline(always)]
+    fn pull(&self, len: usize) {
+        if len == 0 || ptr_at::<u8, Self>(self, len - 1).is_some() {
+            return;
+        }
+        let total = TcContext::len(self) as usize;
+        let _ = self.pull_data(if total < len { total } else { len } as u32);
     }
 }
 
