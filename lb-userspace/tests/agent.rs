@@ -617,12 +617,14 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     let links = bpffs.path().join("links");
     wait_for("both veths attached and the service programmed", Duration::from_secs(20), Some(&agent), || {
         let s = status(&status_file)?;
-        (s.ready && s.attach.len() == 2).then_some(())
+        (s.ready && s.attach.len() == 4).then_some(())
     })?;
     let pins: Vec<String> =
         std::fs::read_dir(&links)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(pins.len(), 2, "{pins:?}");
-    assert!(pins.iter().all(|p| p.contains(&format!("_{mode}_"))), "{pins:?}");
+    // Each pod veth: the ingress hook in `mode`, and tc egress.
+    assert_eq!(pins.len(), 4, "{pins:?}");
+    assert_eq!(pins.iter().filter(|p| p.contains(&format!("_{mode}_"))).count(), 2, "{pins:?}");
+    assert_eq!(pins.iter().filter(|p| p.contains("_tc-egress_")).count(), 2, "{pins:?}");
 
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&topo, stop.clone())?;
@@ -667,7 +669,7 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     let t0 = Instant::now();
     loop {
         exchange(&mut conn, Instant::now() + Duration::from_millis(100))?;
-        if status(&status_file).is_some_and(|s| s.ready && s.attach.len() == 2) {
+        if status(&status_file).is_some_and(|s| s.ready && s.attach.len() == 4) {
             break;
         }
         if t0.elapsed() > Duration::from_secs(20) {
@@ -768,7 +770,7 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
     cmd.arg("--fix-rp-filter=false");
     let mut agent = Agent::start(cmd, &log)?;
     let st = wait_for("attached, with the strict `all` reported", Duration::from_secs(20), Some(&agent), || {
-        status(&status_file).filter(|s| s.ready && s.attach.len() == 2 && s.rp_filter.all.is_some())
+        status(&status_file).filter(|s| s.ready && s.attach.len() == 4 && s.rp_filter.all.is_some())
     })?;
     assert_eq!(st.rp_filter.all, Some(1));
     assert!(st.rp_filter.warning.as_deref().is_some_and(|w| w.contains("strict")), "{:?}", st.rp_filter);
@@ -789,7 +791,7 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
     let _ = std::fs::remove_file(&status_file);
     let agent = Agent::start(node_agent(&topo, bpffs.path(), &file, &status_file, "tc"), &log)?;
     let st = wait_for("attached, with `all` fixed", Duration::from_secs(20), Some(&agent), || {
-        status(&status_file).filter(|s| s.ready && s.attach.len() == 2 && s.rp_filter.all.is_some())
+        status(&status_file).filter(|s| s.ready && s.attach.len() == 4 && s.rp_filter.all.is_some())
     })?;
     assert_eq!(
         (st.rp_filter.all, st.rp_filter.all_fixed_from, st.rp_filter.warning.as_deref()),
@@ -927,5 +929,53 @@ fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()>
     })?;
     assert!(agent.log_text().contains("not valid YAML; keeping the last good state"));
     agent.term()?;
+    Ok(())
+}
+
+/// An attach that fails is retried with backoff, and the agent is not ready, says why
+/// in its status and metrics, until it holds: without the uplink hook every cross-node
+/// reply would go un-NATed. Here another XDP program holds the uplink (an XDP hook
+/// takes one link), then goes.
+#[test]
+fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<()> {
+    netns::remove_stale()?;
+    let topo = Topology::new()?;
+    let bpffs = PrivateBpffs::new()?;
+    let dir = Scratch::new("attach-retry")?;
+    let file = dir.0.join("objects.yaml");
+    let status_file = dir.0.join("status.json");
+    write_file(&file, &yaml(&[&SERVER_IP.to_string()], false))?;
+
+    // The squatter: another copy of the datapath, on its own bpffs, holding the
+    // uplink's XDP hook.
+    let mut squatter = Datapath::load()?;
+    topo.node.run(|| {
+        lb_userspace::datapath::attach(&mut squatter.ebpf, NODE_SERVER_IF, lb_userspace::datapath::AttachMode::XdpGeneric)
+            .context("squatting the XDP hook")
+    })?;
+
+    let mut cmd = topo.node.command(lb());
+    cmd.args(["agent", "--iface", NODE_SERVER_IF, "--uplink-attach", "xdp-generic", "--file-poll-ms", "20", "--source"])
+        .arg(format!("file:{}", file.display()))
+        .env("LB_BPFFS", bpffs.path())
+        .env("LB_STATUS_FILE", &status_file);
+    let agent = Agent::start(cmd, &dir.0.join("agent.log"))?;
+    let st = wait_for("a second failed attempt, reported", Duration::from_secs(20), Some(&agent), || {
+        status(&status_file).filter(|s| s.syncs > 0 && s.attach_failures.first().is_some_and(|f| f.attempts >= 2))
+    })?;
+    assert!(!st.ready, "ready with its uplink hook missing: {st:?}");
+    let f = &st.attach_failures[0];
+    assert_eq!((f.iface.as_str(), f.hook.as_str()), (NODE_SERVER_IF, "xdp-generic"), "{f:?}");
+    assert!(!f.error.is_empty(), "{f:?}");
+    assert!(st.attach.is_empty(), "{:?}", st.attach);
+
+    // The hook frees up: the next retry (backoff 1, 2, 4 s) attaches, and the agent
+    // becomes ready without anything else changing.
+    drop(squatter);
+    let st = wait_for("the retried attach, and ready", Duration::from_secs(20), Some(&agent), || {
+        status(&status_file).filter(|s| s.ready && s.attach.len() == 1)
+    })?;
+    assert!(st.attach_failures.is_empty(), "{:?}", st.attach_failures);
+    assert_eq!(st.attach[0].mode, lb_userspace::datapath::AttachMode::XdpGeneric);
     Ok(())
 }

@@ -82,7 +82,11 @@ fn link(a: &Netns, a_if: &str, a_addr: Ipv4Addr, b: &Netns, b_if: &str, b_addr: 
 }
 
 impl Fixture {
-    fn new() -> Result<Self> {
+    /// `on_node`: the small MTU is the node's own uplink, so the node itself sends the
+    /// "fragmentation needed", out of the client pod's interface egress (where
+    /// `lb_tc_egress` must translate it); otherwise it is the router's link to the
+    /// server, and the error comes back in through the node's uplink ingress.
+    fn new(on_node: bool) -> Result<Self> {
         netns::remove_stale().context("removing namespaces of earlier crashed runs")?;
         static N: AtomicU32 = AtomicU32::new(0);
         let base = format!("{PREFIX}{}-pmtu{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
@@ -110,7 +114,10 @@ impl Fixture {
 
         link(&f.node, NODE_CLIENT_IF, CLIENT_GW, &f.client, POD_IF, CLIENT_IP, "1500")?;
         link(&f.node, NODE_UPLINK_IF, NODE_UPLINK_IP, &f.router, ROUTER_NODE_IF, ROUTER_IP, "1500")?;
-        link(&f.router, ROUTER_SERVER_IF, SERVER_GW, &f.server, POD_IF, SERVER_IP, SMALL_MTU)?;
+        link(&f.router, ROUTER_SERVER_IF, SERVER_GW, &f.server, POD_IF, SERVER_IP, if on_node { "1500" } else { SMALL_MTU })?;
+        if on_node {
+            f.node.ip(&["link", "set", NODE_UPLINK_IF, "mtu", SMALL_MTU])?;
+        }
         f.client.ip(&["route", "add", "default", "via", &CLIENT_GW.to_string()])?;
         f.node.ip(&["route", "add", "10.244.2.0/24", "via", &ROUTER_IP.to_string()])?;
         f.router.ip(&["route", "add", "default", "via", &NODE_UPLINK_IP.to_string()])?;
@@ -124,6 +131,8 @@ impl Fixture {
             for iface in [NODE_CLIENT_IF, NODE_UPLINK_IF] {
                 datapath::attach(ebpf, iface, AttachMode::Tc).with_context(|| format!("attaching tc to {iface}"))?;
             }
+            // The pod interface's egress, as the agent attaches it.
+            datapath::attach_egress(ebpf, NODE_CLIENT_IF).context("attaching tc egress")?;
             Ok(())
         })
     }
@@ -182,7 +191,16 @@ fn upload(f: &Fixture, target: SocketAddr) -> Result<Duration> {
 
 #[test]
 fn large_upload_through_a_clusterip_over_a_smaller_mtu_link() {
-    let mut f = Fixture::new().expect("topology");
+    large_upload(false);
+}
+
+#[test]
+fn large_upload_through_a_clusterip_over_the_nodes_smaller_mtu_uplink() {
+    large_upload(true);
+}
+
+fn large_upload(on_node: bool) {
+    let mut f = Fixture::new(on_node).expect("topology");
     f.attach().expect("attach");
     let nat0 = f.dp.stat(Reason::IcmpErrorNat).packets;
 

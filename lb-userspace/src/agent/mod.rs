@@ -183,9 +183,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let has_attach = !cfg.attach.ifaces.is_empty() || !cfg.attach.globs.is_empty();
     let mut attacher =
         attach::Attacher::new(ebpf, cfg.attach.clone(), &cfg.bpffs).context("creating the links directory")?;
+    // Signalled when the attachments or their failures change, so that the status file
+    // follows without waiting for a sync.
+    let attach_changed = Arc::new(Notify::new());
     let reconcile = |attacher: &mut attach::Attacher,
                      metrics: &metrics::Metrics,
-                     points: &Mutex<(Vec<attach::AttachPoint>, Vec<attach::AttachFailure>)>| {
+                     points: &Mutex<(Vec<attach::AttachPoint>, Vec<attach::AttachFailure>)>,
+                     changed: &Notify| {
         let (now, errors) = attacher.reconcile();
         for _ in 0..errors {
             metrics.attach_error();
@@ -194,16 +198,23 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         metrics.set_attached(now.len());
         metrics.set_attach_failures(&failures);
         metrics.set_rp_filter(attacher.rp_filter_status());
-        *points.lock().unwrap_or_else(|e| e.into_inner()) = (now, failures);
+        let mut p = points.lock().unwrap_or_else(|e| e.into_inner());
+        let same = |a: &[attach::AttachFailure], b: &[attach::AttachFailure]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (&x.iface, &x.hook, x.attempts) == (&y.iface, &y.hook, y.attempts))
+        };
+        if p.0 != now || !same(&p.1, &failures) {
+            changed.notify_one();
+        }
+        *p = (now, failures);
     };
-    reconcile(&mut attacher, &metrics, &attach_points);
+    reconcile(&mut attacher, &metrics, &attach_points, &attach_changed);
     let link_events = Arc::new(Notify::new());
     if has_attach {
         attach::watch_links(link_events.clone());
     }
     {
-        let (metrics, points, events, every) =
-            (metrics.clone(), attach_points.clone(), link_events.clone(), cfg.iface_rescan);
+        let (metrics, points, events, every, changed) =
+            (metrics.clone(), attach_points.clone(), link_events.clone(), cfg.iface_rescan, attach_changed.clone());
         tokio::spawn(async move {
             // Keeps the programs loaded (and reachable for new interfaces) for the
             // agent's lifetime.
@@ -221,7 +232,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     _ = tokio::time::sleep(every) => {}
                     _ = async { tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)).await }, if retry.is_some() => {}
                 }
-                reconcile(&mut attacher, &metrics, &points);
+                reconcile(&mut attacher, &metrics, &points, &changed);
             }
         });
     }
@@ -381,6 +392,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     }
                     if pass.expired_flows > 0 {
                         debug!(expired = pass.expired_flows, open = pass.open_flows, took_us = pass.took_us, "conntrack collected");
+                    }
+                }
+                _ = attach_changed.notified() => {
+                    (status.attach, status.attach_failures) = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
+                    status.ready = metrics.is_ready();
+                    if let Some(p) = &cfg.status_file {
+                        write_status(p, &status);
                     }
                 }
                 _ = &mut shutdown => break true,
