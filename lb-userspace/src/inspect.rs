@@ -122,10 +122,13 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let svcs: BpfHashMap<MapData, ServiceKey4, ServiceValue> = hash(pin_dir, map_names::SERVICES)?;
     let bes: BpfHashMap<MapData, BackendKey, BackendValue> = hash(pin_dir, map_names::BACKENDS)?;
     let stats = per_cpu(pin_dir, map_names::SVC_STATS)?;
+    // Live flows only: entries past their timeout, and flows closed by a RST or both
+    // FINs, still sit in the LRU until the collector or an eviction takes them.
     let mut conns: HashMap<(u32, u32), usize> = HashMap::new();
     if let Ok(ct) = hash::<CtKey4, CtValue4>(pin_dir, map_names::CONNTRACK) {
-        for (_, v) in ct.iter().filter_map(Result::ok) {
-            if v.dir == CT_DIR_FORWARD {
+        let now = crate::agent::conntrack::monotonic_s();
+        for (k, v) in ct.iter().filter_map(Result::ok) {
+            if v.dir == CT_DIR_FORWARD && v.open() && !v.expired(k.proto, now) {
                 *conns.entry((v.svc_id, v.backend_id)).or_default() += 1;
             }
         }
@@ -238,14 +241,44 @@ pub struct ConntrackRow {
     pub slot: u32,
     pub affinity: bool,
     pub hairpin: bool,
+    /// `syn_sent`, `established`, `closing`, `time_wait`, `closed` (TCP); `unreplied`,
+    /// `assured` (UDP).
+    pub state: &'static str,
+    /// Seconds since the flow was last refreshed.
+    pub idle_s: u32,
+    /// Seconds until it expires without further packets (0: expired, awaiting collection).
+    pub expires_in_s: u32,
+}
+
+/// The flow state a conntrack entry's flags name, in netfilter's words.
+pub fn ct_state(proto: u8, flags: u8) -> &'static str {
+    use lb_common::{CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_REPLIED, CT_F_RST, IPPROTO_UDP};
+    if proto == IPPROTO_UDP {
+        return if flags & CT_F_REPLIED != 0 { "assured" } else { "unreplied" };
+    }
+    if flags & CT_F_RST != 0 {
+        "closed"
+    } else if flags & CT_F_FIN_FWD != 0 && flags & CT_F_FIN_REPLY != 0 {
+        "time_wait"
+    } else if flags & (CT_F_FIN_FWD | CT_F_FIN_REPLY) != 0 {
+        "closing"
+    } else if flags & CT_F_REPLIED != 0 {
+        "established"
+    } else {
+        "syn_sent"
+    }
 }
 
 pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, InspectError> {
     let ct: BpfHashMap<MapData, CtKey4, CtValue4> = hash(pin_dir, map_names::CONNTRACK)?;
+    let now = crate::agent::conntrack::monotonic_s();
     let mut rows: Vec<ConntrackRow> = ct
         .iter()
         .filter_map(Result::ok)
         .map(|(k, v)| ConntrackRow {
+            state: ct_state(k.proto, v.flags),
+            idle_s: now.wrapping_sub(v.seen_s),
+            expires_in_s: v.timeout_s(k.proto).saturating_sub(now.wrapping_sub(v.seen_s)),
             protocol: proto_name(k.proto),
             source: format!("{}:{}", ip(k.src_addr_be), u16::from_be(k.src_port_be)),
             destination: format!("{}:{}", ip(k.dst_addr_be), u16::from_be(k.dst_port_be)),
@@ -266,8 +299,8 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} flags",
-        "Prot", "Source", "Destination", "Dir", "NAT", "SvcId", "Backend", "Slot"
+        "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {:<11} {:>7} flags",
+        "Prot", "Source", "Destination", "Dir", "NAT", "SvcId", "Backend", "Slot", "State", "Expires"
     );
     for r in rows {
         let mut flags = Vec::new();
@@ -279,7 +312,7 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
         }
         let _ = writeln!(
             o,
-            "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {}",
+            "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {:<11} {:>6}s {}",
             r.protocol,
             r.source,
             r.destination,
@@ -288,6 +321,8 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
             r.svc_id,
             r.backend_id,
             r.slot,
+            r.state,
+            r.expires_in_s,
             flags.join(",")
         );
     }
@@ -431,7 +466,7 @@ pub fn status_table(s: &Status) -> String {
             "  {:<16} ifindex {:<5} {:<12} link {:<6} program {}",
             a.iface,
             a.ifindex,
-            a.mode.to_string(),
+            a.hook_name(),
             id(a.link_id),
             id(a.program_id)
         );
@@ -473,6 +508,16 @@ pub fn status_table(s: &Status) -> String {
             );
             if let Some(e) = &a.last_sync_error {
                 let _ = writeln!(o, "  last sync error: {e}");
+            }
+            if let Some(e) = &a.source_error {
+                let _ = writeln!(o, "  source error (last good state kept): {e}");
+            }
+            for f in &a.attach_failures {
+                let _ = writeln!(
+                    o,
+                    "  NOT READY: attach to {} ({}) failing after {} attempts, retry in {}s: {}",
+                    f.iface, f.hook, f.attempts, f.retry_in_s, f.error
+                );
             }
             if let Some(all) = a.rp_filter.all {
                 let fixed = a

@@ -979,3 +979,53 @@ fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<(
     assert_eq!(st.attach[0].mode, lb_userspace::datapath::AttachMode::XdpGeneric);
     Ok(())
 }
+
+/// The conntrack collector on a real table: flows past their timeout go, both halves
+/// together; live flows stay and name the (service, backend) pairs they use; closed
+/// flows stay until their shorter timeout but do not count as open.
+#[test]
+fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
+    use lb_common::{CT_DIR_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_REPLIED, CtKey4, CtValue4, IPPROTO_TCP, ct_timeouts};
+    use lb_userspace::agent::conntrack;
+    let mut dp = Datapath::load()?;
+    let now = conntrack::monotonic_s();
+    let flow = |client: u8, svc_id: u32, backend_id: u32, flags: u8, age: u32| {
+        let k = CtKey4 {
+            src_addr_be: u32::from_ne_bytes([10, 244, 1, client]),
+            dst_addr_be: u32::from_ne_bytes(VIP.octets()),
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let v = CtValue4 {
+            nat_addr_be: u32::from_ne_bytes([10, 244, 2, 10]),
+            nat_port_be: 8080u16.to_be(),
+            dir: CT_DIR_FORWARD,
+            flags,
+            svc_id,
+            backend_id,
+            slot: 1,
+            seen_s: now.wrapping_sub(age),
+        };
+        let (rk, rv) = v.other_half(&k);
+        [(k, v), (rk, rv)]
+    };
+    let live = flow(1, 1, 11, CT_F_REPLIED, 10);
+    let expired = flow(2, 2, 21, CT_F_REPLIED, ct_timeouts::TCP_ESTABLISHED + 5);
+    let closed = flow(3, 3, 31, CT_F_REPLIED | CT_F_FIN_FWD | CT_F_FIN_REPLY, 5);
+    let lone = flow(4, 4, 41, 0, ct_timeouts::TCP_SYN_SENT + 5);
+    for (k, v) in live.iter().chain(&expired).chain(&closed).chain(&lone[..1]) {
+        dp.put_conntrack(*k, *v)?;
+    }
+    let mut ct = conntrack::open(dp.pin_dir())?;
+    let pass = conntrack::collect(&mut ct, now);
+    assert_eq!(pass.entries, 7);
+    assert_eq!(pass.expired_flows, 2, "{pass:?}");
+    assert_eq!(pass.open_flows, 1, "{pass:?}");
+    assert_eq!(pass.live, [(1, 11), (3, 31)].into_iter().collect(), "{pass:?}");
+    let left: std::collections::HashSet<CtKey4> = dp.conntrack().into_iter().map(|(k, _)| k).collect();
+    let want: std::collections::HashSet<CtKey4> = live.iter().chain(&closed).map(|(k, _)| *k).collect();
+    assert_eq!(left, want);
+    Ok(())
+}

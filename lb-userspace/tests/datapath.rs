@@ -326,7 +326,7 @@ fn ct_entry(dp: &mut Datapath, p: &Pkt) -> Option<(lb_common::CtKey4, lb_common:
 /// Moves `p`'s conntrack entry `age_s` seconds into the past.
 fn age_ct(dp: &mut Datapath, p: &Pkt, age_s: u32) {
     let (k, mut v) = ct_entry(dp, p).unwrap_or_else(|| panic!("no conntrack entry for {p:?}"));
-    v.seen_s = monotonic_s() - age_s;
+    v.seen_s = monotonic_s().wrapping_sub(age_s);
     dp.put_conntrack(k, v).unwrap();
 }
 

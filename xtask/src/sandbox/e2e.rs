@@ -47,6 +47,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("endpoints follow kubectl scale up and down while a client keeps requesting", scale_while_requesting),
     ("an established connection to a terminating pod keeps working during its grace period", held_to_terminating),
     ("kubectl rollout restart of the lb-agent DaemonSet keeps established flows", rollout_restart),
+    ("a ClusterIP whose endpoint is the client's own node (kubernetes.default, hostNetwork), TCP and UDP", node_backend),
+    ("deleting a Service keeps its established TCP connections, as kube-proxy's conntrack does", deleted_service_keeps_flows),
 ];
 
 pub fn run() -> Result<()> {
@@ -955,6 +957,73 @@ fn held_to_terminating(sb: &Sandbox, id: &str) -> Result<()> {
             )
         }
     }
+    Ok(())
+}
+
+// ----- backends on the node itself -----
+
+/// The endpoint is the node the client pod runs on: `kubernetes.default` on the
+/// control-plane node (the API server is a host process there), and a hostNetwork
+/// netexec. The node's own stack answers through the pod interface's egress, which only
+/// the datapath's egress hook reverse-NATs. From the other node too, for comparison.
+fn node_backend(sb: &Sandbox, id: &str) -> Result<()> {
+    let (c1, c2) = (format!("{id}-client-1"), format!("{id}-client-2"));
+    client_pod(sb, id, &c1, Some(1))?;
+    client_pod(sb, id, &c2, Some(2))?;
+    let api = cluster_ip(sb, "kubernetes")?;
+    for c in [&c1, &c2] {
+        // /version is readable anonymously (system:public-info-viewer).
+        let (code, out, err) =
+            sb.exec("default", c, &["curl", "-sk", "--max-time", "5", "--noproxy", "*", &format!("https://{api}:443/version")])?;
+        ensure!(code == 0 && out.contains("gitVersion"), "{c}: https://{api}/version gave curl exit {code}: {out} {err}");
+    }
+    // A hostNetwork server on node 1, behind a ClusterIP (TCP 80 -> 18080, UDP 90 -> 18081).
+    let pod = format!("{id}-hostnet");
+    let sel = format!("app: {pod}");
+    sb.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node1\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=18080, --udp-port=18081]\n    ports: [{{containerPort: 18080, protocol: TCP}}, {{containerPort: 18081, protocol: UDP}}]\n"
+    ))?;
+    wait_pod(sb, &pod)?;
+    let svc = format!("{id}-hostnet");
+    let cip = service(sb, id, &svc, &sel, &[("http", 80, "18080", "TCP"), ("udp", 90, "18081", "UDP")], "", "")?;
+    wait_for("the hostNetwork pod's endpoints", Duration::from_secs(30), || Ok(endpoints(sb, &svc).len() == 2))?;
+    for c in [&c1, &c2] {
+        let body = http_eventually(sb, c, &format!("http://{cip}:80/hostname"))?;
+        ensure!(!body.is_empty(), "{c}: empty answer");
+        let mut last = Err("not tried".to_string());
+        for _ in 0..20 {
+            last = udp(sb, c, &format!("{cip}:90"))?;
+            if last.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        last.map_err(|e| anyhow::anyhow!("{c}: UDP to {cip}:90 (hostNetwork backend): {e}"))?;
+    }
+    Ok(())
+}
+
+/// kube-proxy removes a deleted Service's rules, but the DNAT'd conntrack entries keep
+/// established TCP connections going (it flushes conntrack for UDP only).
+fn deleted_service_keeps_flows(sb: &Sandbox, id: &str) -> Result<()> {
+    let svc = format!("{id}-gone");
+    let sel = format!("app: {svc}");
+    let cip = service(sb, id, &svc, &sel, &[("http", 80, "80", "TCP")], "", "")?;
+    let a = format!("{id}-a");
+    server_pod(sb, id, &a, &sel, &[("", 80, "TCP")], Some(1))?;
+    expect_endpoints(sb, &svc, &[&format!("{a}:80")])?;
+    let c = format!("{id}-client");
+    client_pod(sb, id, &c, Some(2))?;
+    http_eventually(sb, &c, &format!("http://{cip}:80/hostname"))?;
+    let held = Held::open(sb, &c, &format!("{cip}:80"))?;
+    sb.kubectl(&["delete", "svc", &svc])?;
+    // New connections stop once the agents have caught up...
+    wait_for("new connections to the deleted Service to fail", Duration::from_secs(20), || {
+        Ok(http(sb, &c, &format!("http://{cip}:80/hostname"))?.is_err())
+    })?;
+    // ...while the established one still reaches the pod.
+    let answer = held.finish().context("the connection established before the Service was deleted broke")?;
+    ensure!(answer == a, "the held connection answered {answer:?}");
     Ok(())
 }
 
