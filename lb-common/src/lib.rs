@@ -165,7 +165,8 @@ const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityValue {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the client last started a connection to
+    /// the service (kube-proxy's `recent` match is set by new connections only).
     pub last_used_ns: u64,
     pub backend_id: u32,
     /// Where the backend stood when it was chosen; checked first, then searched.

@@ -7,9 +7,8 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use lb_common::{
     AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_FIN_FWD,
-    CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey, FragKey4,
-    FragValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, hash,
-    limits,
+    CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey, FragKey4, FragValue4,
+    IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, hash, limits,
 };
 
 use crate::{
@@ -208,7 +207,8 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
         return Action::pass(Reason::PassMalformedL3);
     };
     let not_ours = if hook == Hook::Egress { Reason::PassEgress } else { Reason::PassNotService };
-    let is_vip = || hook == Hook::Ingress && unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
+    let is_vip =
+        || hook == Hook::Ingress && unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
 
     if l3.proto != IPPROTO_TCP && l3.proto != IPPROTO_UDP {
         // An ICMP error quoting a NATed flow is translated in place (icmp.rs) and then
@@ -224,7 +224,8 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
         return Action::pass(if l3.proto == IPPROTO_ICMP { Reason::PassIcmp } else { Reason::PassOtherProto });
     }
     let l4_off = l2.l3_off + l3.hdr_len;
-    let frag_key = FragKey4 { src_addr_be: l3.saddr_be, dst_addr_be: l3.daddr_be, id_be: l3.id_be, proto: l3.proto, _pad: 0 };
+    let frag_key =
+        FragKey4 { src_addr_be: l3.saddr_be, dst_addr_be: l3.daddr_be, id_be: l3.id_be, proto: l3.proto, _pad: 0 };
     let l4 = if l3.later_fragment {
         // No ports in this fragment: take the first fragment's, as Cilium does
         // (bpf/lib/ipv4.h, ipv4_handle_fragmentation). Without them no frontend or flow

@@ -363,7 +363,8 @@ impl TcxProbe {
         put(&mut attr, 8, 8u32.to_ne_bytes());
         put(&mut attr, 12, 1u32.to_ne_bytes());
         // SAFETY: a new fd the kernel handed us.
-        let map_fd = unsafe { OwnedFd::from_raw_fd(bpf_sys(BPF_MAP_CREATE, &mut attr).context("creating the probe's map")?) };
+        let map_fd =
+            unsafe { OwnedFd::from_raw_fd(bpf_sys(BPF_MAP_CREATE, &mut attr).context("creating the probe's map")?) };
 
         let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| -> [u8; 8] {
             let o = off.to_ne_bytes();
@@ -375,17 +376,17 @@ impl TcxProbe {
             ProbeVerdict::Drop => 2,
         };
         let prog: Vec<[u8; 8]> = vec![
-            insn(0x62, 10, 0, -4, 0),                     // *(u32 *)(r10 - 4) = 0
-            insn(0xbf, 2, 10, 0, 0),                      // r2 = r10
-            insn(0x07, 2, 0, 0, -4),                      // r2 += -4
-            insn(0x18, 1, 1, 0, map_fd.as_raw_fd()),      // r1 = map (BPF_PSEUDO_MAP_FD) ...
-            insn(0, 0, 0, 0, 0),                          // ... upper half of the imm64
-            insn(0x85, 0, 0, 0, 1),                       // call bpf_map_lookup_elem
-            insn(0x15, 0, 0, 2, 0),                       // if r0 == 0 goto +2
-            insn(0xb7, 1, 0, 0, 1),                       // r1 = 1
-            insn(0xdb, 0, 1, 0, 0),                       // lock *(u64 *)(r0 + 0) += r1
-            insn(0xb7, 0, 0, 0, action),                  // r0 = verdict
-            insn(0x95, 0, 0, 0, 0),                       // exit
+            insn(0x62, 10, 0, -4, 0),                // *(u32 *)(r10 - 4) = 0
+            insn(0xbf, 2, 10, 0, 0),                 // r2 = r10
+            insn(0x07, 2, 0, 0, -4),                 // r2 += -4
+            insn(0x18, 1, 1, 0, map_fd.as_raw_fd()), // r1 = map (BPF_PSEUDO_MAP_FD) ...
+            insn(0, 0, 0, 0, 0),                     // ... upper half of the imm64
+            insn(0x85, 0, 0, 0, 1),                  // call bpf_map_lookup_elem
+            insn(0x15, 0, 0, 2, 0),                  // if r0 == 0 goto +2
+            insn(0xb7, 1, 0, 0, 1),                  // r1 = 1
+            insn(0xdb, 0, 1, 0, 0),                  // lock *(u64 *)(r0 + 0) += r1
+            insn(0xb7, 0, 0, 0, action),             // r0 = verdict
+            insn(0x95, 0, 0, 0, 0),                  // exit
         ];
         let code: Vec<u8> = prog.concat();
         let license = c"GPL";
@@ -404,7 +405,9 @@ impl TcxProbe {
         // No relative program and no flags: appended after the programs on the hook.
         // SAFETY: as above.
         let link_fd = unsafe {
-            OwnedFd::from_raw_fd(bpf_sys(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching the probe to {iface}"))?)
+            OwnedFd::from_raw_fd(
+                bpf_sys(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching the probe to {iface}"))?,
+            )
         };
         Ok(Self { map_fd, _prog_fd: prog_fd, _link_fd: link_fd })
     }

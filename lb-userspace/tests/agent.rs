@@ -950,15 +950,28 @@ fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<(
     // uplink's XDP hook.
     let mut squatter = Datapath::load()?;
     topo.node.run(|| {
-        lb_userspace::datapath::attach(&mut squatter.ebpf, NODE_SERVER_IF, lb_userspace::datapath::AttachMode::XdpGeneric)
-            .context("squatting the XDP hook")
+        lb_userspace::datapath::attach(
+            &mut squatter.ebpf,
+            NODE_SERVER_IF,
+            lb_userspace::datapath::AttachMode::XdpGeneric,
+        )
+        .context("squatting the XDP hook")
     })?;
 
     let mut cmd = topo.node.command(lb());
-    cmd.args(["agent", "--iface", NODE_SERVER_IF, "--uplink-attach", "xdp-generic", "--file-poll-ms", "20", "--source"])
-        .arg(format!("file:{}", file.display()))
-        .env("LB_BPFFS", bpffs.path())
-        .env("LB_STATUS_FILE", &status_file);
+    cmd.args([
+        "agent",
+        "--iface",
+        NODE_SERVER_IF,
+        "--uplink-attach",
+        "xdp-generic",
+        "--file-poll-ms",
+        "20",
+        "--source",
+    ])
+    .arg(format!("file:{}", file.display()))
+    .env("LB_BPFFS", bpffs.path())
+    .env("LB_STATUS_FILE", &status_file);
     let agent = Agent::start(cmd, &dir.0.join("agent.log"))?;
     let st = wait_for("a second failed attempt, reported", Duration::from_secs(20), Some(&agent), || {
         status(&status_file).filter(|s| s.syncs > 0 && s.attach_failures.first().is_some_and(|f| f.attempts >= 2))
@@ -985,7 +998,9 @@ fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<(
 /// flows stay until their shorter timeout but do not count as open.
 #[test]
 fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
-    use lb_common::{CT_DIR_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_REPLIED, CtKey4, CtValue4, IPPROTO_TCP, ct_timeouts};
+    use lb_common::{
+        CT_DIR_FORWARD, CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_REPLIED, CtKey4, CtValue4, IPPROTO_TCP, ct_timeouts,
+    };
     use lb_userspace::agent::conntrack;
     let mut dp = Datapath::load()?;
     let now = conntrack::monotonic_s();

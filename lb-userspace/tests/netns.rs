@@ -212,8 +212,7 @@ fn udp_exchange(f: &Fixture, count: usize, timeout: Duration) -> Result<(Vec<Soc
         let target = SocketAddr::from((VIP, UDP_PORT));
         let mut buf = [0u8; 2048];
         for i in 0..count {
-            // Up to 1400 bytes: larger would be fragmented, and the datapath drops
-            // fragments to a ClusterIP by design.
+            // Up to 1400 bytes: unfragmented (tests/node_paths.rs sends larger ones).
             let payload: Vec<u8> = (0..(16 + i * 1384 / count.max(1))).map(|b| (b + i) as u8).collect();
             sock.send_to(&payload, target).context("client send")?;
             let (n, from) = sock.recv_from(&mut buf).with_context(|| format!("client recv of datagram {i}"))?;

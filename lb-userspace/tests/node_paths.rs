@@ -165,7 +165,8 @@ fn the_next_program_on_the_hook_sees_service_traffic() -> Result<()> {
     let natted = |dp: &mut Datapath| dp.stat(Reason::FwdNew).packets + dp.stat(Reason::FwdEstablished).packets;
     let before = (natted(&mut dp), counter.seen()?);
     let server = tcp_echo(&topo.server, (SERVER_IP, 8080).into(), 1)?;
-    tcp_roundtrip(&topo, (VIP, 80).into(), 64 << 10, IO_TIMEOUT).context("through the ClusterIP with a counter after us")?;
+    tcp_roundtrip(&topo, (VIP, 80).into(), 64 << 10, IO_TIMEOUT)
+        .context("through the ClusterIP with a counter after us")?;
     server.join().expect("server")?;
     let natted_now = natted(&mut dp) - before.0;
     let seen = counter.seen()? - before.1;
@@ -245,11 +246,12 @@ fn conntrack_full_keeps_live_services_answering() -> Result<()> {
     let missed = dp.stat(Reason::CtMidflowMiss).packets - before.0;
     let recovered = dp.stat(Reason::CtRecovered).packets - before.1;
     ensure!(missed > 0, "no flow was found evicted with {CONNS} connections in {ENTRIES} entries");
-    eprintln!("{CONNS} connections, {ENTRIES} entries: {missed} rescheduled mid-connection, {recovered} halves re-created");
+    eprintln!(
+        "{CONNS} connections, {ENTRIES} entries: {missed} rescheduled mid-connection, {recovered} halves re-created"
+    );
     // The Service still takes new connections.
     tcp_roundtrip(&topo, target, 4096, IO_TIMEOUT).context("a new connection with the table full")?;
     drop(conns);
     server.join().expect("server")?;
     Ok(())
 }
-

@@ -114,7 +114,15 @@ impl Fixture {
 
         link(&f.node, NODE_CLIENT_IF, CLIENT_GW, &f.client, POD_IF, CLIENT_IP, "1500")?;
         link(&f.node, NODE_UPLINK_IF, NODE_UPLINK_IP, &f.router, ROUTER_NODE_IF, ROUTER_IP, "1500")?;
-        link(&f.router, ROUTER_SERVER_IF, SERVER_GW, &f.server, POD_IF, SERVER_IP, if on_node { "1500" } else { SMALL_MTU })?;
+        link(
+            &f.router,
+            ROUTER_SERVER_IF,
+            SERVER_GW,
+            &f.server,
+            POD_IF,
+            SERVER_IP,
+            if on_node { "1500" } else { SMALL_MTU },
+        )?;
         if on_node {
             f.node.ip(&["link", "set", NODE_UPLINK_IF, "mtu", SMALL_MTU])?;
         }

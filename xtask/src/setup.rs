@@ -1,4 +1,4 @@
-//! `cargo xtask setup`: the verified toolchain recipe (DEVELOPERS.md), idempotently.
+//! `cargo xtask setup`: the verified toolchain recipe (the README's first section lists it), idempotently.
 //!
 //! - Debian's rustc-web 1.96 at /usr/bin/rustc ships a prebuilt `core` for
 //!   bpfel-unknown-none, so the datapath builds without nightly or build-std;

@@ -478,7 +478,8 @@ impl Attacher {
                     let backoff = RETRY_FIRST.saturating_mul(1 << (attempts - 1).min(16)).min(RETRY_MAX);
                     let error = crate::agent::chain(&e);
                     warn!(iface, hook = %ap.hook_name(), error, attempts, retry_in = ?backoff, "attach failed; not ready until it holds");
-                    self.failed.insert(want.clone(), Failed { ifindex: *ifindex, error, attempts, next_try: now + backoff });
+                    self.failed
+                        .insert(want.clone(), Failed { ifindex: *ifindex, error, attempts, next_try: now + backoff });
                 }
             }
         }
@@ -519,15 +520,14 @@ impl Attacher {
                 prog.take_link(id).map_err(err)?.try_into_fd()
             }
             AttachMode::Tc => {
-                let (name, kind) =
-                    if ap.egress { (TC_EGRESS_PROGRAM, TcAttachType::Egress) } else { (TC_PROGRAM, TcAttachType::Ingress) };
+                let (name, kind) = if ap.egress {
+                    (TC_EGRESS_PROGRAM, TcAttachType::Egress)
+                } else {
+                    (TC_PROGRAM, TcAttachType::Ingress)
+                };
                 let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
                 let id = prog
-                    .attach_with_options(
-                        &ap.iface,
-                        kind,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
+                    .attach_with_options(&ap.iface, kind, TcAttachOptions::TcxOrder(LinkOrder::default()))
                     .map_err(err)?;
                 prog.take_link(id).map_err(err)?.try_into_fd()
             }
@@ -654,8 +654,14 @@ mod tests {
     fn pin_names_round_trip() {
         for mode in [AttachMode::Xdp, AttachMode::XdpGeneric, AttachMode::Tc] {
             for iface in ["veth.a_b", "eth0.100", "odd%2e"] {
-                let ap =
-                    AttachPoint { iface: iface.into(), ifindex: 42, mode, egress: false, link_id: None, program_id: None };
+                let ap = AttachPoint {
+                    iface: iface.into(),
+                    ifindex: 42,
+                    mode,
+                    egress: false,
+                    link_id: None,
+                    program_id: None,
+                };
                 assert!(!ap.pin_name().contains('.'), "bpffs refuses dots: {}", ap.pin_name());
                 assert_eq!(AttachPoint::from_pin_name(&ap.pin_name()), Some((42, mode, false, iface.into())));
                 let eg = AttachPoint { mode: AttachMode::Tc, egress: true, ..ap };

@@ -268,7 +268,7 @@ fn slim_service(s: &mut Service) {
 /// (1.21–1.24) send `nodeName` and `hints` under v1's names, so they decode into v1's
 /// fields and reach the model like v1's (`Slice::from_k8s`).
 ///
-/// The recipe (shared/recipes/README.md) watches v1beta1 as `DynamicObject` and
+/// The recipe (../shared/recipes/README.md, beside this repository) watches v1beta1 as `DynamicObject` and
 /// converts through `serde_json::Value`; decoding directly skips that second pass,
 /// which for 10,000 slices is seconds of CPU and tens of MB of transient heap.
 #[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]

@@ -200,7 +200,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         metrics.set_rp_filter(attacher.rp_filter_status());
         let mut p = points.lock().unwrap_or_else(|e| e.into_inner());
         let same = |a: &[attach::AttachFailure], b: &[attach::AttachFailure]| {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (&x.iface, &x.hook, x.attempts) == (&y.iface, &y.hook, y.attempts))
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| (&x.iface, &x.hook, x.attempts) == (&y.iface, &y.hook, y.attempts))
         };
         if p.0 != now || !same(&p.1, &failures) {
             changed.notify_one();

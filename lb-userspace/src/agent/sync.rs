@@ -9,7 +9,7 @@
 //! backend ids.
 //!
 //! Order of writes for one frontend (the datapath reads `count`, then slots
-//! `1..=count`; see lb-ebpf/src/core.rs):
+//! `1..=count`; see lb-ebpf/src/engine.rs):
 //! 1. slots that change within `1..=new_count` (new backends, and backends that move
 //!    into the hole a removed one leaves, the "last" ones first),
 //! 2. the `SERVICES` entry (count, flags, timeout), which raises or lowers `count`,

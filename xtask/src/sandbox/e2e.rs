@@ -47,8 +47,14 @@ const TESTS: &[(&str, TestFn)] = &[
     ("endpoints follow kubectl scale up and down while a client keeps requesting", scale_while_requesting),
     ("an established connection to a terminating pod keeps working during its grace period", held_to_terminating),
     ("kubectl rollout restart of the lb-agent DaemonSet keeps established flows", rollout_restart),
-    ("a ClusterIP whose endpoint is the client's own node (kubernetes.default, hostNetwork), TCP and UDP", node_backend),
-    ("deleting a Service keeps its established TCP connections, as kube-proxy's conntrack does", deleted_service_keeps_flows),
+    (
+        "a ClusterIP whose endpoint is the client's own node (kubernetes.default, hostNetwork), TCP and UDP",
+        node_backend,
+    ),
+    (
+        "deleting a Service keeps its established TCP connections, as kube-proxy's conntrack does",
+        deleted_service_keeps_flows,
+    ),
 ];
 
 pub fn run() -> Result<()> {
@@ -973,9 +979,15 @@ fn node_backend(sb: &Sandbox, id: &str) -> Result<()> {
     let api = cluster_ip(sb, "kubernetes")?;
     for c in [&c1, &c2] {
         // /version is readable anonymously (system:public-info-viewer).
-        let (code, out, err) =
-            sb.exec("default", c, &["curl", "-sk", "--max-time", "5", "--noproxy", "*", &format!("https://{api}:443/version")])?;
-        ensure!(code == 0 && out.contains("gitVersion"), "{c}: https://{api}/version gave curl exit {code}: {out} {err}");
+        let (code, out, err) = sb.exec(
+            "default",
+            c,
+            &["curl", "-sk", "--max-time", "5", "--noproxy", "*", &format!("https://{api}:443/version")],
+        )?;
+        ensure!(
+            code == 0 && out.contains("gitVersion"),
+            "{c}: https://{api}/version gave curl exit {code}: {out} {err}"
+        );
     }
     // A hostNetwork server on node 1, behind a ClusterIP (TCP 80 -> 18080, UDP 90 -> 18081).
     let pod = format!("{id}-hostnet");
