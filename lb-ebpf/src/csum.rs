@@ -29,3 +29,20 @@ pub fn fold_sum(sum: u64) -> u16 {
     s = (s & 0xffff_ffff) + (s >> 32);
     fold(s as u32)
 }
+
+/// Rewrites an IPv4 header's addresses, (old, new) each (equal: left alone), keeping
+/// its header checksum right. The IPv4 header checksum is always complete, in XDP and
+/// tc alike, so RFC 1624 applies.
+#[inline(always)]
+pub fn ipv4_set_addrs(ip: &mut crate::parse::Ipv4Hdr, saddr: (u32, u32), daddr: (u32, u32)) {
+    let mut check = ip.check;
+    if saddr.0 != saddr.1 {
+        check = replace32(check, saddr.0, saddr.1);
+        ip.saddr_be = saddr.1;
+    }
+    if daddr.0 != daddr.1 {
+        check = replace32(check, daddr.0, daddr.1);
+        ip.daddr_be = daddr.1;
+    }
+    ip.check = check;
+}

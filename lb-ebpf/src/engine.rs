@@ -520,15 +520,7 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize, s
         slot,
         seen_s: now_s,
     };
-    let reply_key = CtKey4 {
-        src_addr_be: backend.addr_be,
-        dst_addr_be: if hairpin { l3.daddr_be } else { l3.saddr_be },
-        src_port_be: backend.port_be,
-        dst_port_be: l4.sport_be,
-        proto: l3.proto,
-        _pad: [0; 3],
-    };
-    let reply = CtValue4 { nat_addr_be: l3.daddr_be, nat_port_be: l4.dport_be, dir: CT_DIR_REPLY, ..fwd };
+    let (reply_key, reply) = fwd.other_half(key);
     if CONNTRACK.insert(key, &fwd, 0).is_err() || CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
         count(Reason::MapInsertFailed, 0);
     }

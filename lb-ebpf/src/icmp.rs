@@ -185,17 +185,7 @@ fn apply<C: Packet>(ctx: &C, l3_off: usize, icmp_off: usize, inner_off: usize, q
     // `tcp_manip_pkt` does when the header is there.
     let tcp_csum = if q.l3.proto == IPPROTO_TCP { ptr_at::<u16, C>(ctx, q.l4_off + TCP_CSUM_OFF) } else { None };
     unsafe {
-        let outer = &mut *outer;
-        let mut c = outer.check;
-        if x.saddr.0 != x.saddr.1 {
-            c = csum::replace32(c, x.saddr.0, x.saddr.1);
-            outer.saddr_be = x.saddr.1;
-        }
-        if x.daddr.0 != x.daddr.1 {
-            c = csum::replace32(c, x.daddr.0, x.daddr.1);
-            outer.daddr_be = x.daddr.1;
-        }
-        outer.check = c;
+        csum::ipv4_set_addrs(&mut *outer, x.saddr, x.daddr);
 
         let inner = &mut *inner;
         let icmp = &mut *icmp;

@@ -143,7 +143,7 @@ fn log_action<C: aya_ebpf::EbpfContext>(ctx: &C, action: &crate::engine::Action)
 fn xdp_nat(ctx: &XdpContext, rw: &Rewrite) -> Result<(), ()> {
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
     if !rw.has_l4 {
-        unsafe { nat_l3_only(&mut *ip, rw) };
+        unsafe { csum::ipv4_set_addrs(&mut *ip, rw.saddr, rw.daddr) };
         return Ok(());
     }
     // Ports and checksum are read and written through one bounds-checked pointer per
@@ -195,21 +195,6 @@ fn xdp_nat_l4<const N: usize>(ip: &mut Ipv4Hdr, l4: &mut [u16; N], csum_word: us
     }
     ip.check = ipc;
     l4[csum_word] = c;
-}
-
-/// A later fragment: the addresses and the IPv4 header checksum only.
-#[inline(always)]
-fn nat_l3_only(ip: &mut Ipv4Hdr, rw: &Rewrite) {
-    let mut check = ip.check;
-    if rw.saddr.0 != rw.saddr.1 {
-        check = csum::replace32(check, rw.saddr.0, rw.saddr.1);
-        ip.saddr_be = rw.saddr.1;
-    }
-    if rw.daddr.0 != rw.daddr.1 {
-        check = csum::replace32(check, rw.daddr.0, rw.daddr.1);
-        ip.daddr_be = rw.daddr.1;
-    }
-    ip.check = check;
 }
 
 /// Quote the original IPv4 header and 8 bytes of L4 into a stack buffer.
@@ -281,7 +266,7 @@ const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
     if !rw.has_l4 {
         let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
-        unsafe { nat_l3_only(&mut *ip, rw) };
+        unsafe { csum::ipv4_set_addrs(&mut *ip, rw.saddr, rw.daddr) };
         return Ok(());
     }
     // The L4 checksum goes through the helper, the only code that knows the skb's
@@ -305,7 +290,7 @@ fn tc_nat(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, rw.l3_off).ok_or(())?;
     let ports = ptr_at::<[u16; 2], _>(ctx, rw.l4_off).ok_or(())?;
     unsafe {
-        nat_l3_only(&mut *ip, rw);
+        csum::ipv4_set_addrs(&mut *ip, rw.saddr, rw.daddr);
         (*ports)[0] = rw.sport.1;
         (*ports)[1] = rw.dport.1;
     }

@@ -34,9 +34,14 @@ struct Cli {
 enum Cmd {
     /// Answer every 32-byte request, over TCP and UDP, with a line naming this server.
     Serve {
-        /// Port to listen on, on all addresses, for both TCP and UDP.
+        /// Port to listen on, for both TCP and UDP.
         #[arg(long)]
         port: u16,
+        /// Address to listen on. A UDP server bound to every address answers from the
+        /// address routing picks, which on a multi-homed host (a hostNetwork pod) may
+        /// not be the one the datagram came to.
+        #[arg(long, default_value_t = std::net::Ipv4Addr::UNSPECIFIED)]
+        bind: std::net::Ipv4Addr,
         /// TCP connections served at once: each thread serves one connection until it
         /// closes. Further connections wait in the listen backlog.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
@@ -123,7 +128,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let res = match Cli::parse().cmd {
-        Cmd::Serve { port, threads, name } => server::serve(port, threads, name),
+        Cmd::Serve { port, bind, threads, name } => server::serve(bind, port, threads, name),
         Cmd::Crr { target, clients, duration, timeout_ms } => {
             client::crr(target, clients, Duration::from_secs(duration), Duration::from_millis(timeout_ms))
         }

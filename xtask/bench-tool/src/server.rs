@@ -21,13 +21,13 @@ const BACKLOG: libc::c_int = 4096;
 /// FIN or RST (its path rerouted mid-benchmark, say) doesn't hold a thread forever.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn serve(port: u16, threads: u32, name: Option<String>) -> Result<ExitCode> {
+pub fn serve(bind: Ipv4Addr, port: u16, threads: u32, name: Option<String>) -> Result<ExitCode> {
     let name = match name {
         Some(name) => name,
         None => hostname().context("no --name given, and the hostname is unknown")?,
     };
     let reply = proto::reply_for(&name)?;
-    let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let addr = SocketAddrV4::new(bind, port);
     // std sets SO_REUSEADDR before binding, so a restarted server binds at once.
     let listener = TcpListener::bind(addr).with_context(|| format!("listening on tcp {addr}"))?;
     // Linux lets listen() be called again on a listening socket, to change its backlog.

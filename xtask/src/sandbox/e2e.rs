@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use super::{
     Sandbox, UpArgs,
     demo::{ready_endpoints, wait_running},
-    image::{AGNHOST_IMAGE, CLIENT_IMAGE},
+    image::{AGNHOST_IMAGE, BENCH_IMAGE, CLIENT_IMAGE},
     wait_for,
 };
 
@@ -989,11 +989,15 @@ fn node_backend(sb: &Sandbox, id: &str) -> Result<()> {
             "{c}: https://{api}/version gave curl exit {code}: {out} {err}"
         );
     }
-    // A hostNetwork server on node 1, behind a ClusterIP (TCP 80 -> 18080, UDP 90 -> 18081).
+    // A hostNetwork server on node 1, behind a ClusterIP (TCP 80 -> 18080, UDP 90 ->
+    // 18081). The UDP server binds the node's address, the endpoint's: one bound to every
+    // address (agnhost netexec's) answers from the address routing picks toward the pod,
+    // the node's address on the pod network, which no proxy can tell is the endpoint's
+    // reply (kube-proxy's conntrack no more than ours).
     let pod = format!("{id}-hostnet");
     let sel = format!("app: {pod}");
     sb.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node1\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=18080, --udp-port=18081]\n    ports: [{{containerPort: 18080, protocol: TCP}}, {{containerPort: 18081, protocol: UDP}}]\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node1\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=18080, --udp-port=18082]\n    ports: [{{containerPort: 18080, protocol: TCP}}]\n  - name: udp\n    image: {BENCH_IMAGE}\n    command: [/usr/local/bin/lb-bench-tool]\n    args: [serve, --port=18081, --bind=$(HOST_IP), --threads=1]\n    env: [{{name: HOST_IP, valueFrom: {{fieldRef: {{fieldPath: status.hostIP}}}}}}]\n    ports: [{{containerPort: 18081, protocol: UDP}}]\n"
     ))?;
     wait_pod(sb, &pod)?;
     let svc = format!("{id}-hostnet");
