@@ -258,6 +258,11 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
             let d = timed(&dp.ebpf, hook, &other, repeat, rounds, Verdict::Pass)?;
             push("(d) non-service", Some(hook), d);
         }
+        // What every packet to a pod pays on the pod interface's egress hook when it is
+        // no reply of a NATed flow: one conntrack lookup that misses.
+        let to_pod = ack([192, 0, 2, 1], 80, client, 40003, b"payload");
+        let e = timed(&dp.ebpf, Hook::TcEgress, &to_pod, repeat, rounds, Verdict::Pass)?;
+        push("(e) egress, no reply", Some(Hook::TcEgress), e);
     }
     print!("{table}");
 
