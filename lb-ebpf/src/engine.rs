@@ -256,11 +256,13 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
     action
 }
 
-/// Monotonic seconds, the clock of `CtValue4::seen_s` (the agent's collector reads
-/// CLOCK_MONOTONIC, which is what `bpf_ktime_get_ns` returns).
+/// Now, in conntrack ticks (`lb_common::ct_tick`). The coarse clock, updated every
+/// scheduler tick, is plenty for second-scale timeouts and skips the clocksource read;
+/// it is CLOCK_MONOTONIC too (kernel/bpf/helpers.c, `bpf_ktime_get_coarse_ns`), which
+/// the agent's collector reads.
 #[inline(always)]
-fn now_s() -> u32 {
-    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+fn now_tick() -> u32 {
+    lb_common::ct_tick(unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() })
 }
 
 #[inline(always)]
@@ -282,7 +284,7 @@ fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, is_vip: impl Fn() -> bool) 
     {
         // SAFETY: a pointer into the map's value, valid for this program run.
         let ct = unsafe { *ctp };
-        now = now_s();
+        now = now_tick();
         if ct.expired(l3.proto, now) {
             // netfilter's conntrack would have forgotten this flow by now; so do we.
             let _ = CONNTRACK.remove(&key);
@@ -318,7 +320,7 @@ fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, is_vip: impl Fn() -> bool) 
         return Action::pass(Reason::PassUnknownPort);
     };
     if now == 0 {
-        now = now_s();
+        now = now_tick();
     }
     new_flow(l3, l4, &key, &svc, l3_off, syn, now)
 }
@@ -345,22 +347,22 @@ fn state_bits(dir: u8, proto: u8, tcp_flags: u8) -> u8 {
 #[inline(always)]
 fn track(ctp: *mut CtValue4, key: &CtKey4, ct: &CtValue4, proto: u8, tcp_flags: u8, now: u32) {
     let flags = ct.flags | state_bits(ct.dir, proto, tcp_flags);
-    if flags == ct.flags && ct.seen_s == now {
+    if flags == ct.flags && ct.seen == now {
         return;
     }
     // SAFETY: the map value this packet's lookup returned; plain stores.
     unsafe {
         (*ctp).flags = flags;
-        (*ctp).seen_s = now;
+        (*ctp).seen = now;
     }
     let (okey, oval) = ct.other_half(key);
     match CONNTRACK.get_ptr_mut(&okey) {
         Some(o) => unsafe {
             (*o).flags = ((*o).flags & !CT_F_STATE) | (flags & CT_F_STATE);
-            (*o).seen_s = now;
+            (*o).seen = now;
         },
         None => {
-            let v = CtValue4 { flags, seen_s: now, ..oval };
+            let v = CtValue4 { flags, seen: now, ..oval };
             if CONNTRACK.insert(&okey, &v, 0).is_ok() {
                 count(Reason::CtRecovered, 0);
             } else {
@@ -442,7 +444,7 @@ fn forward_rewrite(l3: &L3, l4: &L4, l3_off: usize, b: &BackendValue, hairpin: b
 }
 
 #[inline(always)]
-fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize, syn: bool, now_s: u32) -> Action {
+fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize, syn: bool, tick: u32) -> Action {
     if svc.count == 0 {
         return if svc.no_backends == NO_BACKENDS_DROP {
             Action::drop(Reason::NoBackendDrop)
@@ -518,7 +520,7 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize, s
         svc_id: svc.id,
         backend_id: backend.backend_id,
         slot,
-        seen_s: now_s,
+        seen: tick,
     };
     let (reply_key, reply) = fwd.other_half(key);
     if CONNTRACK.insert(key, &fwd, 0).is_err() || CONNTRACK.insert(&reply_key, &reply, 0).is_err() {

@@ -126,7 +126,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     // FINs, still sit in the LRU until the collector or an eviction takes them.
     let mut conns: HashMap<(u32, u32), usize> = HashMap::new();
     if let Ok(ct) = hash::<CtKey4, CtValue4>(pin_dir, map_names::CONNTRACK) {
-        let now = crate::agent::conntrack::monotonic_s();
+        let now = crate::agent::conntrack::now_tick();
         for (k, v) in ct.iter().filter_map(Result::ok) {
             if v.dir == CT_DIR_FORWARD && v.open() && !v.expired(k.proto, now) {
                 *conns.entry((v.svc_id, v.backend_id)).or_default() += 1;
@@ -271,14 +271,14 @@ pub fn ct_state(proto: u8, flags: u8) -> &'static str {
 
 pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, InspectError> {
     let ct: BpfHashMap<MapData, CtKey4, CtValue4> = hash(pin_dir, map_names::CONNTRACK)?;
-    let now = crate::agent::conntrack::monotonic_s();
+    let now = crate::agent::conntrack::now_tick();
     let mut rows: Vec<ConntrackRow> = ct
         .iter()
         .filter_map(Result::ok)
         .map(|(k, v)| ConntrackRow {
             state: ct_state(k.proto, v.flags),
-            idle_s: now.wrapping_sub(v.seen_s),
-            expires_in_s: v.timeout_s(k.proto).saturating_sub(now.wrapping_sub(v.seen_s)),
+            idle_s: lb_common::ct_ticks_to_s(now.wrapping_sub(v.seen)),
+            expires_in_s: v.timeout_s(k.proto).saturating_sub(lb_common::ct_ticks_to_s(now.wrapping_sub(v.seen))),
             protocol: proto_name(k.proto),
             source: format!("{}:{}", ip(k.src_addr_be), u16::from_be(k.src_port_be)),
             destination: format!("{}:{}", ip(k.dst_addr_be), u16::from_be(k.dst_port_be)),

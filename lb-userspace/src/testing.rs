@@ -266,9 +266,9 @@ fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Resul
     Ok(())
 }
 
-/// CLOCK_MONOTONIC in whole seconds, the clock of `CtValue4::seen_s`.
-pub fn monotonic_s() -> u32 {
-    (monotonic_ns() / 1_000_000_000) as u32
+/// Now in conntrack ticks, the clock of `CtValue4::seen`.
+pub fn ct_now() -> u32 {
+    lb_common::ct_tick(monotonic_ns())
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.

@@ -1003,7 +1003,7 @@ fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
     };
     use lb_userspace::agent::conntrack;
     let mut dp = Datapath::load()?;
-    let now = conntrack::monotonic_s();
+    let now = conntrack::now_tick();
     let flow = |client: u8, svc_id: u32, backend_id: u32, flags: u8, age: u32| {
         let k = CtKey4 {
             src_addr_be: u32::from_ne_bytes([10, 244, 1, client]),
@@ -1021,7 +1021,7 @@ fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
             svc_id,
             backend_id,
             slot: 1,
-            seen_s: now.wrapping_sub(age),
+            seen: now.wrapping_sub(lb_common::ct_ticks_for(age)),
         };
         let (rk, rv) = v.other_half(&k);
         [(k, v), (rk, rv)]
@@ -1042,5 +1042,81 @@ fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
     let left: std::collections::HashSet<CtKey4> = dp.conntrack().into_iter().map(|(k, _)| k).collect();
     let want: std::collections::HashSet<CtKey4> = live.iter().chain(&closed).map(|(k, _)| *k).collect();
     assert_eq!(left, want);
+    Ok(())
+}
+
+/// A deleted Service's backends stay draining while live flows use them: the agent's
+/// conntrack collector reports the (service, backend) pairs live flows use, and the
+/// syncer releases the other draining entries (after `ORPHAN_MIN_AGE`), then the last
+/// one once its flow is gone.
+#[test]
+fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -> Result<()> {
+    use lb_common::{CT_DIR_FORWARD, CT_F_REPLIED, CtKey4, CtValue4, DrainKey, IPPROTO_TCP, map_names};
+    use lb_userspace::agent::{conntrack, sync::ORPHAN_MIN_AGE};
+    let bpffs = PrivateBpffs::new()?;
+    let dir = Scratch::new("gc-orphans")?;
+    let file = dir.0.join("objects.yaml");
+    let status_file = dir.0.join("status.json");
+    write_file(&file, &yaml(&["10.244.2.1", "10.244.2.2"], false))?;
+    let mut cmd = Command::new(lb());
+    cmd.args(["agent", "--file-poll-ms=20", "--conntrack-gc-s=1", "--source"])
+        .arg(format!("file:{}", file.display()))
+        .env("LB_BPFFS", bpffs.path())
+        .env("LB_STATUS_FILE", &status_file);
+    let agent = Agent::start(cmd, &dir.0.join("agent.log"))?;
+    let row = wait_for("programming", Duration::from_secs(20), Some(&agent), || {
+        inspect::services(bpffs.path()).ok()?.into_iter().find(|r| r.backends.len() == 2)
+    })?;
+    // A live flow to the first backend, as the datapath would have written it.
+    let b = &row.backends[0];
+    let key = CtKey4 {
+        src_addr_be: u32::from_ne_bytes([10, 244, 1, 2]),
+        dst_addr_be: u32::from_ne_bytes(VIP.octets()),
+        src_port_be: 40000u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let value = CtValue4 {
+        nat_addr_be: u32::from_ne_bytes([10, 244, 2, 1]),
+        nat_port_be: 8080u16.to_be(),
+        dir: CT_DIR_FORWARD,
+        flags: CT_F_REPLIED,
+        svc_id: row.id,
+        backend_id: b.backend_id,
+        slot: b.slot,
+        seen: conntrack::now_tick(),
+    };
+    let mut ct = conntrack::open(bpffs.path())?;
+    ct.insert(key, value, 0)?;
+
+    // The Service goes: both backends drain under its old id.
+    write_file(&file, "")?;
+    let draining = || -> Vec<DrainKey> {
+        aya::maps::MapData::from_pin(bpffs.path().join(map_names::DRAINING))
+            .ok()
+            .and_then(|m| {
+                aya::maps::HashMap::<_, DrainKey, lb_common::BackendValue>::try_from(aya::maps::Map::HashMap(m)).ok()
+            })
+            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    };
+    wait_for("both backends draining", Duration::from_secs(10), Some(&agent), || {
+        (draining().len() == 2).then_some(())
+    })?;
+    // Once the orphans are old enough, the one no flow uses goes; the other stays.
+    let t0 = Instant::now();
+    let left =
+        wait_for("the unused draining entry released", ORPHAN_MIN_AGE + Duration::from_secs(15), Some(&agent), || {
+            let d = draining();
+            (d.len() == 1).then_some(d)
+        })?;
+    assert!(t0.elapsed() + Duration::from_secs(2) >= ORPHAN_MIN_AGE, "released before ORPHAN_MIN_AGE");
+    assert_eq!(left, vec![DrainKey { svc_id: row.id, backend_id: b.backend_id }]);
+    // The flow ends: the last one goes at the collector's next pass.
+    ct.remove(&key)?;
+    wait_for("the last draining entry released", Duration::from_secs(10), Some(&agent), || {
+        draining().is_empty().then_some(())
+    })?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use lb_common::{
     AffinityKey4, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, NO_BACKENDS_REJECT, Reason,
     SVC_F_AFFINITY, ServiceValue, hash,
 };
-use lb_userspace::testing::{Datapath, Hook, Verdict, ip, monotonic_ns, monotonic_s};
+use lb_userspace::testing::{Datapath, Hook, Verdict, ct_now, ip, monotonic_ns};
 
 const MAC_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const MAC_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -326,7 +326,7 @@ fn ct_entry(dp: &mut Datapath, p: &Pkt) -> Option<(lb_common::CtKey4, lb_common:
 /// Moves `p`'s conntrack entry `age_s` seconds into the past.
 fn age_ct(dp: &mut Datapath, p: &Pkt, age_s: u32) {
     let (k, mut v) = ct_entry(dp, p).unwrap_or_else(|| panic!("no conntrack entry for {p:?}"));
-    v.seen_s = monotonic_s().wrapping_sub(age_s);
+    v.seen = ct_now().wrapping_sub(lb_common::ct_ticks_for(age_s));
     dp.put_conntrack(k, v).unwrap();
 }
 
@@ -824,8 +824,8 @@ fn cases() -> Vec<Case> {
             after: |dp, _| {
                 let f = ct_entry(dp, &udp(CLIENT, 40001, VIP, 53)).unwrap().1;
                 let r = ct_entry(dp, &udp(BE_UDP, 5353, CLIENT, 40001)).unwrap().1;
-                let now = monotonic_s();
-                assert!(now - f.seen_s <= 1 && now - r.seen_s <= 1, "both halves refreshed: {f:?} {r:?}");
+                let now = ct_now();
+                assert!(now - f.seen <= 1 && now - r.seen <= 1, "both halves refreshed: {f:?} {r:?}");
             },
             ..case(
                 "udp: a packet refreshes both halves",

@@ -251,7 +251,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                         let ct = ct.clone();
                         let pass = tokio::task::spawn_blocking(move || {
                             let mut ct = ct.lock().unwrap_or_else(|e| e.into_inner());
-                            conntrack::collect(&mut ct, conntrack::monotonic_s())
+                            conntrack::collect(&mut ct, conntrack::now_tick())
                         })
                         .await;
                         match pass {
