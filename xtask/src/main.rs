@@ -140,7 +140,21 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
         "unit" => cargo(&["test", "--lib", "--bins"]),
         "datapath" => {
             require_root("the datapath suite")?;
-            cargo(&["test", "--package", "lb-userspace", "--test", "datapath", "--test", "netns"])
+            cargo(&[
+                "test",
+                "--package",
+                "lb-userspace",
+                "--test",
+                "datapath",
+                "--test",
+                "icmp",
+                "--test",
+                "netns",
+                "--test",
+                "node_paths",
+                "--test",
+                "pmtu_netns",
+            ])
         }
         "all" => {
             require_root("the test suite")?;
