@@ -245,7 +245,7 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
             }
         }
     };
-    let action = flow(&l3, &l4, l2.l3_off, hook, is_vip);
+    let action = flow(&l3, &l4, l2.l3_off, hook, not_ours, is_vip);
     if l3.fragment && !l3.later_fragment && action.kind == Kind::Nat {
         // The first fragment of a datagram we NAT: its later fragments will need the ports.
         let f = FragValue4 { src_port_be: l4.sport_be, dst_port_be: l4.dport_be };
@@ -266,9 +266,8 @@ fn now_tick() -> u32 {
 }
 
 #[inline(always)]
-fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, is_vip: impl Fn() -> bool) -> Action {
+fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, not_ours: Reason, is_vip: impl Fn() -> bool) -> Action {
     let key = ct_key(l3, l4);
-    let not_ours = if hook == Hook::Egress { Reason::PassEgress } else { Reason::PassNotService };
     let ct = CONNTRACK.get_ptr_mut(&key);
     // SAFETY: a plain read of a constant the loader may set.
     let bypass = unsafe { core::ptr::read_volatile(&BENCH_CT_BYPASS) } != 0;
@@ -341,7 +340,7 @@ fn state_bits(dir: u8, proto: u8, tcp_flags: u8) -> u8 {
 }
 
 /// Moves a flow's state and refresh time, in both halves, when either has changed:
-/// at most one write per half per second for a busy flow, and one per state change
+/// at most one write per half per tick (1.07 s) for a busy flow, and one per state change
 /// (first reply, FIN, RST). Touching the other half keeps the LRU from evicting it
 /// while this one lives; a half found missing is re-created from this one.
 #[inline(always)]
