@@ -19,8 +19,11 @@ use crate::{
     stats::{self, Tally},
 };
 
-/// rr's connect and reply timeout.
+/// rr's reply timeout.
 const RR_TIMEOUT: Duration = Duration::from_secs(1);
+/// rr's connect timeout: over 3 s, so that the kernel's SYN retransmits at 1 s and 3 s
+/// (TCP_TIMEOUT_INIT, doubling) fall inside one attempt instead of racing its end.
+const RR_CONNECT_TIMEOUT: Duration = Duration::from_millis(3500);
 /// watch's timeouts are short so that a request caught by the change fails fast and the
 /// next one sees the new state.
 const WATCH_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -75,7 +78,7 @@ pub fn rr(target: SocketAddr, connections: u32, duration: Duration) -> Result<Ex
         let mut tally = Tally::default();
         let mut attempt = 0;
         let mut stream = loop {
-            match proto::connect(target, RR_TIMEOUT, RR_TIMEOUT) {
+            match proto::connect(target, RR_CONNECT_TIMEOUT, RR_TIMEOUT) {
                 Ok(stream) => break stream,
                 Err(_) if attempt < 2 => {
                     attempt += 1;
@@ -87,6 +90,9 @@ pub fn rr(target: SocketAddr, connections: u32, duration: Duration) -> Result<Ex
                 }
             }
         };
+        // As in crr, the run's duration counts from the connection: a connect retried
+        // for 2 s of a 2 s run would otherwise leave no time for a single request.
+        let deadline = deadline.max(Instant::now() + duration);
         let mut buf = [0; MAX_NAME + 1];
         loop {
             let t0 = Instant::now();
