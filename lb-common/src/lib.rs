@@ -12,24 +12,27 @@ pub mod hash;
 
 /// Bumped whenever the layout of any pinned map changes. The agent refuses to reuse a
 /// pinned map whose name carries another version (see `map_names`).
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
-/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v3` suffix is
+/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v4` suffix is
 /// [`MAP_LAYOUT_VERSION`]; change both together (and the `#[map(name)]`s in lb-ebpf).
 pub mod map_names {
-    pub const SERVICES: &str = "lb4_svc_v3";
-    pub const BACKENDS: &str = "lb4_be_v3";
-    pub const DRAINING: &str = "lb4_drain_v3";
-    pub const AFFINITY: &str = "lb4_aff_v3";
-    pub const CONNTRACK: &str = "lb4_ct_v3";
-    pub const STATS: &str = "lb_stats_v3";
-    pub const SVC_STATS: &str = "lb4_svcst_v3";
-    pub const FRAGS: &str = "lb4_frag_v3";
-    pub const IDS: &str = "lb_ids_v3";
+    pub const SERVICES: &str = "lb4_svc_v4";
+    pub const BACKENDS: &str = "lb4_be_v4";
+    pub const DRAINING: &str = "lb4_drain_v4";
+    pub const AFFINITY: &str = "lb4_aff_v4";
+    pub const CONNTRACK: &str = "lb4_ct_v4";
+    pub const STATS: &str = "lb_stats_v4";
+    pub const SVC_STATS: &str = "lb4_svcst_v4";
+    pub const FRAGS: &str = "lb4_frag_v4";
+    pub const IDS: &str = "lb_ids_v4";
+    pub const TABLES: &str = "lb4_tbl_v4";
+    pub const PREFILTER: &str = "lb4_pref_v4";
     /// Every pinned map, for clean-up and layout checks.
-    pub const ALL: [&str; 9] = [SERVICES, BACKENDS, DRAINING, AFFINITY, CONNTRACK, STATS, SVC_STATS, FRAGS, IDS];
+    pub const ALL: [&str; 11] =
+        [SERVICES, BACKENDS, DRAINING, AFFINITY, CONNTRACK, STATS, SVC_STATS, FRAGS, IDS, TABLES, PREFILTER];
     /// Prefixes shared by every version of our maps, to recognise stale layouts.
-    pub const PREFIXES: [&str; 9] = [
+    pub const PREFIXES: [&str; 11] = [
         "lb4_svc_v",
         "lb4_be_v",
         "lb4_drain_v",
@@ -39,6 +42,8 @@ pub mod map_names {
         "lb4_svcst_v",
         "lb4_frag_v",
         "lb_ids_v",
+        "lb4_tbl_v",
+        "lb4_pref_v",
     ];
 }
 
@@ -58,9 +63,42 @@ pub mod limits {
     pub const FRAGS: u32 = 8_192;
     /// Service ids run 1..SVC_STATS; id 0 is "unset".
     pub const SVC_STATS: u32 = 262_144;
-    /// Most backends one service may have: the datapath scans at most this many slots
-    /// when it picks a backend for a new flow (rendezvous hashing, see `hash`).
-    pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
+    /// Most backends one service may have. New flows pick through the service's
+    /// lookup table in O(1) whatever the count; slots are u16 in the table
+    /// ([`TABLE_LANES`](super::TABLE_LANES)), and a conntrack or affinity entry whose
+    /// backend moved slot is found again by a scan of at most this many slots.
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 8192;
+    /// 64-bit words of `TABLES`, shared by every service's lookup table (4 buckets a
+    /// word): 32 MiB, 16.7 million buckets, e.g. 10,000 services of 10 backends twice
+    /// over (a table is written anew beside the old one on every change).
+    pub const TABLE_WORDS: u32 = 1 << 22;
+}
+
+/// Buckets (u16 slot numbers) per `TABLES` word.
+pub const TABLE_LANES: u32 = 4;
+
+/// The prefilter: two bitmaps of 2^[`PREFILTER_BITS_LOG2`] bits, one over the
+/// ClusterIPs (words `0..PREFILTER_HALF_WORDS`) and one over the backend addresses
+/// (the rest), each address setting the bit [`prefilter_bit`] names. A clear bit means
+/// "certainly not ours"; a set bit only "maybe" (addresses share bits).
+pub const PREFILTER_BITS_LOG2: u32 = 20;
+/// 64-bit words in each half of `PREFILTER`.
+pub const PREFILTER_HALF_WORDS: u32 = 1 << (PREFILTER_BITS_LOG2 - 6);
+/// `PREFILTER`'s size in words.
+pub const PREFILTER_WORDS: u32 = 2 * PREFILTER_HALF_WORDS;
+
+/// The prefilter bit of an address (network byte order), in 0..2^PREFILTER_BITS_LOG2.
+#[inline(always)]
+pub const fn prefilter_bit(addr_be: u32) -> u32 {
+    hash::fmix32(addr_be ^ 0x9e37_79b9) >> (32 - PREFILTER_BITS_LOG2)
+}
+
+/// `PREFILTER` word index and bit mask of `addr_be` in the ClusterIP half (`backend`
+/// false) or the backend half.
+#[inline(always)]
+pub const fn prefilter_word(addr_be: u32, backend: bool) -> (u32, u64) {
+    let bit = prefilter_bit(addr_be);
+    ((bit >> 6) + if backend { PREFILTER_HALF_WORDS } else { 0 }, 1u64 << (bit & 63))
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -113,8 +151,15 @@ pub struct ServiceValue {
     /// `NO_BACKENDS_*`.
     pub no_backends: u8,
     pub _pad: u8,
+    /// The service's lookup table: `table_size` buckets from word `table_off` of
+    /// `TABLES`, each the slot (1..=count) new flows of that bucket go to (see
+    /// [`hash::bucket`]). The agent writes a changed table to fresh words and then
+    /// this entry, so a packet sees the old table or the new one, never a mix.
+    pub table_off: u32,
+    /// Buckets; 0 with `count` 0.
+    pub table_size: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 
 /// `BACKENDS` key: slot 1..=count of a service.
 #[repr(C)]
@@ -208,6 +253,9 @@ pub const CT_F_FIN_FWD: u8 = 1 << 3;
 pub const CT_F_FIN_REPLY: u8 = 1 << 4;
 /// `CtValue4::flags`: either side sent a RST.
 pub const CT_F_RST: u8 = 1 << 5;
+/// `CtValue4::flags`: (forward half) the backend was found in `DRAINING`, not in the
+/// slots, when the entry was last validated.
+pub const CT_F_DRAINING: u8 = 1 << 6;
 /// The state bits, kept equal in both halves of a flow.
 pub const CT_F_STATE: u8 = CT_F_REPLIED | CT_F_FIN_FWD | CT_F_FIN_REPLY | CT_F_RST;
 
@@ -233,8 +281,12 @@ pub struct CtValue4 {
     /// [`ct_tick`] when the flow was last refreshed; refreshed at most once a tick, so
     /// that a busy flow does not write its entry on every packet.
     pub seen: u32,
+    /// (Forward half) `IdState::epoch` when the backend was last found in the maps. The
+    /// agent bumps the epoch after every removal of a backend; while it is unchanged
+    /// the backend cannot have gone, and a packet skips looking it up.
+    pub epoch: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtValue4>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
 
 /// Conntrack time: CLOCK_MONOTONIC in ticks of 2^30 ns (1.07 s). A shift rather than a
 /// division by 10^9: the datapath reads the clock on every conntrack hit, and the 64-bit
@@ -365,8 +417,9 @@ pub struct FragValue4 {
 const _: () = assert!(core::mem::size_of::<FragValue4>() == 4);
 
 /// `IDS` value (one entry, index 0): the agent's id allocators, so that a restarted
-/// agent does not hand out an id that a conntrack or affinity entry still remembers.
-/// Written by the agent before any map entry that uses a newly issued id.
+/// agent does not hand out an id that a conntrack or affinity entry still remembers,
+/// and the backend epoch, which the datapath reads. Written by the agent before any
+/// map entry that uses a newly issued id, and after every removal of a backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct IdState {
@@ -374,8 +427,13 @@ pub struct IdState {
     pub next_svc_id: u32,
     /// The next backend id to issue (never reused).
     pub next_backend_id: u32,
+    /// Bumped after every sync that removed a backend from a service's slots or from
+    /// `DRAINING`: a conntrack entry validated under this epoch still has its backend
+    /// (`CtValue4::epoch`).
+    pub epoch: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<IdState>() == 8);
+const _: () = assert!(core::mem::size_of::<IdState>() == 16);
 
 /// Per-CPU counter, one per `STATS` reason and per `SVC_STATS` service.
 #[repr(C)]
@@ -565,17 +623,17 @@ mod tests {
         // (size, align) of every shared type: a change here is a map layout change and
         // needs a MAP_LAYOUT_VERSION bump.
         assert_eq!((size_of::<ServiceKey4>(), align_of::<ServiceKey4>()), (8, 4));
-        assert_eq!((size_of::<ServiceValue>(), align_of::<ServiceValue>()), (16, 4));
+        assert_eq!((size_of::<ServiceValue>(), align_of::<ServiceValue>()), (24, 4));
         assert_eq!((size_of::<BackendKey>(), align_of::<BackendKey>()), (8, 4));
         assert_eq!((size_of::<BackendValue>(), align_of::<BackendValue>()), (12, 4));
         assert_eq!((size_of::<DrainKey>(), align_of::<DrainKey>()), (8, 4));
         assert_eq!((size_of::<AffinityKey4>(), align_of::<AffinityKey4>()), (8, 4));
         assert_eq!((size_of::<AffinityValue>(), align_of::<AffinityValue>()), (16, 8));
         assert_eq!((size_of::<CtKey4>(), align_of::<CtKey4>()), (16, 4));
-        assert_eq!((size_of::<CtValue4>(), align_of::<CtValue4>()), (24, 4));
+        assert_eq!((size_of::<CtValue4>(), align_of::<CtValue4>()), (28, 4));
         assert_eq!((size_of::<FragKey4>(), align_of::<FragKey4>()), (12, 4));
         assert_eq!((size_of::<FragValue4>(), align_of::<FragValue4>()), (4, 2));
-        assert_eq!((size_of::<IdState>(), align_of::<IdState>()), (8, 4));
+        assert_eq!((size_of::<IdState>(), align_of::<IdState>()), (16, 4));
         assert_eq!((size_of::<Counter>(), align_of::<Counter>()), (16, 8));
         assert_eq!(size_of::<Reason>(), 4);
     }
@@ -587,6 +645,8 @@ mod tests {
         assert_eq!(core::mem::offset_of!(CtKey4, proto), 12);
         assert_eq!(core::mem::offset_of!(CtValue4, svc_id), 8);
         assert_eq!(core::mem::offset_of!(CtValue4, seen), 20);
+        assert_eq!(core::mem::offset_of!(CtValue4, epoch), 24);
+        assert_eq!(core::mem::offset_of!(ServiceValue, table_off), 16);
         assert_eq!(core::mem::offset_of!(FragKey4, proto), 10);
         assert_eq!(core::mem::offset_of!(BackendValue, port_be), 8);
     }
@@ -637,6 +697,7 @@ mod tests {
                 backend_id: 9,
                 slot: 1,
                 seen: 7,
+                epoch: 2,
             };
             let (rk, rv) = fwd.other_half(&k);
             assert_eq!((rk.src_addr_be, rk.src_port_be, rk.dst_port_be), (backend, 8080u16.to_be(), 40000u16.to_be()));

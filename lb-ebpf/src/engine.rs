@@ -6,13 +6,14 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_FIN_FWD,
-    CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey, FragKey4, FragValue4,
-    IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, hash, limits,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_DRAINING,
+    CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey, FragKey4,
+    FragValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, TABLE_LANES,
+    hash, limits,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, FRAGS, SERVICES, count},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, FRAGS, SERVICES, TABLES, count, epoch, prefilter_hit},
     parse::{
         ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, parse_ipv4,
         parse_l2, parse_l4,
@@ -103,51 +104,42 @@ fn backend_at(svc_id: u32, slot: u32) -> Option<BackendValue> {
 #[repr(C)]
 struct Scan {
     svc_id: u32,
-    /// Find this backend id; 0: pick by rendezvous hashing instead.
+    /// The backend id to find.
     want_id: u32,
-    flow: u32,
-    best_score: u32,
     /// Slot of the result; 0: none yet.
-    best_slot: u32,
-    best: BackendValue,
+    found_slot: u32,
+    found: BackendValue,
 }
 
 /// One `bpf_loop` iteration over slot `index + 1`. Returns 1 to stop early.
 ///
-/// The scans run through `bpf_loop` (kernel 5.17+) rather than a bounded `for`: the
+/// The scan runs through `bpf_loop` (kernel 5.17+) rather than a bounded `for`: the
 /// verifier checks a callback once, whereas it walks every iteration of an unrolled
-/// loop, and two such loops on one path exceed its 1M-instruction budget.
+/// loop, which at the backend limit would exceed its 1M-instruction budget.
 extern "C" fn scan_slot(index: u64, ctx: *mut c_void) -> i64 {
     let scan = unsafe { &mut *(ctx as *mut Scan) };
     let slot = index as u32 + 1;
-    let Some(b) = backend_at(scan.svc_id, slot) else {
-        return 0;
-    };
-    if scan.want_id != 0 {
-        if b.backend_id == scan.want_id {
-            scan.best_slot = slot;
-            scan.best = b;
-            return 1;
+    match backend_at(scan.svc_id, slot) {
+        Some(b) if b.backend_id == scan.want_id => {
+            scan.found_slot = slot;
+            scan.found = b;
+            1
         }
-        return 0;
+        _ => 0,
     }
-    let score = hash::hrw_score(scan.flow, b.addr_be, b.port_be);
-    if scan.best_slot == 0 || score > scan.best_score {
-        scan.best_slot = slot;
-        scan.best_score = score;
-        scan.best = b;
-    }
-    0
 }
 
+/// Slot and value of backend `want_id` in slots 1..=count of `svc_id`. O(count), but
+/// only for a flow or affinity entry whose backend the agent moved to another slot
+/// (when a removal left a hole), once: the caller remembers the slot found.
 #[inline(always)]
-fn scan(svc_id: u32, count: u32, want_id: u32, flow: u32) -> Option<(u32, BackendValue)> {
-    let mut st = Scan { svc_id, want_id, flow, best_score: 0, best_slot: 0, best: BackendValue::default() };
+fn scan(svc_id: u32, count: u32, want_id: u32) -> Option<(u32, BackendValue)> {
+    let mut st = Scan { svc_id, want_id, found_slot: 0, found: BackendValue::default() };
     let n = if count > limits::MAX_BACKENDS_PER_SERVICE { limits::MAX_BACKENDS_PER_SERVICE } else { count };
     unsafe {
         bpf_loop(n, scan_slot as *mut c_void, &mut st as *mut Scan as *mut c_void, 0);
     }
-    if st.best_slot == 0 { None } else { Some((st.best_slot, st.best)) }
+    if st.found_slot == 0 { None } else { Some((st.found_slot, st.found)) }
 }
 
 /// Where backend `backend_id` of `svc_id` stands now: at `hint_slot` (its slot when the
@@ -167,13 +159,17 @@ fn find_backend(
     if backend_id == 0 {
         return None;
     }
-    scan(svc_id, svc?.count, backend_id, 0)
+    scan(svc_id, svc?.count, backend_id)
 }
 
-/// Rendezvous hashing over slots 1..=count (see `lb_common::hash`).
+/// The service's lookup table: one array read names the slot of the flow's bucket
+/// (`lb_common::hash::bucket`), whatever the number of backends; then its backend.
 #[inline(always)]
 fn pick_backend(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
-    scan(svc.id, svc.count, 0, flow)
+    let bucket = hash::bucket(flow, svc.table_size);
+    let word = TABLES.get(svc.table_off.wrapping_add(bucket / TABLE_LANES))?;
+    let slot = ((*word >> (16 * (bucket % TABLE_LANES))) & 0xffff) as u32;
+    Some((slot, backend_at(svc.id, slot)?))
 }
 
 #[inline(always)]
@@ -207,8 +203,14 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
         return Action::pass(Reason::PassMalformedL3);
     };
     let not_ours = if hook == Hook::Egress { Reason::PassEgress } else { Reason::PassNotService };
-    let is_vip =
-        || hook == Hook::Ingress && unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
+    // The prefilter: a clear bit is "certainly no ClusterIP" / "certainly no backend",
+    // answered from two array reads without hashing a key. The agent sets the bits of
+    // every ClusterIP and of every backend (slots and draining) before the entries
+    // that need them. A packet can be ours only as a packet to a ClusterIP (forward,
+    // ingress only) or from a backend (a reply, on either hook).
+    let to_vip = hook == Hook::Ingress && prefilter_hit(l3.daddr_be, false);
+    let from_backend = prefilter_hit(l3.saddr_be, true);
+    let is_vip = || to_vip && unsafe { SERVICES.get(&ServiceKey4::address_marker(l3.daddr_be)) }.is_some();
 
     if l3.proto != IPPROTO_TCP && l3.proto != IPPROTO_UDP {
         // An ICMP error quoting a NATed flow is translated in place (icmp.rs) and then
@@ -222,6 +224,9 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
             return Action::pass(not_ours);
         }
         return Action::pass(if l3.proto == IPPROTO_ICMP { Reason::PassIcmp } else { Reason::PassOtherProto });
+    }
+    if !to_vip && !from_backend {
+        return Action::pass(not_ours);
     }
     let l4_off = l2.l3_off + l3.hdr_len;
     let frag_key =
@@ -278,6 +283,9 @@ fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, not_ours: Reason, is_vip: i
     // of the flow, the backend set and the affinity entry.
     let syn = l3.proto == IPPROTO_TCP && l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let mut now = 0;
+    // Read before any backend lookup: a backend found under this epoch existed when it
+    // was current (the agent removes, then bumps).
+    let epoch = epoch();
     if let Some(ctp) = ct
         && !bypass
     {
@@ -289,7 +297,7 @@ fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, not_ours: Reason, is_vip: i
             let _ = CONNTRACK.remove(&key);
             count(Reason::CtExpired, 0);
         } else if !(syn && ct.dir == CT_DIR_FORWARD) && (hook == Hook::Ingress || ct.dir == CT_DIR_REPLY) {
-            match established(l3, l4, &key, &ct, l3_off) {
+            match established(l3, l4, &key, &ct, ctp, l3_off, epoch) {
                 Some(action) => {
                     if action.kind == Kind::Nat {
                         track(ctp, &key, &ct, l3.proto, l4.tcp_flags, now);
@@ -321,7 +329,7 @@ fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, not_ours: Reason, is_vip: i
     if now == 0 {
         now = now_tick();
     }
-    new_flow(l3, l4, &key, &svc, l3_off, syn, now)
+    new_flow(l3, l4, &key, &svc, l3_off, syn, now, epoch)
 }
 
 /// State bits a packet of direction `dir` with TCP flags `tcp_flags` adds.
@@ -349,9 +357,10 @@ fn track(ctp: *mut CtValue4, key: &CtKey4, ct: &CtValue4, proto: u8, tcp_flags: 
     if flags == ct.flags && ct.seen == now {
         return;
     }
-    // SAFETY: the map value this packet's lookup returned; plain stores.
+    // SAFETY: the map value this packet's lookup returned; plain stores. The bits are
+    // or-ed in: `established` may have just rewritten the entry's other flags.
     unsafe {
-        (*ctp).flags = flags;
+        (*ctp).flags |= flags & CT_F_STATE;
         (*ctp).seen = now;
     }
     let (okey, oval) = ct.other_half(key);
@@ -372,7 +381,15 @@ fn track(ctp: *mut CtValue4, key: &CtKey4, ct: &CtValue4, proto: u8, tcp_flags: 
 }
 
 #[inline(always)]
-fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> Option<Action> {
+fn established(
+    l3: &L3,
+    l4: &L4,
+    key: &CtKey4,
+    ct: &CtValue4,
+    ctp: *mut CtValue4,
+    l3_off: usize,
+    epoch: u32,
+) -> Option<Action> {
     if ct.dir == CT_DIR_REPLY {
         let client = if ct.flags & CT_F_HAIRPIN != 0 { key.src_addr_be } else { key.dst_addr_be };
         return Some(Action::nat(
@@ -391,7 +408,16 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
             },
         ));
     }
+    let hairpin = ct.flags & CT_F_HAIRPIN != 0;
+    if ct.epoch == epoch {
+        // No backend has been removed since this entry's backend was last found: it
+        // is still there, and the entry holds its address.
+        let reason = if ct.flags & CT_F_DRAINING != 0 { Reason::FwdDraining } else { Reason::FwdEstablished };
+        let b = BackendValue { backend_id: ct.backend_id, addr_be: ct.nat_addr_be, port_be: ct.nat_port_be, _pad: [0; 2] };
+        return Some(Action::nat(reason, ct.svc_id, forward_rewrite(l3, l4, l3_off, &b, hairpin)));
+    }
     // Forward: the flow keeps its backend for as long as that backend is in the service.
+    let mut slot = ct.slot;
     let backend = if let Some(b) = backend_at(ct.svc_id, ct.slot)
         && b.backend_id == ct.backend_id
     {
@@ -399,7 +425,10 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
     } else {
         let svc_key = ServiceKey4::new(l3.daddr_be, l4.dport_be, l3.proto);
         let svc = unsafe { SERVICES.get(&svc_key) };
-        find_backend(ct.svc_id, ct.backend_id, ct.slot, svc).map(|(_, b)| b)
+        find_backend(ct.svc_id, ct.backend_id, ct.slot, svc).map(|(s, b)| {
+            slot = s;
+            b
+        })
     };
     let mut reason = Reason::FwdEstablished;
     let backend = match backend {
@@ -422,7 +451,16 @@ fn established(l3: &L3, l4: &L4, key: &CtKey4, ct: &CtValue4, l3_off: usize) -> 
             }
         }
     };
-    Some(Action::nat(reason, ct.svc_id, forward_rewrite(l3, l4, l3_off, &backend, ct.flags & CT_F_HAIRPIN != 0)))
+    // Found under this epoch: the next packets skip the lookups until the agent removes
+    // a backend again. (The backend's address cannot have changed: an id names one
+    // address and port.)
+    // SAFETY: the map value this packet's lookup returned; plain stores.
+    unsafe {
+        (*ctp).epoch = epoch;
+        (*ctp).slot = slot;
+        (*ctp).flags = if reason == Reason::FwdDraining { ct.flags | CT_F_DRAINING } else { ct.flags & !CT_F_DRAINING };
+    }
+    Some(Action::nat(reason, ct.svc_id, forward_rewrite(l3, l4, l3_off, &backend, hairpin)))
 }
 
 #[inline(always)]
@@ -442,8 +480,18 @@ fn forward_rewrite(l3: &L3, l4: &L4, l3_off: usize, b: &BackendValue, hairpin: b
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "one call site; the packet and the state read before")]
 #[inline(always)]
-fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize, syn: bool, tick: u32) -> Action {
+fn new_flow(
+    l3: &L3,
+    l4: &L4,
+    key: &CtKey4,
+    svc: &ServiceValue,
+    l3_off: usize,
+    syn: bool,
+    tick: u32,
+    epoch: u32,
+) -> Action {
     if svc.count == 0 {
         return if svc.no_backends == NO_BACKENDS_DROP {
             Action::drop(Reason::NoBackendDrop)
@@ -520,6 +568,7 @@ fn new_flow(l3: &L3, l4: &L4, key: &CtKey4, svc: &ServiceValue, l3_off: usize, s
         backend_id: backend.backend_id,
         slot,
         seen: tick,
+        epoch,
     };
     let (reply_key, reply) = fwd.other_half(key);
     if CONNTRACK.insert(key, &fwd, 0).is_err() || CONNTRACK.insert(&reply_key, &reply, 0).is_err() {

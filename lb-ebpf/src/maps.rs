@@ -7,54 +7,80 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, FragKey4, FragValue4,
-    IdState, Reason, ServiceKey4, ServiceValue, limits,
+    IdState, PREFILTER_WORDS, Reason, ServiceKey4, ServiceValue, limits,
 };
 
 /// (ClusterIP, port, proto) -> service entry; also (ClusterIP, 0, 0) -> address marker.
 /// Written by the agent, read by the datapath.
-#[map(name = "lb4_svc_v3")]
+#[map(name = "lb4_svc_v4")]
 pub static SERVICES: HashMap<ServiceKey4, ServiceValue> = HashMap::pinned(limits::SERVICES, 0);
 
 /// (service id, slot 1..=count) -> backend IP and targetPort. Written by the agent
 /// (slots before `count` is raised, `count` lowered before slots go), read by the datapath.
-#[map(name = "lb4_be_v3")]
+#[map(name = "lb4_be_v4")]
 pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(limits::BACKENDS, 0);
 
 /// (service id, backend id) -> backend, for backends that take no new connections but
 /// whose pods still exist; established flows to them continue. Written by the agent.
-#[map(name = "lb4_drain_v3")]
+#[map(name = "lb4_drain_v4")]
 pub static DRAINING: HashMap<DrainKey, BackendValue> = HashMap::pinned(limits::DRAINING, 0);
 
 /// (service id, client IP) -> backend id and the start of the client's last connection.
 /// Written by the datapath on every new flow of an affinity service; read by `lb affinity`.
-#[map(name = "lb4_aff_v3")]
+#[map(name = "lb4_aff_v4")]
 pub static AFFINITY: LruHashMap<AffinityKey4, AffinityValue> = LruHashMap::pinned(limits::AFFINITY, 0);
 
 /// 5-tuple as seen on the wire -> NAT state; one forward and one reply entry per flow.
 /// Written by the datapath on a new flow; read by `lb conntrack`.
-#[map(name = "lb4_ct_v3")]
+#[map(name = "lb4_ct_v4")]
 pub static CONNTRACK: LruHashMap<CtKey4, CtValue4> = LruHashMap::pinned(limits::CONNTRACK, 0);
 
 /// (source, destination, protocol, IP id) -> the ports of the datagram's first
 /// fragment, for its later fragments, which carry none. Written and read by the
 /// datapath; entries age out of the LRU (a datagram's fragments arrive within
 /// milliseconds of each other).
-#[map(name = "lb4_frag_v3")]
+#[map(name = "lb4_frag_v4")]
 pub static FRAGS: LruHashMap<FragKey4, FragValue4> = LruHashMap::pinned(limits::FRAGS, 0);
 
-/// Index 0: the agent's id allocators (`IdState`). Written and read by the agent only;
-/// declared here so that it is created and pinned with the others.
-#[map(name = "lb_ids_v3")]
+/// Index 0: the agent's id allocators and the backend epoch (`IdState`). Written by the
+/// agent; the datapath reads the epoch.
+#[map(name = "lb_ids_v4")]
 pub static IDS: Array<IdState> = Array::pinned(1, 0);
+
+/// Every service's lookup table: `ServiceValue::table_size` u16 slot numbers from word
+/// `table_off`, four a word. Written by the agent (a changed table to fresh words, then
+/// the `SERVICES` entry that points at them), read by the datapath on new flows.
+#[map(name = "lb4_tbl_v4")]
+pub static TABLES: Array<u64> = Array::pinned(limits::TABLE_WORDS, 0);
+
+/// The prefilter bitmaps (`lb_common::prefilter_word`): ClusterIPs, then backend
+/// addresses. Written by the agent (bits set before the entries that need them,
+/// cleared after those have gone), read by the datapath on every packet.
+#[map(name = "lb4_pref_v4")]
+pub static PREFILTER: Array<u64> = Array::pinned(PREFILTER_WORDS, 0);
+
+/// Whether the prefilter's bit for `addr_be` is set in the ClusterIP half (`backend`
+/// false) or the backend half.
+#[inline(always)]
+pub fn prefilter_hit(addr_be: u32, backend: bool) -> bool {
+    let (word, mask) = lb_common::prefilter_word(addr_be, backend);
+    PREFILTER.get(word).is_some_and(|w| *w & mask != 0)
+}
+
+/// The backend epoch (`IdState::epoch`).
+#[inline(always)]
+pub fn epoch() -> u32 {
+    IDS.get(0).map_or(0, |s| s.epoch)
+}
 
 /// `Reason` -> per-CPU packets and bytes. Written by the datapath, read by the agent's
 /// metrics and `lb stats`.
-#[map(name = "lb_stats_v3")]
+#[map(name = "lb_stats_v4")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(Reason::COUNT, 0);
 
 /// Service id -> per-CPU packets and bytes, forward and reply. Written by the datapath,
 /// read by the agent's metrics and `lb services`.
-#[map(name = "lb4_svcst_v3")]
+#[map(name = "lb4_svcst_v4")]
 pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(limits::SVC_STATS, 0);
 
 #[inline(always)]

@@ -131,7 +131,7 @@ fn measure(path: Path, seconds: u32) -> Result<Measurement> {
                 affinity_timeout_s: 0,
                 flags: 0,
                 no_backends: NO_BACKENDS_REJECT,
-                _pad: 0,
+                ..Default::default()
             };
             d.put_service(VIP, SERVICE_PORT, IPPROTO_TCP, svc)?;
             d.put_backends(1, &[(1, &SERVER_IP.to_string(), IPERF_PORT)])?;

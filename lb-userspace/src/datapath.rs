@@ -134,6 +134,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         map_names::STATS | map_names::SVC_STATS => (MapType::PerCpuArray, 4, sz(s::<Counter>())),
         map_names::FRAGS => (MapType::LruHash, sz(s::<FragKey4>()), sz(s::<FragValue4>())),
         map_names::IDS => (MapType::Array, 4, sz(s::<IdState>())),
+        map_names::TABLES | map_names::PREFILTER => (MapType::Array, 4, 8),
         _ => return None,
     })
 }

@@ -2,6 +2,7 @@
 //! wrappers: shared by the fixture tests, `lb-dev demo` and `lb-dev bench`.
 
 use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
@@ -10,15 +11,18 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, Counter, CtKey4, CtValue4, DrainKey, FragKey4, FragValue4,
-    Reason, ServiceKey4, ServiceValue, map_names,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, Counter, CtKey4, CtValue4, DrainKey, FragKey4,
+    FragValue4, IdState, Reason, ServiceKey4, ServiceValue, map_names,
 };
 
-use crate::datapath::{self, LoadOptions, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
+use crate::{
+    agent::table::{Addr, Table},
+    datapath::{self, LoadOptions, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM},
+};
 
 /// A bpffs mounted on a fresh directory, unmounted and removed on drop, so that tests
 /// never see each other's (or a running agent's) pinned maps.
@@ -83,8 +87,20 @@ const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
+/// A loaded datapath whose helpers keep the agent's contract with it: a service's
+/// lookup table follows its slots (tables are changed as the agent changes them,
+/// `Table::update`), written to fresh words before the `SERVICES` entries point at
+/// them; a removal bumps the epoch; and the prefilter has the bits of every ClusterIP
+/// and backend written.
 pub struct Datapath {
     pub ebpf: Ebpf,
+    /// Service id -> its table and the first word it was written at.
+    tables: StdHashMap<u32, (Table, u32)>,
+    /// The next free `TABLES` word (tables are never freed here).
+    next_word: u32,
+    epoch: u32,
+    /// `PREFILTER` words written, to clear on `reset`.
+    prefilter: BTreeMap<u32, u64>,
     // Dropped after `ebpf`, whose pinned maps live on it.
     _bpffs: PrivateBpffs,
 }
@@ -109,7 +125,95 @@ impl Datapath {
         opts.max_entries = max_entries.to_vec();
         opts.bench_ct_bypass = ct_bypass;
         let ebpf = datapath::load(&opts).context("loading the datapath")?;
-        Ok(Self { ebpf, _bpffs: bpffs })
+        let mut dp =
+            Self { ebpf, tables: StdHashMap::new(), next_word: 0, epoch: 0, prefilter: BTreeMap::new(), _bpffs: bpffs };
+        // Epoch 1, so that a conntrack entry written with the default epoch 0 is
+        // validated on its first packet, as one from before the last removal would be.
+        dp.bump_epoch()?;
+        Ok(dp)
+    }
+
+    /// Moves the backend epoch on, as the agent does after removing backends.
+    pub fn bump_epoch(&mut self) -> Result<()> {
+        self.epoch += 1;
+        let mut m: Array<&mut MapData, IdState> =
+            Array::try_from(self.ebpf.map_mut(map_names::IDS).expect("ids map")).expect("array");
+        let cur = m.get(&0, 0).unwrap_or_default();
+        m.set(0, IdState { epoch: self.epoch, ..cur }, 0)?;
+        Ok(())
+    }
+
+    /// Sets the prefilter bit of `addr_be` (`backend`: in the backend half).
+    pub fn prefilter_allow(&mut self, addr_be: u32, backend: bool) -> Result<()> {
+        let (i, mask) = lb_common::prefilter_word(addr_be, backend);
+        let word = self.prefilter.entry(i).or_default();
+        *word |= mask;
+        let w = *word;
+        let mut m: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::PREFILTER).expect("prefilter map")).expect("array");
+        m.set(i, w, 0)?;
+        Ok(())
+    }
+
+    /// Writes `words` as a new table at fresh words; returns the first.
+    pub fn put_table_words(&mut self, words: &[u64]) -> Result<u32> {
+        let off = self.next_word;
+        let mut m: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::TABLES).expect("tables map")).expect("array");
+        for (i, w) in words.iter().enumerate() {
+            m.set(off + i as u32, w, 0)?;
+        }
+        self.next_word += words.len() as u32;
+        Ok(off)
+    }
+
+    /// Points every `SERVICES` entry of `svc_id` at table words `off` of `size`
+    /// buckets, as one write each (the agent's table switch).
+    pub fn point_at_table(&mut self, svc_id: u32, off: u32, size: u32) -> Result<()> {
+        let mut m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
+        let mine: Vec<(ServiceKey4, ServiceValue)> =
+            m.iter().filter_map(|r| r.ok()).filter(|(k, v)| v.id == svc_id && k.proto != 0).collect();
+        for (k, v) in mine {
+            m.insert(k, ServiceValue { table_off: off, table_size: size, ..v }, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The table of `svc_id` as the helpers last wrote it.
+    pub fn table(&self, svc_id: u32) -> Option<&Table> {
+        self.tables.get(&svc_id).map(|(t, _)| t)
+    }
+
+    /// Re-derives the table of `svc_id` from its slots (1..=`count` when given, else
+    /// all), as the agent would after changing them, and publishes it if it changed.
+    fn retable(&mut self, svc_id: u32, backends: Option<&[(u32, u16)]>) -> Result<()> {
+        let slots: Vec<(u32, BackendValue)> = {
+            let m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
+            let mut v: Vec<(u32, BackendValue)> =
+                m.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.svc_id == svc_id).map(|(k, v)| (k.slot, v)).collect();
+            v.sort_unstable_by_key(|(slot, _)| *slot);
+            v
+        };
+        // Slots as `backends` lists them, else every slot (the lowest slot of a
+        // backend found twice wins).
+        let mut slot_of: StdHashMap<Addr, u32> = StdHashMap::new();
+        for (slot, b) in &slots {
+            let a = (b.addr_be, b.port_be);
+            if backends.is_none_or(|l| (*slot as usize) <= l.len() && l[*slot as usize - 1] == a) {
+                slot_of.entry(a).or_insert(*slot);
+            }
+        }
+        let addrs: Vec<Addr> = slot_of.keys().copied().collect();
+        let table = match self.tables.get(&svc_id) {
+            Some((t, _)) => t.update(&addrs),
+            None => Table::build(&addrs),
+        };
+        let words = table.words(&slot_of).context("a table backend without a slot")?;
+        // Written anew even when the buckets are the same: their slots may have moved.
+        let off = self.put_table_words(&words)?;
+        self.point_at_table(svc_id, off, table.size())?;
+        self.tables.insert(svc_id, (table, off));
+        Ok(())
     }
 
     /// The bpffs directory the maps are pinned in (for `lb_userspace::inspect`).
@@ -121,36 +225,72 @@ impl Datapath {
         HashMap::try_from(self.ebpf.map_mut(name).expect("map in object")).expect("hash map type")
     }
 
-    /// Adds or replaces a frontend and its address marker.
-    pub fn put_service(&mut self, vip: &str, port: u16, proto: u8, value: ServiceValue) -> Result<()> {
+    /// Adds or replaces a frontend and its address marker. A `value` without a table
+    /// gets the one the helpers keep for its service id, if any.
+    pub fn put_service(&mut self, vip: &str, port: u16, proto: u8, mut value: ServiceValue) -> Result<()> {
+        if value.table_size == 0
+            && let Some((t, off)) = self.tables.get(&value.id)
+        {
+            (value.table_off, value.table_size) = (*off, t.size());
+        }
+        self.prefilter_allow(ip(vip), false)?;
         let mut m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
         m.insert(ServiceKey4::new(ip(vip), port.to_be(), proto), value, 0)?;
         m.insert(ServiceKey4::address_marker(ip(vip)), ServiceValue::default(), 0)?;
         Ok(())
     }
 
-    /// Writes slots 1..=n of `svc_id`: (backend id, address, port).
+    /// Writes slots 1..=n of `svc_id`: (backend id, address, port); then its lookup
+    /// table over them, changed from the previous one as the agent changes it.
     pub fn put_backends(&mut self, svc_id: u32, backends: &[(u32, &str, u16)]) -> Result<()> {
-        let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
-        for (i, (id, addr, port)) in backends.iter().enumerate() {
-            let v = BackendValue { backend_id: *id, addr_be: ip(addr), port_be: port.to_be(), _pad: [0; 2] };
-            m.insert(BackendKey { svc_id, slot: i as u32 + 1 }, v, 0)?;
+        let mut listed = Vec::with_capacity(backends.len());
+        let mut replaced = false;
+        {
+            let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
+            for (i, (id, addr, port)) in backends.iter().enumerate() {
+                let v = BackendValue { backend_id: *id, addr_be: ip(addr), port_be: port.to_be(), _pad: [0; 2] };
+                let key = BackendKey { svc_id, slot: i as u32 + 1 };
+                replaced |= m.get(&key, 0).is_ok_and(|old| old.backend_id != *id);
+                m.insert(key, v, 0)?;
+                listed.push((v.addr_be, v.port_be));
+            }
         }
-        Ok(())
+        for (a, _) in &listed {
+            self.prefilter_allow(*a, true)?;
+        }
+        self.retable(svc_id, Some(&listed))?;
+        // A backend overwritten in its slot is a removal.
+        if replaced { self.bump_epoch() } else { Ok(()) }
     }
 
     /// Marks backend `id` of `svc_id` as draining: it exists, takes no new flows.
     pub fn put_draining(&mut self, svc_id: u32, id: u32, addr: &str, port: u16) -> Result<()> {
+        self.prefilter_allow(ip(addr), true)?;
         let mut m = self.hash::<DrainKey, BackendValue>(map_names::DRAINING);
         let v = BackendValue { backend_id: id, addr_be: ip(addr), port_be: port.to_be(), _pad: [0; 2] };
         m.insert(DrainKey { svc_id, backend_id: id }, v, 0)?;
         Ok(())
     }
 
+    /// Deletes a slot, as the agent does after lowering `count`: the table follows the
+    /// slots left (1..=count of the service's entry), and the epoch moves on.
     pub fn remove_backend_slot(&mut self, svc_id: u32, slot: u32) -> Result<()> {
-        let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
-        m.remove(&BackendKey { svc_id, slot })?;
-        Ok(())
+        {
+            let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
+            m.remove(&BackendKey { svc_id, slot })?;
+        }
+        let count = {
+            let m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
+            m.iter().filter_map(|r| r.ok()).find(|(k, v)| v.id == svc_id && k.proto != 0).map(|(_, v)| v.count)
+        };
+        let listed: Option<Vec<(u32, u16)>> = count.map(|n| {
+            let m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
+            (1..=n)
+                .map_while(|slot| m.get(&BackendKey { svc_id, slot }, 0).ok().map(|b| (b.addr_be, b.port_be)))
+                .collect()
+        });
+        self.retable(svc_id, listed.as_deref())?;
+        self.bump_epoch()
     }
 
     pub fn conntrack(&mut self) -> Vec<(CtKey4, CtValue4)> {
@@ -158,7 +298,16 @@ impl Datapath {
         m.iter().filter_map(|r| r.ok()).collect()
     }
 
+    /// Writes a conntrack entry, with the prefilter bits its packets need (the agent
+    /// has them set for every flow it can have created): the ClusterIP and the backend
+    /// of a forward half, the backend of a reply half.
     pub fn put_conntrack(&mut self, key: CtKey4, value: CtValue4) -> Result<()> {
+        if value.dir == CT_DIR_FORWARD {
+            self.prefilter_allow(key.dst_addr_be, false)?;
+            self.prefilter_allow(value.nat_addr_be, true)?;
+        } else {
+            self.prefilter_allow(key.src_addr_be, true)?;
+        }
         self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK).insert(key, value, 0)?;
         Ok(())
     }
@@ -195,6 +344,13 @@ impl Datapath {
         clear(&mut self.hash::<DrainKey, BackendValue>(map_names::DRAINING))?;
         clear(&mut self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY))?;
         clear(&mut self.hash::<FragKey4, FragValue4>(map_names::FRAGS))?;
+        self.tables.clear();
+        let words: Vec<u32> = std::mem::take(&mut self.prefilter).into_keys().collect();
+        let mut m: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::PREFILTER).expect("prefilter map")).expect("array");
+        for i in words {
+            m.set(i, 0, 0)?;
+        }
         self.clear_conntrack()
     }
 

@@ -1022,6 +1022,7 @@ fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
             backend_id,
             slot: 1,
             seen: now.wrapping_sub(lb_common::ct_ticks_for(age)),
+            epoch: 0,
         };
         let (rk, rv) = v.other_half(&k);
         [(k, v), (rk, rv)]
@@ -1086,6 +1087,7 @@ fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -
         backend_id: b.backend_id,
         slot: b.slot,
         seen: conntrack::now_tick(),
+        epoch: 0,
     };
     let mut ct = conntrack::open(bpffs.path())?;
     ct.insert(key, value, 0)?;

@@ -60,7 +60,7 @@ const TCP_BYTES: usize = 4 << 20;
 const UDP_DATAGRAMS: usize = 8;
 
 fn service(id: u32, count: u32) -> ServiceValue {
-    ServiceValue { id, count, affinity_timeout_s: 0, flags: 0, no_backends: NO_BACKENDS_REJECT, _pad: 0 }
+    ServiceValue { id, count, no_backends: NO_BACKENDS_REJECT, ..Default::default() }
 }
 
 /// A datapath attached to a fresh topology. `dp` is declared first so that it is

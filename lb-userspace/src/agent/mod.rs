@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod rpfilter;
 pub mod sync;
+pub mod table;
 
 use std::{
     collections::HashSet,

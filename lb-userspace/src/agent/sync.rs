@@ -41,6 +41,26 @@
 //! with the flows still alive) or [`ORPHAN_MAX_AGE`] releases them. UDP flows never
 //! look in `DRAINING`: the datapath reschedules them, like kube-proxy's flush.
 //!
+//! New flows pick their backend through the frontend's lookup table (see
+//! [`super::table`]): `table_size` u16 slot numbers in the shared `TABLES` array from
+//! word `table_off`, both in the `SERVICES` entry. A changed table is written to fresh
+//! words first ([`Op::PutTable`]), and the `SERVICES` entry that points at them (step
+//! 2 above) publishes it: one map update, so a packet reads the old table or the new
+//! one, never a mix. The new table's slots are written before it (step 1), and the
+//! old table's words are reused only after [`TABLE_QUARANTINE`], long after any packet
+//! that read the old entry has finished.
+//!
+//! Conntrack hits skip looking their backend up while the epoch (`IdState::epoch`,
+//! in `IDS`) is the one they last found it under. So every sync that removes a backend
+//! from a service's slots (or overwrites its slot) or from `DRAINING` writes a bumped
+//! epoch after all its removals ([`Op::PutIds`]); the first sync of every agent bumps
+//! it too, in case its predecessor died between a removal and the bump.
+//!
+//! The prefilter bitmaps (`PREFILTER`: ClusterIPs, backend addresses) let traffic that
+//! is for no service skip every hash lookup. Bits for the addresses a sync will need
+//! are set before its first other write, and bits no address needs any more are
+//! cleared after its last.
+//!
 //! Ids survive restarts: the allocators' state ([`IdState`]: the service id cursor and
 //! the next backend id) is kept in the pinned `IDS` map, written ([`Op::PutIds`]) at
 //! the head of every batch of writes that uses an id issued since the last write, so
@@ -54,14 +74,25 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use lb_common::{
-    BackendKey, BackendValue, Counter, DrainKey, IdState, SVC_F_AFFINITY, ServiceKey4, ServiceValue, ct_timeouts,
+    BackendKey, BackendValue, Counter, DrainKey, IdState, PREFILTER_WORDS, SVC_F_AFFINITY, ServiceKey4, ServiceValue,
+    ct_timeouts, prefilter_word,
 };
 
-use super::model::{Desired, Frontend, FrontendKey};
+use super::{
+    model::{Desired, Frontend, FrontendKey},
+    table::{Addr, Table},
+};
+
+/// How long the words of a replaced or deleted table stay unused before they may hold
+/// another table: a packet that read the `SERVICES` entry pointing at them finishes
+/// within microseconds (BPF programs run under RCU and do not sleep).
+pub const TABLE_QUARANTINE: Duration = Duration::from_secs(2);
 
 /// One map write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutService(ServiceKey4, ServiceValue),
     DeleteService(ServiceKey4),
@@ -72,8 +103,13 @@ pub enum Op {
     /// Zero the `SVC_STATS` counters of a freshly allocated service id.
     ResetStats(u32),
     /// Persist the id allocators (`IDS`, index 0). Comes first in a batch that uses a
-    /// newly issued id.
+    /// newly issued id, and after the removals of a sync with a bumped epoch.
     PutIds(IdState),
+    /// Write `TABLES` words from the first: a lookup table no `SERVICES` entry points
+    /// at yet.
+    PutTable(u32, Arc<[u64]>),
+    /// Write one `PREFILTER` word.
+    PutPrefilter(u32, u64),
 }
 
 impl fmt::Display for Op {
@@ -101,9 +137,13 @@ impl fmt::Display for Op {
             ),
             Op::DeleteDraining(k) => write!(f, "delete draining {}/id {}", k.svc_id, k.backend_id),
             Op::ResetStats(id) => write!(f, "reset stats of service {id}"),
-            Op::PutIds(s) => {
-                write!(f, "put ids: next service id {}, next backend id {}", s.next_svc_id, s.next_backend_id)
-            }
+            Op::PutIds(s) => write!(
+                f,
+                "put ids: next service id {}, next backend id {}, epoch {}",
+                s.next_svc_id, s.next_backend_id, s.epoch
+            ),
+            Op::PutTable(off, words) => write!(f, "put table words {off}..{}", *off as usize + words.len()),
+            Op::PutPrefilter(i, w) => write!(f, "put prefilter word {i} = {w:#x}"),
         }
     }
 }
@@ -131,6 +171,8 @@ pub enum SyncError {
     OutOfServiceIds { limit: u32 },
     #[error("out of backend ids (u32 exhausted); restart the agent with `--cleanup` first")]
     OutOfBackendIds,
+    #[error("TABLES is full: no {words} free words for a lookup table ({free} free of {limit}); raise --max-table-words")]
+    OutOfTableSpace { words: u32, free: u32, limit: u32 },
 }
 
 /// What one sync wrote.
@@ -144,6 +186,9 @@ pub struct SyncStats {
     pub draining_deleted: usize,
     /// `IDS` writes.
     pub ids_put: usize,
+    /// `TABLES` writes (one per table) and `PREFILTER` words written.
+    pub tables_put: usize,
+    pub prefilter_put: usize,
     pub frontends: usize,
     pub endpoints: usize,
 }
@@ -157,6 +202,8 @@ impl SyncStats {
             + self.draining_put
             + self.draining_deleted
             + self.ids_put
+            + self.tables_put
+            + self.prefilter_put
     }
 }
 
@@ -169,6 +216,88 @@ pub struct Shadow {
     pub slots: HashMap<u32, BTreeMap<u32, BackendValue>>,
     /// Draining backends by service id, then backend id.
     pub draining: HashMap<u32, BTreeMap<u32, BackendValue>>,
+    /// The lookup table each service id's `SERVICES` entry points at.
+    pub tables: HashMap<u32, Table>,
+    /// `PREFILTER` as written.
+    pub prefilter: Vec<u64>,
+}
+
+/// Where the lookup tables live in `TABLES`: free ranges of words, and the ranges of
+/// replaced tables waiting out [`TABLE_QUARANTINE`].
+#[derive(Clone, Debug)]
+struct TableSpace {
+    limit: u32,
+    /// Start -> length.
+    free: BTreeMap<u32, u32>,
+    quarantined: Vec<(Instant, u32, u32)>,
+}
+
+impl TableSpace {
+    fn new(limit: u32) -> Self {
+        Self { limit, free: if limit > 0 { BTreeMap::from([(0, limit)]) } else { BTreeMap::new() }, quarantined: vec![] }
+    }
+
+    fn free_words(&self) -> u32 {
+        self.free.values().sum::<u32>() + self.quarantined.iter().map(|q| q.2).sum::<u32>()
+    }
+
+    /// Marks `off..off+len` used (a table found in the maps after a restart).
+    fn take(&mut self, off: u32, len: u32) -> bool {
+        let Some((&start, &flen)) = self.free.range(..=off).next_back() else { return false };
+        if off + len > start + flen {
+            return false;
+        }
+        self.free.remove(&start);
+        if off > start {
+            self.free.insert(start, off - start);
+        }
+        if start + flen > off + len {
+            self.free.insert(off + len, start + flen - off - len);
+        }
+        true
+    }
+
+    /// First fit, after giving back what has waited out its quarantine.
+    fn alloc(&mut self, len: u32, now: Instant) -> Result<u32, SyncError> {
+        let (done, wait): (Vec<_>, Vec<_>) =
+            self.quarantined.drain(..).partition(|(at, _, _)| now.saturating_duration_since(*at) >= TABLE_QUARANTINE);
+        self.quarantined = wait;
+        for (_, off, l) in done {
+            self.release_now(off, l);
+        }
+        let found = self.free.iter().find(|(_, l)| **l >= len).map(|(o, _)| *o);
+        let Some(off) = found else {
+            return Err(SyncError::OutOfTableSpace { words: len, free: self.free_words(), limit: self.limit });
+        };
+        self.take(off, len);
+        Ok(off)
+    }
+
+    /// Frees words no `SERVICES` entry ever pointed at.
+    fn release_now(&mut self, off: u32, len: u32) {
+        let (mut off, mut len) = (off, len);
+        if let Some((&p, &pl)) = self.free.range(..off).next_back()
+            && p + pl == off
+        {
+            self.free.remove(&p);
+            off = p;
+            len += pl;
+        }
+        if let Some(nl) = self.free.remove(&(off + len)) {
+            len += nl;
+        }
+        self.free.insert(off, len);
+    }
+
+    /// Frees the words of a table that was published, after the quarantine.
+    fn release(&mut self, off: u32, len: u32, now: Instant) {
+        self.quarantined.push((now, off, len));
+    }
+}
+
+/// `TABLES` words a table of `size` buckets takes.
+fn words_for(size: u32) -> u32 {
+    size.div_ceil(lb_common::TABLE_LANES)
 }
 
 fn is_marker(k: &ServiceKey4) -> bool {
@@ -297,17 +426,34 @@ pub struct Syncer {
     /// Service ids that no frontend owns but whose `DRAINING` entries are kept for the
     /// established flows of their deleted frontend, with when they were orphaned.
     orphans: BTreeMap<u32, Instant>,
+    space: TableSpace,
+    /// The backend epoch as last written (or read).
+    epoch: u32,
+    /// A backend has been removed since the epoch was last bumped (or this syncer is
+    /// new: its predecessor may have died between a removal and the bump).
+    removed: bool,
+    /// Tables written ([`Op::PutTable`]) but not yet published, by first word.
+    pending_tables: HashMap<u32, Table>,
 }
 
 impl Syncer {
     /// A syncer for empty maps. `svc_id_limit` is `SVC_STATS`' `max_entries`.
     pub fn new(svc_id_limit: u32) -> Self {
+        Self::with_table_words(svc_id_limit, lb_common::limits::TABLE_WORDS)
+    }
+
+    /// [`Syncer::new`] for a `TABLES` of `table_words` words.
+    pub fn with_table_words(svc_id_limit: u32, table_words: u32) -> Self {
         Self {
-            shadow: Shadow::default(),
+            shadow: Shadow { prefilter: vec![0; PREFILTER_WORDS as usize], ..Default::default() },
             svc_ids: ServiceIds::new(svc_id_limit),
             backend_ids: BackendIds { next: 1, live: HashMap::new(), retired: HashMap::new(), pending: Vec::new() },
             persisted: IdState::default(),
             orphans: BTreeMap::new(),
+            space: TableSpace::new(table_words),
+            epoch: 0,
+            removed: true,
+            pending_tables: HashMap::new(),
         }
     }
 
@@ -322,14 +468,22 @@ impl Syncer {
     ///
     /// `DRAINING` entries (and slots) of service ids that no frontend owns are
     /// orphans of deleted frontends: kept, and aged from now.
+    ///
+    /// `tables` reads `TABLES` words (offset, count); a frontend whose table does not
+    /// read back (it names an empty slot, or overlaps another) gets a new one on the
+    /// next sync. `prefilter` is what `PREFILTER` holds.
+    #[expect(clippy::too_many_arguments, reason = "one argument per map")]
     pub fn from_maps(
         services: impl IntoIterator<Item = (ServiceKey4, ServiceValue)>,
         backends: impl IntoIterator<Item = (BackendKey, BackendValue)>,
         draining: impl IntoIterator<Item = (DrainKey, BackendValue)>,
         ids: IdState,
         svc_id_limit: u32,
+        table_words: u32,
+        tables: impl Fn(u32, u32) -> Vec<u64>,
+        prefilter: Vec<u64>,
     ) -> Self {
-        let mut s = Self::new(svc_id_limit);
+        let mut s = Self::with_table_words(svc_id_limit, table_words);
         let mut max_svc = 0;
         for (k, v) in services {
             if !is_marker(&k) {
@@ -368,12 +522,106 @@ impl Syncer {
         };
         s.backend_ids.next = ids.next_backend_id.max(max_backend.saturating_add(1)).max(1);
         s.persisted = ids;
+        s.epoch = ids.epoch;
+        let mut fronts: Vec<(u32, ServiceValue)> = s
+            .shadow
+            .services
+            .iter()
+            .filter(|(k, v)| !is_marker(k) && v.table_size > 0)
+            .map(|(_, v)| (v.id, *v))
+            .collect();
+        fronts.sort_unstable_by_key(|(id, _)| *id);
+        for (id, v) in fronts {
+            let len = words_for(v.table_size);
+            let slots = s.shadow.slots.get(&id);
+            let table = Table::from_words(&tables(v.table_off, len), v.table_size, |slot| {
+                slots.and_then(|m| m.get(&slot)).filter(|_| slot <= v.count).map(|b| (b.addr_be, b.port_be))
+            });
+            // A table that does not read back stays allocated (its entry points at it)
+            // but unknown: the next sync replaces it.
+            if s.space.take(v.table_off, len)
+                && let Some(t) = table
+            {
+                s.shadow.tables.insert(id, t);
+            }
+        }
+        if prefilter.len() == PREFILTER_WORDS as usize {
+            s.shadow.prefilter = prefilter;
+        }
         s
     }
 
     /// What `IDS` should hold.
     fn id_state(&self) -> IdState {
-        IdState { next_svc_id: self.svc_ids.cursor, next_backend_id: self.backend_ids.next }
+        IdState { next_svc_id: self.svc_ids.cursor, next_backend_id: self.backend_ids.next, epoch: self.epoch, _pad: 0 }
+    }
+
+    /// The epoch as last written.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// `PREFILTER` words as the addresses of the shadow (and `extra`) need them.
+    fn prefilter_words(&self, extra: Option<&Desired>) -> Vec<u64> {
+        let mut w = vec![0u64; PREFILTER_WORDS as usize];
+        let mut set = |addr_be: u32, backend: bool| {
+            let (i, mask) = prefilter_word(addr_be, backend);
+            w[i as usize] |= mask;
+        };
+        for k in self.shadow.services.keys() {
+            set(k.addr_be, false);
+        }
+        for b in self.shadow.slots.values().chain(self.shadow.draining.values()).flat_map(|m| m.values()) {
+            set(b.addr_be, true);
+        }
+        if let Some(d) = extra {
+            for (k, fe) in &d.frontends {
+                set(k.map_key().addr_be, false);
+                for b in fe.backends.iter().chain(&fe.draining) {
+                    set(u32::from_ne_bytes(b.ip.octets()), true);
+                }
+            }
+        }
+        w
+    }
+
+    /// Writes the prefilter words that differ from `want` (`set_only`: only adding
+    /// bits).
+    fn write_prefilter<W: MapWriter>(
+        &mut self,
+        want: &[u64],
+        set_only: bool,
+        w: &mut W,
+        stats: &mut SyncStats,
+        now: Instant,
+    ) -> Result<(), SyncError> {
+        let mut ops: Vec<Op> = want
+            .iter()
+            .zip(&self.shadow.prefilter)
+            .enumerate()
+            .filter_map(|(i, (want, cur))| {
+                let next = if set_only { cur | want } else { *want };
+                (next != *cur).then_some(Op::PutPrefilter(i as u32, next))
+            })
+            .collect();
+        self.apply(w, &mut ops, stats, now)
+    }
+
+    /// The end of every batch of writes: bits no address needs go, and after a
+    /// removal the epoch moves on.
+    fn finish<W: MapWriter>(&mut self, w: &mut W, stats: &mut SyncStats, now: Instant) -> Result<(), SyncError> {
+        let want = self.prefilter_words(None);
+        self.write_prefilter(&want, false, w, stats, now)?;
+        if self.removed {
+            let ids = IdState { epoch: self.epoch.wrapping_add(1), ..self.id_state() };
+            let op = Op::PutIds(ids);
+            w.apply(&op).map_err(|source| SyncError::Write { op: op.to_string(), source })?;
+            self.persisted = ids;
+            self.epoch = ids.epoch;
+            self.removed = false;
+            stats.ids_put += 1;
+        }
+        Ok(())
     }
 
     /// Service ids of the frontends.
@@ -409,7 +657,7 @@ impl Syncer {
     ) -> Result<SyncStats, SyncError> {
         let now = Instant::now();
         let mut stats = SyncStats::default();
-        let res = self.release_orphans_at(Some(live), w, &mut stats, now);
+        let res = self.release_orphans_at(Some(live), w, &mut stats, now).and_then(|()| self.finish(w, &mut stats, now));
         self.backend_ids.end_sync(now);
         res.map(|()| stats)
     }
@@ -515,6 +763,9 @@ impl Syncer {
             SyncStats { frontends: desired.frontends.len(), endpoints: desired.endpoint_count(), ..Default::default() };
         let wanted: HashMap<ServiceKey4, &FrontendKey> = desired.frontends.keys().map(|k| (k.map_key(), k)).collect();
         let mut ops = Vec::new();
+        // 0. Prefilter bits for every address this sync may write, before it does.
+        let want = self.prefilter_words(Some(desired));
+        self.write_prefilter(&want, true, w, &mut stats, now)?;
 
         // 1. Frontends that are gone, first, which also makes room in the maps. Their
         //    established flows go on (see the module doc).
@@ -577,6 +828,8 @@ impl Syncer {
             }
         }
         self.apply(w, &mut ops, &mut stats, now)?;
+        // 4. Prefilter bits nothing needs any more, and the epoch after removals.
+        self.finish(w, &mut stats, now)?;
         Ok(stats)
     }
 
@@ -592,15 +845,57 @@ impl Syncer {
         stats: &mut SyncStats,
         now: Instant,
     ) -> Result<(), SyncError> {
+        let limit = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
+        let capped;
+        let fe = if fe.backends.len() > limit {
+            tracing::warn!(
+                service = %fe.service,
+                backends = fe.backends.len(),
+                limit,
+                "more ready endpoints than the datapath's per-service limit; only the first {limit} (by address) get new connections"
+            );
+            capped = Frontend { backends: fe.backends.iter().take(limit).cloned().collect(), ..fe.clone() };
+            &capped
+        } else {
+            fe
+        };
         let mut ops = Vec::new();
         let keep = self.put_draining_ops(id, fe, &mut ops)?;
-        match cur {
-            Some(cur) => self.plan_update(key, cur, fe, &mut ops)?,
-            None => self.plan_new(key, id, fe, &mut ops)?,
+        let planned = match cur {
+            Some(cur) => self.plan_update(key, cur, fe, &mut ops, now),
+            None => self.plan_new(key, id, fe, &mut ops, now),
+        };
+        let res = planned.and_then(|()| {
+            // Under a new id these are leftovers (should not happen; be safe).
+            self.delete_draining_ops(id, &keep, &mut ops);
+            self.apply(w, &mut ops, stats, now)
+        });
+        // Tables written but never published (a write failed before the entry): their
+        // words are free again at once, as no packet can have read them.
+        for (off, t) in std::mem::take(&mut self.pending_tables) {
+            self.space.release_now(off, words_for(t.size()));
         }
-        // Under a new id these are leftovers (should not happen; be safe).
-        self.delete_draining_ops(id, &keep, &mut ops);
-        self.apply(w, &mut ops, stats, now)
+        res
+    }
+
+    /// Allocates words for `table` (whose backends sit in the slots `slot_of` says)
+    /// and plans their write; returns the `SERVICES` fields that point at it.
+    fn plan_table(
+        &mut self,
+        table: Table,
+        slot_of: &HashMap<Addr, u32>,
+        ops: &mut Vec<Op>,
+        now: Instant,
+    ) -> Result<(u32, u32), SyncError> {
+        if table.buckets.is_empty() {
+            return Ok((0, 0));
+        }
+        let words = table.words(slot_of).expect("every backend of a planned table has a slot below 2^16");
+        let off = self.space.alloc(words.len() as u32, now)?;
+        ops.push(Op::PutTable(off, words.into()));
+        let size = table.size();
+        self.pending_tables.insert(off, table);
+        Ok((off, size))
     }
 
     fn id_in_use(&self, id: u32) -> bool {
@@ -644,7 +939,7 @@ impl Syncer {
         }
     }
 
-    fn service_value(id: u32, count: u32, fe: &Frontend) -> ServiceValue {
+    fn service_value(id: u32, count: u32, fe: &Frontend, (table_off, table_size): (u32, u32)) -> ServiceValue {
         ServiceValue {
             id,
             count,
@@ -652,6 +947,8 @@ impl Syncer {
             flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
             no_backends: fe.no_endpoints.map_value(),
             _pad: 0,
+            table_off,
+            table_size,
         }
     }
 
@@ -661,7 +958,14 @@ impl Syncer {
         Ok(BackendValue { backend_id: self.backend_ids.id_for(addr_be, port_be)?, addr_be, port_be, _pad: [0; 2] })
     }
 
-    fn plan_new(&mut self, key: ServiceKey4, id: u32, fe: &Frontend, ops: &mut Vec<Op>) -> Result<(), SyncError> {
+    fn plan_new(
+        &mut self,
+        key: ServiceKey4,
+        id: u32,
+        fe: &Frontend,
+        ops: &mut Vec<Op>,
+        now: Instant,
+    ) -> Result<(), SyncError> {
         ops.push(Op::ResetStats(id));
         // Leftover slots under a reused id (should not happen; be safe).
         self.delete_slots_ops(id, 0, ops);
@@ -670,11 +974,16 @@ impl Syncer {
             ops.push(Op::PutService(marker, ServiceValue::default()));
         }
         let mut n = 0;
+        let mut slot_of = HashMap::with_capacity(fe.backends.len());
         for b in &fe.backends {
             n += 1;
-            ops.push(Op::PutBackend(BackendKey { svc_id: id, slot: n }, self.backend_value(b)?));
+            let v = self.backend_value(b)?;
+            slot_of.insert((v.addr_be, v.port_be), n);
+            ops.push(Op::PutBackend(BackendKey { svc_id: id, slot: n }, v));
         }
-        ops.push(Op::PutService(key, Self::service_value(id, n, fe)));
+        let addrs: Vec<Addr> = slot_of.keys().copied().collect();
+        let table = self.plan_table(Table::build(&addrs), &slot_of, ops, now)?;
+        ops.push(Op::PutService(key, Self::service_value(id, n, fe, table)));
         Ok(())
     }
 
@@ -684,6 +993,7 @@ impl Syncer {
         cur: ServiceValue,
         fe: &Frontend,
         ops: &mut Vec<Op>,
+        now: Instant,
     ) -> Result<(), SyncError> {
         let id = cur.id;
         let want: HashSet<(u32, u16)> =
@@ -697,7 +1007,15 @@ impl Syncer {
         let unchanged = n == old_count
             && slots.len() as u32 == n
             && (1..=n).all(|p| slots.get(&p).is_some_and(|b| want.contains(&(b.addr_be, b.port_be))));
-        if !unchanged {
+        let mut table = (cur.table_off, cur.table_size);
+        if unchanged && (n == 0 || self.shadow.tables.contains_key(&id)) {
+            // Same backends in the same slots: the table stands.
+        } else if unchanged {
+            // The table did not read back after a restart: a new one.
+            let slot_of: HashMap<Addr, u32> = slots.iter().map(|(p, b)| ((b.addr_be, b.port_be), *p)).collect();
+            let addrs: Vec<Addr> = slot_of.keys().copied().collect();
+            table = self.plan_table(Table::build(&addrs), &slot_of, ops, now)?;
+        } else {
             let mut layout: Vec<Option<BackendValue>> = vec![None; n as usize];
             let mut placed: HashSet<(u32, u16)> = HashSet::with_capacity(n as usize);
             // Backends that stay, in a slot that stays: untouched.
@@ -729,16 +1047,24 @@ impl Syncer {
                 *slot = it.next();
             }
             let slots = self.shadow.slots.get(&id).unwrap_or(&empty);
+            let mut slot_of = HashMap::with_capacity(layout.len());
             for (i, v) in layout.iter().enumerate() {
                 let p = i as u32 + 1;
-                if let Some(v) = v
-                    && slots.get(&p) != Some(v)
-                {
-                    ops.push(Op::PutBackend(BackendKey { svc_id: id, slot: p }, *v));
+                if let Some(v) = v {
+                    slot_of.insert((v.addr_be, v.port_be), p);
+                    if slots.get(&p) != Some(v) {
+                        ops.push(Op::PutBackend(BackendKey { svc_id: id, slot: p }, *v));
+                    }
                 }
             }
+            let addrs: Vec<Addr> = slot_of.keys().copied().collect();
+            let next = match self.shadow.tables.get(&id) {
+                Some(t) => t.update(&addrs),
+                None => Table::build(&addrs),
+            };
+            table = self.plan_table(next, &slot_of, ops, now)?;
         }
-        let value = Self::service_value(id, n, fe);
+        let value = Self::service_value(id, n, fe, table);
         if value != cur {
             ops.push(Op::PutService(key, value));
         }
@@ -757,7 +1083,9 @@ impl Syncer {
         now: Instant,
     ) -> Result<(), SyncError> {
         let ids = self.id_state();
-        if !ops.is_empty() && ids != self.persisted {
+        // Prefilter bits use no id.
+        let uses_ids = ops.iter().any(|o| !matches!(o, Op::PutPrefilter(..)));
+        if uses_ids && ids != self.persisted {
             let op = Op::PutIds(ids);
             if let Err(source) = w.apply(&op) {
                 ops.clear();
@@ -770,16 +1098,23 @@ impl Syncer {
             w.apply(&op).map_err(|source| SyncError::Write { op: op.to_string(), source })?;
             match op {
                 Op::PutService(k, v) => {
-                    self.shadow.services.insert(k, v);
+                    let old = self.shadow.services.insert(k, v);
+                    if !is_marker(&k) {
+                        self.published(old, Some(v), now);
+                    }
                     stats.services_put += 1;
                 }
                 Op::DeleteService(k) => {
-                    self.shadow.services.remove(&k);
+                    let old = self.shadow.services.remove(&k);
+                    if !is_marker(&k) {
+                        self.published(old, None, now);
+                    }
                     stats.services_deleted += 1;
                 }
                 Op::PutBackend(k, v) => {
                     self.backend_ids.incref(&v);
                     if let Some(old) = self.shadow.slots.entry(k.svc_id).or_default().insert(k.slot, v) {
+                        self.removed |= old.backend_id != v.backend_id;
                         self.backend_ids.decref(&old, now);
                     }
                     stats.backends_put += 1;
@@ -787,6 +1122,7 @@ impl Syncer {
                 Op::DeleteBackend(k) => {
                     if let Some(slots) = self.shadow.slots.get_mut(&k.svc_id) {
                         if let Some(old) = slots.remove(&k.slot) {
+                            self.removed = true;
                             self.backend_ids.decref(&old, now);
                         }
                         if slots.is_empty() {
@@ -805,6 +1141,7 @@ impl Syncer {
                 Op::DeleteDraining(k) => {
                     if let Some(d) = self.shadow.draining.get_mut(&k.svc_id) {
                         if let Some(old) = d.remove(&k.backend_id) {
+                            self.removed = true;
                             self.backend_ids.decref(&old, now);
                         }
                         if d.is_empty() {
@@ -818,9 +1155,37 @@ impl Syncer {
                     self.persisted = s;
                     stats.ids_put += 1;
                 }
+                Op::PutTable(..) => stats.tables_put += 1,
+                Op::PutPrefilter(i, v) => {
+                    if let Some(word) = self.shadow.prefilter.get_mut(i as usize) {
+                        *word = v;
+                    }
+                    stats.prefilter_put += 1;
+                }
             }
         }
         Ok(())
+    }
+
+    /// A frontend's `SERVICES` entry went from `old` to `new`: the table it now points
+    /// at is the shadow's, and the words of the one it pointed at before are released.
+    fn published(&mut self, old: Option<ServiceValue>, new: Option<ServiceValue>, now: Instant) {
+        let at = |v: &ServiceValue| (v.table_size > 0).then_some((v.table_off, v.table_size));
+        let (old_t, new_t) = (old.as_ref().and_then(at), new.as_ref().and_then(at));
+        if old_t == new_t {
+            return;
+        }
+        if let Some((off, size)) = old_t {
+            self.space.release(off, words_for(size), now);
+            if let Some(o) = &old {
+                self.shadow.tables.remove(&o.id);
+            }
+        }
+        if let (Some(v), Some((off, _))) = (new, new_t)
+            && let Some(t) = self.pending_tables.remove(&off)
+        {
+            self.shadow.tables.insert(v.id, t);
+        }
     }
 }
 
@@ -835,6 +1200,8 @@ pub struct BpfMaps {
     pub draining: aya::maps::HashMap<aya::maps::MapData, DrainKey, BackendValue>,
     pub svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     pub ids: aya::maps::Array<aya::maps::MapData, IdState>,
+    pub tables: aya::maps::Array<aya::maps::MapData, u64>,
+    pub prefilter: aya::maps::Array<aya::maps::MapData, u64>,
     nr_cpus: usize,
 }
 
@@ -866,7 +1233,15 @@ impl BpfMaps {
             let path = pin_dir.join(name);
             aya::maps::MapData::from_pin(&path).map_err(|source| MapsError::Open { path, source })
         };
-        Self::from_data(open(n::SERVICES)?, open(n::BACKENDS)?, open(n::DRAINING)?, open(n::SVC_STATS)?, open(n::IDS)?)
+        Self::from_data([
+            open(n::SERVICES)?,
+            open(n::BACKENDS)?,
+            open(n::DRAINING)?,
+            open(n::SVC_STATS)?,
+            open(n::IDS)?,
+            open(n::TABLES)?,
+            open(n::PREFILTER)?,
+        ])
     }
 
     /// New handles on the maps of a loaded datapath (they stay usable by it).
@@ -878,16 +1253,20 @@ impl BpfMaps {
             let id = data.info().map_err(|source| MapsError::Type { name, source })?.id();
             aya::maps::MapData::from_id(id).map_err(|source| MapsError::Type { name, source })
         };
-        Self::from_data(dup(n::SERVICES)?, dup(n::BACKENDS)?, dup(n::DRAINING)?, dup(n::SVC_STATS)?, dup(n::IDS)?)
+        Self::from_data([
+            dup(n::SERVICES)?,
+            dup(n::BACKENDS)?,
+            dup(n::DRAINING)?,
+            dup(n::SVC_STATS)?,
+            dup(n::IDS)?,
+            dup(n::TABLES)?,
+            dup(n::PREFILTER)?,
+        ])
     }
 
-    fn from_data(
-        services: aya::maps::MapData,
-        backends: aya::maps::MapData,
-        draining: aya::maps::MapData,
-        svc_stats: aya::maps::MapData,
-        ids: aya::maps::MapData,
-    ) -> Result<Self, MapsError> {
+    /// The maps in the order `open` and `from_ebpf` list them.
+    fn from_data(maps: [aya::maps::MapData; 7]) -> Result<Self, MapsError> {
+        let [services, backends, draining, svc_stats, ids, tables, prefilter] = maps;
         use aya::maps::Map;
         use lb_common::map_names as n;
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Cpus(e))?;
@@ -905,6 +1284,10 @@ impl BpfMaps {
                 .try_into()
                 .map_err(|source| MapsError::Type { name: n::SVC_STATS, source })?,
             ids: Map::Array(ids).try_into().map_err(|source| MapsError::Type { name: n::IDS, source })?,
+            tables: Map::Array(tables).try_into().map_err(|source| MapsError::Type { name: n::TABLES, source })?,
+            prefilter: Map::Array(prefilter)
+                .try_into()
+                .map_err(|source| MapsError::Type { name: n::PREFILTER, source })?,
             nr_cpus,
         })
     }
@@ -930,10 +1313,25 @@ impl BpfMaps {
         self.ids.get(&0, 0).unwrap_or_default()
     }
 
+    /// `TABLES` words `off..off+len` (zero where unreadable).
+    pub fn read_table(&self, off: u32, len: u32) -> Vec<u64> {
+        (off..off.saturating_add(len)).map(|i| self.tables.get(&i, 0).unwrap_or(0)).collect()
+    }
+
     /// A syncer whose shadow and id allocators are what the maps hold now.
     pub fn reconcile(&self) -> Syncer {
         let (s, b) = self.read_all();
-        Syncer::from_maps(s, b, self.read_draining(), self.read_ids(), self.svc_id_limit())
+        let prefilter = (0..self.prefilter.len()).map(|i| self.prefilter.get(&i, 0).unwrap_or(0)).collect();
+        Syncer::from_maps(
+            s,
+            b,
+            self.read_draining(),
+            self.read_ids(),
+            self.svc_id_limit(),
+            self.tables.len(),
+            |off, len| self.read_table(off, len),
+            prefilter,
+        )
     }
 
     /// Packets and bytes of one service id, summed over CPUs.
@@ -980,6 +1378,12 @@ impl MapWriter for BpfMaps {
                 }
             }
             Op::PutIds(s) => self.ids.set(0, s, 0)?,
+            Op::PutTable(off, words) => {
+                for (i, word) in words.iter().enumerate() {
+                    self.tables.set(off + i as u32, word, 0)?;
+                }
+            }
+            Op::PutPrefilter(i, w) => self.prefilter.set(*i, w, 0)?,
         }
         Ok(())
     }

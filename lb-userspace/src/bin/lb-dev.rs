@@ -231,7 +231,7 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
             dp.put_backends(id, &be)?;
         }
         eprintln!("  loaded {n} services x {backends} backends in {:.1} s", t0.elapsed().as_secs_f64());
-        add_return_services(&mut dp, client, target, target_id(n, scales), backends, n + 1)?;
+        add_return_services(&mut dp, target, target_id(n, scales), backends, n + 1)?;
         let bypass = dp.load_sharing_maps(true)?;
         let floor_ns = floor_ns(&floor, &hit, repeat, rounds)?;
         let mut push = |case: &str, hook: Option<Hook>, ns: u64| {
@@ -333,49 +333,27 @@ fn target_id(_n: u32, scales: &[u32]) -> u32 {
 /// BPF_PROG_TEST_RUN reruns the program on the packet as the previous repetition left
 /// it, so a DNAT'd packet would be "non-service" from the second repetition on. Make
 /// the rewrite a cycle instead: for every backend B of the target service, a service
-/// B:8080 whose rendezvous choice for the benchmark flows is the ClusterIP:80 again
-/// (with `backends` backends too, found by search with the host-side reference). Every
-/// repetition is then a real lookup, selection and rewrite.
-fn add_return_services(
-    dp: &mut Datapath,
-    client: [u8; 4],
-    vip: [u8; 4],
-    vip_id: u32,
-    backends: u32,
-    first_id: u32,
-) -> Result<()> {
-    use lb_common::hash;
+/// B:8080 with `backends` backends, the first of them the ClusterIP:80, whose table
+/// (of the size the agent gives `backends` backends) sends every bucket to it. Every
+/// repetition is then a real lookup, table read and rewrite.
+fn add_return_services(dp: &mut Datapath, vip: [u8; 4], vip_id: u32, backends: u32, first_id: u32) -> Result<()> {
     let be_addr = |b: u32| [10, 128 + b as u8, ((vip_id - 1) >> 8) as u8, (vip_id - 1) as u8];
-    let ip = |a: [u8; 4]| u32::from_ne_bytes(a);
     for b in 0..backends {
         let back = be_addr(b);
         let id = first_id + b;
-        let flows: Vec<u32> = [40000u16, 40001]
-            .iter()
-            .map(|p| hash::flow_hash(ip(client), ip(back), p.to_be(), 8080u16.to_be(), IPPROTO_TCP))
-            .collect();
-        // Fillers that score below the ClusterIP for both flows, so it wins both.
-        let port = 8080u16.to_be();
-        let vip_scores: Vec<u32> = flows.iter().map(|f| hash::hrw_score(*f, ip(vip), 80u16.to_be())).collect();
-        let mut set = vec![(ip(vip), 80u16.to_be())];
-        let mut salt = 0u32;
-        while set.len() < backends as usize {
-            let cand = ip([10, 200 + (salt >> 16) as u8, (salt >> 8) as u8, salt as u8]);
-            if flows.iter().zip(&vip_scores).all(|(f, v)| hash::hrw_score(*f, cand, port) < *v) {
-                set.push((cand, port));
-            }
-            salt += 1;
-            anyhow::ensure!(salt < 1 << 22, "no return backend set found");
-        }
-        anyhow::ensure!(flows.iter().all(|f| hash::pick(*f, &set) == Some(0)), "return set does not cycle");
-        let set: Vec<(u32, String, u16)> = set
-            .iter()
-            .enumerate()
-            .map(|(k, (a, p))| (id * 64 + k as u32, addr(a.to_ne_bytes()), u16::from_be(*p)))
+        let set: Vec<(u32, String, u16)> = (0..backends)
+            .map(|k| match k {
+                0 => (id * 64, addr(vip), 80),
+                k => (id * 64 + k, addr([10, 200 + (k >> 16) as u8, (k >> 8) as u8, k as u8]), 8080),
+            })
             .collect();
         let set: Vec<(u32, &str, u16)> = set.iter().map(|(i, a, p)| (*i, a.as_str(), *p)).collect();
         dp.put_service(&addr(back), 8080, IPPROTO_TCP, ServiceValue { id, count: backends, ..Default::default() })?;
         dp.put_backends(id, &set)?;
+        let size = dp.table(id).context("return service without a table")?.size();
+        let words = vec![0x0001_0001_0001_0001u64; size.div_ceil(lb_common::TABLE_LANES) as usize];
+        let off = dp.put_table_words(&words)?;
+        dp.point_at_table(id, off, size)?;
     }
     Ok(())
 }

@@ -19,6 +19,8 @@ struct FakeMaps {
     backends: HashMap<BackendKey, BackendValue>,
     draining: HashMap<DrainKey, BackendValue>,
     ids: IdState,
+    tables: HashMap<u32, u64>,
+    prefilter: HashMap<u32, u64>,
     sticky: Vec<(ServiceKey4, (u32, u16))>,
     /// (frontend, its service id, backend as it was in the maps before the sync).
     reachable: Vec<(ServiceKey4, u32, BackendValue)>,
@@ -41,6 +43,37 @@ impl FakeMaps {
                 if !self.backends.contains_key(&BackendKey { svc_id: v.id, slot }) {
                     return Err(format!("frontend {} count {} but slot {slot} is empty", fmt_key(k), v.count));
                 }
+            }
+            // Every bucket of the table the entry points at names a slot in 1..=count
+            // that holds a backend: a new flow never finds an empty bucket.
+            if v.count > 0 && v.table_size == 0 {
+                return Err(format!("frontend {} has backends but no table", fmt_key(k)));
+            }
+            for b in 0..v.table_size {
+                let word = self.tables.get(&(v.table_off + b / 4)).copied().unwrap_or(0);
+                let slot = u32::from((word >> (16 * (b % 4))) as u16);
+                if slot == 0 || slot > v.count || !self.backends.contains_key(&BackendKey { svc_id: v.id, slot }) {
+                    return Err(format!("frontend {}: bucket {b} names slot {slot} of {}", fmt_key(k), v.count));
+                }
+            }
+            let bit = |a: u32, backend: bool| {
+                let (i, mask) = lb_common::prefilter_word(a, backend);
+                self.prefilter.get(&i).is_some_and(|w| w & mask != 0)
+            };
+            if !bit(k.addr_be, false) {
+                return Err(format!("frontend {} without its prefilter bit", fmt_key(k)));
+            }
+        }
+        for b in self.backends.values().chain(self.draining.values()) {
+            let (i, mask) = lb_common::prefilter_word(b.addr_be, true);
+            if self.prefilter.get(&i).is_none_or(|w| w & mask == 0) {
+                return Err(format!("backend {} without its prefilter bit", Ipv4Addr::from(b.addr_be.to_ne_bytes())));
+            }
+        }
+        for k in self.services.keys() {
+            let (i, mask) = lb_common::prefilter_word(k.addr_be, false);
+            if self.prefilter.get(&i).is_none_or(|w| w & mask == 0) {
+                return Err(format!("ClusterIP of {} without its prefilter bit", fmt_key(k)));
             }
         }
         for (k, (addr, port)) in &self.sticky {
@@ -110,8 +143,20 @@ impl MapWriter for FakeMaps {
             }
             Op::ResetStats(_) => {}
             Op::PutIds(s) => self.ids = s,
+            Op::PutTable(off, ref words) => {
+                let end = off + words.len() as u32;
+                if let Some((k, _)) = self.services.iter().find(|(k, v)| {
+                    !is_marker(k) && v.table_size > 0 && v.table_off < end && off < v.table_off + words_for(v.table_size)
+                }) {
+                    return Err(format!("{op} overwrites the published table of {}", fmt_key(k)).into());
+                }
+                for (i, w) in words.iter().enumerate() {
+                    self.tables.insert(off + i as u32, *w);
+                }
+            }
+            Op::PutPrefilter(i, w) => drop(self.prefilter.insert(i, w)),
         }
-        self.log.push(*op);
+        self.log.push(op.clone());
         self.check().map_err(|e| format!("after {op}: {e}"))?;
         Ok(())
     }
@@ -270,6 +315,8 @@ fn step(s: &mut Syncer, m: &mut FakeMaps, from: &Desired, to: &Desired) -> Vec<O
         .collect();
     m.reachable.extend(gone.iter().copied());
     m.log.clear();
+    let ids_before = m.ids;
+    let epoch_before = s.epoch();
     s.sync(to, m).unwrap_or_else(|e| panic!("{e}: {:?}", std::error::Error::source(&e)));
     assert_eq!(contents(m), expected(to));
     assert_eq!(draining_contents(m), expected_draining(to));
@@ -291,7 +338,40 @@ fn step(s: &mut Syncer, m: &mut FakeMaps, from: &Desired, to: &Desired) -> Vec<O
     assert_eq!(known, orphans(m));
     assert!(known.iter().all(|(id, _)| s.svc_ids.held.contains(id)));
     assert_eq!(m.ids, s.persisted);
-    std::mem::take(&mut m.log)
+    assert_eq!(m.ids.epoch, s.epoch());
+    // Every table the shadow knows is the one in the maps, read back.
+    for (k, v) in m.services.iter().filter(|(k, v)| !is_marker(k) && v.count > 0) {
+        let t = &s.shadow().tables[&v.id];
+        let words: Vec<u64> =
+            (v.table_off..v.table_off + words_for(v.table_size)).map(|i| m.tables.get(&i).copied().unwrap_or(0)).collect();
+        let back = Table::from_words(&words, v.table_size, |slot| {
+            m.backends.get(&BackendKey { svc_id: v.id, slot }).map(|b| (b.addr_be, b.port_be))
+        });
+        assert_eq!(back.as_ref(), Some(t), "table of {} differs from the shadow's", fmt_key(k));
+    }
+    let log = std::mem::take(&mut m.log);
+    // A sync that removed a backend ends with the epoch bumped, after all else.
+    let bumped = log.iter().filter(|o| matches!(o, Op::PutIds(i) if i.epoch != epoch_before)).count();
+    assert!(bumped <= 1, "{log:#?}");
+    if bumped == 1 {
+        assert!(matches!(log.last(), Some(Op::PutIds(i)) if i.epoch == epoch_before.wrapping_add(1)), "{log:#?}");
+    }
+    core_ops(log, ids_before)
+}
+
+/// `ops` without the table and prefilter writes and without a final `IDS` write that
+/// only bumps the epoch: the ops the older tests check the order of (the fake checks
+/// tables and prefilter after every op).
+fn core_ops(mut ops: Vec<Op>, ids_before: IdState) -> Vec<Op> {
+    if let Some(Op::PutIds(i)) = ops.last() {
+        let before = ops.iter().rev().skip(1).find_map(|o| if let Op::PutIds(p) = o { Some(*p) } else { None });
+        let before = before.unwrap_or(ids_before);
+        if (i.next_svc_id, i.next_backend_id) == (before.next_svc_id, before.next_backend_id) {
+            ops.pop();
+        }
+    }
+    ops.retain(|o| !matches!(o, Op::PutTable(..) | Op::PutPrefilter(..)));
+    ops
 }
 
 #[test]
@@ -313,7 +393,7 @@ fn new_frontend_writes_slots_then_marker_then_entry() {
         .collect();
     // The new ids are persisted first.
     assert_eq!(kinds, ["ids", "reset", "marker", "backend", "backend", "service"]);
-    assert_eq!(m.ids, IdState { next_svc_id: 2, next_backend_id: 3 });
+    assert_eq!(m.ids, IdState { next_svc_id: 2, next_backend_id: 3, ..m.ids });
     // A second sync of the same state writes nothing.
     assert!(step(&mut s, &mut m, &d, &d).is_empty());
 }
@@ -369,9 +449,15 @@ fn replacing_a_backend_overwrites_in_place() {
     step(&mut s, &mut m, &Desired::default(), &a);
     let b = desired(vec![(fe_key(10, 80), frontend([1, 3, 4]))]);
     let ops = step(&mut s, &mut m, &a, &b);
-    // One slot rewritten (after persisting the new backend's id), nothing else (count
-    // unchanged).
-    assert!(matches!(ops[..], [Op::PutIds(_), Op::PutBackend(BackendKey { slot: 2, .. }, _)]), "{ops:#?}");
+    // One slot rewritten (after persisting the new backend's id), and the entry, same
+    // count, pointed at the new table.
+    assert!(
+        matches!(
+            ops[..],
+            [Op::PutIds(_), Op::PutBackend(BackendKey { slot: 2, .. }, _), Op::PutService(_, ServiceValue { count: 3, .. })]
+        ),
+        "{ops:#?}"
+    );
 }
 
 /// Deleting a frontend used to delete its entry, slots and draining entries, cutting
@@ -642,6 +728,7 @@ fn reconcile_cleans_half_written_state() {
                 Op::DeleteDraining(k) => drop(self.0.draining.remove(&k)),
                 Op::ResetStats(_) => {}
                 Op::PutIds(s) => self.0.ids = s,
+                Op::PutTable(..) | Op::PutPrefilter(..) => {}
             }
             Ok(())
         }
@@ -676,6 +763,8 @@ fn kind(o: &Op) -> &'static str {
         Op::DeleteBackend(..) => "delete_backend",
         Op::ResetStats(_) => "reset",
         Op::PutIds(_) => "ids",
+        Op::PutTable(..) => "table",
+        Op::PutPrefilter(..) => "prefilter",
     }
 }
 
@@ -768,6 +857,10 @@ fn reconcile_keeps_draining_entries_of_unknown_services_as_orphans() {
     step(&mut s, &mut m, &Desired::default(), &a);
     let stray = BackendValue { backend_id: 77, addr_be: addr(9).0, port_be: addr(9).1, _pad: [0; 2] };
     m.draining.insert(DrainKey { svc_id: 40, backend_id: 77 }, stray);
+    // As the agent that wrote it would have left them.
+    m.ids.next_backend_id = 78;
+    let (i, mask) = lb_common::prefilter_word(stray.addr_be, true);
+    *m.prefilter.entry(i).or_default() |= mask;
     let mut s2 = restart(&m, 1024);
     assert!(step(&mut s2, &mut m, &a, &a).is_empty());
     assert_eq!(orphans(&m).into_iter().collect::<Vec<_>>(), [(40, 77)]);
@@ -787,6 +880,9 @@ fn restart(m: &FakeMaps, limit: u32) -> Syncer {
         m.draining.iter().map(|(k, v)| (*k, *v)),
         m.ids,
         limit,
+        lb_common::limits::TABLE_WORDS,
+        |off, len| (off..off + len).map(|i| m.tables.get(&i).copied().unwrap_or(0)).collect(),
+        (0..lb_common::PREFILTER_WORDS).map(|i| m.prefilter.get(&i).copied().unwrap_or(0)).collect(),
     )
 }
 
@@ -826,7 +922,7 @@ fn a_restart_does_not_reissue_the_ids_of_removed_services_and_backends() {
     step(&mut s, &mut m, &a, &b);
     release(&mut s, &mut m, &HashSet::new());
     assert!(m.draining.is_empty());
-    assert_eq!(m.ids, IdState { next_svc_id: 3, next_backend_id: 4 });
+    assert_eq!(m.ids, IdState { next_svc_id: 3, next_backend_id: 4, ..m.ids });
 
     let mut s2 = restart(&m, 1024);
     let c = desired(vec![(fe_key(10, 80), frontend([1, 2, 4])), (fe_key(12, 80), frontend([1]))]);
@@ -847,7 +943,10 @@ fn a_restart_without_persisted_ids_derives_them_from_the_maps() {
     step(&mut s, &mut m, &Desired::default(), &a);
     m.ids = IdState::default();
     let mut s2 = restart(&m, 1024);
-    assert!(step(&mut s2, &mut m, &a, &a).is_empty(), "nothing to write, not even IDS");
+    assert!(
+        step(&mut s2, &mut m, &a, &a).iter().all(|o| matches!(o, Op::PutIds(_))),
+        "nothing to write but IDS (with the epoch a new agent bumps)"
+    );
     let b = desired(vec![
         (fe_key(10, 80), frontend([1, 2, 4])),
         (fe_key(11, 80), frontend([3])),
@@ -856,9 +955,9 @@ fn a_restart_without_persisted_ids_derives_them_from_the_maps() {
     let ops = step(&mut s2, &mut m, &a, &b);
     assert_eq!(kind(&ops[0]), "ids", "{ops:#?}");
     assert_eq!((backend_id(&m, 4), svc_id(&m, fe_key(12, 80))), (4, 3));
-    assert_eq!(m.ids, IdState { next_svc_id: 4, next_backend_id: 5 });
+    assert_eq!(m.ids, IdState { next_svc_id: 4, next_backend_id: 5, ..m.ids });
     // A persisted state behind the maps (it cannot be, but) never takes ids backwards.
-    m.ids = IdState { next_svc_id: 0, next_backend_id: 2 };
+    m.ids = IdState { next_svc_id: 0, next_backend_id: 2, ..m.ids };
     let s3 = restart(&m, 1024);
     assert_eq!((s3.svc_ids.cursor, s3.backend_ids.next), (4, 5));
 }
@@ -1081,4 +1180,92 @@ fn a_restart_recognises_orphans() {
     let live: HashSet<(u32, u32)> = before.iter().take(1).copied().collect();
     release(&mut s2, &mut m, &live);
     assert_eq!(orphans(&m), live.into_iter().collect());
+}
+
+/// Every change of a frontend's backends writes its table to fresh words and then the
+/// entry (the fake refuses a write into a published table, and checks every bucket
+/// after every op); the epoch moves on after removals only, last; prefilter bits come
+/// before the entries that need them and go after the last one has.
+#[test]
+fn tables_switch_by_the_entry_and_the_epoch_follows_removals() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2, 3]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let e0 = m.ids.epoch;
+    assert_eq!(e0, 1, "a new agent bumps the epoch once");
+    let v0 = m.services[&fe_key(10, 80).map_key()];
+    // Adding a backend: a new table, no epoch bump.
+    let b = desired(vec![(fe_key(10, 80), frontend([1, 2, 3, 4]))]);
+    s.sync(&b, &mut m).unwrap();
+    let v1 = m.services[&fe_key(10, 80).map_key()];
+    assert_ne!(v1.table_off, v0.table_off);
+    assert_eq!(v1.table_size, v0.table_size, "one more backend keeps the table's size");
+    assert_eq!(m.ids.epoch, e0);
+    let kinds: Vec<&str> = m.log.iter().map(kind).collect();
+    let (t, svc) = (kinds.iter().position(|k| *k == "table").unwrap(), kinds.iter().position(|k| *k == "service").unwrap());
+    assert!(t < svc, "{kinds:?}");
+    // Only the new backend's buckets changed hands.
+    let (ta, tb) = (Table::build(&[addr(1), addr(2), addr(3)]), &s.shadow().tables[&v1.id]);
+    let changed = ta.buckets.iter().zip(&tb.buckets).filter(|(x, y)| x != y).count();
+    assert_eq!(changed, tb.loads()[&addr(4)]);
+    // Removing one: the epoch moves on, once, as the last write (`step` checks that).
+    step(&mut s, &mut m, &b, &a);
+    assert_eq!(m.ids.epoch, e0 + 1);
+    // The old words are reused only after the quarantine: two quick changes take
+    // fresh words each time.
+    let v2 = m.services[&fe_key(10, 80).map_key()];
+    assert!(v2.table_off != v1.table_off && v2.table_off != v0.table_off);
+    // The ClusterIP and backend bits go once nothing needs them.
+    let vip_bit = lb_common::prefilter_word(fe_key(10, 80).map_key().addr_be, false);
+    let be4_bit = lb_common::prefilter_word(addr(4).0, true);
+    assert_eq!(m.prefilter.get(&be4_bit.0).copied().unwrap_or(0) & be4_bit.1, 0, "backend 4 is gone");
+    step(&mut s, &mut m, &a, &Desired::default());
+    release(&mut s, &mut m, &HashSet::new());
+    s.sync(&Desired::default(), &mut m).unwrap();
+    assert!(m.prefilter.values().all(|w| *w == 0), "bits left: {:?}", m.prefilter);
+    assert_eq!(m.prefilter.get(&vip_bit.0).copied().unwrap_or(0) & vip_bit.1, 0);
+}
+
+/// A restarted agent reads the tables back: nothing is rewritten, and the next change
+/// is an update of the table it found (minimal moves), not a new one.
+#[test]
+fn a_restart_reads_the_tables_back() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let a = desired(vec![(fe_key(10, 80), frontend(1..=20))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    // Churn so the table is no longer a fresh build.
+    let b = desired(vec![(fe_key(10, 80), frontend(2..=21))]);
+    step(&mut s, &mut m, &a, &b);
+    let before = s.shadow().tables.clone();
+    let mut s2 = restart(&m, 1024);
+    assert_eq!(s2.shadow().tables, before);
+    m.log.clear();
+    s2.sync(&b, &mut m).unwrap();
+    assert!(!m.log.iter().any(|o| matches!(o, Op::PutTable(..))), "{:#?}", m.log);
+    let id = m.services[&fe_key(10, 80).map_key()].id;
+    let c = desired(vec![(fe_key(10, 80), frontend(2..=22))]);
+    step(&mut s2, &mut m, &b, &c);
+    let (t0, t1) = (&before[&id], &s2.shadow().tables[&id]);
+    let changed = t0.buckets.iter().zip(&t1.buckets).filter(|(x, y)| x != y).count();
+    assert_eq!(changed, t1.loads()[&addr(22)]);
+}
+
+#[test]
+fn table_space_reuses_words_after_the_quarantine_and_coalesces() {
+    let now = Instant::now();
+    let mut t = TableSpace::new(100);
+    let a = t.alloc(40, now).unwrap();
+    let b = t.alloc(40, now).unwrap();
+    assert_eq!((a, b), (0, 40));
+    assert!(matches!(t.alloc(40, now), Err(SyncError::OutOfTableSpace { words: 40, free: 20, limit: 100 })));
+    t.release(a, 40, now);
+    assert!(t.alloc(40, now + Duration::from_millis(10)).is_err(), "still in quarantine");
+    assert_eq!(t.alloc(40, now + TABLE_QUARANTINE).unwrap(), 0);
+    t.release_now(0, 40);
+    t.release_now(b, 40);
+    assert_eq!(t.free, BTreeMap::from([(0, 100)]));
+    assert!(t.take(10, 20) && !t.take(15, 10));
+    assert_eq!(t.free, BTreeMap::from([(0, 10), (30, 70)]));
 }
