@@ -7,9 +7,9 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
 use lb_common::{
     AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_DRAINING,
-    CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey, FragKey4,
-    FragValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, TABLE_LANES,
-    hash, limits,
+    CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey,
+    FragKey4, FragValue4, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, Reason, SVC_F_AFFINITY, ServiceKey4,
+    ServiceValue, TABLE_LANES, hash, limits,
 };
 
 use crate::{
@@ -413,7 +413,8 @@ fn established(
         // No backend has been removed since this entry's backend was last found: it
         // is still there, and the entry holds its address.
         let reason = if ct.flags & CT_F_DRAINING != 0 { Reason::FwdDraining } else { Reason::FwdEstablished };
-        let b = BackendValue { backend_id: ct.backend_id, addr_be: ct.nat_addr_be, port_be: ct.nat_port_be, _pad: [0; 2] };
+        let b =
+            BackendValue { backend_id: ct.backend_id, addr_be: ct.nat_addr_be, port_be: ct.nat_port_be, _pad: [0; 2] };
         return Some(Action::nat(reason, ct.svc_id, forward_rewrite(l3, l4, l3_off, &b, hairpin)));
     }
     // Forward: the flow keeps its backend for as long as that backend is in the service.

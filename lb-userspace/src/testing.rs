@@ -15,8 +15,8 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{
-    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, Counter, CtKey4, CtValue4, DrainKey, FragKey4,
-    FragValue4, IdState, Reason, ServiceKey4, ServiceValue, map_names,
+    AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, Counter, CtKey4, CtValue4, DrainKey,
+    FragKey4, FragValue4, IdState, Reason, ServiceKey4, ServiceValue, map_names,
 };
 
 use crate::{
@@ -120,11 +120,10 @@ impl Datapath {
 
     /// `ct_bypass`: benchmarks of the new-flow path only (see `LoadOptions`).
     pub fn load_opts(max_entries: &[(&'static str, u32)], ct_bypass: bool) -> Result<Self> {
-        let bpffs = PrivateBpffs::new()?;
-        let mut opts = LoadOptions::new(bpffs.path());
-        opts.max_entries = max_entries.to_vec();
-        opts.bench_ct_bypass = ct_bypass;
-        let ebpf = datapath::load(&opts).context("loading the datapath")?;
+        Self::load_full(max_entries, ct_bypass, 0)
+    }
+
+    fn loaded(ebpf: Ebpf, bpffs: PrivateBpffs) -> Result<Self> {
         let mut dp =
             Self { ebpf, tables: StdHashMap::new(), next_word: 0, epoch: 0, prefilter: BTreeMap::new(), _bpffs: bpffs };
         // Epoch 1, so that a conntrack entry written with the default epoch 0 is
@@ -214,6 +213,39 @@ impl Datapath {
         self.point_at_table(svc_id, off, table.size())?;
         self.tables.insert(svc_id, (table, off));
         Ok(())
+    }
+
+    /// `load_opts`, with the conntrack map created by us with `ct_flags` (e.g.
+    /// [`BPF_F_NO_COMMON_LRU`]) and pinned before the loader runs, which then reuses it
+    /// instead of creating its own (aya creates maps from the object's definition only,
+    /// flags included). `ct_flags` 0: the loader's map, as in production. Fails unless
+    /// the loaded programs really use a map with the flags.
+    pub fn load_full(max_entries: &[(&'static str, u32)], ct_bypass: bool, ct_flags: u32) -> Result<Self> {
+        let bpffs = PrivateBpffs::new()?;
+        let ct_path = bpffs.path().join(map_names::CONNTRACK);
+        if ct_flags != 0 {
+            let n = max_entries
+                .iter()
+                .rev()
+                .find(|(name, _)| *name == map_names::CONNTRACK)
+                .map_or(lb_common::limits::CONNTRACK, |(_, n)| *n);
+            pin_conntrack_map(&ct_path, n, ct_flags)?;
+        }
+        let mut opts = LoadOptions::new(bpffs.path());
+        opts.max_entries = max_entries.to_vec();
+        opts.bench_ct_bypass = ct_bypass;
+        let ebpf = datapath::load(&opts).context("loading the datapath")?;
+        if ct_flags != 0 {
+            check_conntrack_reused(&ebpf, &ct_path, ct_flags)?;
+        }
+        Self::loaded(ebpf, bpffs)
+    }
+
+    /// Per CPU (indexed by CPU number) values of one `STATS` counter.
+    pub fn stat_per_cpu(&mut self, reason: Reason) -> Vec<Counter> {
+        let m: PerCpuArray<&mut MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).expect("stats map")).expect("per-cpu array");
+        m.get(&(reason as u32), 0).expect("stats index").iter().copied().collect()
     }
 
     /// The bpffs directory the maps are pinned in (for `lb_userspace::inspect`).
@@ -459,6 +491,82 @@ pub fn pin_foreign_hash_map(path: &Path, key_size: u32, value_size: u32) -> Resu
     unsafe { libc::close(fd as i32) };
     if rc != 0 {
         bail!("BPF_OBJ_PIN {}: {err}", path.display());
+    }
+    Ok(())
+}
+
+/// `BPF_F_NO_COMMON_LRU` (include/uapi/linux/bpf.h): an LRU hash with one LRU list
+/// per CPU instead of one shared by all.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// Creates an LRU hash of the conntrack layout (`CtKey4` -> `CtValue4`) with
+/// `map_flags` and pins it at `path`, for `datapath::load` to reuse: the object's map
+/// definition has no way to set the flags per load. Raw `bpf(2)`, as
+/// [`pin_foreign_hash_map`].
+pub fn pin_conntrack_map(path: &Path, max_entries: u32, flags: u32) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // include/uapi/linux/bpf.h
+    const BPF_MAP_CREATE: u32 = 0;
+    const BPF_OBJ_PIN: u32 = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    const BPF_OBJ_NAME_LEN: usize = 16;
+    let mut attr = [0u8; 128];
+    put(&mut attr, 0, BPF_MAP_TYPE_LRU_HASH.to_ne_bytes());
+    put(&mut attr, 4, (std::mem::size_of::<CtKey4>() as u32).to_ne_bytes());
+    put(&mut attr, 8, (std::mem::size_of::<CtValue4>() as u32).to_ne_bytes());
+    put(&mut attr, 12, max_entries.to_ne_bytes());
+    put(&mut attr, 16, flags.to_ne_bytes());
+    // map_name at offset 28, so that bpftool and `MapInfo::name` show what it is; the
+    // kernel takes at most 15 bytes and a NUL.
+    let name = map_names::CONNTRACK.as_bytes();
+    let len = name.len().min(BPF_OBJ_NAME_LEN - 1);
+    attr[28..28 + len].copy_from_slice(&name[..len]);
+    // SAFETY: a new fd the kernel handed us.
+    let fd = unsafe {
+        OwnedFd::from_raw_fd(
+            bpf_sys(BPF_MAP_CREATE, &mut attr)
+                .with_context(|| format!("creating the conntrack map with flags {flags:#x}"))?,
+        )
+    };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut pin = [0u8; 128];
+    put(&mut pin, 0, (c.as_ptr() as u64).to_ne_bytes());
+    put(&mut pin, 8, (fd.as_raw_fd() as u32).to_ne_bytes());
+    bpf_sys(BPF_OBJ_PIN, &mut pin).with_context(|| format!("pinning the conntrack map at {}", path.display()))?;
+    Ok(())
+}
+
+/// The kernel's view (id, flags, size) of the conntrack map a loaded copy of the
+/// datapath uses.
+pub fn conntrack_map_info(ebpf: &Ebpf) -> Result<aya::maps::MapInfo> {
+    let map = ebpf.map(map_names::CONNTRACK).context("conntrack map in object")?;
+    let aya::maps::Map::LruHashMap(data) = map else { bail!("conntrack map is not an LRU hash") };
+    data.info().context("conntrack map info")
+}
+
+/// That the map pinned at `path` has `flags`, and is the conntrack map of `ebpf` and
+/// of every program in it: aya reuses a pinned map of the same name, but only the map
+/// ids the kernel reports for the programs prove the programs were relocated to it.
+fn check_conntrack_reused(ebpf: &Ebpf, path: &Path, flags: u32) -> Result<()> {
+    let pinned = MapData::from_pin(path)
+        .and_then(|m| m.info())
+        .with_context(|| format!("inspecting the pinned conntrack map {}", path.display()))?;
+    anyhow::ensure!(
+        pinned.map_flags() & flags == flags,
+        "pinned conntrack map has flags {:#x}, expected {flags:#x}",
+        pinned.map_flags()
+    );
+    let used = conntrack_map_info(ebpf)?;
+    anyhow::ensure!(
+        used.id() == pinned.id(),
+        "the loader created conntrack map {} instead of reusing the pinned {}",
+        used.id(),
+        pinned.id()
+    );
+    for name in [XDP_PROGRAM, TC_PROGRAM, TC_EGRESS_PROGRAM] {
+        let info = ebpf.program(name).with_context(|| format!("{name} in object"))?.info()?;
+        let ids = info.map_ids().with_context(|| format!("map ids of {name}"))?.unwrap_or_default();
+        anyhow::ensure!(ids.contains(&pinned.id()), "{name} does not use the pinned conntrack map {}", pinned.id());
     }
     Ok(())
 }

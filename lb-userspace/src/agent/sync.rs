@@ -171,7 +171,9 @@ pub enum SyncError {
     OutOfServiceIds { limit: u32 },
     #[error("out of backend ids (u32 exhausted); restart the agent with `--cleanup` first")]
     OutOfBackendIds,
-    #[error("TABLES is full: no {words} free words for a lookup table ({free} free of {limit}); raise --max-table-words")]
+    #[error(
+        "TABLES is full: no {words} free words for a lookup table ({free} free of {limit}); raise --max-table-words"
+    )]
     OutOfTableSpace { words: u32, free: u32, limit: u32 },
 }
 
@@ -234,7 +236,11 @@ struct TableSpace {
 
 impl TableSpace {
     fn new(limit: u32) -> Self {
-        Self { limit, free: if limit > 0 { BTreeMap::from([(0, limit)]) } else { BTreeMap::new() }, quarantined: vec![] }
+        Self {
+            limit,
+            free: if limit > 0 { BTreeMap::from([(0, limit)]) } else { BTreeMap::new() },
+            quarantined: vec![],
+        }
     }
 
     fn free_words(&self) -> u32 {
@@ -434,6 +440,12 @@ pub struct Syncer {
     removed: bool,
     /// Tables written ([`Op::PutTable`]) but not yet published, by first word.
     pending_tables: HashMap<u32, Table>,
+    /// The ClusterIP of each orphan service id: its established flows' packets are
+    /// still addressed to it, so its prefilter bit stays while the orphan does.
+    orphan_vips: HashMap<u32, u32>,
+    /// After a restart with orphans, whose ClusterIPs the maps do not record: the
+    /// ClusterIP bits found, kept until those orphans have all gone.
+    inherited_vip_bits: Option<Vec<u64>>,
 }
 
 impl Syncer {
@@ -454,6 +466,8 @@ impl Syncer {
             epoch: 0,
             removed: true,
             pending_tables: HashMap::new(),
+            orphan_vips: HashMap::new(),
+            inherited_vip_bits: None,
         }
     }
 
@@ -546,6 +560,9 @@ impl Syncer {
             }
         }
         if prefilter.len() == PREFILTER_WORDS as usize {
+            if !s.orphans.is_empty() {
+                s.inherited_vip_bits = Some(prefilter[..lb_common::PREFILTER_HALF_WORDS as usize].to_vec());
+            }
             s.shadow.prefilter = prefilter;
         }
         s
@@ -571,6 +588,9 @@ impl Syncer {
         for k in self.shadow.services.keys() {
             set(k.addr_be, false);
         }
+        for vip in self.orphan_vips.values() {
+            set(*vip, false);
+        }
         for b in self.shadow.slots.values().chain(self.shadow.draining.values()).flat_map(|m| m.values()) {
             set(b.addr_be, true);
         }
@@ -580,6 +600,11 @@ impl Syncer {
                 for b in fe.backends.iter().chain(&fe.draining) {
                     set(u32::from_ne_bytes(b.ip.octets()), true);
                 }
+            }
+        }
+        if let Some(inherited) = self.inherited_vip_bits.as_ref().filter(|_| !self.orphans.is_empty()) {
+            for (word, bits) in w.iter_mut().zip(inherited) {
+                *word |= bits;
             }
         }
         w
@@ -610,6 +635,9 @@ impl Syncer {
     /// The end of every batch of writes: bits no address needs go, and after a
     /// removal the epoch moves on.
     fn finish<W: MapWriter>(&mut self, w: &mut W, stats: &mut SyncStats, now: Instant) -> Result<(), SyncError> {
+        if self.orphans.is_empty() {
+            self.inherited_vip_bits = None;
+        }
         let want = self.prefilter_words(None);
         self.write_prefilter(&want, false, w, stats, now)?;
         if self.removed {
@@ -657,7 +685,8 @@ impl Syncer {
     ) -> Result<SyncStats, SyncError> {
         let now = Instant::now();
         let mut stats = SyncStats::default();
-        let res = self.release_orphans_at(Some(live), w, &mut stats, now).and_then(|()| self.finish(w, &mut stats, now));
+        let res =
+            self.release_orphans_at(Some(live), w, &mut stats, now).and_then(|()| self.finish(w, &mut stats, now));
         self.backend_ids.end_sync(now);
         res.map(|()| stats)
     }
@@ -701,6 +730,7 @@ impl Syncer {
             self.orphans.entry(id).or_insert(now);
         } else {
             self.orphans.remove(&id);
+            self.orphan_vips.remove(&id);
             self.svc_ids.release(id);
         }
     }
@@ -719,6 +749,9 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         let mut ops = Vec::new();
         let mut seen = HashSet::new();
+        if let Some(k) = key {
+            self.orphan_vips.insert(id, k.addr_be);
+        }
         if let Some(slots) = self.shadow.slots.get(&id) {
             for v in slots.values() {
                 if seen.insert(v.backend_id)

@@ -120,7 +120,8 @@ impl Table {
         let (q, r) = (size / n, size % n);
         let mut by_load: Vec<Addr> = set.clone();
         by_load.sort_by(|a, b| held[b].len().cmp(&held[a].len()).then(a.cmp(b)));
-        let share: HashMap<Addr, usize> = by_load.iter().enumerate().map(|(i, a)| (*a, q + usize::from(i < r))).collect();
+        let share: HashMap<Addr, usize> =
+            by_load.iter().enumerate().map(|(i, a)| (*a, q + usize::from(i < r))).collect();
         // Surplus over the share goes back, the most recently dealt buckets first.
         for a in &set {
             let v = held.get_mut(a).expect("every backend of the set has an entry");

@@ -1,19 +1,19 @@
 //! Developer tool behind `cargo xtask bench ...` and `cargo xtask demo datapath`: runs
 //! the real datapath through BPF_PROG_TEST_RUN. Needs root.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, sync::Barrier};
 
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_REJECT, Reason, SVC_F_AFFINITY, ServiceValue, map_names};
 use lb_userspace::{
     datapath::FLOOR_OBJECT,
-    testing::{Datapath, Hook, Verdict, run_on},
+    testing::{BPF_F_NO_COMMON_LRU, Datapath, Hook, Verdict, conntrack_map_info, run_on},
 };
 
 #[derive(Parser, Debug)]
@@ -40,7 +40,8 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum Bench {
     /// ns per packet through BPF_PROG_TEST_RUN: floor, conntrack hit, new flow,
-    /// non-service traffic, for lb_xdp and lb_tc, at several service counts.
+    /// non-service traffic, for lb_xdp and lb_tc, at several service counts; conntrack
+    /// hit and new flow also on two CPUs at once.
     Datapath {
         /// Repetitions per measurement (the kernel reports the mean).
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -54,6 +55,15 @@ enum Bench {
         /// Measurements per cell; the median is reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
         rounds: u32,
+        /// Backend counts for the new-flow case's backends dimension (10 services of each),
+        /// comma separated; empty for none.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000",
+              value_parser = clap::value_parser!(u32).range(1..=8192))]
+        new_flow_backends: Vec<u32>,
+        /// Conntrack map kind: one LRU list shared by all CPUs (the loader's map, as in
+        /// production), one per CPU (BPF_F_NO_COMMON_LRU), or both, one full set each.
+        #[arg(long, value_enum, default_value_t = CtLru::Both)]
+        ct_lru: CtLru,
         /// Where to write the JSON results.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -92,6 +102,37 @@ enum Bench {
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CtLru {
+    /// One LRU list for all CPUs.
+    Common,
+    /// One LRU list per CPU (BPF_F_NO_COMMON_LRU).
+    Percpu,
+    /// Common, then percpu.
+    Both,
+}
+
+impl CtLru {
+    fn kinds(self) -> &'static [CtLru] {
+        match self {
+            CtLru::Common => &[CtLru::Common],
+            CtLru::Percpu => &[CtLru::Percpu],
+            CtLru::Both => &[CtLru::Common, CtLru::Percpu],
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            CtLru::Common => "common",
+            CtLru::Percpu => "percpu",
+            CtLru::Both => "both",
+        }
+    }
+    /// `map_flags` of the conntrack map; 0 leaves its creation to the loader.
+    fn flags(self) -> u32 {
+        if self == CtLru::Percpu { BPF_F_NO_COMMON_LRU } else { 0 }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Demo {
     /// Load the program, push crafted packets through both entry points, print the
@@ -101,8 +142,8 @@ enum Demo {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Bench { what: Bench::Datapath { repeat, services, backends, rounds, out } } => {
-            bench_datapath(repeat, &services, backends, rounds, out)
+        Cmd::Bench { what: Bench::Datapath { repeat, services, backends, rounds, ct_lru, new_flow_backends, out } } => {
+            bench_datapath(repeat, &services, backends, rounds, ct_lru, &new_flow_backends, out)
         }
         Cmd::Bench { what: Bench::Veth { seconds, out } } => {
             let json = lb_userspace::bench_veth::run(seconds)?;
@@ -198,12 +239,117 @@ fn timed(ebpf: &Ebpf, hook: Hook, packet: &[u8], repeat: u32, rounds: u32, want:
     Ok(median(samples))
 }
 
-fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: Option<PathBuf>) -> Result<()> {
+/// The CPUs of the two-CPU cases.
+const CPUS: [usize; 2] = [0, 1];
+/// Client source ports of the second CPU's conntrack-hit and new-flow packets.
+const HIT2_PORT: u16 = 40004;
+const NEW2_PORT: u16 = 40005;
+
+/// Pins the calling thread to `cpu`. BPF_PROG_TEST_RUN runs the program on the calling
+/// thread's CPU with migration disabled for the whole run, so this pins the run.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("pinning a thread to CPU {cpu}"));
+        }
+        let on = libc::sched_getcpu();
+        anyhow::ensure!(on == cpu as i32, "pinned to CPU {cpu}, running on {on}");
+    }
+    Ok(())
+}
+
+/// `timed` on two CPUs at once: `packets[i]` through `hook` on `CPUS[i]`, both runs of
+/// a round released together by a barrier. Returns each CPU's median.
+fn timed_2cpu(
+    ebpf: &Ebpf,
+    hook: Hook,
+    packets: [&[u8]; 2],
+    repeat: u32,
+    rounds: u32,
+    want: Verdict,
+) -> Result<[u64; 2]> {
+    let barrier = Barrier::new(CPUS.len());
+    let run = |cpu: usize, packet: &[u8]| -> Result<u64> {
+        // A thread that failed keeps meeting the other at every barrier, or the other
+        // would wait forever; the first error is reported after the last round.
+        let mut err = pin_to_cpu(cpu).err();
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            barrier.wait();
+            if err.is_some() {
+                continue;
+            }
+            match run_on(ebpf, hook, packet, repeat) {
+                Ok((verdict, _, ns)) if verdict == want => samples.push(ns),
+                Ok((verdict, ..)) => {
+                    err = Some(anyhow::anyhow!(
+                        "{hook:?} on CPU {cpu}: verdict {verdict:?}, expected {want:?}: \
+                         the benchmark is not measuring what it says"
+                    ))
+                }
+                Err(e) => err = Some(e.context(format!("{hook:?} on CPU {cpu}"))),
+            }
+        }
+        err.map_or_else(|| Ok(median(samples)), Err)
+    };
+    let results: Vec<Result<u64>> = std::thread::scope(|s| {
+        let threads: Vec<_> =
+            CPUS.iter().zip(packets).map(|(&cpu, packet)| s.spawn(move || run(cpu, packet))).collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("benchmark thread panicked"))))
+            .collect()
+    });
+    let mut ns = [0; 2];
+    for (slot, r) in ns.iter_mut().zip(results) {
+        *slot = r?;
+    }
+    Ok(ns)
+}
+
+/// Fails unless `reason` grew by at least `min` on each of `CPUS` between two
+/// `Datapath::stat_per_cpu` readings: proof that each thread's run took the path it
+/// is named after, on its own CPU.
+fn ensure_per_cpu(
+    dp: &mut Datapath,
+    reason: Reason,
+    before: &[lb_common::Counter],
+    min: u64,
+    what: &str,
+) -> Result<()> {
+    let after = dp.stat_per_cpu(reason);
+    for cpu in CPUS {
+        let grew = after.get(cpu).zip(before.get(cpu)).map_or(0, |(a, b)| a.packets.saturating_sub(b.packets));
+        anyhow::ensure!(grew >= min, "{what}: {reason:?} grew by {grew} on CPU {cpu}, expected at least {min}");
+    }
+    Ok(())
+}
+
+fn bench_datapath(
+    repeat: u32,
+    scales: &[u32],
+    backends: u32,
+    rounds: u32,
+    ct_lru: CtLru,
+    new_flow_backends: &[u32],
+    out: Option<PathBuf>,
+) -> Result<()> {
     let client = [10, 244, 0, 5];
     let target = vip(target_id(0, scales) - 1);
     let hit = ack(client, 40000, target, 80, b"payload");
     let new = syn(client, 40001, target, 80);
     let other = ack(client, 40002, [192, 0, 2, 1], 80, b"payload");
+    // The second CPU's flows of the two-CPU cases: other source ports, so that the
+    // conntrack-hit case hits two established flows, one per CPU.
+    let hit2 = ack(client, HIT2_PORT, target, 80, b"payload");
+    let new2 = syn(client, NEW2_PORT, target, 80);
+    let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= CPUS.len());
+    if !two_cpus {
+        eprintln!("  fewer than {} CPUs: no two-CPU cases", CPUS.len());
+    }
 
     let mut floor = Ebpf::load(FLOOR_OBJECT).context("loading the floor program")?;
     let fp: &mut Xdp = floor.program_mut("floor").context("floor program")?.try_into()?;
@@ -214,92 +360,172 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
     );
     let mut rows = Vec::new();
     let mut table = String::new();
-    writeln!(table, "{:>9} {:<22} {:>6} {:>9} {:>10}", "services", "case", "hook", "ns/pkt", "x floor")?;
+    writeln!(
+        table,
+        "{:>9} {:<26} {:>6} {:>6} {:>9} {:>10}",
+        "services", "case", "hook", "ct_lru", "ns/pkt", "x floor"
+    )?;
     for &n in scales {
-        // SERVICES holds a frontend and an address marker per service.
-        let dp_sizes =
-            [(map_names::SERVICES, (2 * n + 64).max(1024)), (map_names::BACKENDS, (n * backends + 64 * 64).max(1024))];
-        let mut dp = Datapath::load_with(&dp_sizes)?;
-        let t0 = std::time::Instant::now();
-        for i in 0..n {
-            let id = i + 1;
-            dp.put_service(&addr(vip(i)), 80, IPPROTO_TCP, ServiceValue { id, count: backends, ..Default::default() })?;
-            let be: Vec<(u32, String, u16)> = (0..backends)
-                .map(|b| (id * 64 + b, addr([10, 128 + (b as u8), (i >> 8) as u8, i as u8]), 8080))
-                .collect();
-            let be: Vec<(u32, &str, u16)> = be.iter().map(|(i, a, p)| (*i, a.as_str(), *p)).collect();
-            dp.put_backends(id, &be)?;
-        }
-        eprintln!("  loaded {n} services x {backends} backends in {:.1} s", t0.elapsed().as_secs_f64());
-        add_return_services(&mut dp, target, target_id(n, scales), backends, n + 1)?;
-        let bypass = dp.load_sharing_maps(true)?;
-        let floor_ns = floor_ns(&floor, &hit, repeat, rounds)?;
-        let mut push = |case: &str, hook: Option<Hook>, ns: u64| {
-            let hook_s = hook.map_or("floor".to_string(), |h| format!("{h:?}").to_lowercase());
-            let ratio = ns as f64 / floor_ns.max(1) as f64;
-            let _ = writeln!(table, "{n:>9} {case:<22} {hook_s:>6} {ns:>9} {ratio:>10.2}");
-            rows.push(serde_json::json!({"services": n, "case": case, "hook": hook_s, "ns": ns, "x_floor": ratio}));
-        };
-        push("(a) no-op floor", None, floor_ns);
-        for hook in Hook::BOTH {
-            dp.clear_conntrack()?;
-            run_on(&dp.ebpf, hook, &syn(client, 40000, target, 80), 1)?;
-            let b = timed(&dp.ebpf, hook, &hit, repeat, rounds, Verdict::Pass)?;
-            anyhow::ensure!(dp.stat(Reason::FwdEstablished).packets > 0, "conntrack-hit case never hit conntrack");
-            push("(b) conntrack hit", Some(hook), b);
-            let fwd_new = dp.stat(Reason::FwdNew).packets;
-            let c = timed(&bypass, hook, &new, repeat, rounds, Verdict::Pass)?;
-            let grew = dp.stat(Reason::FwdNew).packets - fwd_new;
-            anyhow::ensure!(
-                grew >= u64::from(repeat) * u64::from(rounds),
-                "new-flow case took the new-flow path only {grew} times"
+        for &kind in ct_lru.kinds() {
+            // SERVICES holds a frontend and an address marker per service.
+            let dp_sizes = [
+                (map_names::SERVICES, (2 * n + 64).max(1024)),
+                (map_names::BACKENDS, (n * backends + 64 * 64).max(1024)),
+                (map_names::TABLES, ((n + 1) * (agent_table_size(backends).div_ceil(4) + 1)).max(1 << 16)),
+            ];
+            let mut dp = Datapath::load_full(&dp_sizes, false, kind.flags())?;
+            let t0 = std::time::Instant::now();
+            load_services(&mut dp, n, backends, target, target_id(n, scales))?;
+            eprintln!(
+                "  loaded {n} services x {backends} backends in {:.1} s ({} LRU conntrack)",
+                t0.elapsed().as_secs_f64(),
+                kind.name()
             );
-            push("(c) new flow", Some(hook), c);
-            let d = timed(&dp.ebpf, hook, &other, repeat, rounds, Verdict::Pass)?;
-            push("(d) non-service", Some(hook), d);
+            let bypass = dp.load_sharing_maps(true)?;
+            // Both copies on the one conntrack map, of the kind this set is named after.
+            let (ct, ct_bypass) = (conntrack_map_info(&dp.ebpf)?, conntrack_map_info(&bypass)?);
+            anyhow::ensure!(
+                ct.id() == ct_bypass.id() && ct.map_flags() & BPF_F_NO_COMMON_LRU == kind.flags(),
+                "conntrack maps {} (flags {:#x}) and {} (bypass copy), expected one map with {} LRU",
+                ct.id(),
+                ct.map_flags(),
+                ct_bypass.id(),
+                kind.name()
+            );
+            let floor_ns = floor_ns(&floor, &hit, repeat, rounds)?;
+            let lru = kind.name();
+            // `per_cpu`: the two-CPU cases' medians per CPU; `ns` is then the slower.
+            let mut push = |case: &str, hook: Option<Hook>, ns: u64, per_cpu: Option<[u64; 2]>| {
+                let hook_s = hook.map_or("floor".to_string(), |h| format!("{h:?}").to_lowercase());
+                let ratio = ns as f64 / floor_ns.max(1) as f64;
+                let _ = write!(table, "{n:>9} {case:<26} {hook_s:>6} {lru:>6} {ns:>9} {ratio:>10.2}");
+                let mut row = serde_json::json!({
+                    "services": n, "case": case, "hook": hook_s, "ct_lru": lru,
+                    "cpus": per_cpu.map_or(1, |p| p.len()), "ns": ns, "x_floor": ratio,
+                });
+                if let Some(p) = per_cpu {
+                    let _ = write!(table, "   per CPU {}", p.map(|ns| ns.to_string()).join(" / "));
+                    row["ns_per_cpu"] = serde_json::json!(p);
+                }
+                let _ = writeln!(table);
+                rows.push(row);
+            };
+            push("(a) no-op floor", None, floor_ns, None);
+            for hook in Hook::BOTH {
+                dp.clear_conntrack()?;
+                run_on(&dp.ebpf, hook, &syn(client, 40000, target, 80), 1)?;
+                let b = timed(&dp.ebpf, hook, &hit, repeat, rounds, Verdict::Pass)?;
+                anyhow::ensure!(dp.stat(Reason::FwdEstablished).packets > 0, "conntrack-hit case never hit conntrack");
+                push("(b) conntrack hit", Some(hook), b, None);
+                let fwd_new = dp.stat(Reason::FwdNew).packets;
+                let c = timed(&bypass, hook, &new, repeat, rounds, Verdict::Pass)?;
+                let grew = dp.stat(Reason::FwdNew).packets - fwd_new;
+                anyhow::ensure!(
+                    grew >= u64::from(repeat) * u64::from(rounds),
+                    "new-flow case took the new-flow path only {grew} times"
+                );
+                push("(c) new flow", Some(hook), c, None);
+                let d = timed(&dp.ebpf, hook, &other, repeat, rounds, Verdict::Pass)?;
+                push("(d) non-service", Some(hook), d, None);
+                if !two_cpus {
+                    continue;
+                }
+                let all = u64::from(repeat) * u64::from(rounds);
+                dp.clear_conntrack()?;
+                for port in [40000, HIT2_PORT] {
+                    run_on(&dp.ebpf, hook, &syn(client, port, target, 80), 1)?;
+                }
+                let before = dp.stat_per_cpu(Reason::FwdEstablished);
+                let b2 = timed_2cpu(&dp.ebpf, hook, [&hit, &hit2], repeat, rounds, Verdict::Pass)?;
+                // The first repetition's rewrite starts the return leg of the cycle (see
+                // `add_return_services`) as a new flow; every other one is a hit.
+                ensure_per_cpu(&mut dp, Reason::FwdEstablished, &before, all - 1, "two-CPU conntrack-hit case")?;
+                push("(b2) conntrack hit, 2 CPUs", Some(hook), b2[0].max(b2[1]), Some(b2));
+                let before = dp.stat_per_cpu(Reason::FwdNew);
+                let c2 = timed_2cpu(&bypass, hook, [&new, &new2], repeat, rounds, Verdict::Pass)?;
+                ensure_per_cpu(&mut dp, Reason::FwdNew, &before, all, "two-CPU new-flow case")?;
+                push("(c2) new flow, 2 CPUs", Some(hook), c2[0].max(c2[1]), Some(c2));
+            }
+            // What every packet to a pod pays on the pod interface's egress hook when it is
+            // no reply of a NATed flow: one conntrack lookup that misses.
+            let to_pod = ack([192, 0, 2, 1], 80, client, 40003, b"payload");
+            let e = timed(&dp.ebpf, Hook::TcEgress, &to_pod, repeat, rounds, Verdict::Pass)?;
+            push("(e) egress, no reply", Some(Hook::TcEgress), e, None);
         }
-        // What every packet to a pod pays on the pod interface's egress hook when it is
-        // no reply of a NATed flow: one conntrack lookup that misses.
-        let to_pod = ack([192, 0, 2, 1], 80, client, 40003, b"payload");
-        let e = timed(&dp.ebpf, Hook::TcEgress, &to_pod, repeat, rounds, Verdict::Pass)?;
-        push("(e) egress, no reply", Some(Hook::TcEgress), e);
     }
+    rows.extend(bench_backends(&floor, repeat, rounds, new_flow_backends, &mut table)?);
     print!("{table}");
 
-    // Targets from the issue, judged on what was just measured.
-    let get = |n: u32, case: &str, hook: &str| {
-        rows.iter()
-            .find(|r| {
-                r["services"] == n && r["case"].as_str().is_some_and(|c| c.starts_with(case)) && r["hook"] == hook
-            })
-            .and_then(|r| r["ns"].as_u64())
-    };
+    // Targets from the issue, judged on what was just measured, per conntrack kind.
     let mut verdicts = Vec::new();
     let (lo, hi) = (scales.iter().copied().min().unwrap_or(0), scales.iter().copied().max().unwrap_or(0));
-    for hook in ["xdp", "tc"] {
-        for &n in scales {
-            let floor = get(n, "(a)", "floor").unwrap_or(1) as f64;
-            if let Some(b) = get(n, "(b)", hook) {
-                verdicts.push(target_line(
-                    &format!("{hook} (b) conntrack hit <= 3x floor @{n}"),
-                    b as f64 / floor,
-                    3.0,
-                ));
+    for &kind in ct_lru.kinds() {
+        let get = |n: u32, case: &str, hook: &str| {
+            rows.iter()
+                .find(|r| {
+                    r["services"] == n
+                        && r["case"].as_str().is_some_and(|c| c.starts_with(case))
+                        && r["hook"] == hook
+                        && r["ct_lru"] == kind.name()
+                })
+                .and_then(|r| r["ns"].as_u64())
+        };
+        let lru = if ct_lru.kinds().len() > 1 { format!(", {} LRU", kind.name()) } else { String::new() };
+        for hook in ["xdp", "tc"] {
+            for &n in scales {
+                let floor = get(n, "(a)", "floor").unwrap_or(1) as f64;
+                let hit_limit = if hook == "xdp" { 3.0 } else { 4.0 };
+                if let Some(b) = get(n, "(b)", hook) {
+                    verdicts.push(target_line(
+                        &format!("{hook} (b) conntrack hit <= {hit_limit}x floor @{n}{lru}"),
+                        b as f64 / floor,
+                        hit_limit,
+                    ));
+                }
+                if let Some(c) = get(n, "(c)", hook) {
+                    verdicts.push(target_line(
+                        &format!("{hook} (c) new flow <= 12x floor @{n}{lru}"),
+                        c as f64 / floor,
+                        12.0,
+                    ));
+                }
+                if let Some(d) = get(n, "(d)", hook) {
+                    verdicts.push(target_line(
+                        &format!("{hook} (d) non-service <= 1.5x floor @{n}{lru}"),
+                        d as f64 / floor,
+                        1.5,
+                    ));
+                }
             }
-            if let Some(d) = get(n, "(d)", hook) {
-                verdicts.push(target_line(
-                    &format!("{hook} (d) non-service <= 1.3x floor @{n}"),
-                    d as f64 / floor,
-                    1.3,
-                ));
+            for case in ["(b)", "(c)"] {
+                if let (Some(a), Some(b)) = (get(lo, case, hook), get(hi, case, hook)) {
+                    verdicts.push(target_line(
+                        &format!("{hook} {case} {hi} vs {lo} services <= 1.2x{lru}"),
+                        b as f64 / a.max(1) as f64,
+                        1.2,
+                    ));
+                }
             }
         }
-        for case in ["(b)", "(c)"] {
-            if let (Some(a), Some(b)) = (get(lo, case, hook), get(hi, case, hook)) {
+    }
+    // The backends dimension: flat in the number of backends.
+    let by_backends = |nb: u32, hook: &str| {
+        rows.iter()
+            .find(|r| r["backends"] == nb && r["hook"] == hook)
+            .and_then(|r| Some((r["ns"].as_u64()?, r["floor_ns"].as_u64()?)))
+    };
+    if let (Some(&lo), Some(&hi)) = (new_flow_backends.iter().min(), new_flow_backends.iter().max()) {
+        for hook in ["xdp", "tc"] {
+            if let (Some((a, _)), Some((b, floor))) = (by_backends(lo, hook), by_backends(hi, hook)) {
                 verdicts.push(target_line(
-                    &format!("{hook} {case} {hi} vs {lo} services <= 1.2x"),
+                    &format!("{hook} (c) new flow {hi} vs {lo} backends <= 1.2x"),
                     b as f64 / a.max(1) as f64,
                     1.2,
+                ));
+                verdicts.push(target_line(
+                    &format!("{hook} (c) new flow <= 12x floor @{hi} backends"),
+                    b as f64 / floor.max(1) as f64,
+                    12.0,
                 ));
             }
         }
@@ -309,7 +535,7 @@ fn bench_datapath(repeat: u32, scales: &[u32], backends: u32, rounds: u32, out: 
         println!("  {line}");
     }
     let json = serde_json::json!({
-            "repeat": repeat, "rounds": rounds, "backends_per_service": backends,
+            "repeat": repeat, "rounds": rounds, "backends_per_service": backends, "ct_lru": ct_lru.name(),
             "results": rows,
             "targets": verdicts.iter().map(|(l, ok)| serde_json::json!({"target": l, "met": ok})).collect::<Vec<_>>(),
     });
@@ -332,30 +558,94 @@ fn target_id(_n: u32, scales: &[u32]) -> u32 {
 
 /// BPF_PROG_TEST_RUN reruns the program on the packet as the previous repetition left
 /// it, so a DNAT'd packet would be "non-service" from the second repetition on. Make
-/// the rewrite a cycle instead: for every backend B of the target service, a service
-/// B:8080 with `backends` backends, the first of them the ClusterIP:80, whose table
-/// (of the size the agent gives `backends` backends) sends every bucket to it. Every
-/// repetition is then a real lookup, table read and rewrite.
-fn add_return_services(dp: &mut Datapath, vip: [u8; 4], vip_id: u32, backends: u32, first_id: u32) -> Result<()> {
-    let be_addr = |b: u32| [10, 128 + b as u8, ((vip_id - 1) >> 8) as u8, (vip_id - 1) as u8];
-    for b in 0..backends {
-        let back = be_addr(b);
-        let id = first_id + b;
-        let set: Vec<(u32, String, u16)> = (0..backends)
-            .map(|k| match k {
-                0 => (id * 64, addr(vip), 80),
-                k => (id * 64 + k, addr([10, 200 + (k >> 16) as u8, (k >> 8) as u8, k as u8]), 8080),
-            })
-            .collect();
-        let set: Vec<(u32, &str, u16)> = set.iter().map(|(i, a, p)| (*i, a.as_str(), *p)).collect();
-        dp.put_service(&addr(back), 8080, IPPROTO_TCP, ServiceValue { id, count: backends, ..Default::default() })?;
-        dp.put_backends(id, &set)?;
-        let size = dp.table(id).context("return service without a table")?.size();
-        let words = vec![0x0001_0001_0001_0001u64; size.div_ceil(lb_common::TABLE_LANES) as usize];
-        let off = dp.put_table_words(&words)?;
+/// the rewrite a cycle instead: for every backend B (`targets`) of the target service
+/// `vip_id`, a service B:8080 whose one backend is the ClusterIP:80, with a table of
+/// the target's size that sends every bucket to it (one table shared by all of them:
+/// tables are plain words). Every repetition is then a real lookup, a read of a table
+/// as large as the target's, and a rewrite.
+fn add_return_services(dp: &mut Datapath, vip: [u8; 4], vip_id: u32, targets: &[[u8; 4]], first_id: u32) -> Result<()> {
+    let size = dp.table(vip_id).context("the target service has no table")?.size();
+    let words = vec![0x0001_0001_0001_0001u64; size.div_ceil(lb_common::TABLE_LANES) as usize];
+    let off = dp.put_table_words(&words)?;
+    for (b, back) in targets.iter().enumerate() {
+        let id = first_id + b as u32;
+        dp.put_service(&addr(*back), 8080, IPPROTO_TCP, ServiceValue { id, count: 1, ..Default::default() })?;
+        dp.put_backends(id, &[(id, &addr(vip), 80)])?;
         dp.point_at_table(id, off, size)?;
     }
     Ok(())
+}
+
+/// Address of backend `b` (< 2^14) of service `i` (< 256 when `b` >= 64).
+fn backend_addr(i: u32, b: u32) -> [u8; 4] {
+    if b < 64 { [10, 128 + b as u8, (i >> 8) as u8, i as u8] } else { [10, 192 + (b >> 8) as u8, b as u8, i as u8] }
+}
+
+/// Loads `n` services of `backends` backends each (ids 1..=n; backend ids from
+/// `id * 16384`), and the return services of the target.
+fn load_services(dp: &mut Datapath, n: u32, backends: u32, target: [u8; 4], target_id: u32) -> Result<()> {
+    for i in 0..n {
+        let id = i + 1;
+        dp.put_service(&addr(vip(i)), 80, IPPROTO_TCP, ServiceValue { id, count: backends, ..Default::default() })?;
+        let be: Vec<(u32, String, u16)> =
+            (0..backends).map(|b| (id * 16384 + b, addr(backend_addr(i, b)), 8080)).collect();
+        let be: Vec<(u32, &str, u16)> = be.iter().map(|(i, a, p)| (*i, a.as_str(), *p)).collect();
+        dp.put_backends(id, &be)?;
+    }
+    let targets: Vec<[u8; 4]> = (0..backends).map(|b| backend_addr(target_id - 1, b)).collect();
+    add_return_services(dp, target, target_id, &targets, n + 1)
+}
+
+/// The new-flow case at each backend count of `counts` (10 services of that many
+/// backends each), both hooks, the loader's conntrack map: rows for the backends
+/// dimension, with their own floor.
+fn bench_backends(
+    floor: &Ebpf,
+    repeat: u32,
+    rounds: u32,
+    counts: &[u32],
+    table: &mut String,
+) -> Result<Vec<serde_json::Value>> {
+    let client = [10, 244, 0, 5];
+    let n = 10;
+    let target = vip(target_id(0, &[n]) - 1);
+    let new = syn(client, 40001, target, 80);
+    let mut rows = Vec::new();
+    for &nb in counts {
+        let words = 2 * (n + nb) * (agent_table_size(nb).div_ceil(4) + 1) + 1024;
+        let sizes = [
+            (map_names::SERVICES, (2 * (n + nb) + 64).max(1024)),
+            (map_names::BACKENDS, (n * nb + nb + 64).max(1024)),
+            (map_names::TABLES, words.max(1 << 16)),
+        ];
+        let mut dp = Datapath::load_with(&sizes)?;
+        load_services(&mut dp, n, nb, target, target_id(n, &[n]))?;
+        let bypass = dp.load_sharing_maps(true)?;
+        let floor_ns = floor_ns(floor, &new, repeat, rounds)?;
+        for hook in Hook::BOTH {
+            let before = dp.stat(Reason::FwdNew).packets;
+            let c = timed(&bypass, hook, &new, repeat, rounds, Verdict::Pass)?;
+            let grew = dp.stat(Reason::FwdNew).packets - before;
+            anyhow::ensure!(
+                grew >= u64::from(repeat) * u64::from(rounds),
+                "new-flow case took the new-flow path only {grew} times"
+            );
+            let hook_s = format!("{hook:?}").to_lowercase();
+            let ratio = c as f64 / floor_ns.max(1) as f64;
+            let case = format!("(c) new flow, {nb} backends");
+            writeln!(table, "{n:>9} {case:<26} {hook_s:>6} {:>6} {c:>9} {ratio:>10.2}", "common")?;
+            rows.push(serde_json::json!({
+                "services": n, "backends": nb, "case": "(c) new flow", "hook": hook_s, "ct_lru": "common",
+                "cpus": 1, "ns": c, "x_floor": ratio, "floor_ns": floor_ns,
+            }));
+        }
+    }
+    Ok(rows)
+}
+
+/// The size of the table the agent gives `n` backends.
+fn agent_table_size(n: u32) -> u32 {
+    lb_userspace::agent::table::size_for(n as usize)
 }
 
 fn target_line(what: &str, ratio: f64, limit: f64) -> (String, bool) {

@@ -146,7 +146,10 @@ impl MapWriter for FakeMaps {
             Op::PutTable(off, ref words) => {
                 let end = off + words.len() as u32;
                 if let Some((k, _)) = self.services.iter().find(|(k, v)| {
-                    !is_marker(k) && v.table_size > 0 && v.table_off < end && off < v.table_off + words_for(v.table_size)
+                    !is_marker(k)
+                        && v.table_size > 0
+                        && v.table_off < end
+                        && off < v.table_off + words_for(v.table_size)
                 }) {
                     return Err(format!("{op} overwrites the published table of {}", fmt_key(k)).into());
                 }
@@ -342,8 +345,9 @@ fn step(s: &mut Syncer, m: &mut FakeMaps, from: &Desired, to: &Desired) -> Vec<O
     // Every table the shadow knows is the one in the maps, read back.
     for (k, v) in m.services.iter().filter(|(k, v)| !is_marker(k) && v.count > 0) {
         let t = &s.shadow().tables[&v.id];
-        let words: Vec<u64> =
-            (v.table_off..v.table_off + words_for(v.table_size)).map(|i| m.tables.get(&i).copied().unwrap_or(0)).collect();
+        let words: Vec<u64> = (v.table_off..v.table_off + words_for(v.table_size))
+            .map(|i| m.tables.get(&i).copied().unwrap_or(0))
+            .collect();
         let back = Table::from_words(&words, v.table_size, |slot| {
             m.backends.get(&BackendKey { svc_id: v.id, slot }).map(|b| (b.addr_be, b.port_be))
         });
@@ -454,7 +458,11 @@ fn replacing_a_backend_overwrites_in_place() {
     assert!(
         matches!(
             ops[..],
-            [Op::PutIds(_), Op::PutBackend(BackendKey { slot: 2, .. }, _), Op::PutService(_, ServiceValue { count: 3, .. })]
+            [
+                Op::PutIds(_),
+                Op::PutBackend(BackendKey { slot: 2, .. }, _),
+                Op::PutService(_, ServiceValue { count: 3, .. })
+            ]
         ),
         "{ops:#?}"
     );
@@ -1203,7 +1211,8 @@ fn tables_switch_by_the_entry_and_the_epoch_follows_removals() {
     assert_eq!(v1.table_size, v0.table_size, "one more backend keeps the table's size");
     assert_eq!(m.ids.epoch, e0);
     let kinds: Vec<&str> = m.log.iter().map(kind).collect();
-    let (t, svc) = (kinds.iter().position(|k| *k == "table").unwrap(), kinds.iter().position(|k| *k == "service").unwrap());
+    let (t, svc) =
+        (kinds.iter().position(|k| *k == "table").unwrap(), kinds.iter().position(|k| *k == "service").unwrap());
     assert!(t < svc, "{kinds:?}");
     // Only the new backend's buckets changed hands.
     let (ta, tb) = (Table::build(&[addr(1), addr(2), addr(3)]), &s.shadow().tables[&v1.id]);
