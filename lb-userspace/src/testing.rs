@@ -132,6 +132,11 @@ impl Datapath {
         Ok(dp)
     }
 
+    /// The backend epoch the helpers last wrote.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
     /// Moves the backend epoch on, as the agent does after removing backends.
     pub fn bump_epoch(&mut self) -> Result<()> {
         self.epoch += 1;
@@ -340,6 +345,13 @@ impl Datapath {
         } else {
             self.prefilter_allow(key.src_addr_be, true)?;
         }
+        self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK).insert(key, value, 0)?;
+        Ok(())
+    }
+
+    /// Writes a conntrack entry without the prefilter bits the agent would have set:
+    /// for the tests that show the prefilter keeps such packets from every lookup.
+    pub fn put_conntrack_unfiltered(&mut self, key: CtKey4, value: CtValue4) -> Result<()> {
         self.hash::<CtKey4, CtValue4>(map_names::CONNTRACK).insert(key, value, 0)?;
         Ok(())
     }

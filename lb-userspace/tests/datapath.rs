@@ -1446,3 +1446,261 @@ fn egress_reverse_nats_replies_from_the_node_only() {
         assert_eq!((v, out), (Verdict::Pass, other.build()), "{name}: others' traffic untouched");
     }
 }
+
+/// Destination address and port of a rendered frame.
+fn dest(frame: &[u8]) -> ([u8; 4], u16) {
+    let h = PacketHeaders::from_ethernet_slice(frame).unwrap();
+    let Some(NetHeaders::Ipv4(ipv4, _)) = h.net else { panic!("not IPv4") };
+    let port = match h.transport {
+        Some(TransportHeader::Tcp(t)) => t.destination_port,
+        Some(TransportHeader::Udp(u)) => u.destination_port,
+        _ => 0,
+    };
+    (ipv4.destination, port)
+}
+
+fn addr_of(a: (u32, u16)) -> ([u8; 4], u16) {
+    (a.0.to_ne_bytes(), u16::from_be(a.1))
+}
+
+/// A new table is written beside the old one and switched to by the `SERVICES` entry,
+/// as the agent does: until the switch, new flows follow the old table (never the new
+/// backend, whose slot is already written); after it, the new table. An established
+/// flow keeps its backend through both; once its backend is removed (and the epoch
+/// bumped), its next packet finds the backend gone.
+#[test]
+fn table_switch_during_an_update() {
+    for hook in Hook::BOTH {
+        let mut dp = Datapath::load().unwrap();
+        let be: Vec<(u32, String, u16)> = (0..3).map(|i| (500 + i, format!("10.244.5.{}", 10 + i), 8080)).collect();
+        let be3: Vec<(u32, &str, u16)> = be.iter().map(|(i, a, p)| (*i, a.as_str(), *p)).collect();
+        dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(50, 3)).unwrap();
+        dp.put_backends(50, &be3).unwrap();
+        let t1 = dp.table(50).unwrap().clone();
+        let flow = |c: u16| hash::flow_hash(ip(&s(CLIENT)), ip(&s(VIP)), c.to_be(), 80u16.to_be(), IPPROTO_TCP);
+        // An established flow.
+        let (_, out, _) = dp.run(hook, &syn(CLIENT, 41_000, VIP, 80).build(), 1).unwrap();
+        let est = dest(&out);
+        assert_eq!(est, addr_of(t1.pick(flow(41_000)).unwrap()));
+
+        // Mid-update: backend 4's slot and the new table are written, the entry not yet.
+        let new_be = (503u32, "10.244.5.13", 8080u16);
+        let mut four = be3.clone();
+        four.push(new_be);
+        let t2 = t1.update(&four.iter().map(|(_, a, p)| (ip(a), p.to_be())).collect::<Vec<_>>());
+        let slot_of: std::collections::HashMap<(u32, u16), u32> =
+            four.iter().enumerate().map(|(i, (_, a, p))| ((ip(a), p.to_be()), i as u32 + 1)).collect();
+        let words = t2.words(&slot_of).unwrap();
+        let off = dp.put_table_words(&words).unwrap();
+        // (The slot, as the agent writes it: before the table that names it.)
+        let mut m: aya::maps::HashMap<_, lb_common::BackendKey, lb_common::BackendValue> =
+            aya::maps::HashMap::try_from(dp.ebpf.map_mut(lb_common::map_names::BACKENDS).unwrap()).unwrap();
+        let v = lb_common::BackendValue { backend_id: 503, addr_be: ip(new_be.1), port_be: 8080u16.to_be(), _pad: [0; 2] };
+        m.insert(lb_common::BackendKey { svc_id: 50, slot: 4 }, v, 0).unwrap();
+        let moved: Vec<u16> = (42_000..42_400).filter(|p| t1.pick(flow(*p)) != t2.pick(flow(*p))).collect();
+        assert!(!moved.is_empty() && moved.len() < 200, "about a quarter of the flows move: {}", moved.len());
+        for &p in &moved[..20] {
+            dp.clear_conntrack().unwrap();
+            let (_, out, _) = dp.run(hook, &syn(CLIENT, p, VIP, 80).build(), 1).unwrap();
+            assert_eq!(dest(&out), addr_of(t1.pick(flow(p)).unwrap()), "{hook:?}: before the switch, the old table");
+        }
+        // The switch: one write of the entry.
+        dp.put_service(&s(VIP), 80, IPPROTO_TCP, ServiceValue { table_off: off, table_size: t2.size(), ..svc(50, 4) })
+            .unwrap();
+        for &p in &moved[..20] {
+            dp.clear_conntrack().unwrap();
+            let (_, out, _) = dp.run(hook, &syn(CLIENT, p, VIP, 80).build(), 1).unwrap();
+            assert_eq!(dest(&out), addr_of(t2.pick(flow(p)).unwrap()), "{hook:?}: after the switch, the new table");
+            assert_eq!(dest(&out), ([10, 244, 5, 13], 8080), "the moved flows go to the new backend");
+        }
+        // The established flow, re-created, keeps its backend across the switch.
+        dp.clear_conntrack().unwrap();
+        dp.run(hook, &syn(CLIENT, 41_000, VIP, 80).build(), 1).unwrap();
+        let est_be = dest(&dp.run(hook, &tcp(CLIENT, 41_000, VIP, 80).build(), 1).unwrap().1);
+        assert_eq!(est_be, est);
+        // Its backend is removed as the agent removes one: the last backend into its
+        // slot, count down, the last slot deleted, the epoch bumped.
+        let pos = four.iter().position(|(_, a, _)| ip(a) == u32::from_ne_bytes(est_be.0)).unwrap();
+        let mut left = four.clone();
+        left.swap_remove(pos);
+        dp.put_backends(50, &left).unwrap();
+        dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(50, 3)).unwrap();
+        dp.remove_backend_slot(50, 4).unwrap();
+        let gone = dp.stat(Reason::DropBackendGone).packets;
+        let (v, _, _) = dp.run(hook, &tcp(CLIENT, 41_000, VIP, 80).build(), 1).unwrap();
+        assert_eq!(v, Verdict::Drop, "{hook:?}: after the removal and the bump, the backend is gone");
+        assert_eq!(dp.stat(Reason::DropBackendGone).packets, gone + 1);
+    }
+}
+
+/// Under an unchanged epoch a conntrack hit takes its backend from the entry, with no
+/// lookup: a removal the epoch does not (yet) say is not seen; the bump makes the next
+/// packet look, and a backend that moved slot is found again and its new slot kept.
+#[test]
+fn conntrack_hits_look_their_backend_up_only_after_an_epoch_bump() {
+    let mut dp = Datapath::load().unwrap();
+    dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(60, 2)).unwrap();
+    dp.put_backends(60, &[(601, "10.244.6.10", 8080), (602, "10.244.6.11", 8080)]).unwrap();
+    // A flow pinned to backend 602 at slot 2.
+    let key = lb_common::CtKey4 {
+        src_addr_be: ip(&s(CLIENT)),
+        dst_addr_be: ip(&s(VIP)),
+        src_port_be: 43_000u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let ct = |epoch, slot| lb_common::CtValue4 {
+        nat_addr_be: ip("10.244.6.11"),
+        nat_port_be: 8080u16.to_be(),
+        dir: lb_common::CT_DIR_FORWARD,
+        flags: lb_common::CT_F_REPLIED,
+        svc_id: 60,
+        backend_id: 602,
+        slot,
+        seen: ct_now(),
+        epoch,
+    };
+    let e = dp.epoch();
+    // Current epoch, slot wrong on purpose: no lookup happens, so it goes through.
+    dp.put_conntrack(key, ct(e, 7)).unwrap();
+    let pkt = tcp(CLIENT, 43_000, VIP, 80).build();
+    let (v, out, _) = dp.run(Hook::Tc, &pkt, 1).unwrap();
+    assert_eq!((v, dest(&out)), (Verdict::Pass, ([10, 244, 6, 11], 8080)));
+    // An older epoch: looked up; slot 7 is empty, so found by id at slot 2 and kept.
+    dp.put_conntrack(key, ct(e - 1, 7)).unwrap();
+    let (v, out, _) = dp.run(Hook::Tc, &pkt, 1).unwrap();
+    assert_eq!((v, dest(&out)), (Verdict::Pass, ([10, 244, 6, 11], 8080)));
+    let entry = dp.conntrack().into_iter().find(|(k, _)| *k == key).unwrap().1;
+    assert_eq!((entry.epoch, entry.slot), (e, 2), "validated under the current epoch, at the slot found");
+    // The backend goes: still sent on until the epoch moves on ...
+    dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(60, 1)).unwrap();
+    {
+        let mut m: aya::maps::HashMap<_, lb_common::BackendKey, lb_common::BackendValue> =
+            aya::maps::HashMap::try_from(dp.ebpf.map_mut(lb_common::map_names::BACKENDS).unwrap()).unwrap();
+        m.remove(&lb_common::BackendKey { svc_id: 60, slot: 2 }).unwrap();
+    }
+    let (v, _, _) = dp.run(Hook::Tc, &pkt, 1).unwrap();
+    assert_eq!(v, Verdict::Pass, "no lookup under the epoch the entry was validated in");
+    dp.bump_epoch().unwrap();
+    let (v, _, _) = dp.run(Hook::Tc, &pkt, 1).unwrap();
+    assert_eq!(v, Verdict::Drop, "after the bump the backend is looked up, and it is gone");
+}
+
+/// The prefilter lets traffic for no service skip every lookup (shown by a conntrack
+/// entry the agent never made, which is then not applied), and never skips a packet
+/// to a ClusterIP, a reply from a backend (slots or draining), or one of an address
+/// that only shares a bit with a ClusterIP.
+#[test]
+fn prefilter_skips_others_and_never_a_clusterip_or_a_reply() {
+    for hook in Hook::BOTH {
+        let mut dp = Datapath::load().unwrap();
+        base(&mut dp);
+        let stranger = [192, 0, 2, 77];
+        // Not CLIENT: it is a backend too (of the hairpin service).
+        let client = [10, 244, 0, 99];
+        let key = lb_common::CtKey4 {
+            src_addr_be: ip(&s(client)),
+            dst_addr_be: ip(&s(stranger)),
+            src_port_be: 44_000u16.to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let v = lb_common::CtValue4 {
+            nat_addr_be: ip(&s(BE_TCP)),
+            nat_port_be: 8080u16.to_be(),
+            dir: lb_common::CT_DIR_FORWARD,
+            svc_id: SVC_TCP,
+            backend_id: 101,
+            slot: 1,
+            seen: ct_now(),
+            ..Default::default()
+        };
+        dp.put_conntrack_unfiltered(key, v).unwrap();
+        let pkt = tcp(client, 44_000, stranger, 80).build();
+        let before = dp.stat(Reason::PassNotService).packets;
+        let (verdict, out, _) = dp.run(hook, &pkt, 1).unwrap();
+        assert_eq!((verdict, out), (Verdict::Pass, pkt.clone()), "{hook:?}: skipped, not NATed");
+        assert_eq!(dp.stat(Reason::PassNotService).packets, before + 1);
+        // With its bit set (as the agent never would for it), the entry applies: the
+        // skip above was the prefilter's.
+        dp.prefilter_allow(ip(&s(stranger)), false).unwrap();
+        let (_, out, _) = dp.run(hook, &pkt, 1).unwrap();
+        assert_eq!(dest(&out), (BE_TCP, 8080));
+
+        // A ClusterIP and its replies, from a slot backend and from a draining one.
+        let (_, out, _) = dp.run(hook, &syn(CLIENT, 44_001, VIP, 80).build(), 1).unwrap();
+        assert_eq!(dest(&out), (BE_TCP, 8080));
+        let rev = dp.stat(Reason::RevNat).packets;
+        let (_, out, _) = dp.run(hook, &tcp(BE_TCP, 8080, CLIENT, 44_001).build(), 1).unwrap();
+        assert_eq!(dest(&out), (CLIENT, 44_001));
+        assert_eq!(dp.stat(Reason::RevNat).packets, rev + 1, "{hook:?}: the reply was reverse-NATed");
+        dp.put_draining(SVC_TCP, 109, "10.244.1.19", 8080).unwrap();
+        let rk = lb_common::CtKey4 {
+            src_addr_be: ip("10.244.1.19"),
+            dst_addr_be: ip(&s(CLIENT)),
+            src_port_be: 8080u16.to_be(),
+            dst_port_be: 44_002u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let rv = lb_common::CtValue4 {
+            nat_addr_be: ip(&s(VIP)),
+            nat_port_be: 80u16.to_be(),
+            dir: lb_common::CT_DIR_REPLY,
+            svc_id: SVC_TCP,
+            backend_id: 109,
+            seen: ct_now(),
+            ..Default::default()
+        };
+        dp.put_conntrack_unfiltered(rk, rv).unwrap();
+        let (_, out, _) = dp.run(hook, &tcp([10, 244, 1, 19], 8080, CLIENT, 44_002).build(), 1).unwrap();
+        assert_eq!(dest(&out), (CLIENT, 44_002), "{hook:?}: a draining backend's reply passes the prefilter");
+
+        // An address sharing the ClusterIP's bit goes on to the lookups, which say no.
+        let vip_bit = lb_common::prefilter_bit(ip(&s(VIP)));
+        let twin = (1u32..)
+            .map(|i| [172, 16 + (i >> 16) as u8, (i >> 8) as u8, i as u8])
+            .find(|a| lb_common::prefilter_bit(u32::from_ne_bytes(*a)) == vip_bit)
+            .unwrap();
+        let p = tcp(client, 44_003, twin, 80).build();
+        let before = dp.stat(Reason::PassNotService).packets;
+        assert_eq!(dp.run(hook, &p, 1).unwrap().1, p);
+        assert_eq!(dp.stat(Reason::PassNotService).packets, before + 1);
+    }
+}
+
+/// A Service at the per-service backend limit: new flows pick through its table as the
+/// host-side reference says, and an affinity entry whose backend moved to the last slot
+/// is found there by the scan.
+#[test]
+fn a_service_at_the_backend_limit() {
+    let n = lb_common::limits::MAX_BACKENDS_PER_SERVICE;
+    assert!(n >= 5000);
+    let sizes = [(lb_common::map_names::BACKENDS, 16_384)];
+    let mut dp = Datapath::load_with(&sizes).unwrap();
+    let be: Vec<(u32, String, u16)> =
+        (0..n).map(|i| (10_000 + i, format!("10.{}.{}.{}", 100 + (i >> 16), (i >> 8) & 255, i & 255), 8080)).collect();
+    let be: Vec<(u32, &str, u16)> = be.iter().map(|(i, a, p)| (*i, a.as_str(), *p)).collect();
+    let aff = ServiceValue { flags: SVC_F_AFFINITY, affinity_timeout_s: 10800, ..svc(70, n) };
+    dp.put_service(&s(VIP_AFF), 80, IPPROTO_TCP, aff).unwrap();
+    dp.put_backends(70, &be).unwrap();
+    let table = dp.table(70).unwrap().clone();
+    assert_eq!(table.loads().len(), n as usize);
+    for i in 0..500u32 {
+        let client = [10, 3, (i >> 8) as u8, i as u8];
+        let flow = hash::flow_hash(ip(&s(client)), ip(&s(VIP_AFF)), 45_000u16.to_be(), 80u16.to_be(), IPPROTO_TCP);
+        let (_, out, _) = dp.run(Hook::Xdp, &syn(client, 45_000, VIP_AFF, 80).build(), 1).unwrap();
+        assert_eq!(dest(&out), addr_of(table.pick(flow).unwrap()), "client {client:?}");
+    }
+    // An affinity entry for the backend in the last slot, remembered at slot 1.
+    let last = be[n as usize - 1];
+    let key = AffinityKey4 { svc_id: 70, client_addr_be: ip("10.4.0.1") };
+    dp.put_affinity(key, AffinityValue { last_used_ns: monotonic_ns(), backend_id: last.0, slot: 1 }).unwrap();
+    let hits = dp.stat(Reason::AffinityHit).packets;
+    let (_, out, _) = dp.run(Hook::Tc, &syn([10, 4, 0, 1], 45_001, VIP_AFF, 80).build(), 1).unwrap();
+    assert_eq!(dest(&out), (last.1.parse::<std::net::Ipv4Addr>().unwrap().octets(), 8080));
+    assert_eq!(dp.stat(Reason::AffinityHit).packets, hits + 1);
+    assert_eq!(dp.affinity().into_iter().find(|(k, _)| *k == key).unwrap().1.slot, n, "the slot found is kept");
+}
