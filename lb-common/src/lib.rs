@@ -232,6 +232,25 @@ pub struct CtKey4 {
 }
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 
+impl CtKey4 {
+    /// The key of a 5-tuple. Built as whole words: zeroing the `[u8; 3]` padding as a
+    /// field compiles, in the datapath, to a call of a BPF `memset` function on every
+    /// key (seen in `perf` of a conntrack hit: ~10 ns of ~110).
+    #[inline(always)]
+    pub const fn new(src_addr_be: u32, dst_addr_be: u32, src_port_be: u16, dst_port_be: u16, proto: u8) -> Self {
+        let (s, d, sp, dp) = (
+            src_addr_be.to_ne_bytes(),
+            dst_addr_be.to_ne_bytes(),
+            src_port_be.to_ne_bytes(),
+            dst_port_be.to_ne_bytes(),
+        );
+        let bytes = [s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], sp[0], sp[1], dp[0], dp[1], proto, 0, 0, 0];
+        // SAFETY: CtKey4 is repr(C), 16 bytes with no implicit padding, and every bit
+        // pattern is valid; the bytes are the fields in declaration order.
+        unsafe { core::mem::transmute::<[u8; 16], CtKey4>(bytes) }
+    }
+}
+
 /// `CtValue4::dir`: client -> frontend; rewrite the destination to the backend.
 pub const CT_DIR_FORWARD: u8 = 1;
 /// `CtValue4::dir`: backend -> client; rewrite the source to the frontend.
@@ -278,7 +297,7 @@ pub struct CtValue4 {
     pub svc_id: u32,
     pub backend_id: u32,
     pub slot: u32,
-    /// [`ct_tick`] when the flow was last refreshed; refreshed at most once a tick, so
+    /// [`ct_tick`] when the flow was last refreshed; refreshed at most once a second, so
     /// that a busy flow does not write its entry on every packet.
     pub seen: u32,
     /// (Forward half) `IdState::epoch` when the backend was last found in the maps. The
@@ -288,24 +307,22 @@ pub struct CtValue4 {
 }
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
 
-/// Conntrack time: CLOCK_MONOTONIC in ticks of 2^30 ns (1.07 s). A shift rather than a
-/// division by 10^9: the datapath reads the clock on every conntrack hit, and the 64-bit
-/// division cost the hit a measured ~15 % (`cargo xtask bench datapath`).
-pub const CT_TICK_SHIFT: u32 = 30;
-
-/// The conntrack tick of a CLOCK_MONOTONIC time in ns.
-pub const fn ct_tick(monotonic_ns: u64) -> u32 {
-    (monotonic_ns >> CT_TICK_SHIFT) as u32
+/// Conntrack time, in seconds counted by the kernel's jiffies: `jiffies * jiffy_recip
+/// >> 32`, where `jiffy_recip` is [`jiffy_recip`] of the kernel's HZ
+/// (`IdState::jiffy_recip`, written by the agent, which reads HZ and jiffies from
+/// /proc/timer_list). The datapath reads the clock on every conntrack hit, and
+/// `bpf_jiffies64` is inlined by the verifier into two instructions
+/// (kernel/bpf/verifier.c, `do_misc_fixups`), where `bpf_ktime_get_coarse_ns` was a
+/// helper call that cost a measured ~20 ns of a ~100 ns hit (`perf`, and the bench).
+/// The product fits in 64 bits for any HZ and centuries of uptime.
+#[inline(always)]
+pub const fn ct_tick(jiffies: u64, jiffy_recip: u32) -> u32 {
+    (jiffies.wrapping_mul(jiffy_recip as u64) >> 32) as u32
 }
 
-/// Ticks that span at least `secs` seconds.
-pub const fn ct_ticks_for(secs: u32) -> u32 {
-    ((secs as u64 * 1_000_000_000).div_ceil(1 << CT_TICK_SHIFT)) as u32
-}
-
-/// Whole seconds in `ticks` ticks.
-pub const fn ct_ticks_to_s(ticks: u32) -> u32 {
-    ((ticks as u64) << CT_TICK_SHIFT).div_ceil(1_000_000_000) as u32
+/// `2^32 / hz`: multiplying jiffies by it and shifting by 32 divides them by HZ.
+pub const fn jiffy_recip(hz: u32) -> u32 {
+    ((1u64 << 32) / if hz == 0 { 1 } else { hz as u64 }) as u32
 }
 
 /// Conntrack timeouts, in seconds, after the last packet: kube-proxy's settings of
@@ -350,7 +367,7 @@ impl CtValue4 {
     }
     /// Whether the entry has outlived its timeout at tick `now` ([`ct_tick`]).
     pub const fn expired(&self, proto: u8, now: u32) -> bool {
-        now.wrapping_sub(self.seen) > ct_ticks_for(self.timeout_s(proto))
+        now.wrapping_sub(self.seen) > self.timeout_s(proto)
     }
     /// The other half of the flow whose half this is, under `key`: the reply half's key
     /// is the forward half's NAT target talking back to the client (to the ClusterIP
@@ -360,27 +377,25 @@ impl CtValue4 {
         let hairpin = self.flags & CT_F_HAIRPIN != 0;
         let mut v = *self;
         if self.dir == CT_DIR_FORWARD {
-            let k = CtKey4 {
-                src_addr_be: self.nat_addr_be,
-                dst_addr_be: if hairpin { key.dst_addr_be } else { key.src_addr_be },
-                src_port_be: self.nat_port_be,
-                dst_port_be: key.src_port_be,
-                proto: key.proto,
-                _pad: [0; 3],
-            };
+            let k = CtKey4::new(
+                self.nat_addr_be,
+                if hairpin { key.dst_addr_be } else { key.src_addr_be },
+                self.nat_port_be,
+                key.src_port_be,
+                key.proto,
+            );
             v.nat_addr_be = key.dst_addr_be;
             v.nat_port_be = key.dst_port_be;
             v.dir = CT_DIR_REPLY;
             (k, v)
         } else {
-            let k = CtKey4 {
-                src_addr_be: if hairpin { key.src_addr_be } else { key.dst_addr_be },
-                dst_addr_be: self.nat_addr_be,
-                src_port_be: key.dst_port_be,
-                dst_port_be: self.nat_port_be,
-                proto: key.proto,
-                _pad: [0; 3],
-            };
+            let k = CtKey4::new(
+                if hairpin { key.src_addr_be } else { key.dst_addr_be },
+                self.nat_addr_be,
+                key.dst_port_be,
+                self.nat_port_be,
+                key.proto,
+            );
             v.nat_addr_be = key.src_addr_be;
             v.nat_port_be = key.src_port_be;
             v.dir = CT_DIR_FORWARD;
@@ -431,7 +446,10 @@ pub struct IdState {
     /// `DRAINING`: a conntrack entry validated under this epoch still has its backend
     /// (`CtValue4::epoch`).
     pub epoch: u32,
-    pub _pad: u32,
+    /// [`jiffy_recip`] of the kernel's HZ: the datapath's conntrack clock
+    /// ([`ct_tick`]). 0 until the agent has written it: the clock then stands still at
+    /// 0 (nothing expires, nothing is refreshed).
+    pub jiffy_recip: u32,
 }
 const _: () = assert!(core::mem::size_of::<IdState>() == 16);
 
@@ -661,17 +679,30 @@ mod tests {
         assert_eq!(v(CT_F_REPLIED | CT_F_RST).timeout_s(IPPROTO_TCP), ct_timeouts::TCP_CLOSE);
         assert_eq!(v(0).timeout_s(IPPROTO_UDP), ct_timeouts::UDP);
         assert_eq!(v(CT_F_REPLIED).timeout_s(IPPROTO_UDP), ct_timeouts::UDP_STREAM);
-        // 30 s are 28 ticks of 1.07 s; 10 s are 10.
-        assert_eq!((ct_ticks_for(30), ct_ticks_for(10), ct_ticks_to_s(28)), (28, 10, 31));
-        assert!(!v(0).expired(IPPROTO_UDP, 1028));
-        assert!(v(0).expired(IPPROTO_UDP, 1029));
-        assert!(!v(CT_F_REPLIED).expired(IPPROTO_UDP, 1029));
-        // Ticks wrap after 146 years of uptime, and an entry from before a wrap still
-        // expires.
+        assert!(!v(0).expired(IPPROTO_UDP, 1030));
+        assert!(v(0).expired(IPPROTO_UDP, 1031));
+        assert!(!v(CT_F_REPLIED).expired(IPPROTO_UDP, 1031));
+        // Ticks wrap after 136 years, and an entry from before a wrap still expires.
         assert!(CtValue4 { seen: u32::MAX - 5, ..v(0) }.expired(IPPROTO_UDP, 30));
         assert!(!v(CT_F_RST).expired(IPPROTO_TCP, 1010) && v(CT_F_RST).expired(IPPROTO_TCP, 1011));
         assert!(v(CT_F_REPLIED).open() && !v(CT_F_RST).open() && !v(CT_F_FIN_FWD | CT_F_FIN_REPLY).open());
         assert!(v(CT_F_FIN_FWD).open());
+    }
+
+    #[test]
+    fn conntrack_ticks_are_seconds_of_jiffies() {
+        for hz in [100u32, 250, 300, 1000] {
+            let r = jiffy_recip(hz);
+            // At boot (INITIAL_JIFFIES, 2^32 - 300 HZ on 64-bit), and 10 years on.
+            let j0 = (1u64 << 32) - 300 * hz as u64;
+            let t0 = ct_tick(j0, r);
+            let hour = ct_tick(j0 + hz as u64 * 3600, r) - t0;
+            assert!((3599..=3601).contains(&hour), "HZ {hz}: {hour}");
+            let ten_years = hz as u64 * 86_400 * 3650;
+            let t = ct_tick(j0 + ten_years, r) - t0;
+            assert!((t as i64 - 86_400 * 3650).abs() < 300, "HZ {hz}: {t}");
+        }
+        assert_eq!(ct_tick(123_456, 0), 0, "no HZ written yet: the clock stands");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, FRAGS, SERVICES, TABLES, count, epoch, prefilter_hit},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, DRAINING, FRAGS, SERVICES, TABLES, count, epoch_and_clock, prefilter_hit},
     parse::{
         ETH_P_IP, IPPROTO_ICMP, L3, L4, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, parse_ipv4,
         parse_l2, parse_l4,
@@ -174,14 +174,7 @@ fn pick_backend(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
 
 #[inline(always)]
 fn ct_key(l3: &L3, l4: &L4) -> CtKey4 {
-    CtKey4 {
-        src_addr_be: l3.saddr_be,
-        dst_addr_be: l3.daddr_be,
-        src_port_be: l4.sport_be,
-        dst_port_be: l4.dport_be,
-        proto: l3.proto,
-        _pad: [0; 3],
-    }
+    CtKey4::new(l3.saddr_be, l3.daddr_be, l4.sport_be, l4.dport_be, l3.proto)
 }
 
 /// Benchmarks only: when the loader sets this to 1, conntrack hits are ignored, so that
@@ -250,7 +243,7 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
             }
         }
     };
-    let action = flow(&l3, &l4, l2.l3_off, hook, not_ours, is_vip);
+    let action = flow(&l3, &l4, l2.l3_off, hook, not_ours, to_vip, is_vip);
     if l3.fragment && !l3.later_fragment && action.kind == Kind::Nat {
         // The first fragment of a datagram we NAT: its later fragments will need the ports.
         let f = FragValue4 { src_port_be: l4.sport_be, dst_port_be: l4.dport_be };
@@ -261,17 +254,25 @@ pub fn process<C: Packet>(ctx: &C, hook: Hook) -> Action {
     action
 }
 
-/// Now, in conntrack ticks (`lb_common::ct_tick`). The coarse clock, updated every
-/// scheduler tick, is plenty for second-scale timeouts and skips the clocksource read;
-/// it is CLOCK_MONOTONIC too (kernel/bpf/helpers.c, `bpf_ktime_get_coarse_ns`), which
-/// the agent's collector reads.
+/// Now, in conntrack ticks (`lb_common::ct_tick`: seconds of jiffies). `bpf_jiffies64`
+/// is inlined by the verifier (a load of `jiffies_64`); the agent's collector reads
+/// the same clock from /proc/timer_list.
 #[inline(always)]
-fn now_tick() -> u32 {
-    lb_common::ct_tick(unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() })
+fn now_tick(jiffy_recip: u32) -> u32 {
+    lb_common::ct_tick(unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() }, jiffy_recip)
 }
 
 #[inline(always)]
-fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, not_ours: Reason, is_vip: impl Fn() -> bool) -> Action {
+#[expect(clippy::too_many_arguments, reason = "one call site; what process() found")]
+fn flow(
+    l3: &L3,
+    l4: &L4,
+    l3_off: usize,
+    hook: Hook,
+    not_ours: Reason,
+    maybe_vip: bool,
+    is_vip: impl Fn() -> bool,
+) -> Action {
     let key = ct_key(l3, l4);
     let ct = CONNTRACK.get_ptr_mut(&key);
     // SAFETY: a plain read of a constant the loader may set.
@@ -285,13 +286,13 @@ fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, not_ours: Reason, is_vip: i
     let mut now = 0;
     // Read before any backend lookup: a backend found under this epoch existed when it
     // was current (the agent removes, then bumps).
-    let epoch = epoch();
+    let (epoch, jiffy_recip) = epoch_and_clock();
     if let Some(ctp) = ct
         && !bypass
     {
         // SAFETY: a pointer into the map's value, valid for this program run.
         let ct = unsafe { *ctp };
-        now = now_tick();
+        now = now_tick(jiffy_recip);
         if ct.expired(l3.proto, now) {
             // netfilter's conntrack would have forgotten this flow by now; so do we.
             let _ = CONNTRACK.remove(&key);
@@ -316,18 +317,16 @@ fn flow(l3: &L3, l4: &L4, l3_off: usize, hook: Hook, not_ours: Reason, is_vip: i
         return Action::pass(not_ours);
     }
 
-    // The address marker first: for the common case, traffic that is for no service at
-    // all, that is the second and last lookup (8-byte key), and the full frontend key
-    // is only looked up for ClusterIPs.
-    if !is_vip() {
-        return Action::pass(not_ours);
-    }
+    // The frontend first: a packet the prefilter lets through here is most likely for
+    // a ClusterIP's port, and then that is the only `SERVICES` lookup; the address
+    // marker only tells the rest (another port of a ClusterIP, or no ClusterIP).
     let svc_key = ServiceKey4::new(l3.daddr_be, l4.dport_be, l3.proto);
-    let Some(svc) = unsafe { SERVICES.get(&svc_key) }.copied() else {
-        return Action::pass(Reason::PassUnknownPort);
+    let found = if maybe_vip { unsafe { SERVICES.get(&svc_key) }.copied() } else { None };
+    let Some(svc) = found else {
+        return Action::pass(if is_vip() { Reason::PassUnknownPort } else { not_ours });
     };
     if now == 0 {
-        now = now_tick();
+        now = now_tick(jiffy_recip);
     }
     new_flow(l3, l4, &key, &svc, l3_off, syn, now, epoch)
 }

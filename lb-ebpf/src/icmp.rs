@@ -119,14 +119,7 @@ pub fn translate_error<C: Packet>(ctx: &C, l3_off: usize, l3: &L3) -> Option<Non
 
     // The quoted packet went one way; the flow's half for the other way is keyed by
     // its reverse.
-    let key = CtKey4 {
-        src_addr_be: q.l3.daddr_be,
-        dst_addr_be: q.l3.saddr_be,
-        src_port_be: q.dport_be,
-        dst_port_be: q.sport_be,
-        proto: q.l3.proto,
-        _pad: [0; 3],
-    };
+    let key = CtKey4::new(q.l3.daddr_be, q.l3.saddr_be, q.dport_be, q.sport_be, q.l3.proto);
     let ct = unsafe { CONNTRACK.get(&key) }.copied()?;
     let hairpin = ct.flags & CT_F_HAIRPIN != 0;
     let x = if ct.dir == CT_DIR_REPLY {

@@ -67,10 +67,10 @@ pub fn prefilter_hit(addr_be: u32, backend: bool) -> bool {
     PREFILTER.get(word).is_some_and(|w| *w & mask != 0)
 }
 
-/// The backend epoch (`IdState::epoch`).
+/// The backend epoch and the clock's `jiffy_recip` (`IdState`), from one lookup.
 #[inline(always)]
-pub fn epoch() -> u32 {
-    IDS.get(0).map_or(0, |s| s.epoch)
+pub fn epoch_and_clock() -> (u32, u32) {
+    IDS.get(0).map_or((0, 0), |s| (s.epoch, s.jiffy_recip))
 }
 
 /// `Reason` -> per-CPU packets and bytes. Written by the datapath, read by the agent's

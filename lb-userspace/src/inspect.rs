@@ -277,8 +277,8 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, InspectError> {
         .filter_map(Result::ok)
         .map(|(k, v)| ConntrackRow {
             state: ct_state(k.proto, v.flags),
-            idle_s: lb_common::ct_ticks_to_s(now.wrapping_sub(v.seen)),
-            expires_in_s: v.timeout_s(k.proto).saturating_sub(lb_common::ct_ticks_to_s(now.wrapping_sub(v.seen))),
+            idle_s: now.wrapping_sub(v.seen),
+            expires_in_s: v.timeout_s(k.proto).saturating_sub(now.wrapping_sub(v.seen)),
             protocol: proto_name(k.proto),
             source: format!("{}:{}", ip(k.src_addr_be), u16::from_be(k.src_port_be)),
             destination: format!("{}:{}", ip(k.dst_addr_be), u16::from_be(k.dst_port_be)),

@@ -143,7 +143,10 @@ impl Datapath {
         let mut m: Array<&mut MapData, IdState> =
             Array::try_from(self.ebpf.map_mut(map_names::IDS).expect("ids map")).expect("array");
         let cur = m.get(&0, 0).unwrap_or_default();
-        m.set(0, IdState { epoch: self.epoch, ..cur }, 0)?;
+        // The conntrack clock, as the agent writes it.
+        let clock =
+            crate::agent::conntrack::clock().map_err(anyhow::Error::msg).context("the kernel's jiffies clock")?;
+        m.set(0, IdState { epoch: self.epoch, jiffy_recip: clock.recip(), ..cur }, 0)?;
         Ok(())
     }
 
@@ -468,7 +471,7 @@ fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Resul
 
 /// Now in conntrack ticks, the clock of `CtValue4::seen`.
 pub fn ct_now() -> u32 {
-    lb_common::ct_tick(monotonic_ns())
+    crate::agent::conntrack::now_tick()
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.

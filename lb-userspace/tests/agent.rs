@@ -1027,7 +1027,7 @@ fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
             svc_id,
             backend_id,
             slot: 1,
-            seen: now.wrapping_sub(lb_common::ct_ticks_for(age)),
+            seen: now.wrapping_sub(age),
             epoch: 0,
         };
         let (rk, rv) = v.other_half(&k);

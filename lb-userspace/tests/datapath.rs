@@ -331,7 +331,7 @@ fn ct_entry(dp: &mut Datapath, p: &Pkt) -> Option<(lb_common::CtKey4, lb_common:
 /// Moves `p`'s conntrack entry `age_s` seconds into the past.
 fn age_ct(dp: &mut Datapath, p: &Pkt, age_s: u32) {
     let (k, mut v) = ct_entry(dp, p).unwrap_or_else(|| panic!("no conntrack entry for {p:?}"));
-    v.seen = ct_now().wrapping_sub(lb_common::ct_ticks_for(age_s));
+    v.seen = ct_now().wrapping_sub(age_s);
     dp.put_conntrack(k, v).unwrap();
 }
 
@@ -1495,7 +1495,8 @@ fn table_switch_during_an_update() {
         // (The slot, as the agent writes it: before the table that names it.)
         let mut m: aya::maps::HashMap<_, lb_common::BackendKey, lb_common::BackendValue> =
             aya::maps::HashMap::try_from(dp.ebpf.map_mut(lb_common::map_names::BACKENDS).unwrap()).unwrap();
-        let v = lb_common::BackendValue { backend_id: 503, addr_be: ip(new_be.1), port_be: 8080u16.to_be(), _pad: [0; 2] };
+        let v =
+            lb_common::BackendValue { backend_id: 503, addr_be: ip(new_be.1), port_be: 8080u16.to_be(), _pad: [0; 2] };
         m.insert(lb_common::BackendKey { svc_id: 50, slot: 4 }, v, 0).unwrap();
         let moved: Vec<u16> = (42_000..42_400).filter(|p| t1.pick(flow(*p)) != t2.pick(flow(*p))).collect();
         assert!(!moved.is_empty() && moved.len() < 200, "about a quarter of the flows move: {}", moved.len());
@@ -1703,4 +1704,19 @@ fn a_service_at_the_backend_limit() {
     assert_eq!(dest(&out), (last.1.parse::<std::net::Ipv4Addr>().unwrap().octets(), 8080));
     assert_eq!(dp.stat(Reason::AffinityHit).packets, hits + 1);
     assert_eq!(dp.affinity().into_iter().find(|(k, _)| *k == key).unwrap().1.slot, n, "the slot found is kept");
+}
+
+/// The datapath's conntrack clock (jiffies, in seconds through the HZ the agent wrote)
+/// is the one userspace reads: a new flow's entry is stamped now, to the second.
+#[test]
+fn the_datapath_and_the_collector_share_the_conntrack_clock() {
+    let mut dp = Datapath::load().unwrap();
+    base(&mut dp);
+    let before = ct_now();
+    dp.run(Hook::Xdp, &syn(CLIENT, 46_000, VIP, 80).build(), 1).unwrap();
+    let after = ct_now();
+    let seen: Vec<u32> = dp.conntrack().iter().map(|(_, v)| v.seen).collect();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|s| (before.saturating_sub(1)..=after + 1).contains(s)), "{seen:?} vs {before}..{after}");
+    assert!(before > 1_000_000, "jiffies-based seconds start near 2^32 / HZ: {before}");
 }

@@ -29,13 +29,98 @@ pub struct GcPass {
     pub took_us: u64,
 }
 
-/// Now in conntrack ticks (`lb_common::ct_tick` of CLOCK_MONOTONIC), the datapath's
-/// clock for `CtValue4::seen`.
-pub fn now_tick() -> u32 {
+/// The kernel's jiffies clock as userspace can follow it: HZ, and one (jiffies,
+/// CLOCK_MONOTONIC) pair read together from /proc/timer_list, from which jiffies at any
+/// later time follow (the kernel advances jiffies from the same timekeeping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JiffyClock {
+    pub hz: u32,
+    jiffies0: u64,
+    mono0_ns: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClockError {
+    #[error("reading /proc/timer_list (the kernel's jiffies and HZ; the agent must run as root)")]
+    Read(#[source] std::io::Error),
+    #[error("/proc/timer_list has no `now at` or `jiffies:` line")]
+    Format,
+    #[error("cannot tell the kernel's HZ from jiffies {jiffies} at {mono_s} s of uptime")]
+    Hz { jiffies: u64, mono_s: u64 },
+}
+
+/// HZ values Linux can be built with (kernel/Kconfig.hz), most common first.
+const HZ_CHOICES: [u32; 6] = [250, 1000, 100, 300, 24, 48];
+
+impl JiffyClock {
+    /// From the text of /proc/timer_list.
+    ///
+    /// HZ is the one that explains the jiffies count: on 64-bit kernels jiffies start
+    /// at `INITIAL_JIFFIES` = 2^32 - 300·HZ (include/linux/jiffies.h) and advance HZ a
+    /// second, so jiffies − INITIAL_JIFFIES matches the uptime (CLOCK_MONOTONIC, the
+    /// `now at` line) for the true HZ only, and misses it by hours for any other.
+    pub fn parse(timer_list: &str) -> Result<Self, ClockError> {
+        let mono0_ns: u64 = timer_list
+            .lines()
+            .find_map(|l| l.strip_prefix("now at ")?.strip_suffix(" nsecs")?.trim().parse().ok())
+            .ok_or(ClockError::Format)?;
+        let jiffies0: u64 = timer_list
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies:")?.trim().parse().ok())
+            .ok_or(ClockError::Format)?;
+        let mono_s = mono0_ns as f64 / 1e9;
+        let err = |hz: u32| {
+            let initial = (1u64 << 32) - 300 * u64::from(hz);
+            (jiffies0 as f64 - initial as f64 - mono_s * f64::from(hz)).abs() / f64::from(hz)
+        };
+        let hz = HZ_CHOICES
+            .into_iter()
+            .min_by(|a, b| err(*a).total_cmp(&err(*b)))
+            .filter(|hz| err(*hz) < 120.0)
+            .ok_or(ClockError::Hz { jiffies: jiffies0, mono_s: mono_s as u64 })?;
+        Ok(Self { hz, jiffies0, mono0_ns })
+    }
+
+    /// Reads /proc/timer_list.
+    pub fn read() -> Result<Self, ClockError> {
+        Self::parse(&std::fs::read_to_string("/proc/timer_list").map_err(ClockError::Read)?)
+    }
+
+    /// What `IdState::jiffy_recip` must hold.
+    pub fn recip(&self) -> u32 {
+        lb_common::jiffy_recip(self.hz)
+    }
+
+    /// jiffies at CLOCK_MONOTONIC `mono_ns`.
+    pub fn jiffies_at(&self, mono_ns: u64) -> u64 {
+        let d = i128::from(mono_ns) - i128::from(self.mono0_ns);
+        (i128::from(self.jiffies0) + d * i128::from(self.hz) / 1_000_000_000) as u64
+    }
+
+    /// Now, in the datapath's conntrack ticks.
+    pub fn now_tick(&self) -> u32 {
+        lb_common::ct_tick(self.jiffies_at(monotonic_ns()), self.recip())
+    }
+}
+
+fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    lb_common::ct_tick(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The clock, read once per process.
+pub fn clock() -> Result<JiffyClock, String> {
+    static CLOCK: std::sync::OnceLock<Result<JiffyClock, String>> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(|| JiffyClock::read().map_err(|e| super::chain(&e))).clone()
+}
+
+/// Now in conntrack ticks (`lb_common::ct_tick`), the datapath's clock for
+/// `CtValue4::seen`; 0 if the kernel's clock cannot be read (the agent refuses to
+/// start then, see `run`).
+pub fn now_tick() -> u32 {
+    clock().map_or(0, |c| c.now_tick())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,11 +178,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_clock_is_the_monotonic_one() {
-        let a = lb_common::ct_ticks_to_s(now_tick());
-        let up: f64 = std::fs::read_to_string("/proc/uptime").unwrap().split(' ').next().unwrap().parse().unwrap();
-        // CLOCK_MONOTONIC and /proc/uptime (CLOCK_BOOTTIME) differ by time spent
-        // suspended, which a test machine has little of.
-        assert!((a as f64) <= up + 2.0, "{a} vs uptime {up}");
+    fn hz_is_the_one_that_explains_the_jiffies() {
+        // This machine's /proc/timer_list (HZ 250, 33,334 s up), cut down.
+        let text = "Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\nnow at 33334336106477 nsecs\n\n\
+                    cpu: 0\n  .last_jiffies   : 4303225814\njiffies: 4303226463\n";
+        let c = JiffyClock::parse(text).unwrap();
+        assert_eq!(c.hz, 250);
+        assert_eq!(c.jiffies_at(33_334_336_106_477 + 4_000_000_000), 4_303_226_463 + 1000);
+        // The same uptime with HZ 1000.
+        let j = (1u64 << 32) - 300_000 + 33_334 * 1000;
+        let c = JiffyClock::parse(&format!("now at 33334336106477 nsecs\njiffies: {j}\n")).unwrap();
+        assert_eq!(c.hz, 1000);
+        assert!(matches!(JiffyClock::parse("now at 5 nsecs\njiffies: 7\n"), Err(ClockError::Hz { .. })));
+        assert!(matches!(JiffyClock::parse("jiffies: 7\n"), Err(ClockError::Format)));
+    }
+
+    #[test]
+    fn the_clock_reads_this_kernel() {
+        let c = JiffyClock::read().unwrap();
+        if let Ok(cfg) = std::fs::read_to_string(format!("/boot/config-{}", uname_release())) {
+            assert!(cfg.contains(&format!("\nCONFIG_HZ={}\n", c.hz)), "HZ {} disagrees with the kernel config", c.hz);
+        }
+        // Followed from the first read, jiffies agree with a fresh one.
+        let again = JiffyClock::read().unwrap();
+        let drift = c.jiffies_at(again.mono0_ns) as i64 - again.jiffies0 as i64;
+        assert!(drift.abs() <= i64::from(c.hz) / 10 + 2, "{drift} jiffies off");
+    }
+
+    fn uname_release() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim().to_string()
     }
 }

@@ -158,6 +158,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut maps = sync::BpfMaps::from_ebpf(&ebpf).context("opening the datapath maps")?;
     let t0 = Instant::now();
     let mut syncer = maps.reconcile();
+    // The conntrack clock is the kernel's jiffies; the datapath needs HZ to count them
+    // in seconds, and the collector reads them alike.
+    let clock = conntrack::clock().map_err(anyhow::Error::msg).context("reading the kernel's clock; run as root")?;
+    syncer.set_clock(clock.recip(), &mut maps).context("writing the conntrack clock to the IDS map")?;
+    info!(hz = clock.hz, "conntrack clock: jiffies");
     info!(
         frontends = syncer.frontend_count(),
         took = ?t0.elapsed(),

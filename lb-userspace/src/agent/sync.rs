@@ -440,6 +440,8 @@ pub struct Syncer {
     removed: bool,
     /// Tables written ([`Op::PutTable`]) but not yet published, by first word.
     pending_tables: HashMap<u32, Table>,
+    /// `IdState::jiffy_recip`: the datapath's conntrack clock.
+    jiffy_recip: u32,
     /// The ClusterIP of each orphan service id: its established flows' packets are
     /// still addressed to it, so its prefilter bit stays while the orphan does.
     orphan_vips: HashMap<u32, u32>,
@@ -466,6 +468,7 @@ impl Syncer {
             epoch: 0,
             removed: true,
             pending_tables: HashMap::new(),
+            jiffy_recip: 0,
             orphan_vips: HashMap::new(),
             inherited_vip_bits: None,
         }
@@ -537,6 +540,7 @@ impl Syncer {
         s.backend_ids.next = ids.next_backend_id.max(max_backend.saturating_add(1)).max(1);
         s.persisted = ids;
         s.epoch = ids.epoch;
+        s.jiffy_recip = ids.jiffy_recip;
         let mut fronts: Vec<(u32, ServiceValue)> = s
             .shadow
             .services
@@ -570,7 +574,26 @@ impl Syncer {
 
     /// What `IDS` should hold.
     fn id_state(&self) -> IdState {
-        IdState { next_svc_id: self.svc_ids.cursor, next_backend_id: self.backend_ids.next, epoch: self.epoch, _pad: 0 }
+        IdState {
+            next_svc_id: self.svc_ids.cursor,
+            next_backend_id: self.backend_ids.next,
+            epoch: self.epoch,
+            jiffy_recip: self.jiffy_recip,
+        }
+    }
+
+    /// Sets the datapath's conntrack clock (`IdState::jiffy_recip`, from the kernel's
+    /// HZ) and writes `IDS` now if that changes it: before the first sync, so that
+    /// the first flows already age.
+    pub fn set_clock<W: MapWriter>(&mut self, jiffy_recip: u32, w: &mut W) -> Result<(), SyncError> {
+        self.jiffy_recip = jiffy_recip;
+        let ids = self.id_state();
+        if ids != self.persisted {
+            let op = Op::PutIds(ids);
+            w.apply(&op).map_err(|source| SyncError::Write { op: op.to_string(), source })?;
+            self.persisted = ids;
+        }
+        Ok(())
     }
 
     /// The epoch as last written.
