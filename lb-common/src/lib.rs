@@ -307,8 +307,8 @@ pub struct CtValue4 {
 }
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
 
-/// Conntrack time, in seconds counted by the kernel's jiffies: `jiffies * jiffy_recip
-/// >> 32`, where `jiffy_recip` is [`jiffy_recip`] of the kernel's HZ
+/// Conntrack time, in seconds counted by the kernel's jiffies:
+/// `(jiffies * jiffy_recip) >> 32`, where `jiffy_recip` is [`jiffy_recip`] of the kernel's HZ
 /// (`IdState::jiffy_recip`, written by the agent, which reads HZ and jiffies from
 /// /proc/timer_list). The datapath reads the clock on every conntrack hit, and
 /// `bpf_jiffies64` is inlined by the verifier into two instructions
