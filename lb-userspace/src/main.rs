@@ -176,6 +176,12 @@ struct AgentArgs {
     #[arg(long, env = "LB_MAX_AFFINITY", default_value_t = lb_common::limits::AFFINITY,
           value_parser = clap::value_parser!(u32).range(16..))]
     max_affinity: u32,
+    /// Size of the lookup-table array, in 8-byte words of four buckets: every service's
+    /// table (at least 251 buckets, 64 per backend when built), plus room for the new
+    /// table of each service that changes at once.
+    #[arg(long, env = "LB_MAX_TABLE_WORDS", default_value_t = lb_common::limits::TABLE_WORDS,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    max_table_words: u32,
 }
 
 fn init_logs(filter: &str, format: LogFormat) -> Result<()> {
@@ -252,6 +258,7 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
                 (m::DRAINING, a.max_draining),
                 (m::CONNTRACK, a.max_conntrack),
                 (m::AFFINITY, a.max_affinity),
+                (m::TABLES, a.max_table_words),
             ]
         },
         // An empty value (an unset downward-API field) means unknown.

@@ -101,6 +101,8 @@ pub struct Datapath {
     epoch: u32,
     /// `PREFILTER` words written, to clear on `reset`.
     prefilter: BTreeMap<u32, u64>,
+    /// The `SERVICES` keys of each service id, as `put_service` wrote them.
+    frontends: StdHashMap<u32, Vec<ServiceKey4>>,
     // Dropped after `ebpf`, whose pinned maps live on it.
     _bpffs: PrivateBpffs,
 }
@@ -124,8 +126,15 @@ impl Datapath {
     }
 
     fn loaded(ebpf: Ebpf, bpffs: PrivateBpffs) -> Result<Self> {
-        let mut dp =
-            Self { ebpf, tables: StdHashMap::new(), next_word: 0, epoch: 0, prefilter: BTreeMap::new(), _bpffs: bpffs };
+        let mut dp = Self {
+            ebpf,
+            tables: StdHashMap::new(),
+            next_word: 0,
+            epoch: 0,
+            prefilter: BTreeMap::new(),
+            frontends: StdHashMap::new(),
+            _bpffs: bpffs,
+        };
         // Epoch 1, so that a conntrack entry written with the default epoch 0 is
         // validated on its first packet, as one from before the last removal would be.
         dp.bump_epoch()?;
@@ -154,6 +163,9 @@ impl Datapath {
     pub fn prefilter_allow(&mut self, addr_be: u32, backend: bool) -> Result<()> {
         let (i, mask) = lb_common::prefilter_word(addr_be, backend);
         let word = self.prefilter.entry(i).or_default();
+        if *word & mask != 0 {
+            return Ok(());
+        }
         *word |= mask;
         let w = *word;
         let mut m: Array<&mut MapData, u64> =
@@ -177,11 +189,14 @@ impl Datapath {
     /// Points every `SERVICES` entry of `svc_id` at table words `off` of `size`
     /// buckets, as one write each (the agent's table switch).
     pub fn point_at_table(&mut self, svc_id: u32, off: u32, size: u32) -> Result<()> {
+        let keys = self.frontends.get(&svc_id).cloned().unwrap_or_default();
         let mut m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
-        let mine: Vec<(ServiceKey4, ServiceValue)> =
-            m.iter().filter_map(|r| r.ok()).filter(|(k, v)| v.id == svc_id && k.proto != 0).collect();
-        for (k, v) in mine {
-            m.insert(k, ServiceValue { table_off: off, table_size: size, ..v }, 0)?;
+        for k in keys {
+            if let Ok(v) = m.get(&k, 0)
+                && v.id == svc_id
+            {
+                m.insert(k, ServiceValue { table_off: off, table_size: size, ..v }, 0)?;
+            }
         }
         Ok(())
     }
@@ -191,24 +206,13 @@ impl Datapath {
         self.tables.get(&svc_id).map(|(t, _)| t)
     }
 
-    /// Re-derives the table of `svc_id` from its slots (1..=`count` when given, else
-    /// all), as the agent would after changing them, and publishes it if it changed.
-    fn retable(&mut self, svc_id: u32, backends: Option<&[(u32, u16)]>) -> Result<()> {
-        let slots: Vec<(u32, BackendValue)> = {
-            let m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
-            let mut v: Vec<(u32, BackendValue)> =
-                m.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.svc_id == svc_id).map(|(k, v)| (k.slot, v)).collect();
-            v.sort_unstable_by_key(|(slot, _)| *slot);
-            v
-        };
-        // Slots as `backends` lists them, else every slot (the lowest slot of a
-        // backend found twice wins).
+    /// Changes the table of `svc_id` to the backends `slots` lists ((slot, backend)), as
+    /// the agent would after changing the slots, and publishes it.
+    fn retable(&mut self, svc_id: u32, slots: &[(u32, Addr)]) -> Result<()> {
+        // The lowest slot of a backend listed twice wins.
         let mut slot_of: StdHashMap<Addr, u32> = StdHashMap::new();
-        for (slot, b) in &slots {
-            let a = (b.addr_be, b.port_be);
-            if backends.is_none_or(|l| (*slot as usize) <= l.len() && l[*slot as usize - 1] == a) {
-                slot_of.entry(a).or_insert(*slot);
-            }
+        for (slot, a) in slots {
+            slot_of.entry(*a).or_insert(*slot);
         }
         let addrs: Vec<Addr> = slot_of.keys().copied().collect();
         let table = match self.tables.get(&svc_id) {
@@ -274,8 +278,13 @@ impl Datapath {
             (value.table_off, value.table_size) = (*off, t.size());
         }
         self.prefilter_allow(ip(vip), false)?;
+        let key = ServiceKey4::new(ip(vip), port.to_be(), proto);
+        let keys = self.frontends.entry(value.id).or_default();
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
         let mut m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
-        m.insert(ServiceKey4::new(ip(vip), port.to_be(), proto), value, 0)?;
+        m.insert(key, value, 0)?;
         m.insert(ServiceKey4::address_marker(ip(vip)), ServiceValue::default(), 0)?;
         Ok(())
     }
@@ -298,7 +307,8 @@ impl Datapath {
         for (a, _) in &listed {
             self.prefilter_allow(*a, true)?;
         }
-        self.retable(svc_id, Some(&listed))?;
+        let slots: Vec<(u32, Addr)> = listed.iter().enumerate().map(|(i, a)| (i as u32 + 1, *a)).collect();
+        self.retable(svc_id, &slots)?;
         // A backend overwritten in its slot is a removal.
         if replaced { self.bump_epoch() } else { Ok(()) }
     }
@@ -319,17 +329,18 @@ impl Datapath {
             let mut m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
             m.remove(&BackendKey { svc_id, slot })?;
         }
+        let keys = self.frontends.get(&svc_id).cloned().unwrap_or_default();
         let count = {
             let m = self.hash::<ServiceKey4, ServiceValue>(map_names::SERVICES);
-            m.iter().filter_map(|r| r.ok()).find(|(k, v)| v.id == svc_id && k.proto != 0).map(|(_, v)| v.count)
+            keys.iter().find_map(|k| m.get(k, 0).ok().filter(|v| v.id == svc_id)).map_or(0, |v| v.count)
         };
-        let listed: Option<Vec<(u32, u16)>> = count.map(|n| {
+        let slots: Vec<(u32, Addr)> = {
             let m = self.hash::<BackendKey, BackendValue>(map_names::BACKENDS);
-            (1..=n)
-                .map_while(|slot| m.get(&BackendKey { svc_id, slot }, 0).ok().map(|b| (b.addr_be, b.port_be)))
+            (1..=count)
+                .filter_map(|s| m.get(&BackendKey { svc_id, slot: s }, 0).ok().map(|b| (s, (b.addr_be, b.port_be))))
                 .collect()
-        });
-        self.retable(svc_id, listed.as_deref())?;
+        };
+        self.retable(svc_id, &slots)?;
         self.bump_epoch()
     }
 
@@ -392,6 +403,7 @@ impl Datapath {
         clear(&mut self.hash::<AffinityKey4, AffinityValue>(map_names::AFFINITY))?;
         clear(&mut self.hash::<FragKey4, FragValue4>(map_names::FRAGS))?;
         self.tables.clear();
+        self.frontends.clear();
         let words: Vec<u32> = std::mem::take(&mut self.prefilter).into_keys().collect();
         let mut m: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut(map_names::PREFILTER).expect("prefilter map")).expect("array");
