@@ -117,7 +117,7 @@ impl LoadOptions {
     }
 }
 
-/// The benchmark floor program (`floor`, XDP_PASS and nothing else).
+/// The benchmark floor programs (`floor` for XDP, `floor_tc` for tc: pass, nothing else).
 pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor.o"));
 
 /// Expected (type, key size, value size) of every pinned map.

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, sync::Barrier};
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
@@ -215,15 +215,32 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-fn floor_ns(floor: &Ebpf, packet: &[u8], repeat: u32, rounds: u32) -> Result<u64> {
-    let p: &Xdp = floor.program("floor").context("floor program")?.try_into()?;
+/// The no-op floor of `hook` (XDP, or tc for both tc hooks).
+fn floor_ns(floor: &Ebpf, hook: Hook, packet: &[u8], repeat: u32, rounds: u32) -> Result<u64> {
     let mut samples = Vec::new();
     for _ in 0..rounds {
-        let mut out = vec![0u8; packet.len() + 64];
+        let mut out = vec![0u8; packet.len() + 256];
         let opts = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), repeat, ..Default::default() };
-        samples.push(p.test_run(opts)?.duration.as_nanos() as u64);
+        let res = if hook == Hook::Xdp {
+            let p: &Xdp = floor.program("floor").context("floor program")?.try_into()?;
+            p.test_run(opts)?
+        } else {
+            let p: &SchedClassifier = floor.program("floor_tc").context("floor_tc program")?.try_into()?;
+            p.test_run(opts)?
+        };
+        samples.push(res.duration.as_nanos() as u64);
     }
     Ok(median(samples))
+}
+
+/// The floor program of each hook, loaded.
+fn load_floor() -> Result<Ebpf> {
+    let mut floor = Ebpf::load(FLOOR_OBJECT).context("loading the floor programs")?;
+    let fp: &mut Xdp = floor.program_mut("floor").context("floor program")?.try_into()?;
+    fp.load().context("verifying the floor program")?;
+    let tp: &mut SchedClassifier = floor.program_mut("floor_tc").context("floor_tc program")?.try_into()?;
+    tp.load().context("verifying the floor_tc program")?;
+    Ok(floor)
 }
 
 fn timed(ebpf: &Ebpf, hook: Hook, packet: &[u8], repeat: u32, rounds: u32, want: Verdict) -> Result<u64> {
@@ -351,9 +368,7 @@ fn bench_datapath(
         eprintln!("  fewer than {} CPUs: no two-CPU cases", CPUS.len());
     }
 
-    let mut floor = Ebpf::load(FLOOR_OBJECT).context("loading the floor program")?;
-    let fp: &mut Xdp = floor.program_mut("floor").context("floor program")?.try_into()?;
-    fp.load().context("verifying the floor program")?;
+    let floor = load_floor()?;
 
     println!(
         "lb datapath benchmark: BPF_PROG_TEST_RUN, repeat {repeat}, median of {rounds}, {backends} backends/service"
@@ -392,11 +407,14 @@ fn bench_datapath(
                 ct_bypass.id(),
                 kind.name()
             );
-            let floor_ns = floor_ns(&floor, &hit, repeat, rounds)?;
+            let floors =
+                [floor_ns(&floor, Hook::Xdp, &hit, repeat, rounds)?, floor_ns(&floor, Hook::Tc, &hit, repeat, rounds)?];
             let lru = kind.name();
             // `per_cpu`: the two-CPU cases' medians per CPU; `ns` is then the slower.
-            let mut push = |case: &str, hook: Option<Hook>, ns: u64, per_cpu: Option<[u64; 2]>| {
-                let hook_s = hook.map_or("floor".to_string(), |h| format!("{h:?}").to_lowercase());
+            // Ratios are to the floor of the same hook.
+            let mut push = |case: &str, hook: Hook, ns: u64, per_cpu: Option<[u64; 2]>| {
+                let hook_s = format!("{hook:?}").to_lowercase();
+                let floor_ns = if hook == Hook::Xdp { floors[0] } else { floors[1] };
                 let ratio = ns as f64 / floor_ns.max(1) as f64;
                 let _ = write!(table, "{n:>9} {case:<26} {hook_s:>6} {lru:>6} {ns:>9} {ratio:>10.2}");
                 let mut row = serde_json::json!({
@@ -410,13 +428,14 @@ fn bench_datapath(
                 let _ = writeln!(table);
                 rows.push(row);
             };
-            push("(a) no-op floor", None, floor_ns, None);
+            push("(a) no-op floor", Hook::Xdp, floors[0], None);
+            push("(a) no-op floor", Hook::Tc, floors[1], None);
             for hook in Hook::BOTH {
                 dp.clear_conntrack()?;
                 run_on(&dp.ebpf, hook, &syn(client, 40000, target, 80), 1)?;
                 let b = timed(&dp.ebpf, hook, &hit, repeat, rounds, Verdict::Pass)?;
                 anyhow::ensure!(dp.stat(Reason::FwdEstablished).packets > 0, "conntrack-hit case never hit conntrack");
-                push("(b) conntrack hit", Some(hook), b, None);
+                push("(b) conntrack hit", hook, b, None);
                 let fwd_new = dp.stat(Reason::FwdNew).packets;
                 let c = timed(&bypass, hook, &new, repeat, rounds, Verdict::Pass)?;
                 let grew = dp.stat(Reason::FwdNew).packets - fwd_new;
@@ -424,9 +443,9 @@ fn bench_datapath(
                     grew >= u64::from(repeat) * u64::from(rounds),
                     "new-flow case took the new-flow path only {grew} times"
                 );
-                push("(c) new flow", Some(hook), c, None);
+                push("(c) new flow", hook, c, None);
                 let d = timed(&dp.ebpf, hook, &other, repeat, rounds, Verdict::Pass)?;
-                push("(d) non-service", Some(hook), d, None);
+                push("(d) non-service", hook, d, None);
                 if !two_cpus {
                     continue;
                 }
@@ -440,17 +459,17 @@ fn bench_datapath(
                 // The first repetition's rewrite starts the return leg of the cycle (see
                 // `add_return_services`) as a new flow; every other one is a hit.
                 ensure_per_cpu(&mut dp, Reason::FwdEstablished, &before, all - 1, "two-CPU conntrack-hit case")?;
-                push("(b2) conntrack hit, 2 CPUs", Some(hook), b2[0].max(b2[1]), Some(b2));
+                push("(b2) conntrack hit, 2 CPUs", hook, b2[0].max(b2[1]), Some(b2));
                 let before = dp.stat_per_cpu(Reason::FwdNew);
                 let c2 = timed_2cpu(&bypass, hook, [&new, &new2], repeat, rounds, Verdict::Pass)?;
                 ensure_per_cpu(&mut dp, Reason::FwdNew, &before, all, "two-CPU new-flow case")?;
-                push("(c2) new flow, 2 CPUs", Some(hook), c2[0].max(c2[1]), Some(c2));
+                push("(c2) new flow, 2 CPUs", hook, c2[0].max(c2[1]), Some(c2));
             }
             // What every packet to a pod pays on the pod interface's egress hook when it is
             // no reply of a NATed flow: one conntrack lookup that misses.
             let to_pod = ack([192, 0, 2, 1], 80, client, 40003, b"payload");
             let e = timed(&dp.ebpf, Hook::TcEgress, &to_pod, repeat, rounds, Verdict::Pass)?;
-            push("(e) egress, no reply", Some(Hook::TcEgress), e, None);
+            push("(e) egress, no reply", Hook::TcEgress, e, None);
         }
     }
     rows.extend(bench_backends(&floor, repeat, rounds, new_flow_backends, &mut table)?);
@@ -473,7 +492,7 @@ fn bench_datapath(
         let lru = if ct_lru.kinds().len() > 1 { format!(", {} LRU", kind.name()) } else { String::new() };
         for hook in ["xdp", "tc"] {
             for &n in scales {
-                let floor = get(n, "(a)", "floor").unwrap_or(1) as f64;
+                let floor = get(n, "(a)", hook).unwrap_or(1) as f64;
                 let hit_limit = if hook == "xdp" { 3.0 } else { 4.0 };
                 if let Some(b) = get(n, "(b)", hook) {
                     verdicts.push(target_line(
@@ -621,8 +640,8 @@ fn bench_backends(
         let mut dp = Datapath::load_with(&sizes)?;
         load_services(&mut dp, n, nb, target, target_id(n, &[n]))?;
         let bypass = dp.load_sharing_maps(true)?;
-        let floor_ns = floor_ns(floor, &new, repeat, rounds)?;
         for hook in Hook::BOTH {
+            let floor_ns = floor_ns(floor, hook, &new, repeat, rounds)?;
             let before = dp.stat(Reason::FwdNew).packets;
             let c = timed(&bypass, hook, &new, repeat, rounds, Verdict::Pass)?;
             let grew = dp.stat(Reason::FwdNew).packets - before;
