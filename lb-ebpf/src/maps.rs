@@ -48,10 +48,15 @@ pub static FRAGS: LruHashMap<FragKey4, FragValue4> = LruHashMap::pinned(limits::
 pub static IDS: Array<IdState> = Array::pinned(1, 0);
 
 /// Every service's lookup table: `ServiceValue::table_size` u16 slot numbers from word
-/// `table_off`, four a word. Written by the agent (a changed table to fresh words, then
-/// the `SERVICES` entry that points at them), read by the datapath on new flows.
+/// `table_off`, four a word. Written by the agent through an mmap (a changed table to
+/// fresh words, then the `SERVICES` entry that points at them), read by the datapath on
+/// new flows.
 #[map(name = "lb4_tbl_v4")]
-pub static TABLES: Array<u64> = Array::pinned(limits::TABLE_WORDS, 0);
+pub static TABLES: Array<u64> = Array::pinned(limits::TABLE_WORDS, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE`: the agent writes tables through an mmap of the array, one copy per
+/// table instead of one syscall per word (include/uapi/linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// The prefilter bitmaps (`lb_common::prefilter_word`): ClusterIPs, then backend
 /// addresses. Written by the agent (bits set before the entries that need them,

@@ -305,3 +305,117 @@ where
 pub fn init_logger(ebpf: &mut Ebpf) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
     aya_log::EbpfLogger::init(ebpf)
 }
+
+/// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h): the array's values can be mmapped.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WordsError {
+    #[error("map {name} is not an mmappable array of u64 (flags {flags:#x}, value size {value_size})")]
+    NotMappable { name: &'static str, flags: u32, value_size: u32 },
+    #[error("reading map {name}'s info")]
+    Info {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("mmap of map {name}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("words {off}..{end} are outside {name}'s {len}")]
+    OutOfRange { name: &'static str, off: u64, end: u64, len: u32 },
+}
+
+/// An array of u64 created with `BPF_F_MMAPABLE` (`TABLES`), mapped into this process:
+/// a lookup table of thousands of words is written with one copy instead of a syscall
+/// per word. The kernel reads the same pages. Only words no `SERVICES` entry points at
+/// are written (see agent/sync.rs), so a packet never reads a word being written; the
+/// write that publishes them is a syscall, which orders these stores before it.
+pub struct MappedWords {
+    ptr: std::ptr::NonNull<u64>,
+    len: u32,
+    bytes: usize,
+    name: &'static str,
+    // The mapping holds the map alive by itself; the fd is kept for `info`.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; `&mut self` is needed
+// to write it.
+unsafe impl Send for MappedWords {}
+unsafe impl Sync for MappedWords {}
+
+impl MappedWords {
+    pub fn new(map: MapData, name: &'static str) -> Result<Self, WordsError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let info = map.info().map_err(|source| WordsError::Info { name, source })?;
+        if info.map_flags() & BPF_F_MMAPABLE == 0 || info.value_size() != 8 {
+            return Err(WordsError::NotMappable { name, flags: info.map_flags(), value_size: info.value_size() });
+        }
+        let len = info.max_entries();
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (len as usize * 8).div_ceil(page) * page;
+        // SAFETY: a new shared mapping of the map's fd, checked below; the kernel backs
+        // an mmappable array's values with pages that can be mapped (kernel/bpf/arraymap.c,
+        // `array_map_mmap`).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(WordsError::Mmap { name, source: std::io::Error::last_os_error() });
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u64>())
+            .ok_or(WordsError::Mmap { name, source: std::io::Error::other("null mapping") })?;
+        Ok(Self { ptr, len, bytes, name, _map: map })
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, off: u32, n: usize) -> Result<(), WordsError> {
+        let end = u64::from(off) + n as u64;
+        if end > u64::from(self.len) {
+            return Err(WordsError::OutOfRange { name: self.name, off: u64::from(off), end, len: self.len });
+        }
+        Ok(())
+    }
+
+    /// Writes `words` from word `off`.
+    pub fn write(&mut self, off: u32, words: &[u64]) -> Result<(), WordsError> {
+        self.check(off, words.len())?;
+        // SAFETY: in bounds (checked), and the mapping lives as long as `self`.
+        unsafe { std::ptr::copy_nonoverlapping(words.as_ptr(), self.ptr.as_ptr().add(off as usize), words.len()) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Words `off..off + n`.
+    pub fn read(&self, off: u32, n: u32) -> Result<Vec<u64>, WordsError> {
+        self.check(off, n as usize)?;
+        // SAFETY: in bounds (checked); volatile, as the kernel may write the pages too.
+        Ok((0..n as usize).map(|i| unsafe { self.ptr.as_ptr().add(off as usize + i).read_volatile() }).collect())
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}

@@ -99,6 +99,8 @@ pub struct Datapath {
     /// The next free `TABLES` word (tables are never freed here).
     next_word: u32,
     epoch: u32,
+    /// `TABLES`, mapped, as the agent writes it.
+    words: crate::datapath::MappedWords,
     /// `PREFILTER` words written, to clear on `reset`.
     prefilter: BTreeMap<u32, u64>,
     /// The `SERVICES` keys of each service id, as `put_service` wrote them.
@@ -126,8 +128,14 @@ impl Datapath {
     }
 
     fn loaded(ebpf: Ebpf, bpffs: PrivateBpffs) -> Result<Self> {
+        let tables = match ebpf.map(map_names::TABLES).context("TABLES map")? {
+            aya::maps::Map::Array(d) => MapData::from_id(d.info()?.id())?,
+            _ => bail!("TABLES is not an array"),
+        };
+        let words = crate::datapath::MappedWords::new(tables, map_names::TABLES)?;
         let mut dp = Self {
             ebpf,
+            words,
             tables: StdHashMap::new(),
             next_word: 0,
             epoch: 0,
@@ -177,11 +185,7 @@ impl Datapath {
     /// Writes `words` as a new table at fresh words; returns the first.
     pub fn put_table_words(&mut self, words: &[u64]) -> Result<u32> {
         let off = self.next_word;
-        let mut m: Array<&mut MapData, u64> =
-            Array::try_from(self.ebpf.map_mut(map_names::TABLES).expect("tables map")).expect("array");
-        for (i, w) in words.iter().enumerate() {
-            m.set(off + i as u32, w, 0)?;
-        }
+        self.words.write(off, words)?;
         self.next_word += words.len() as u32;
         Ok(off)
     }

@@ -1256,7 +1256,8 @@ pub struct BpfMaps {
     pub draining: aya::maps::HashMap<aya::maps::MapData, DrainKey, BackendValue>,
     pub svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     pub ids: aya::maps::Array<aya::maps::MapData, IdState>,
-    pub tables: aya::maps::Array<aya::maps::MapData, u64>,
+    /// `TABLES`, mapped: tables are written with one copy each.
+    pub tables: crate::datapath::MappedWords,
     pub prefilter: aya::maps::Array<aya::maps::MapData, u64>,
     nr_cpus: usize,
 }
@@ -1279,6 +1280,8 @@ pub enum MapsError {
     },
     #[error("cannot count the possible CPUs")]
     Cpus(#[source] std::io::Error),
+    #[error("cannot map the lookup tables")]
+    Tables(#[source] crate::datapath::WordsError),
 }
 
 impl BpfMaps {
@@ -1340,7 +1343,7 @@ impl BpfMaps {
                 .try_into()
                 .map_err(|source| MapsError::Type { name: n::SVC_STATS, source })?,
             ids: Map::Array(ids).try_into().map_err(|source| MapsError::Type { name: n::IDS, source })?,
-            tables: Map::Array(tables).try_into().map_err(|source| MapsError::Type { name: n::TABLES, source })?,
+            tables: crate::datapath::MappedWords::new(tables, n::TABLES).map_err(MapsError::Tables)?,
             prefilter: Map::Array(prefilter)
                 .try_into()
                 .map_err(|source| MapsError::Type { name: n::PREFILTER, source })?,
@@ -1369,9 +1372,10 @@ impl BpfMaps {
         self.ids.get(&0, 0).unwrap_or_default()
     }
 
-    /// `TABLES` words `off..off+len` (zero where unreadable).
+    /// `TABLES` words `off..off+len` (none if out of range: the table then does not
+    /// read back, and the next sync writes a new one).
     pub fn read_table(&self, off: u32, len: u32) -> Vec<u64> {
-        (off..off.saturating_add(len)).map(|i| self.tables.get(&i, 0).unwrap_or(0)).collect()
+        self.tables.read(off, len).unwrap_or_default()
     }
 
     /// A syncer whose shadow and id allocators are what the maps hold now.
@@ -1434,11 +1438,7 @@ impl MapWriter for BpfMaps {
                 }
             }
             Op::PutIds(s) => self.ids.set(0, s, 0)?,
-            Op::PutTable(off, words) => {
-                for (i, word) in words.iter().enumerate() {
-                    self.tables.set(off + i as u32, word, 0)?;
-                }
-            }
+            Op::PutTable(off, words) => self.tables.write(*off, words)?,
             Op::PutPrefilter(i, w) => self.prefilter.set(*i, w, 0)?,
         }
         Ok(())
