@@ -36,7 +36,7 @@ const fn finish(h: u32, words: u32) -> u32 {
     fmix32(h ^ (words * 4))
 }
 
-/// Hash of a flow's 5-tuple: the input to rendezvous hashing for every new flow. With
+/// Hash of a flow's 5-tuple: its bucket in the service's lookup table ([`bucket`]). With
 /// ClientIP affinity it picks the backend a client is then pinned to.
 #[inline(always)]
 pub const fn flow_hash(src_addr_be: u32, dst_addr_be: u32, src_port_be: u16, dst_port_be: u16, proto: u8) -> u32 {

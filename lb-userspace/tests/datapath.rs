@@ -1543,14 +1543,7 @@ fn conntrack_hits_look_their_backend_up_only_after_an_epoch_bump() {
     dp.put_service(&s(VIP), 80, IPPROTO_TCP, svc(60, 2)).unwrap();
     dp.put_backends(60, &[(601, "10.244.6.10", 8080), (602, "10.244.6.11", 8080)]).unwrap();
     // A flow pinned to backend 602 at slot 2.
-    let key = lb_common::CtKey4 {
-        src_addr_be: ip(&s(CLIENT)),
-        dst_addr_be: ip(&s(VIP)),
-        src_port_be: 43_000u16.to_be(),
-        dst_port_be: 80u16.to_be(),
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = lb_common::CtKey4::new(ip(&s(CLIENT)), ip(&s(VIP)), 43_000u16.to_be(), 80u16.to_be(), IPPROTO_TCP);
     let ct = |epoch, slot| lb_common::CtValue4 {
         nat_addr_be: ip("10.244.6.11"),
         nat_port_be: 8080u16.to_be(),
@@ -1600,14 +1593,8 @@ fn prefilter_skips_others_and_never_a_clusterip_or_a_reply() {
         let stranger = [192, 0, 2, 77];
         // Not CLIENT: it is a backend too (of the hairpin service).
         let client = [10, 244, 0, 99];
-        let key = lb_common::CtKey4 {
-            src_addr_be: ip(&s(client)),
-            dst_addr_be: ip(&s(stranger)),
-            src_port_be: 44_000u16.to_be(),
-            dst_port_be: 80u16.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
+        let key =
+            lb_common::CtKey4::new(ip(&s(client)), ip(&s(stranger)), 44_000u16.to_be(), 80u16.to_be(), IPPROTO_TCP);
         let v = lb_common::CtValue4 {
             nat_addr_be: ip(&s(BE_TCP)),
             nat_port_be: 8080u16.to_be(),
@@ -1638,14 +1625,8 @@ fn prefilter_skips_others_and_never_a_clusterip_or_a_reply() {
         assert_eq!(dest(&out), (CLIENT, 44_001));
         assert_eq!(dp.stat(Reason::RevNat).packets, rev + 1, "{hook:?}: the reply was reverse-NATed");
         dp.put_draining(SVC_TCP, 109, "10.244.1.19", 8080).unwrap();
-        let rk = lb_common::CtKey4 {
-            src_addr_be: ip("10.244.1.19"),
-            dst_addr_be: ip(&s(CLIENT)),
-            src_port_be: 8080u16.to_be(),
-            dst_port_be: 44_002u16.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
+        let rk =
+            lb_common::CtKey4::new(ip("10.244.1.19"), ip(&s(CLIENT)), 8080u16.to_be(), 44_002u16.to_be(), IPPROTO_TCP);
         let rv = lb_common::CtValue4 {
             nat_addr_be: ip(&s(VIP)),
             nat_port_be: 80u16.to_be(),

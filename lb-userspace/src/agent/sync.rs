@@ -19,7 +19,8 @@
 //! slots go, and a backend that stays is visible in some slot at every moment (a
 //! mover is written to its new slot before its old one is cut off), which is what
 //! conntrack and affinity entries need to find it again by backend id. Slot order
-//! does not matter to backend choice: rendezvous hashing scores (address, port).
+//! does not matter to backend choice: tables name backends by (address, port), and
+//! their words are written with the slots the backends have then.
 //!
 //! `DRAINING` (backends the slices still list but that take no new connections; the
 //! datapath keeps established flows going to them) is written around those steps:
