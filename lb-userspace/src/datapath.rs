@@ -419,3 +419,16 @@ impl Drop for MappedWords {
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
+
+/// One per-CPU `Counter` (a `STATS` reason or a `SVC_STATS` service id) summed over
+/// CPUs: the one place the agent's metrics, `lb stats`/`lb services` and the tests add
+/// up the datapath's counters. An index the map does not hold reads as an error.
+pub fn counter_total<T: std::borrow::Borrow<MapData>>(
+    map: &aya::maps::PerCpuArray<T, lb_common::Counter>,
+    index: u32,
+) -> Result<lb_common::Counter, aya::maps::MapError> {
+    Ok(map.get(&index, 0)?.iter().fold(lb_common::Counter::default(), |a, c| lb_common::Counter {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    }))
+}

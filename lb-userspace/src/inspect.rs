@@ -61,12 +61,7 @@ fn per_cpu(pin_dir: &Path, name: &str) -> Result<PerCpuArray<MapData, Counter>, 
 }
 
 fn sum_counter(a: &PerCpuArray<MapData, Counter>, i: u32) -> Counter {
-    a.get(&i, 0)
-        .map(|v| {
-            v.iter()
-                .fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
-        })
-        .unwrap_or_default()
+    crate::datapath::counter_total(a, i).unwrap_or_default()
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -421,10 +421,7 @@ impl Datapath {
     pub fn stat(&mut self, reason: Reason) -> Counter {
         let m: PerCpuArray<&mut MapData, Counter> =
             PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).expect("stats map")).expect("per-cpu array");
-        let per_cpu = m.get(&(reason as u32), 0).expect("stats index");
-        per_cpu
-            .iter()
-            .fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+        crate::datapath::counter_total(&m, reason as u32).expect("stats index")
     }
 
     pub fn stats(&mut self) -> Vec<(Reason, Counter)> {

@@ -44,10 +44,6 @@ pub struct StatsReader {
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
 }
 
-fn sum(v: &aya::maps::PerCpuValues<Counter>) -> Counter {
-    v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
-}
-
 impl StatsReader {
     pub fn open(pin_dir: &Path) -> Result<Self, aya::maps::MapError> {
         let open = |name: &str| -> Result<_, aya::maps::MapError> {
@@ -58,10 +54,10 @@ impl StatsReader {
         Ok(Self { stats: open(map_names::STATS)?, svc_stats: open(map_names::SVC_STATS)? })
     }
     pub fn reason(&self, r: Reason) -> Counter {
-        self.stats.get(&(r as u32), 0).map(|v| sum(&v)).unwrap_or_default()
+        crate::datapath::counter_total(&self.stats, r as u32).unwrap_or_default()
     }
     pub fn service(&self, id: u32) -> Counter {
-        self.svc_stats.get(&id, 0).map(|v| sum(&v)).unwrap_or_default()
+        crate::datapath::counter_total(&self.svc_stats, id).unwrap_or_default()
     }
 }
 

@@ -1397,11 +1397,7 @@ impl BpfMaps {
 
     /// Packets and bytes of one service id, summed over CPUs.
     pub fn service_counter(&self, id: u32) -> Option<Counter> {
-        let v = self.svc_stats.get(&id, 0).ok()?;
-        Some(
-            v.iter()
-                .fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }),
-        )
+        crate::datapath::counter_total(&self.svc_stats, id).ok()
     }
 }
 
