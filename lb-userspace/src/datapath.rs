@@ -432,3 +432,13 @@ pub fn counter_total<T: std::borrow::Borrow<MapData>>(
         bytes: a.bytes + c.bytes,
     }))
 }
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads (affinity timestamps),
+/// and the base the conntrack clock's jiffies are followed from.
+pub fn monotonic_ns() -> u64 {
+    // CLOCK_MONOTONIC cannot fail on Linux (clock_gettime(2)); 0 would only make
+    // ages read large.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+        .unwrap_or(0)
+}

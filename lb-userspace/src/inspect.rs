@@ -96,22 +96,6 @@ pub struct DrainingRow {
     pub connections: usize,
 }
 
-/// Frontend ("ip:port/proto") -> its backends' addresses, sorted: what `lb services`
-/// shows, in a form tests and tools can compare. Empty when the maps can't be read.
-pub fn backend_sets(bpffs: &std::path::Path) -> Vec<(String, Vec<String>)> {
-    services(bpffs)
-        .map(|rows| {
-            rows.into_iter()
-                .map(|r| {
-                    let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
-                    b.sort();
-                    (format!("{}/{}", r.frontend, r.protocol), b)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Every frontend with its backends and counters, sorted by address and port.
 pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let svcs: BpfHashMap<MapData, ServiceKey4, ServiceValue> = hash(pin_dir, map_names::SERVICES)?;
@@ -337,7 +321,7 @@ pub struct AffinityRow {
 
 pub fn affinity(pin_dir: &Path) -> Result<Vec<AffinityRow>, InspectError> {
     let m: BpfHashMap<MapData, AffinityKey4, AffinityValue> = hash(pin_dir, map_names::AFFINITY)?;
-    let now = monotonic_ns();
+    let now = crate::datapath::monotonic_ns();
     let mut rows: Vec<AffinityRow> = m
         .iter()
         .filter_map(Result::ok)
@@ -351,14 +335,6 @@ pub fn affinity(pin_dir: &Path) -> Result<Vec<AffinityRow>, InspectError> {
         .collect();
     rows.sort_by(|a, b| (a.svc_id, &a.client).cmp(&(b.svc_id, &b.client)));
     Ok(rows)
-}
-
-/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 pub fn affinity_table(rows: &[AffinityRow]) -> String {

@@ -9,7 +9,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,15 +19,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{BackendKey, ServiceKey4};
-use lb_userspace::{
-    agent::{
-        AgentStatus,
-        model::{Backend, Desired, Frontend, FrontendKey, NoEndpoints, Protocol},
-        sync::BpfMaps,
-    },
-    inspect,
+use lb_testing::{
+    Datapath, Hook, PrivateBpffs, Verdict,
+    agent::{AgentProcess, read_status as status},
     netns::{self, NODE_CLIENT_IF, NODE_SERVER_IF, SERVER_IP, Topology},
-    testing::{Datapath, Hook, PrivateBpffs, Verdict},
+};
+use lb_userspace::{
+    agent::model::{Backend, Desired, Frontend, FrontendKey, NoEndpoints, Protocol},
+    agent::sync::BpfMaps,
+    inspect,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -320,79 +320,13 @@ fn slots_and_draining(maps: &BpfMaps, syncer: &lb_userspace::agent::sync::Syncer
     (backends.iter().filter(|(k, _)| k.svc_id == svc.id).count(), draining.len())
 }
 
-/// A running `lb agent`, killed on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(mut cmd: Command, log: &Path) -> Result<Self> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .env("LB_LOG", "info,lb_userspace=debug")
-            .spawn()
-            .context("starting lb agent")?;
-        Ok(Self { child, log: log.into() })
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    fn term(&mut self) -> Result<()> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if let Some(st) = self.child.try_wait()? {
-                if !st.success() {
-                    bail!("agent exited with {st} after SIGTERM; log:\n{}", self.log_text());
-                }
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("agent ignored SIGTERM")
-    }
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 fn lb() -> &'static str {
     env!("CARGO_BIN_EXE_lb")
 }
 
-fn status(path: &Path) -> Option<AgentStatus> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-/// Polls `f` until it returns Some, or fails after `timeout` with the agent's log.
-fn wait_for<T>(what: &str, timeout: Duration, agent: Option<&Agent>, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if t0.elapsed() > timeout {
-            bail!("timed out waiting for {what}; agent log:\n{}", agent.map(|a| a.log_text()).unwrap_or_default());
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 /// frontend -> sorted backends, as `lb services` sees them.
 fn programmed(bpffs: &Path) -> Vec<(String, Vec<String>)> {
-    inspect::backend_sets(bpffs)
+    lb_testing::backend_sets(bpffs)
 }
 
 fn yaml(backends: &[&str], affinity: bool) -> String {
@@ -447,20 +381,20 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
         c
     };
     let log = dir.0.join("agent.log");
-    let mut agent = Agent::start(agent_cmd(), &log)?;
+    let mut agent = AgentProcess::spawn(agent_cmd(), &log, &status_file)?;
     let want =
         |b: &[&str]| vec![("10.96.0.10:80/TCP".to_string(), b.iter().map(|s| s.to_string()).collect::<Vec<_>>())];
-    wait_for("initial programming", Duration::from_secs(20), Some(&agent), || {
+    agent.wait_for("initial programming", Duration::from_secs(20), || {
         (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.2:8080"])).then_some(())
     })?;
     // The status file is written after the maps, so it may lag them a little.
-    wait_for("status file", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("status file", Duration::from_secs(10), || {
         status(&status_file).is_some_and(|s| s.ready && s.frontends == 1 && s.endpoints == 2).then_some(())
     })?;
 
     // Scale up, change affinity: both take effect.
     write_file(&file, &yaml(&["10.244.2.1", "10.244.2.2", "10.244.2.3"], true))?;
-    wait_for("scale-up and affinity", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("scale-up and affinity", Duration::from_secs(10), || {
         let rows = inspect::services(bpffs.path()).ok()?;
         (rows.len() == 1 && rows[0].backends.len() == 3 && rows[0].affinity_timeout_s == Some(10_800)).then_some(())
     })?;
@@ -475,8 +409,8 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
     // The restarted agent reconciles: same service id, surviving backends keep their
     // ids, only the difference is written.
     let _ = std::fs::remove_file(&status_file);
-    let mut agent = Agent::start(agent_cmd(), &log)?;
-    let st = wait_for("ready after restart", Duration::from_secs(20), Some(&agent), || {
+    let mut agent = AgentProcess::spawn(agent_cmd(), &log, &status_file)?;
+    let st = agent.wait_for("ready after restart", Duration::from_secs(20), || {
         status(&status_file).filter(|s| s.ready)
     })?;
     // The diff: one slot, the new backend's id (IDS), its table (one write) and the entry
@@ -500,7 +434,7 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
         "- addresses: [10.244.2.4]\n  conditions: {ready: false, serving: true, terminating: true}",
     );
     write_file(&file, &terminating)?;
-    let rows = wait_for("terminating pod draining", Duration::from_secs(10), Some(&agent), || {
+    let rows = agent.wait_for("terminating pod draining", Duration::from_secs(10), || {
         let rows = inspect::services(bpffs.path()).ok()?;
         (programmed(bpffs.path()) == want(&["10.244.2.1:8080", "10.244.2.3:8080"]) && rows[0].draining.len() == 1)
             .then_some(rows)
@@ -523,12 +457,12 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
             yaml(&["10.244.2.1"], false)
         ),
     )?;
-    wait_for("bad object counted, rest programmed", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("bad object counted, rest programmed", Duration::from_secs(10), || {
         let s = status(&status_file)?;
         (s.invalid_objects == 1 && programmed(bpffs.path()) == want(&["10.244.2.1:8080"])).then_some(())
     })?;
     write_file(&file, "")?;
-    wait_for("empty maps", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("empty maps", Duration::from_secs(10), || {
         programmed(bpffs.path()).is_empty().then_some(())
     })?;
     agent.term()?;
@@ -619,9 +553,9 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     let status_file = dir.0.join("status.json");
     write_file(&file, &yaml(&[&SERVER_IP.to_string()], false))?;
     let log = dir.0.join("agent.log");
-    let mut agent = Agent::start(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log)?;
+    let mut agent = AgentProcess::spawn(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log, &status_file)?;
     let links = bpffs.path().join("links");
-    wait_for("both veths attached and the service programmed", Duration::from_secs(20), Some(&agent), || {
+    agent.wait_for("both veths attached and the service programmed", Duration::from_secs(20), || {
         let s = status(&status_file)?;
         (s.ready && s.attach.len() == 4).then_some(())
     })?;
@@ -670,7 +604,7 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     // Still attached with nobody running: the pins hold the links.
     exchange(&mut conn, Instant::now() + Duration::from_millis(500))?;
     let _ = std::fs::remove_file(&status_file);
-    let mut agent = Agent::start(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log)?;
+    let mut agent = AgentProcess::spawn(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log, &status_file)?;
     // Keep the stream going while the new agent adopts the links.
     let t0 = Instant::now();
     loop {
@@ -692,7 +626,7 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
 
     // A veth that goes away loses its pin; a new one matching the glob is attached.
     topo.node.ip(&["link", "add", "to-extra", "type", "veth", "peer", "name", "extra-peer"])?;
-    wait_for("new veth attached", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("new veth attached", Duration::from_secs(10), || {
         std::fs::read_dir(&links)
             .ok()?
             .flatten()
@@ -700,7 +634,7 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
             .then_some(())
     })?;
     topo.node.ip(&["link", "del", "to-extra"])?;
-    wait_for("gone veth detached", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("gone veth detached", Duration::from_secs(10), || {
         (!std::fs::read_dir(&links).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_to-extra")))
             .then_some(())
     })?;
@@ -774,8 +708,8 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
     // agent says so, and the ClusterIP indeed does not answer.
     let mut cmd = node_agent(&topo, bpffs.path(), &file, &status_file, "tc");
     cmd.arg("--fix-rp-filter=false");
-    let mut agent = Agent::start(cmd, &log)?;
-    let st = wait_for("attached, with the strict `all` reported", Duration::from_secs(20), Some(&agent), || {
+    let mut agent = AgentProcess::spawn(cmd, &log, &status_file)?;
+    let st = agent.wait_for("attached, with the strict `all` reported", Duration::from_secs(20), || {
         status(&status_file).filter(|s| s.ready && s.attach.len() == 4 && s.rp_filter.all.is_some())
     })?;
     assert_eq!(st.rp_filter.all, Some(1));
@@ -795,8 +729,8 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
         topo.node.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "1")?;
     }
     let _ = std::fs::remove_file(&status_file);
-    let agent = Agent::start(node_agent(&topo, bpffs.path(), &file, &status_file, "tc"), &log)?;
-    let st = wait_for("attached, with `all` fixed", Duration::from_secs(20), Some(&agent), || {
+    let agent = AgentProcess::spawn(node_agent(&topo, bpffs.path(), &file, &status_file, "tc"), &log, &status_file)?;
+    let st = agent.wait_for("attached, with `all` fixed", Duration::from_secs(20), || {
         status(&status_file).filter(|s| s.ready && s.attach.len() == 4 && s.rp_filter.all.is_some())
     })?;
     assert_eq!(
@@ -811,7 +745,7 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
     // A value put back later (e.g. by systemd-sysctl for a new interface) is undone
     // at the next rescan.
     topo.node.sysctl(&format!("net.ipv4.conf.{NODE_SERVER_IF}.rp_filter"), "1")?;
-    wait_for("rp_filter reset on rescan", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("rp_filter reset on rescan", Duration::from_secs(10), || {
         (node_rp_filter(&topo, NODE_SERVER_IF).ok()? == 0).then_some(())
     })?;
     stop.store(true, Ordering::Relaxed);
@@ -890,14 +824,14 @@ fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()>
         .env("LB_NODE_ZONE", "zone-b")
         .env("LB_BPFFS", bpffs.path())
         .env("LB_STATUS_FILE", &status_file);
-    let mut agent = Agent::start(c, &dir.0.join("agent.log"))?;
+    let mut agent = AgentProcess::spawn(c, &dir.0.join("agent.log"), &status_file)?;
     let want = |local: &[&str]| {
         vec![
             ("10.96.0.20:80/TCP".to_string(), local.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
             ("10.96.0.21:80/TCP".to_string(), vec!["10.244.2.2:8080".to_string(), "10.244.3.2:8080".to_string()]),
         ]
     };
-    wait_for("Local and hinted backends", Duration::from_secs(20), Some(&agent), || {
+    agent.wait_for("Local and hinted backends", Duration::from_secs(20), || {
         (programmed(bpffs.path()) == want(&["10.244.2.1:8080"])).then_some(())
     })?;
     let rows = inspect::services(bpffs.path())?;
@@ -906,13 +840,13 @@ fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()>
 
     // The local endpoint moves to another node: Local drops.
     write_file(&file, &node_yaml("node-c"))?;
-    let rows = wait_for("Local without a local endpoint", Duration::from_secs(10), Some(&agent), || {
+    let rows = agent.wait_for("Local without a local endpoint", Duration::from_secs(10), || {
         let rows = inspect::services(bpffs.path()).ok()?;
         (programmed(bpffs.path()) == want(&[])).then_some(rows)
     })?;
     let local = rows.iter().find(|r| r.frontend.starts_with("10.96.0.20")).expect("local frontend");
     assert_eq!(local.no_endpoints, "drop");
-    wait_for("status", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("status", Duration::from_secs(10), || {
         status(&status_file).is_some_and(|s| s.ready && s.source_error.is_none()).then_some(())
     })?;
 
@@ -920,7 +854,7 @@ fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()>
     let good = node_yaml("node-b");
     let (first, rest) = good.split_once("---\n").expect("documents");
     write_file(&file, &format!("{first}---\nkind: [unterminated\n---\n{rest}"))?;
-    let st = wait_for("source error in the status", Duration::from_secs(10), Some(&agent), || {
+    let st = agent.wait_for("source error in the status", Duration::from_secs(10), || {
         status(&status_file).filter(|s| s.source_error.is_some())
     })?;
     assert!(st.source_error.as_deref().is_some_and(|e| e.contains("not valid YAML")), "{:?}", st.source_error);
@@ -928,7 +862,7 @@ fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()>
 
     // Fixed: the new state is programmed and the error clears.
     write_file(&file, &good)?;
-    wait_for("fixed file", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("fixed file", Duration::from_secs(10), || {
         (programmed(bpffs.path()) == want(&["10.244.2.1:8080"])
             && status(&status_file).is_some_and(|s| s.source_error.is_none()))
         .then_some(())
@@ -978,8 +912,8 @@ fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<(
     .arg(format!("file:{}", file.display()))
     .env("LB_BPFFS", bpffs.path())
     .env("LB_STATUS_FILE", &status_file);
-    let agent = Agent::start(cmd, &dir.0.join("agent.log"))?;
-    let st = wait_for("a second failed attempt, reported", Duration::from_secs(20), Some(&agent), || {
+    let agent = AgentProcess::spawn(cmd, &dir.0.join("agent.log"), &status_file)?;
+    let st = agent.wait_for("a second failed attempt, reported", Duration::from_secs(20), || {
         status(&status_file).filter(|s| s.syncs > 0 && s.attach_failures.first().is_some_and(|f| f.attempts >= 2))
     })?;
     assert!(!st.ready, "ready with its uplink hook missing: {st:?}");
@@ -991,7 +925,7 @@ fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<(
     // The hook frees up: the next retry (backoff 1, 2, 4 s) attaches, and the agent
     // becomes ready without anything else changing.
     drop(squatter);
-    let st = wait_for("the retried attach, and ready", Duration::from_secs(20), Some(&agent), || {
+    let st = agent.wait_for("the retried attach, and ready", Duration::from_secs(20), || {
         status(&status_file).filter(|s| s.ready && s.attach.len() == 1)
     })?;
     assert!(st.attach_failures.is_empty(), "{:?}", st.attach_failures);
@@ -1070,8 +1004,8 @@ fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -
         .arg(format!("file:{}", file.display()))
         .env("LB_BPFFS", bpffs.path())
         .env("LB_STATUS_FILE", &status_file);
-    let agent = Agent::start(cmd, &dir.0.join("agent.log"))?;
-    let row = wait_for("programming", Duration::from_secs(20), Some(&agent), || {
+    let agent = AgentProcess::spawn(cmd, &dir.0.join("agent.log"), &status_file)?;
+    let row = agent.wait_for("programming", Duration::from_secs(20), || {
         inspect::services(bpffs.path()).ok()?.into_iter().find(|r| r.backends.len() == 2)
     })?;
     // A live flow to the first backend, as the datapath would have written it.
@@ -1109,13 +1043,13 @@ fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -
             .map(|m| m.keys().filter_map(Result::ok).collect())
             .unwrap_or_default()
     };
-    wait_for("both backends draining", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("both backends draining", Duration::from_secs(10), || {
         (draining().len() == 2).then_some(())
     })?;
     // Once the orphans are old enough, the one no flow uses goes; the other stays.
     let t0 = Instant::now();
     let left =
-        wait_for("the unused draining entry released", ORPHAN_MIN_AGE + Duration::from_secs(15), Some(&agent), || {
+        agent.wait_for("the unused draining entry released", ORPHAN_MIN_AGE + Duration::from_secs(15), || {
             let d = draining();
             (d.len() == 1).then_some(d)
         })?;
@@ -1123,7 +1057,7 @@ fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -
     assert_eq!(left, vec![DrainKey { svc_id: row.id, backend_id: b.backend_id }]);
     // The flow ends: the last one goes at the collector's next pass.
     ct.remove(&key)?;
-    wait_for("the last draining entry released", Duration::from_secs(10), Some(&agent), || {
+    agent.wait_for("the last draining entry released", Duration::from_secs(10), || {
         draining().is_empty().then_some(())
     })?;
     Ok(())

@@ -11,201 +11,57 @@
 //! (`cargo xtask kube build`); CI builds them.
 
 use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    ffi::OsStr,
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
-use lb_userspace::{agent::AgentStatus, inspect, testing::PrivateBpffs};
+use anyhow::{Context as _, Result, ensure};
+use lb_testing::{
+    agent::AgentProcess,
+    kube::{Cluster, kube_bin_dir},
+    require_kube,
+};
+use lb_userspace::agent::AgentStatus;
 
-fn kube_bin_dir() -> PathBuf {
-    let cache =
-        std::env::var_os("LB_KUBE_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/lb/kube-1.20.2".into());
-    cache.join("bin")
-}
-
-fn binaries_built() -> bool {
-    ["etcd", "kube-apiserver", "kubectl"].iter().all(|b| kube_bin_dir().join(b).is_file())
-}
-
-macro_rules! require_kube {
-    () => {
-        if !binaries_built() {
-            eprintln!(
-                "SKIPPED: Kubernetes binaries not found in {}; run `cargo xtask kube build` (about 5 min) to enable this test",
-                kube_bin_dir().display()
-            );
-            return Ok(());
-        }
-    };
-}
-
-/// The xtask binary (built by `cargo xtask ...`), or `cargo run -p xtask`.
-fn xtask() -> Command {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let bin = std::env::var_os("LB_XTASK").map(PathBuf::from).unwrap_or_else(|| target.join("debug/xtask"));
-    if bin.is_file() {
-        Command::new(bin)
-    } else {
-        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        c.current_dir(root).args(["run", "--quiet", "--package", "xtask", "--"]);
-        c
-    }
-}
-
-/// A control plane from `xtask kube up`, taken down on drop.
-struct Cluster {
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Cluster {
-    fn up(name: &str, port: u16, v1_crd: bool) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("lb-kube-{name}-{}", std::process::id()));
-        let mut c = xtask();
-        c.args(["kube", "up", "--no-controllers", "--port", &port.to_string(), "--dir"]).arg(&dir);
-        if v1_crd {
-            c.arg("--v1-crd");
-        }
-        let out = c.output().context("running `xtask kube up`")?;
-        if !out.status.success() {
-            bail!(
-                "xtask kube up failed:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(Self { kubeconfig: dir.join("kubeconfig"), dir })
-    }
-
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let mut c = Command::new(kube_bin_dir().join("kubectl"));
-        c.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().context("running kubectl")?;
-        if let (Some(text), Some(mut si)) = (stdin, child.stdin.take()) {
-            si.write_all(text.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        self.kubectl(&["apply", "-f", "-"], Some(yaml)).map(drop)
-    }
-
-    /// Stops kube-apiserver (SIGTERM, SIGKILL after 2 s, as `xtask kube` does), runs
-    /// `while_down`, then starts it again with the same command line and waits for it.
-    fn restart_apiserver(&self, while_down: impl FnOnce() -> Result<()>) -> Result<()> {
-        let pid_file = self.dir.join("kube-apiserver.pid");
-        let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
-        let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))?
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect();
-        // SAFETY: signalling the API server process of our own test cluster.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            if t0.elapsed() > Duration::from_secs(2) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        while_down()?;
-        let log = std::fs::OpenOptions::new().append(true).open(self.dir.join("kube-apiserver.log"))?;
-        let st = Command::new("setsid")
-            .args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""])
-            .arg(&pid_file)
-            .args(&cmdline)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .status()?;
-        if !st.success() {
-            bail!("restarting kube-apiserver failed");
-        }
-        let t0 = Instant::now();
-        while self.kubectl(&["get", "--raw", "/readyz"], None).is_err() {
-            if t0.elapsed() > Duration::from_secs(60) {
-                bail!("kube-apiserver not ready after restart");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = xtask().args(["kube", "down", "--dir"]).arg(&self.dir).output();
-    }
-}
 
 /// A running agent on a private bpffs, killed on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-    status: PathBuf,
-    bpffs: PrivateBpffs,
-}
+struct Agent(AgentProcess);
 
 impl Agent {
     fn start(cluster: &Cluster, name: &str) -> Result<Self> {
-        let bpffs = PrivateBpffs::new()?;
-        let log = std::env::temp_dir().join(format!("lb-agent-k8s-{name}-{}.log", std::process::id()));
-        let status = std::env::temp_dir().join(format!("lb-agent-k8s-{name}-{}.json", std::process::id()));
-        let f = std::fs::File::create(&log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_lb"))
-            .args(["agent", "--source", "kubernetes", "--kubeconfig"])
-            .arg(&cluster.kubeconfig)
-            .env("LB_BPFFS", bpffs.path())
-            .env("LB_STATUS_FILE", &status)
-            .env("LB_LOG", "info,lb_userspace=debug")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()?;
-        let agent = Self { child, log, status, bpffs };
-        agent.wait("initial sync", Duration::from_secs(30), |_| agent.state().is_some_and(|s| s.ready))?;
+        let args = [OsStr::new("agent"), OsStr::new("--source"), OsStr::new("kubernetes"), OsStr::new("--kubeconfig")];
+        let mut args: Vec<&OsStr> = args.to_vec();
+        args.push(cluster.kubeconfig.as_os_str());
+        let agent = Self(AgentProcess::private(
+            Path::new(env!("CARGO_BIN_EXE_lb")),
+            &format!("k8s-{name}"),
+            &args,
+            "info,lb_userspace=debug",
+        )?);
+        agent.0.wait_status("initial sync", Duration::from_secs(30), |s| s.ready)?;
         Ok(agent)
     }
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
     fn state(&self) -> Option<AgentStatus> {
-        serde_json::from_slice(&std::fs::read(&self.status).ok()?).ok()
+        self.0.status()
+    }
+    fn log_text(&self) -> String {
+        self.0.log_text()
+    }
+    fn bpffs(&self) -> &Path {
+        self.0.bpffs().expect("a private bpffs")
     }
     /// frontend -> sorted backends.
     fn programmed(&self) -> Vec<(String, Vec<String>)> {
-        inspect::backend_sets(self.bpffs.path())
+        self.0.programmed()
     }
     fn wait(&self, what: &str, timeout: Duration, mut ok: impl FnMut(&Self) -> bool) -> Result<Duration> {
         let t0 = Instant::now();
-        loop {
-            if ok(self) {
-                return Ok(t0.elapsed());
-            }
-            if t0.elapsed() > timeout {
-                bail!(
-                    "timed out waiting for {what}; programmed {:#?}\nagent log:\n{}",
-                    self.programmed(),
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0
+            .wait_for(what, timeout, || ok(self).then_some(()))
+            .with_context(|| format!("programmed {:#?}", self.programmed()))?;
+        Ok(t0.elapsed())
     }
     /// Waits until the maps hold exactly `want` (besides the `kubernetes` service).
     fn expect(&self, what: &str, want: &[(&str, &[&str])]) -> Result<Duration> {
@@ -215,15 +71,6 @@ impl Agent {
             let got: Vec<_> = a.programmed().into_iter().filter(|(f, _)| !f.starts_with("10.96.0.1:443")).collect();
             got == want
         })
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-        let _ = std::fs::remove_file(&self.status);
     }
 }
 
@@ -319,7 +166,7 @@ fn lifecycle(cluster: &Cluster, agent: &Agent, api_version: &str) -> Result<()> 
             ("10.96.100.10:8000/TCP", &["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"]),
         ],
     )?;
-    let rows = inspect::services(agent.bpffs.path())?;
+    let rows = lb_userspace::inspect::services(agent.bpffs())?;
     assert!(
         rows.iter().filter(|r| r.frontend.starts_with("10.96.100.10")).all(|r| r.affinity_timeout_s == Some(60)),
         "{rows:#?}"
@@ -424,35 +271,6 @@ fn v1_through_the_crd_stand_in() -> Result<()> {
     assert!(agent.log_text().contains("api=\"discovery.k8s.io/v1\""), "{}", agent.log_text());
     lifecycle(&cluster, &agent, "discovery.k8s.io/v1")?;
     scale(&cluster, &agent, "discovery.k8s.io/v1")?;
-    Ok(())
-}
-
-/// `bench_agent` in small (a smoke test of the benchmark code); the full size with
-/// `LB_BENCH_AGENT_FULL=1` (1,000 changes, 10,000 services x 10 endpoints), and
-/// `LB_BENCH_AGENT_LB=target/release/lb` for numbers worth reporting.
-#[test]
-fn bench_agent_runs() -> Result<()> {
-    require_kube!();
-    let cluster = Cluster::up("bench", 17563, false)?;
-    let mut opts = lb_userspace::bench_agent::BenchOpts::new(&cluster.kubeconfig, env!("CARGO_BIN_EXE_lb"));
-    // The agent binary to measure, e.g. target/release/lb (default: this build's).
-    if let Some(lb) = std::env::var_os("LB_BENCH_AGENT_LB") {
-        opts.lb = lb.into();
-    }
-    let full = std::env::var_os("LB_BENCH_AGENT_FULL").is_some();
-    if !full {
-        opts.changes = 50;
-        opts.services = 100;
-    }
-    let report = lb_userspace::bench_agent::run(&opts)?;
-    eprintln!("{}", report.table());
-    assert_eq!(report.latency.changes, opts.changes);
-    assert!(report.full_sync.initial_sync_writes >= opts.services * (opts.endpoints + 1));
-    if full {
-        // The target. Holding the slices as k8s-openapi structs gave ~103 MB;
-        // the model's compact `Slice` ~57 MB (v1beta1, release build).
-        assert!(report.full_sync.rss_mb < 100.0, "agent RSS {:.1} MB at full size", report.full_sync.rss_mb);
-    }
     Ok(())
 }
 

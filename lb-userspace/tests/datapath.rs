@@ -11,10 +11,8 @@ use lb_common::{
     AffinityKey4, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_DROP, NO_BACKENDS_REJECT, Reason,
     SVC_F_AFFINITY, ServiceValue, hash,
 };
-use lb_userspace::{
-    agent::table::Table,
-    testing::{Datapath, Hook, Verdict, ct_now, ip, monotonic_ns},
-};
+use lb_testing::{Datapath, Hook, Verdict, ct_now, ip, monotonic_ns};
+use lb_userspace::agent::table::Table;
 
 const MAC_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const MAC_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -1340,10 +1338,8 @@ fn kernel_minimal_disruption_on_backend_removal() {
 /// A pinned map from another layout is refused with a clear message, never reused.
 #[test]
 fn pinned_maps_of_another_layout_are_refused() {
-    use lb_userspace::{
-        datapath::{self, DatapathError, LoadOptions},
-        testing::{PrivateBpffs, pin_foreign_hash_map},
-    };
+    use lb_testing::{PrivateBpffs, pin_foreign_hash_map};
+    use lb_userspace::datapath::{self, DatapathError, LoadOptions};
     // An older layout version of SERVICES.
     let fs = PrivateBpffs::new().unwrap();
     pin_foreign_hash_map(&fs.path().join("lb4_svc_v0"), 8, 16).unwrap();

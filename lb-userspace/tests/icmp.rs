@@ -13,7 +13,7 @@ use etherparse::{
     icmpv4::{DestUnreachableHeader, TimeExceededCode},
 };
 use lb_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, Reason, ServiceValue, map_names};
-use lb_userspace::testing::{Datapath, Hook, Verdict};
+use lb_testing::{Datapath, Hook, Verdict};
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];

@@ -1,5 +1,5 @@
 //! Real traffic through the datapath: a client pod, a node and a server pod, each a
-//! network namespace of their own (`lb_userspace::netns`), joined by veth pairs, the
+//! network namespace of their own (`lb_testing::netns`), joined by veth pairs, the
 //! datapath attached on the node side of both pod veths. Needs root; touches nothing
 //! outside the namespaces it creates, and deletes them on the way out (also on panic).
 //!
@@ -30,11 +30,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_REJECT, Reason, ServiceValue};
-use lb_userspace::{
-    datapath::AttachMode,
+use lb_testing::{
+    Datapath,
     netns::{self, CLIENT_IP, NODE_CLIENT_IF, NODE_SERVER_IF, POD_IF, SERVER_IP, Topology},
-    testing::Datapath,
 };
+use lb_userspace::datapath::AttachMode;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// TCP 80 -> server:8080.
@@ -449,14 +449,4 @@ fn xdp_native_tx_csum_off_in_pods() {
 #[test]
 fn xdp_native_checksum_completed_on_the_node_is_wrong() {
     run(checksum_completed_on_the_node, AttachMode::Xdp);
-}
-
-/// `cargo test -p lb-userspace --test netns -- --ignored --nocapture bench_veth`: the
-/// attach-mode throughput comparison (about half a minute).
-#[test]
-#[ignore = "a benchmark, not a check"]
-fn bench_veth() {
-    let seconds = std::env::var("LB_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let report = lb_userspace::bench_veth::run(seconds).unwrap();
-    println!("{}", serde_json::to_string_pretty(&report).unwrap());
 }

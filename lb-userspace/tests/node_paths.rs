@@ -14,11 +14,11 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason, ServiceValue, map_names};
-use lb_userspace::{
-    datapath::{self, AttachMode},
+use lb_testing::{
+    Datapath, ProbeVerdict, TcxProbe,
     netns::{self, NODE_CLIENT_IF, NODE_SERVER_IF, SERVER_GW, SERVER_IP, Topology},
-    testing::{Datapath, ProbeVerdict, TcxProbe},
 };
+use lb_userspace::datapath::{self, AttachMode};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);

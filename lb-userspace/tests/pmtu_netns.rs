@@ -1,5 +1,5 @@
 //! Path-MTU discovery through a ClusterIP, with real traffic in throw-away network
-//! namespaces (`lb_userspace::netns`): issue 9, ICMP errors for NATed flows.
+//! namespaces (`lb_testing::netns`): issue 9, ICMP errors for NATed flows.
 //!
 //! ```text
 //! client ──1500── node ──1500── router ──1300── server
@@ -31,11 +31,11 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_common::{IPPROTO_TCP, Reason, ServiceValue};
-use lb_userspace::{
-    datapath::{self, AttachMode},
+use lb_testing::{
+    Datapath,
     netns::{self, Netns, PREFIX},
-    testing::Datapath,
 };
+use lb_userspace::datapath::{self, AttachMode};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 80;

@@ -744,11 +744,7 @@ impl Cluster {
     /// `bin` as a command, run via `ip netns exec NS` when a namespace is set; no proxy env.
     fn ns_command(&self, bin: &Path) -> Command {
         let mut c = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin);
-                c
-            }
+            Some(ns) => lb_netns::command(ns, bin),
             None => Command::new(bin),
         };
         for v in PROXY_VARS {
@@ -817,10 +813,10 @@ impl Cluster {
 // ---------------------------------------------------------------------------------------------
 
 fn check_netns(ns: &str, bind: Ipv4Addr) -> Result<()> {
-    if ns.is_empty() || ns.contains('/') || !Path::new("/run/netns").join(ns).exists() {
+    if ns.is_empty() || ns.contains('/') || !lb_netns::path(ns).exists() {
         bail!("network namespace {ns:?} not found in /run/netns; create it first (ip netns add {ns})");
     }
-    run_ok(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]), "ip link set lo up in the namespace")?;
+    lb_netns::ip(&["-n", ns, "link", "set", "lo", "up"]).context("ip link set lo up in the namespace")?;
     let out = Command::new("ip").args(["-n", ns, "-4", "-o", "addr", "show"]).output().context("cannot run ip")?;
     let addrs = String::from_utf8_lossy(&out.stdout);
     if !addrs.split_whitespace().any(|w| w.split('/').next() == Some(&bind.to_string())) {
@@ -930,15 +926,16 @@ fn component_of(pid: u32) -> Option<&'static str> {
 /// SIGTERM, wait up to `grace`, then SIGKILL and wait up to 5 s. (A SIGTERMed kube-apiserver
 /// waits up to a minute for open watches, so the grace periods are short.)
 fn terminate(pids: &[u32], dir: &Path, grace: Duration) {
-    for (sig, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, Duration::from_secs(5))] {
+    use nix::sys::signal::Signal;
+    for (sig, wait) in [(Signal::SIGTERM, grace), (Signal::SIGKILL, Duration::from_secs(5))] {
         let live: Vec<u32> = pids.iter().copied().filter(|p| is_ours(*p, dir)).collect();
         if live.is_empty() {
             return;
         }
         for p in &live {
             if let Ok(p) = i32::try_from(*p) {
-                // SAFETY: plain kill(2) on a pid we verified runs one of our binaries for `dir`.
-                unsafe { libc::kill(p, sig) };
+                // A pid we verified runs one of our binaries for `dir`.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
             }
         }
         let t0 = Instant::now();

@@ -127,7 +127,7 @@ fn main() -> Result<()> {
 }
 
 fn require_root(what: &str) -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("{what} loads BPF programs and creates network namespaces: run it as root (sudo -E cargo xtask ...)");
     }
     Ok(())
@@ -195,10 +195,10 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
     }
 }
 
-/// Runs the dev tool (bench, demo) from lb-userspace, built in release mode.
+/// Runs the dev tool (bench, demo; the `lb-dev` crate), built in release mode.
 fn lb_dev(sub: &[&str], extra: &[String]) -> Result<()> {
     require_root("this command")?;
-    let mut args = vec!["run", "--quiet", "--release", "--package", "lb-userspace", "--bin", "lb-dev", "--"];
+    let mut args = vec!["run", "--quiet", "--release", "--package", "lb-dev", "--bin", "lb-dev", "--"];
     args.extend_from_slice(sub);
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)

@@ -99,15 +99,8 @@ impl JiffyClock {
 
     /// Now, in the datapath's conntrack ticks.
     pub fn now_tick(&self) -> u32 {
-        lb_common::ct_tick(self.jiffies_at(monotonic_ns()), self.recip())
+        lb_common::ct_tick(self.jiffies_at(crate::datapath::monotonic_ns()), self.recip())
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The clock, read once per process.

@@ -169,7 +169,7 @@ fn walkthrough() -> Result<Vec<(String, String)>> {
 
     // The client's node: its datapath did the NAT, so its counters show the traffic.
     let node = sb.kubectl(&["get", "pod", "client", "-o", "jsonpath={.spec.nodeName}"])?;
-    let n: u8 = node.trim().trim_start_matches("lbsb-node").parse().unwrap_or(1);
+    let n: u8 = super::node_index(node.trim()).unwrap_or(1);
     section(8, "`lb services` on the client's node: the programmed frontends, backends and counters");
     show_cmd(&format!("kubectl -n kube-system exec {} -- lb services", sb.agent_pod(n)?));
     let svcs = sb.lb_on_node(n, &["services"])?;

@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use super::{
     Sandbox, UpArgs,
     demo::{ready_endpoints, wait_running},
+    node_name,
     image::{AGNHOST_IMAGE, BENCH_IMAGE, CLIENT_IMAGE},
     wait_for,
 };
@@ -145,7 +146,7 @@ fn server_pod(
             format!("{{{n}containerPort: {p}, protocol: {proto}}}")
         })
         .collect();
-    let node = node.map(|i| format!("  nodeName: lbsb-node{i}\n")).unwrap_or_default();
+    let node = node.map(|i| format!("  nodeName: {}\n", node_name(i))).unwrap_or_default();
     sb.apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {labels}}}\nspec:\n{node}  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {AGNHOST_IMAGE}\n    args: [{}]\n    ports: [{}]\n",
         args.join(", "),
@@ -155,7 +156,7 @@ fn server_pod(
 }
 
 fn client_pod(sb: &Sandbox, id: &str, name: &str, node: Option<u8>) -> Result<()> {
-    let node = node.map(|i| format!("  nodeName: lbsb-node{i}\n")).unwrap_or_default();
+    let node = node.map(|i| format!("  nodeName: {}\n", node_name(i))).unwrap_or_default();
     sb.apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}}}\nspec:\n{node}  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: c, image: {CLIENT_IMAGE}}}\n"
     ))?;
@@ -790,7 +791,8 @@ fn terminating_server(sb: &Sandbox, id: &str, name: &str, sel: &str, node: u8, p
         format!("    lifecycle: {{preStop: {{exec: {{command: [sleep, '{GRACE}']}}}}}}\n")
     };
     sb.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node{node}\n  terminationGracePeriodSeconds: {GRACE}\n  containers:\n  - name: agnhost\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=80]\n    ports: [{{containerPort: 80}}]\n{probe}"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: {GRACE}\n  containers:\n  - name: agnhost\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=80]\n    ports: [{{containerPort: 80}}]\n{probe}",
+        node_name = node_name(node)
     ))?;
     wait_pod_ready(sb, name, true)
 }
@@ -997,7 +999,8 @@ fn node_backend(sb: &Sandbox, id: &str) -> Result<()> {
     let pod = format!("{id}-hostnet");
     let sel = format!("app: {pod}");
     sb.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: lbsb-node1\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=18080, --udp-port=18082]\n    ports: [{{containerPort: 18080, protocol: TCP}}]\n  - name: udp\n    image: {BENCH_IMAGE}\n    command: [/usr/local/bin/lb-bench-tool]\n    args: [serve, --port=18081, --bind=$(HOST_IP), --threads=1]\n    env: [{{name: HOST_IP, valueFrom: {{fieldRef: {{fieldPath: status.hostIP}}}}}}]\n    ports: [{{containerPort: 18081, protocol: UDP}}]\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  labels: {{e2e: {id}, {sel}}}\nspec:\n  nodeName: {node1}\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {AGNHOST_IMAGE}\n    args: [netexec, --http-port=18080, --udp-port=18082]\n    ports: [{{containerPort: 18080, protocol: TCP}}]\n  - name: udp\n    image: {BENCH_IMAGE}\n    command: [/usr/local/bin/lb-bench-tool]\n    args: [serve, --port=18081, --bind=$(HOST_IP), --threads=1]\n    env: [{{name: HOST_IP, valueFrom: {{fieldRef: {{fieldPath: status.hostIP}}}}}}]\n    ports: [{{containerPort: 18081, protocol: UDP}}]\n",
+        node1 = node_name(1)
     ))?;
     wait_pod(sb, &pod)?;
     let svc = format!("{id}-hostnet");

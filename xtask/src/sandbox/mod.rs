@@ -177,7 +177,7 @@ pub fn run(cmd: SandboxCmd) -> Result<()> {
 
 pub(crate) fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("the sandbox creates namespaces, mounts and cgroups: run as root (sudo -E cargo xtask sandbox ...)");
     }
     Ok(())
@@ -224,48 +224,30 @@ fn preflight() -> Result<()> {
 /// Serialises teardown between the main thread (on error) and the signal thread.
 static TEARDOWN: Mutex<()> = Mutex::new(());
 
-/// Write end of the self-pipe the signal handler writes to.
-static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
-    if fd >= 0 {
-        // SAFETY: write(2) is async-signal-safe; one byte from a static.
-        unsafe { libc::write(fd, c"x".as_ptr().cast(), 1) };
-    }
-}
-
 /// Ctrl-C / SIGTERM while this process uses the sandbox: tear it down and exit 130.
-/// The handler only writes to a pipe; a thread reading it does the teardown as ordinary
-/// code. (Blocking the signals instead would leak the blocked mask into every child.)
+/// SIGINT and SIGTERM are blocked in the calling thread (every thread it starts after
+/// inherits that) and a thread of ours waits for them (sigwait(2)), so the teardown runs
+/// as ordinary code, not in a signal handler. Children do not inherit the blocked mask:
+/// std's `Command` resets it in every child it starts. Call it from the main thread
+/// before it starts threads of its own.
 pub fn install_teardown_on_signal() {
-    if SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed) >= 0 {
-        return;
-    }
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills two fds; sigaction installs a handler that only calls write(2).
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+    use nix::sys::signal::{SigSet, Signal};
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGINT);
+        set.add(Signal::SIGTERM);
+        if let Err(e) = set.thread_block() {
+            eprintln!("warning: cannot block SIGINT/SIGTERM ({e}); Ctrl-C will not tear the sandbox down");
             return;
         }
-        SIGNAL_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-    }
-    let rfd = fds[0];
-    std::thread::spawn(move || {
-        let mut b = [0u8; 1];
-        // SAFETY: blocking read of one byte into a local buffer from our pipe.
-        let n = unsafe { libc::read(rfd, b.as_mut_ptr().cast(), 1) };
-        if n == 1 {
-            eprintln!("\ninterrupted: tearing the sandbox down...");
-            let _ = down(false);
-            std::process::exit(130);
-        }
+        std::thread::spawn(move || {
+            if set.wait().is_ok() {
+                eprintln!("\ninterrupted: tearing the sandbox down...");
+                let _ = down(false);
+                std::process::exit(130);
+            }
+        });
     });
 }
 
@@ -280,8 +262,15 @@ pub struct Sandbox {
     pub proxy: Proxy,
 }
 
+/// The name of node `i` (its Node object, network namespace and cgroup leaf): the one
+/// place sandbox names are made ([`PREFIX`]).
 pub fn node_name(i: u8) -> String {
     Node::new(i).name
+}
+
+/// The index of the node called `name` ([`node_name`]'s inverse).
+pub fn node_index(name: &str) -> Option<u8> {
+    name.strip_prefix(PREFIX)?.strip_prefix("node")?.parse().ok()
 }
 
 pub fn up(a: &UpArgs) -> Result<Sandbox> {
@@ -667,12 +656,12 @@ pub fn target_dir() -> Result<PathBuf> {
 }
 
 fn make_topology(nodes: u8) -> Result<()> {
-    netns_add(FABRIC_NS)?;
+    lb_netns::add(FABRIC_NS)?;
     ip(&["-n", FABRIC_NS, "link", "add", "br0", "type", "bridge"])?;
     ip(&["-n", FABRIC_NS, "link", "set", "br0", "up"])?;
     for i in 1..=nodes {
         let n = Node::new(i);
-        netns_add(&n.name)?;
+        lb_netns::add(&n.name)?;
         let port = format!("node{i}");
         // Each veth is created with both ends already inside their namespaces.
         ip(&["link", "add", &port, "netns", FABRIC_NS, "type", "veth", "peer", "name", "eth0", "netns", &n.name])?;
@@ -680,13 +669,13 @@ fn make_topology(nodes: u8) -> Result<()> {
         ip(&["-n", FABRIC_NS, "link", "set", &port, "up"])?;
         ip(&["-n", &n.name, "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"])?;
         ip(&["-n", &n.name, "link", "set", "eth0", "up"])?;
-        sysctl(&n.name, "net.ipv4.ip_forward", "1")?;
+        lb_netns::sysctl(&n.name, "net.ipv4.ip_forward", "1")?;
         // kube-proxy's same-node replies are bridged: it needs bridged traffic in iptables.
-        sysctl(&n.name, "net.bridge.bridge-nf-call-iptables", "1")?;
+        lb_netns::sysctl(&n.name, "net.bridge.bridge-nf-call-iptables", "1")?;
         // Replies leave the datapath with a ClusterIP source, and nodes have no route to
         // the service range: strict reverse-path filtering would drop them.
         for conf in ["all", "default", "eth0"] {
-            sysctl(&n.name, &format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
+            lb_netns::sysctl(&n.name, &format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
         }
         // Host-network processes need a route covering the service range (else connect()
         // fails with "Network is unreachable" before any proxy sees it); it ends on the
@@ -705,17 +694,13 @@ fn make_topology(nodes: u8) -> Result<()> {
     Ok(())
 }
 
-fn netns_add(ns: &str) -> Result<()> {
-    ip(&["netns", "add", ns])?;
-    ip(&["-n", ns, "link", "set", "lo", "up"])
-}
-
-fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
-    run_ok(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={val}")]), "sysctl")
-}
-
 pub fn ip(args: &[&str]) -> Result<()> {
-    run_ok(Command::new("ip").args(args), &format!("ip {}", args.join(" ")))
+    lb_netns::ip(args).map(drop)
+}
+
+/// SIGKILL to `pid`; one already gone is no error.
+pub fn kill9(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
 }
 
 pub fn run_ok(c: &mut Command, what: &str) -> Result<()> {
@@ -796,16 +781,7 @@ pub fn tail(path: &Path, n: usize) -> String {
 }
 
 fn our_netns() -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                .filter(|n| n.starts_with(PREFIX))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    lb_netns::list(PREFIX)
 }
 
 /// Mount points under the state dir (the mount-namespace handles and their dir), deepest first.
@@ -830,7 +806,7 @@ fn ns_inode(path: &Path) -> Option<u64> {
 /// host-network pods), or in its cgroup subtree (every pod's processes).
 fn sandbox_pids(namespaces: &[String]) -> Vec<i32> {
     let me = i32::try_from(std::process::id()).unwrap_or(0);
-    let mut inodes: Vec<u64> = namespaces.iter().filter_map(|n| ns_inode(&Path::new("/run/netns").join(n))).collect();
+    let mut inodes: Vec<u64> = namespaces.iter().filter_map(|n| ns_inode(&lb_netns::path(n))).collect();
     for e in fs::read_dir(NS_DIR).into_iter().flatten().flatten() {
         // A mounted handle's inode is the namespace's; an unmounted one is a plain file.
         if node::is_mountpoint(&e.path()) {
@@ -864,8 +840,8 @@ pub fn down(verbose: bool) -> Result<()> {
     let me = i32::try_from(std::process::id()).unwrap_or(0);
     // The relay is in the root namespace: find it by pid file, check it is ours.
     if let Some(p) = read_pid(&dir, "relay").filter(|p| cmdline(*p).contains("sandbox relay") && *p != me) {
-        // SAFETY: kill(2) on a pid whose command line is our relay.
-        unsafe { libc::kill(p, libc::SIGKILL) };
+        // A pid whose command line is our relay.
+        kill9(p);
     }
     let namespaces = our_netns();
     let kdir = dir.join("kube");
@@ -883,9 +859,9 @@ pub fn down(verbose: bool) -> Result<()> {
             eprintln!("stopping {} sandbox processes", pids.len());
         }
         for p in &pids {
-            // SAFETY: kill(2) on processes inside the sandbox's namespaces or cgroups, which
-            // only the sandbox creates.
-            unsafe { libc::kill(*p, libc::SIGKILL) };
+            // Processes inside the sandbox's namespaces or cgroups, which only the
+            // sandbox creates.
+            kill9(*p);
         }
         sleep(Duration::from_millis(100));
     }
@@ -897,8 +873,8 @@ pub fn down(verbose: bool) -> Result<()> {
     let mut ordered = namespaces.clone();
     ordered.sort_by_key(|n| (n == FABRIC_NS, n.clone()));
     for ns in &ordered {
-        if let Err(e) = ip(&["netns", "del", ns])
-            && Path::new("/run/netns").join(ns).exists()
+        if let Err(e) = lb_netns::delete(ns)
+            && lb_netns::path(ns).exists()
         {
             return Err(e);
         }
@@ -906,11 +882,9 @@ pub fn down(verbose: bool) -> Result<()> {
     // Unmounting a node's handle drops its mount namespace (no process holds it now), and
     // with it the bpffs (and so the agent's pins), the overlays and the private dirs.
     for m in our_mounts() {
-        let c = std::ffi::CString::new(m.clone()).context("mount path")?;
-        // SAFETY: umount2 on a path under our state dir, from /proc/self/mountinfo.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            bail!("cannot unmount {m}: {}", std::io::Error::last_os_error());
-        }
+        // A path under our state dir, from /proc/self/mountinfo.
+        nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH)
+            .with_context(|| format!("cannot unmount {m}"))?;
     }
     let mut t0 = Instant::now();
     while let Err(e) = node::remove_cgroups() {
@@ -1096,7 +1070,7 @@ impl Sandbox {
     /// restarts the container. Its pinned maps and attached programs stay.
     pub fn kill_agent(&self, i: u8) -> Result<()> {
         let n = Node::new(i);
-        let net = ns_inode(&Path::new("/run/netns").join(&n.name)).context("node namespace missing")?;
+        let net = ns_inode(&lb_netns::path(&n.name)).context("node namespace missing")?;
         let pids: Vec<i32> = fs::read_dir("/proc")
             .into_iter()
             .flatten()
@@ -1113,8 +1087,8 @@ impl Sandbox {
             bail!("no lb agent process runs on {}", n.name);
         }
         for p in &pids {
-            // SAFETY: kill(2) on the lb agent process in this node's network namespace.
-            unsafe { libc::kill(*p, libc::SIGKILL) };
+            // The lb agent process in this node's network namespace.
+            kill9(*p);
         }
         wait_for(&format!("the lb agent on {} to die", n.name), Duration::from_secs(10), || {
             Ok(pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists() || cmdline(*p).is_empty()))

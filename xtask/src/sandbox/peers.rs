@@ -491,8 +491,7 @@ fn cpu_now() -> Cpu {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let f: Vec<f64> =
         stat.lines().next().unwrap_or_default().split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0.0)).collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = clk_tck();
     let get = |i: usize| f.get(i).copied().unwrap_or(0.0) / hz.max(1.0);
     // user nice system idle iowait irq softirq
     Cpu { system: get(2), softirq: get(6) }
@@ -682,8 +681,7 @@ fn process_start_ns(pid: i32) -> Result<i128> {
         .context("no btime")?
         .trim()
         .parse()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = clk_tck();
     Ok(((btime + ticks / hz) * 1e9) as i128)
 }
 
@@ -910,12 +908,14 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
+/// Now, in RFC 3339 UTC to the second.
 fn date() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// USER_HZ, the unit of /proc/stat and /proc/<pid>/stat times.
+fn clk_tck() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64
 }
 
 fn commit() -> String {

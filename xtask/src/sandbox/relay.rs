@@ -5,11 +5,8 @@
 //! `setns`-ed into the node's network namespace first.
 
 use std::{
-    fs::File,
     io,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
-    path::Path,
     time::Duration,
 };
 
@@ -35,7 +32,7 @@ pub fn run(listen: SocketAddr, netns: &str, upstream: SocketAddr) -> Result<()> 
 
 fn relay_one(client: TcpStream, netns: &str, upstream: SocketAddr) -> Result<()> {
     // This thread is made for this connection, so entering the namespace for good is fine.
-    enter_netns(netns)?;
+    lb_netns::enter(netns)?;
     let up = TcpStream::connect_timeout(&upstream, Duration::from_secs(5))
         .with_context(|| format!("connecting to {upstream} in {netns}"))?;
     let _ = up.set_nodelay(true);
@@ -49,17 +46,5 @@ fn relay_one(client: TcpStream, netns: &str, upstream: SocketAddr) -> Result<()>
     let _ = io::copy(&mut c, &mut u);
     let _ = u.shutdown(Shutdown::Write);
     let _ = t.join();
-    Ok(())
-}
-
-/// Moves the calling thread into the named network namespace for good: only call it on a
-/// thread made for the purpose (sockets opened afterwards live in that namespace).
-fn enter_netns(name: &str) -> Result<()> {
-    let path = Path::new("/run/netns").join(name);
-    let f = File::open(&path).with_context(|| format!("opening {}; does netns {name} exist?", path.display()))?;
-    // SAFETY: plain syscall on a file descriptor we own for its duration.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {name} (run as root)"));
-    }
     Ok(())
 }

@@ -16,11 +16,11 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{IPPROTO_TCP, NO_BACKENDS_REJECT, Reason, ServiceValue};
 use serde_json::{Value, json};
 
-use crate::{
-    datapath::AttachMode,
+use lb_testing::{
+    Datapath,
     netns::{self, SERVER_IP, Topology},
-    testing::Datapath,
 };
+use lb_userspace::datapath::AttachMode;
 
 const VIP: &str = "10.96.0.10";
 const SERVICE_PORT: u16 = 80;

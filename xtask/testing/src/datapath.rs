@@ -1,5 +1,7 @@
 //! A loaded datapath on a private bpffs, with map helpers and `BPF_PROG_TEST_RUN`
-//! wrappers: shared by the fixture tests, `lb-dev demo` and `lb-dev bench`.
+//! wrappers: shared by the fixture tests, `lb-dev demo` and `lb-dev bench`. It keeps
+//! the tables, epoch and prefilter in step as the agent's contract says (docs/agent.md,
+//! "The order of writes"), without the agent.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
@@ -19,7 +21,7 @@ use lb_common::{
     FragKey4, FragValue4, IdState, Reason, ServiceKey4, ServiceValue, map_names,
 };
 
-use crate::{
+use lb_userspace::{
     agent::table::{Addr, Table},
     datapath::{self, LoadOptions, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM},
 };
@@ -46,9 +48,7 @@ impl PrivateBpffs {
 
 impl Drop for PrivateBpffs {
     fn drop(&mut self) {
-        if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir(&self.path);
     }
 }
@@ -100,7 +100,7 @@ pub struct Datapath {
     next_word: u32,
     epoch: u32,
     /// `TABLES`, mapped, as the agent writes it.
-    words: crate::datapath::MappedWords,
+    words: datapath::MappedWords,
     /// `PREFILTER` words written, to clear on `reset`.
     prefilter: BTreeMap<u32, u64>,
     /// The `SERVICES` keys of each service id, as `put_service` wrote them.
@@ -132,7 +132,7 @@ impl Datapath {
             aya::maps::Map::Array(d) => MapData::from_id(d.info()?.id())?,
             _ => bail!("TABLES is not an array"),
         };
-        let words = crate::datapath::MappedWords::new(tables, map_names::TABLES)?;
+        let words = datapath::MappedWords::new(tables, map_names::TABLES)?;
         let mut dp = Self {
             ebpf,
             words,
@@ -162,7 +162,7 @@ impl Datapath {
         let cur = m.get(&0, 0).unwrap_or_default();
         // The conntrack clock, as the agent writes it.
         let clock =
-            crate::agent::conntrack::clock().map_err(anyhow::Error::msg).context("the kernel's jiffies clock")?;
+            lb_userspace::agent::conntrack::clock().map_err(anyhow::Error::msg).context("the kernel's jiffies clock")?;
         m.set(0, IdState { epoch: self.epoch, jiffy_recip: clock.recip(), ..cur }, 0)?;
         Ok(())
     }
@@ -421,7 +421,7 @@ impl Datapath {
     pub fn stat(&mut self, reason: Reason) -> Counter {
         let m: PerCpuArray<&mut MapData, Counter> =
             PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).expect("stats map")).expect("per-cpu array");
-        crate::datapath::counter_total(&m, reason as u32).expect("stats index")
+        datapath::counter_total(&m, reason as u32).expect("stats index")
     }
 
     pub fn stats(&mut self) -> Vec<(Reason, Counter)> {
@@ -482,16 +482,11 @@ fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Resul
     Ok(())
 }
 
+pub use lb_userspace::datapath::monotonic_ns;
+
 /// Now in conntrack ticks, the clock of `CtValue4::seen`.
 pub fn ct_now() -> u32 {
-    crate::agent::conntrack::now_tick()
-}
-
-/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    lb_userspace::agent::conntrack::now_tick()
 }
 
 /// Creates a plain BPF hash map and pins it at `path`, as another (older or broken)

@@ -13,9 +13,9 @@
 //! is deleted at the end.
 
 use std::{
+    ffi::OsStr,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -30,14 +30,12 @@ use lb_common::BackendKey;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::{
-    agent::{
-        AgentStatus,
-        k8s::{self, SliceApi},
-        model::{FrontendKey, Protocol},
-        sync::BpfMaps,
-    },
-    testing::PrivateBpffs,
+use lb_testing::agent::AgentProcess;
+use lb_userspace::agent::{
+    AgentStatus,
+    k8s::{self, SliceApi},
+    model::{FrontendKey, Protocol},
+    sync::BpfMaps,
 };
 
 const NS: &str = "lb-bench";
@@ -132,76 +130,23 @@ pub fn run(opts: &BenchOpts) -> Result<Report> {
     rt.block_on(run_async(opts))
 }
 
-struct AgentProc {
-    child: Child,
-    status: PathBuf,
-    log: PathBuf,
-    bpffs: PrivateBpffs,
+/// `lb agent --source kubernetes` on a private bpffs ([`AgentProcess::private`]).
+fn start_agent(opts: &BenchOpts, tag: &str) -> Result<AgentProcess> {
+    let args = [OsStr::new("agent"), OsStr::new("--source"), OsStr::new("kubernetes"), OsStr::new("--kubeconfig")];
+    let mut args: Vec<&OsStr> = args.to_vec();
+    args.push(opts.kubeconfig.as_os_str());
+    AgentProcess::private(&opts.lb, &format!("bench-{tag}"), &args, "warn,lb_userspace::agent=info")
+        .with_context(|| format!("starting {}", opts.lb.display()))
 }
 
-impl AgentProc {
-    fn start(opts: &BenchOpts, tag: &str) -> Result<Self> {
-        let bpffs = PrivateBpffs::new()?;
-        let base = std::env::temp_dir().join(format!("lb-bench-agent-{tag}-{}", std::process::id()));
-        let (status, log) = (base.with_extension("json"), base.with_extension("log"));
-        let _ = std::fs::remove_file(&status);
-        let child = Command::new(&opts.lb)
-            .args(["agent", "--source", "kubernetes", "--kubeconfig"])
-            .arg(&opts.kubeconfig)
-            .env("LB_BPFFS", bpffs.path())
-            .env("LB_STATUS_FILE", &status)
-            .env("LB_LOG", "warn,lb_userspace::agent=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", opts.lb.display()))?;
-        Ok(Self { child, status, log, bpffs })
-    }
-    fn state(&self) -> Option<AgentStatus> {
-        serde_json::from_slice(&std::fs::read(&self.status).ok()?).ok()
-    }
-    async fn wait(&mut self, what: &str, timeout: Duration, ok: impl Fn(&AgentStatus) -> bool) -> Result<AgentStatus> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.state().filter(|s| ok(s)) {
-                return Ok(s);
-            }
-            if let Some(st) = self.child.try_wait()? {
-                bail!(
-                    "agent exited ({st}); log {}:\n{}",
-                    self.log.display(),
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            if t0.elapsed() > timeout {
-                bail!("agent: timed out waiting for {what}; log {}", self.log.display());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    /// (VmRSS, VmHWM) in MB.
-    fn rss_mb(&self) -> (f64, f64) {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let kb = |key: &str| {
-            text.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.status);
-        let _ = std::fs::remove_file(&self.log);
-    }
+/// Waits for the agent's status without holding up the runtime's other tasks.
+fn wait_status(
+    agent: &AgentProcess,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&AgentStatus) -> bool,
+) -> Result<AgentStatus> {
+    tokio::task::block_in_place(|| agent.wait_status(what, timeout, ok))
 }
 
 fn slice_resource(api: SliceApi) -> ApiResource {
@@ -277,9 +222,9 @@ async fn run_async(opts: &BenchOpts) -> Result<Report> {
     let first: DynamicObject = serde_json::from_value(slice_json(api, "latency-1", "latency", &[base]))?;
     slices.create(&PostParams::default(), &first).await?;
 
-    let mut agent = AgentProc::start(opts, "latency")?;
-    agent.wait("initial sync", Duration::from_secs(60), |s| s.ready).await?;
-    let maps = BpfMaps::open(agent.bpffs.path())?;
+    let agent = start_agent(opts, "latency")?;
+    wait_status(&agent, "initial sync", Duration::from_secs(60), |s| s.ready)?;
+    let maps = BpfMaps::open(agent.bpffs().context("a private bpffs")?)?;
     let key = FrontendKey { ip: vip, port: 80, proto: Protocol::Tcp }.map_key();
     let holds = |addr: Ipv4Addr| -> bool {
         let Ok(v) = maps.services.get(&key, 0) else { return false };
@@ -351,9 +296,9 @@ async fn run_async(opts: &BenchOpts) -> Result<Report> {
     let api_create_s = t0.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let mut agent = AgentProc::start(opts, "full")?;
+    let agent = start_agent(opts, "full")?;
     let want = n + 1; // and `latency`
-    let st = agent.wait("full sync", Duration::from_secs(300), |s| s.ready && s.frontends >= want).await?;
+    let st = wait_status(&agent, "full sync", Duration::from_secs(300), |s| s.ready && s.frontends >= want)?;
     let ready_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss_mb, peak_rss_mb) = agent.rss_mb();

@@ -11,10 +11,8 @@ use aya::{
 use clap::{Parser, Subcommand, ValueEnum};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_REJECT, Reason, SVC_F_AFFINITY, ServiceValue, map_names};
-use lb_userspace::{
-    datapath::FLOOR_OBJECT,
-    testing::{BPF_F_NO_COMMON_LRU, Datapath, Hook, Verdict, conntrack_map_info, run_on},
-};
+use lb_testing::{BPF_F_NO_COMMON_LRU, Datapath, Hook, Verdict, conntrack_map_info, run_on};
+use lb_userspace::datapath::FLOOR_OBJECT;
 
 #[derive(Parser, Debug)]
 #[command(name = "lb-dev", about = "lb developer tool: datapath benchmark and demo")]
@@ -146,18 +144,18 @@ fn main() -> Result<()> {
             bench_datapath(repeat, &services, backends, rounds, ct_lru, &new_flow_backends, out)
         }
         Cmd::Bench { what: Bench::Veth { seconds, out } } => {
-            let json = lb_userspace::bench_veth::run(seconds)?;
+            let json = lb_dev::bench_veth::run(seconds)?;
             write_json(out, &json)
         }
         Cmd::Bench { what: Bench::Agent { kubeconfig, lb, changes, services, endpoints, out } } => {
-            let mut opts = lb_userspace::bench_agent::BenchOpts::new(kubeconfig, lb);
+            let mut opts = lb_dev::bench_agent::BenchOpts::new(kubeconfig, lb);
             opts.changes = changes;
             opts.services = services;
             opts.endpoints = endpoints;
-            let report = lb_userspace::bench_agent::run(&opts)?;
+            let report = lb_dev::bench_agent::run(&opts)?;
             print!("{}", report.table());
             if let Some(out) = out {
-                lb_userspace::bench_agent::write_json(&report, &out)?;
+                lb_dev::bench_agent::write_json(&report, &out)?;
                 println!("wrote {}", out.display());
             }
             Ok(())
@@ -265,16 +263,13 @@ const NEW2_PORT: u16 = 40005;
 /// Pins the calling thread to `cpu`. BPF_PROG_TEST_RUN runs the program on the calling
 /// thread's CPU with migration disabled for the whole run, so this pins the run.
 fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is the empty set; pid 0 is the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("pinning a thread to CPU {cpu}"));
-        }
-        let on = libc::sched_getcpu();
-        anyhow::ensure!(on == cpu as i32, "pinned to CPU {cpu}, running on {on}");
-    }
+    use nix::sched::{CpuSet, sched_getcpu, sched_setaffinity};
+    let mut set = CpuSet::new();
+    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    // Pid 0: the calling thread.
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).with_context(|| format!("pinning a thread to CPU {cpu}"))?;
+    let on = sched_getcpu().context("sched_getcpu")?;
+    anyhow::ensure!(on == cpu, "pinned to CPU {cpu}, running on {on}");
     Ok(())
 }
 

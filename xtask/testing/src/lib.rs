@@ -1,0 +1,31 @@
+//! lb's test harness, apart from the product (as Katran keeps its testing library):
+//! used by lb-userspace's integration tests and by `lb-dev` (demo and benchmarks).
+//!
+//! - the datapath on a private bpffs, with map helpers and `BPF_PROG_TEST_RUN`
+//!   ([`Datapath`], [`run_on`]; re-exported from `datapath`);
+//! - [`netns`]: client, node and server namespaces joined by veths ([`netns::Topology`]);
+//! - [`agent`]: a running `lb agent` process;
+//! - [`kube`]: a bare control plane from `xtask kube up`.
+
+pub mod agent;
+pub mod datapath;
+pub mod kube;
+pub mod netns;
+
+pub use datapath::*;
+
+/// Frontend (`ip:port/proto`) -> sorted backend addresses, as `lb services` shows them,
+/// in a form tests can compare. Empty when the maps can't be read.
+pub fn backend_sets(bpffs: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    lb_userspace::inspect::services(bpffs)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|r| {
+                    let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
+                    b.sort();
+                    (format!("{}/{}", r.frontend, r.protocol), b)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
