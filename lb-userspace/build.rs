@@ -74,5 +74,8 @@ fn main() -> anyhow::Result<()> {
         let obj = target_dir.join("bpfel-unknown-none/release").join(bin);
         std::fs::copy(&obj, out_dir.join(dest)).with_context(|| format!("copying {}", obj.display()))?;
     }
+    // The benchmark's no-op floor programs are not the product's: lb-dev's build script
+    // gets their path as DEP_LB_EBPF_FLOOR_OBJECT (this package `links = "lb_ebpf"`).
+    println!("cargo:floor_object={}", out_dir.join("lb-floor.o").display());
     Ok(())
 }

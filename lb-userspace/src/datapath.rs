@@ -117,9 +117,6 @@ impl LoadOptions {
     }
 }
 
-/// The benchmark floor programs (`floor` for XDP, `floor_tc` for tc: pass, nothing else).
-pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor.o"));
-
 /// Expected (type, key size, value size) of every pinned map.
 fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
     use lb_common::*;

@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, NO_BACKENDS_REJECT, Reason, SVC_F_AFFINITY, ServiceValue, map_names};
 use lb_testing::{BPF_F_NO_COMMON_LRU, Datapath, Hook, Verdict, conntrack_map_info, run_on};
-use lb_userspace::datapath::FLOOR_OBJECT;
+/// The benchmark floor programs (`floor` for XDP, `floor_tc` for tc: pass, nothing else).
+static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_FLOOR_OBJECT"));
 
 #[derive(Parser, Debug)]
 #[command(name = "lb-dev", about = "lb developer tool: datapath benchmark and demo")]
