@@ -10,7 +10,12 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapInfo, MapType},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink,
+        tc::{self, TcAttachOptions},
+    },
+    util::KernelVersion,
 };
 use lb_common::{MAP_LAYOUT_VERSION, map_names};
 
@@ -56,11 +61,11 @@ pub enum DatapathError {
     },
     #[error("program {0} is missing from the datapath object")]
     MissingProgram(&'static str),
-    #[error("attaching {program} to {iface} as {mode}")]
+    #[error("attaching {program} to {iface} as {hook}")]
     Attach {
         program: &'static str,
         iface: String,
-        mode: AttachMode,
+        hook: Hook,
         #[source]
         source: aya::programs::ProgramError,
     },
@@ -179,22 +184,14 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     if is_bpffs(dir) {
         return Ok(());
     }
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    // `mount -t bpf bpf DIR`: the source is only a label for bpffs.
+    nix::mount::mount(Some("bpf"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| err(e.into()))
 }
 
-/// BPF_FS_MAGIC from include/uapi/linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
+/// `dir` is on a bpffs: statfs(2) reports BPF_FS_MAGIC (include/uapi/linux/magic.h).
 pub fn is_bpffs(dir: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    nix::sys::statfs::statfs(dir).is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Loads the datapath: maps are created or reused under `opts.pin_dir` (which must be
@@ -243,49 +240,148 @@ where
     prog.load_it().map_err(|source| DatapathError::Verify { name, source })
 }
 
-/// Attaches the program for `mode` to `iface` in the calling thread's network
-/// namespace. Returns nothing: the link lives as long as the `Ebpf`.
-pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
-    match mode {
-        AttachMode::Xdp | AttachMode::XdpGeneric => {
-            let flags = if mode == AttachMode::Xdp { XdpMode::Driver } else { XdpMode::Skb };
-            let prog: &mut Xdp = program(ebpf, XDP_PROGRAM)?;
-            prog.attach(iface, flags).map_err(|source| DatapathError::Attach {
-                program: XDP_PROGRAM,
-                iface: iface.into(),
-                mode,
-                source,
-            })?;
-        }
-        AttachMode::Tc => {
-            // EEXIST: the clsact qdisc is already there, which is fine.
-            let _ = tc::qdisc_add_clsact(iface);
-            let prog: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?;
-            prog.attach(iface, TcAttachType::Ingress).map_err(|source| DatapathError::Attach {
-                program: TC_PROGRAM,
-                iface: iface.into(),
-                mode,
-                source,
-            })?;
+/// One of the datapath's hooks on an interface: which program, attached how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `lb_xdp` (native or generic XDP) or `lb_tc` on tc ingress: every interface.
+    Ingress(AttachMode),
+    /// `lb_tc_egress` on tc egress: pod interfaces (see agent/attach.rs).
+    TcEgress,
+}
+
+impl Hook {
+    /// The hook of an attachment pinned as (`mode`, `egress`), as agent/attach.rs names
+    /// them.
+    pub fn new(mode: AttachMode, egress: bool) -> Self {
+        if egress { Hook::TcEgress } else { Hook::Ingress(mode) }
+    }
+
+    /// The program attached on this hook.
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::Ingress(AttachMode::Xdp | AttachMode::XdpGeneric) => XDP_PROGRAM,
+            Hook::Ingress(AttachMode::Tc) => TC_PROGRAM,
+            Hook::TcEgress => TC_EGRESS_PROGRAM,
         }
     }
-    Ok(())
 }
 
-/// Attaches `lb_tc_egress` to `iface`'s tc egress, as the agent does on pod interfaces.
-pub fn attach_egress(ebpf: &mut Ebpf, iface: &str) -> Result<(), DatapathError> {
-    let _ = tc::qdisc_add_clsact(iface);
-    let prog: &mut SchedClassifier = program(ebpf, TC_EGRESS_PROGRAM)?;
-    prog.attach(iface, TcAttachType::Egress).map_err(|source| DatapathError::Attach {
-        program: TC_EGRESS_PROGRAM,
+/// `xdp`, `xdp-generic`, `tc`, `tc-egress`: the token of the agent's pin names.
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hook::Ingress(mode) => mode.fmt(f),
+            Hook::TcEgress => f.write_str("tc-egress"),
+        }
+    }
+}
+
+/// How a tc hook is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcLink {
+    /// A tcx link (kernel >= 6.6) or nothing: a link can be pinned, and updated in
+    /// place by the next agent, while a netlink filter could only be stacked again
+    /// (agent/attach.rs).
+    Tcx,
+    /// A tcx link where the kernel has tcx, else the clsact qdisc and a netlink
+    /// `cls_bpf` filter: the choice of aya's `SchedClassifier::attach`, for tests and
+    /// dev tools, which keep no link past the `Ebpf`.
+    TcxOrNetlink,
+}
+
+/// An attachment made by [`attach_to`]. Its link belongs to the program inside the
+/// `Ebpf`, which detaches it when it is dropped, unless [`Attached::take_fd`] takes it
+/// out.
+#[derive(Debug)]
+pub struct Attached {
+    iface: String,
+    hook: Hook,
+    id: LinkId,
+}
+
+#[derive(Debug)]
+enum LinkId {
+    Xdp(aya::programs::xdp::XdpLinkId),
+    Tc(aya::programs::tc::SchedClassifierLinkId),
+}
+
+impl Attached {
+    /// Takes the link out of the `Ebpf`, as a BPF link fd to pin. `None` if the kernel
+    /// only took a netlink attachment (XDP on a kernel without XDP links, < 5.9, which
+    /// aya falls back to): it has no fd, and it stays attached on its own (aya's owned
+    /// link only detaches what it still wraps, and `FdLink::try_from` unwraps it).
+    pub fn take_fd(self, ebpf: &mut Ebpf) -> Result<Option<FdLink>, DatapathError> {
+        let Attached { iface, hook, id } = self;
+        let err = |source| DatapathError::Attach { program: hook.program(), iface: iface.clone(), hook, source };
+        Ok(match id {
+            LinkId::Xdp(id) => FdLink::try_from(program::<Xdp>(ebpf, hook.program())?.take_link(id).map_err(err)?).ok(),
+            LinkId::Tc(id) => {
+                FdLink::try_from(program::<SchedClassifier>(ebpf, hook.program())?.take_link(id).map_err(err)?).ok()
+            }
+        })
+    }
+}
+
+/// Attaches `hook`'s program to interface `iface`, index `ifindex`, of the calling
+/// thread's network namespace: the one attach of the agent (which pins the link, see
+/// agent/attach.rs), the tests and the dev tools. XDP attaches by index; tc by name, as
+/// aya 0.14's `SchedClassifier` has no attach by index.
+pub fn attach_to(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    ifindex: u32,
+    hook: Hook,
+    tc_link: TcLink,
+) -> Result<Attached, DatapathError> {
+    let name = hook.program();
+    let err = |source| DatapathError::Attach { program: name, iface: iface.into(), hook, source };
+    let id = match hook {
+        Hook::Ingress(mode @ (AttachMode::Xdp | AttachMode::XdpGeneric)) => {
+            let flags = if mode == AttachMode::Xdp { XdpMode::Driver } else { XdpMode::Skb };
+            // An XDP link where the kernel has them (>= 5.9), else netlink: aya's
+            // fallback, on EINVAL from BPF_LINK_CREATE.
+            LinkId::Xdp(program::<Xdp>(ebpf, name)?.attach_to_if_index(ifindex, flags).map_err(err)?)
+        }
+        Hook::Ingress(AttachMode::Tc) | Hook::TcEgress => {
+            let kind = if hook == Hook::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let options = match tc_link {
+                TcLink::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                // The kernel version test of aya's `SchedClassifier::attach`: tcx came
+                // in 6.6 (kernel/bpf/tcx.c).
+                TcLink::TcxOrNetlink if has_tcx() => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                TcLink::TcxOrNetlink => {
+                    // A netlink filter needs the clsact qdisc; EEXIST (already there)
+                    // is fine, and any other failure shows in the attach that follows.
+                    let _ = tc::qdisc_add_clsact(iface);
+                    TcAttachOptions::Netlink(tc::NlOptions::default())
+                }
+            };
+            LinkId::Tc(program::<SchedClassifier>(ebpf, name)?.attach_with_options(iface, kind, options).map_err(err)?)
+        }
+    };
+    Ok(Attached { iface: iface.into(), hook, id })
+}
+
+/// [`attach_to`] by interface name, tcx where the kernel has it: the link lives as long
+/// as the `Ebpf`. For tests and dev tools.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<Attached, DatapathError> {
+    let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| DatapathError::Attach {
+        program: hook.program(),
         iface: iface.into(),
-        mode: AttachMode::Tc,
-        source,
+        hook,
+        source: match e {
+            nix::errno::Errno::ENODEV => aya::programs::ProgramError::UnknownInterface { name: iface.into() },
+            e => aya::programs::ProgramError::IOError(e.into()),
+        },
     })?;
-    Ok(())
+    attach_to(ebpf, iface, ifindex, hook, TcLink::TcxOrNetlink)
 }
 
-fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+pub(crate) fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {

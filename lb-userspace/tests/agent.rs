@@ -893,7 +893,7 @@ fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<(
         lb_userspace::datapath::attach(
             &mut squatter.ebpf,
             NODE_SERVER_IF,
-            lb_userspace::datapath::AttachMode::XdpGeneric,
+            lb_userspace::datapath::Hook::Ingress(lb_userspace::datapath::AttachMode::XdpGeneric),
         )
         .context("squatting the XDP hook")
     })?;

@@ -31,7 +31,7 @@ fn attach(topo: &Topology, dp: &mut Datapath, egress: bool) -> Result<()> {
     if egress {
         topo.node.run(|| {
             for iface in [NODE_CLIENT_IF, NODE_SERVER_IF] {
-                datapath::attach_egress(&mut dp.ebpf, iface)?;
+                datapath::attach(&mut dp.ebpf, iface, datapath::Hook::TcEgress)?;
             }
             Ok(())
         })?;

@@ -137,10 +137,11 @@ impl Fixture {
         let ebpf = &mut self.dp.ebpf;
         self.node.run(|| {
             for iface in [NODE_CLIENT_IF, NODE_UPLINK_IF] {
-                datapath::attach(ebpf, iface, AttachMode::Tc).with_context(|| format!("attaching tc to {iface}"))?;
+                datapath::attach(ebpf, iface, datapath::Hook::Ingress(AttachMode::Tc))
+                    .with_context(|| format!("attaching tc to {iface}"))?;
             }
             // The pod interface's egress, as the agent attaches it.
-            datapath::attach_egress(ebpf, NODE_CLIENT_IF).context("attaching tc egress")?;
+            datapath::attach(ebpf, NODE_CLIENT_IF, datapath::Hook::TcEgress).context("attaching tc egress")?;
             Ok(())
         })
     }

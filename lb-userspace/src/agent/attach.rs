@@ -18,7 +18,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    ffi::CStr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -27,18 +26,19 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        SchedClassifier, Xdp,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::rpfilter::{PROC_IPV4_CONF, RpFilter, RpFilterStatus};
-use crate::datapath::{AttachMode, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
+use crate::datapath::{self, AttachMode, DatapathError, Hook, TcLink};
 
 /// Directory, under the agent's bpffs, of the pinned links.
 pub const LINKS_DIR: &str = "links";
@@ -142,15 +142,18 @@ pub struct AttachPoint {
     pub program_id: Option<u32>,
 }
 
-/// Pin-name token of the egress hook.
+/// Pin-name token of the egress hook: [`Hook::TcEgress`]'s name.
 const EGRESS_TOKEN: &str = "tc-egress";
 
 impl AttachPoint {
     /// `<ifindex>_<mode>_<ifname>`: bpffs reserves names with dots, so a dot in the
     /// interface name (a VLAN such as `eth0.100`) is written `%2e` (and `%` as `%25`).
     pub fn pin_name(&self) -> String {
-        let mode = if self.egress { EGRESS_TOKEN.to_string() } else { self.mode.to_string() };
-        format!("{}_{}_{}", self.ifindex, mode, self.iface.replace('%', "%25").replace('.', "%2e"))
+        format!("{}_{}_{}", self.ifindex, self.hook(), self.iface.replace('%', "%25").replace('.', "%2e"))
+    }
+    /// Which program, on which hook.
+    pub fn hook(&self) -> Hook {
+        Hook::new(self.mode, self.egress)
     }
     /// (ifindex, mode, egress, interface).
     pub fn from_pin_name(name: &str) -> Option<(u32, AttachMode, bool, String)> {
@@ -162,9 +165,9 @@ impl AttachPoint {
         };
         Some((ifindex, mode, egress, it.next()?.replace("%2e", ".").replace("%25", "%")))
     }
-    /// "eth0 (xdp)", "veth1 (tc-egress)".
+    /// `xdp`, `xdp-generic`, `tc` or `tc-egress`.
     pub fn hook_name(&self) -> String {
-        if self.egress { EGRESS_TOKEN.to_string() } else { self.mode.to_string() }
+        self.hook().to_string()
     }
 }
 
@@ -234,36 +237,22 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     m(pattern.as_bytes(), name.as_bytes())
 }
 
-/// Interfaces of the calling thread's network namespace: (name, ifindex).
+/// Interfaces of the calling thread's network namespace: (name, ifindex). if_nameindex(3)
+/// asks the kernel (netlink, in glibc) from this thread, so it sees the thread's
+/// namespace, where /sys/class/net shows the namespace sysfs was mounted in. Empty if
+/// it fails: the next rescan tries again.
 pub fn interfaces() -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    // SAFETY: if_nameindex returns a null-terminated array that we free below.
-    unsafe {
-        let head = libc::if_nameindex();
-        if head.is_null() {
-            return out;
-        }
-        let mut p = head;
-        while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            out.push((CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(), (*p).if_index));
-            p = p.add(1);
-        }
-        libc::if_freenameindex(head);
-    }
-    out
+    nix::net::if_::if_nameindex()
+        .map(|ifs| ifs.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
+        .unwrap_or_default()
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("program {0} is missing from the datapath object")]
-    MissingProgram(&'static str),
-    #[error("attaching to {iface} ({mode}) failed")]
-    Attach {
-        iface: String,
-        mode: AttachMode,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
+    /// The attach itself, or a program missing from the object. Boxed: aya's
+    /// `ProgramError` makes it the largest variant by far.
+    #[error(transparent)]
+    Datapath(Box<DatapathError>),
     #[error("reusing the pinned link {path} failed")]
     Reuse {
         path: PathBuf,
@@ -277,6 +266,12 @@ pub enum AttachError {
         #[source]
         source: aya::pin::PinError,
     },
+}
+
+impl From<DatapathError> for AttachError {
+    fn from(e: DatapathError) -> Self {
+        AttachError::Datapath(Box::new(e))
+    }
 }
 
 /// Owns the loaded programs and keeps the attachments in line with the config.
@@ -494,45 +489,27 @@ impl Attacher {
         match mode {
             AttachMode::Xdp | AttachMode::XdpGeneric => {
                 let link = XdpLink::try_from(fd).map_err(|e| reuse(e.into()))?;
-                let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                let prog: &mut Xdp = datapath::program(&mut self.ebpf, datapath::XDP_PROGRAM)?;
                 let id = prog.attach_to_link(link).map_err(|e| reuse(e.into()))?;
                 // Out of aya's hands: dropping it closes our fd; the pin keeps the link.
-                drop(prog.take_link(id).map_err(|e| reuse(e.into()))?.try_into_fd());
+                drop(FdLink::try_from(prog.take_link(id).map_err(|e| reuse(e.into()))?));
             }
             AttachMode::Tc => {
                 let link = SchedClassifierLink::try_from(fd).map_err(|e| reuse(e.into()))?;
-                let prog: &mut SchedClassifier =
-                    program(&mut self.ebpf, if egress { TC_EGRESS_PROGRAM } else { TC_PROGRAM })?;
+                let prog: &mut SchedClassifier = datapath::program(&mut self.ebpf, Hook::new(mode, egress).program())?;
                 let id = prog.attach_to_link(link).map_err(|e| reuse(e.into()))?;
-                drop(prog.take_link(id).map_err(|e| reuse(e.into()))?.try_into_fd());
+                drop(FdLink::try_from(prog.take_link(id).map_err(|e| reuse(e.into()))?));
             }
         }
         Ok(())
     }
 
+    /// Attaches `ap` through [`datapath::attach_to`] and pins its link. tc takes a tcx
+    /// link only ([`TcLink::Tcx`]): a netlink filter could be neither pinned nor
+    /// updated in place, and each restart would stack one more.
     fn attach_new(&mut self, ap: &AttachPoint) -> Result<(), AttachError> {
-        let err = |source| AttachError::Attach { iface: ap.iface.clone(), mode: ap.mode, source };
-        let fd = match ap.mode {
-            AttachMode::Xdp | AttachMode::XdpGeneric => {
-                let flags = if ap.mode == AttachMode::Xdp { XdpMode::Driver } else { XdpMode::Skb };
-                let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
-                let id = prog.attach_to_if_index(ap.ifindex, flags).map_err(err)?;
-                prog.take_link(id).map_err(err)?.try_into_fd()
-            }
-            AttachMode::Tc => {
-                let (name, kind) = if ap.egress {
-                    (TC_EGRESS_PROGRAM, TcAttachType::Egress)
-                } else {
-                    (TC_PROGRAM, TcAttachType::Ingress)
-                };
-                let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-                let id = prog
-                    .attach_with_options(&ap.iface, kind, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                    .map_err(err)?;
-                prog.take_link(id).map_err(err)?.try_into_fd()
-            }
-        };
-        match fd {
+        let attached = datapath::attach_to(&mut self.ebpf, &ap.iface, ap.ifindex, ap.hook(), TcLink::Tcx)?;
+        match attached.take_fd(&mut self.ebpf)? {
             Some(fd) => {
                 let path = self.links_dir.join(ap.pin_name());
                 fd.pin(&path).map_err(|source| AttachError::Pin { iface: ap.iface.clone(), path, source })?;
@@ -543,32 +520,6 @@ impl Attacher {
         }
         Ok(())
     }
-}
-
-/// Turns an owned link into an `FdLink` (None for a netlink attachment, which stays
-/// attached on its own).
-trait IntoFd {
-    fn try_into_fd(self) -> Option<FdLink>;
-}
-impl IntoFd for XdpLink {
-    fn try_into_fd(self) -> Option<FdLink> {
-        FdLink::try_from(self).ok()
-    }
-}
-impl IntoFd for SchedClassifierLink {
-    fn try_into_fd(self) -> Option<FdLink> {
-        FdLink::try_from(self).ok()
-    }
-}
-
-fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, AttachError>
-where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
-{
-    ebpf.program_mut(name)
-        .ok_or(AttachError::MissingProgram(name))?
-        .try_into()
-        .map_err(|_| AttachError::MissingProgram(name))
 }
 
 /// Removes every pinned link under `bpffs` (which detaches the datapath).
@@ -589,49 +540,38 @@ pub fn remove_links(bpffs: &Path) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Signals `notify` on every rtnetlink link message (RTMGRP_LINK): an interface
-/// appeared, went, or changed. Runs on its own thread; returns false if the socket
-/// cannot be opened (the caller's periodic rescan still catches changes).
+/// Signals `notify` on every rtnetlink link message (RTNLGRP_LINK): an interface
+/// appeared, went, or changed. The socket is opened here, in the calling thread's
+/// network namespace; its messages are read by a task on the current tokio runtime.
+/// A receive buffer overrun (ENOBUFS) comes through as a message too (netlink-proto's
+/// `NetlinkFramed` turns it into `NLMSG_OVERRUN`), so missed events still bring a
+/// rescan. Returns false if there is no socket or no runtime (the caller's periodic
+/// rescan still catches changes).
 pub fn watch_links(notify: Arc<Notify>) -> bool {
-    // SAFETY: plain socket syscalls on a socket we own; the buffer outlives recv.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        warn!(error = %std::io::Error::last_os_error(), "no rtnetlink socket; interfaces are rescanned periodically only");
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        warn!("no tokio runtime for rtnetlink; interfaces are rescanned periodically only");
         return false;
-    }
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = libc::RTMGRP_LINK as u32;
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
     };
-    if rc != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "cannot join RTMGRP_LINK; interfaces are rescanned periodically only");
-        unsafe { libc::close(fd) };
-        return false;
-    }
-    std::thread::Builder::new()
-        .name("lb-netlink".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::EINTR) {
-                        continue;
-                    }
-                    // ENOBUFS: we missed messages; a rescan covers them.
-                    debug!(error = %e, "rtnetlink recv");
-                }
-                notify.notify_one();
+    // Binds the socket with RTNLGRP_LINK's bit in `nl_groups` (rtnetlink's
+    // connection.rs); the handle, for requests, is not needed.
+    let (connection, _handle, mut messages) =
+        match rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link]) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot join RTNLGRP_LINK; interfaces are rescanned periodically only");
+                return false;
             }
-        })
-        .is_ok()
+        };
+    // Reads the socket and forwards what it reads to `messages`; it ends if the socket
+    // fails or `messages` is dropped.
+    rt.spawn(connection);
+    rt.spawn(async move {
+        while messages.next().await.is_some() {
+            notify.notify_one();
+        }
+        warn!("rtnetlink link events stopped; interfaces are rescanned periodically only");
+    });
+    true
 }
 
 #[cfg(test)]
@@ -691,5 +631,29 @@ mod tests {
     #[test]
     fn lists_interfaces() {
         assert!(interfaces().iter().any(|(n, _)| n == "lo"));
+    }
+
+    /// A link message reaches `watch_links`'s `Notify`: in a private network namespace
+    /// of this test's thread (unshare(2) moves only the calling thread), where the
+    /// rtnetlink socket is opened and `ip` (forked from this thread) sets `lo` up.
+    /// Skipped without the rights to make the namespace.
+    #[test]
+    fn link_events_notify() {
+        std::thread::spawn(|| {
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                eprintln!("skipped: no private network namespace ({e}); run as root");
+                return;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let notify = Arc::new(Notify::new());
+                assert!(watch_links(notify.clone()));
+                let st = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
+                assert!(st.success());
+                tokio::time::timeout(Duration::from_secs(5), notify.notified()).await.expect("no link event in 5 s");
+            });
+        })
+        .join()
+        .expect("test thread");
     }
 }

@@ -109,7 +109,8 @@ impl Topology {
     pub fn attach(&self, ebpf: &mut Ebpf, mode: AttachMode) -> Result<()> {
         self.node.run(|| {
             for iface in [NODE_CLIENT_IF, NODE_SERVER_IF] {
-                datapath::attach(ebpf, iface, mode).with_context(|| format!("attaching {mode} to {iface}"))?;
+                datapath::attach(ebpf, iface, datapath::Hook::Ingress(mode))
+                    .with_context(|| format!("attaching {mode} to {iface}"))?;
             }
             Ok(())
         })
