@@ -37,12 +37,12 @@ pub enum DatapathError {
     },
     #[error(
         "pinned map {path} has layout version {found}, this lb expects v{MAP_LAYOUT_VERSION}; \
-         it is not reused. Stop the old agent and run `lb agent --cleanup`, or remove the file"
+         it is not reused. Stop the old agent and run `lb cleanup`, or remove the file"
     )]
     StaleLayout { path: PathBuf, found: String },
     #[error(
         "pinned map {path} does not match this lb's layout ({what}); it is not reused. \
-         Run `lb agent --cleanup`, or remove the file"
+         Run `lb cleanup`, or remove the file"
     )]
     LayoutMismatch { path: PathBuf, what: String },
     #[error("cannot inspect pinned map {path}")]

@@ -24,9 +24,6 @@ struct Cli {
     /// Where the agent writes its status, which `lb status` reads.
     #[arg(long, global = true, env = "LB_STATUS_FILE", default_value = "/run/lb/status.json")]
     status_file: PathBuf,
-    /// Output format of the inspection commands.
-    #[arg(long, short, global = true, env = "LB_OUTPUT", value_enum, default_value_t = Output::Table)]
-    output: Output,
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `lb_userspace=debug`).
     #[arg(long, global = true, env = "LB_LOG", default_value = "info")]
     log: String,
@@ -35,6 +32,14 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `-o/--output`, on the commands that print (not on `agent`, which only logs).
+#[derive(Args, Debug)]
+struct OutputArgs {
+    /// Output format.
+    #[arg(long, short, env = "LB_OUTPUT", value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -56,16 +61,20 @@ enum Cmd {
     /// EndpointSlices, and program the maps.
     #[command(after_help = ATTACH_DEFAULTS)]
     Agent(AgentArgs),
+    /// Remove everything the agent pinned (its links, which detaches the datapath, its
+    /// maps) and its status file, then list what was removed. Stop the agent first;
+    /// safe to run when nothing is there.
+    Cleanup(OutputArgs),
     /// List frontends with their backends and counters, like `ipvsadm -Ln`.
-    Services,
+    Services(OutputArgs),
     /// List conntrack entries (forward and reply).
-    Conntrack,
+    Conntrack(OutputArgs),
     /// List ClientIP affinity entries.
-    Affinity,
+    Affinity(OutputArgs),
     /// Show datapath counters by verdict reason.
-    Stats,
+    Stats(OutputArgs),
     /// Show attach points, program ids, map fill levels and the agent's last sync.
-    Status,
+    Status(OutputArgs),
 }
 
 /// The `lb agent --help` paragraph on the hook defaults.
@@ -120,23 +129,24 @@ struct AgentArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9090).
     #[arg(long, env = "LB_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
-    /// Start a sync once changes have been quiet this long (milliseconds).
-    #[arg(long, env = "LB_DEBOUNCE_MS", default_value_t = 5)]
-    debounce_ms: u64,
-    /// Start a sync at most this long after the first pending change (milliseconds).
-    #[arg(long, env = "LB_MAX_DELAY_MS", default_value_t = 50)]
-    max_delay_ms: u64,
-    /// How often the file source checks its file (milliseconds).
-    #[arg(long, env = "LB_FILE_POLL_MS", default_value_t = 100)]
-    file_poll_ms: u64,
-    /// Rescan interfaces this often besides netlink notifications (milliseconds).
-    #[arg(long, env = "LB_IFACE_RESCAN_MS", default_value_t = 5000)]
-    iface_rescan_ms: u64,
+    /// Start a sync once changes have been quiet this long (a duration: `5ms`, `1s`).
+    #[arg(long, env = "LB_DEBOUNCE", default_value = "5ms", value_parser = duration)]
+    debounce: Duration,
+    /// Start a sync at most this long after the first pending change (at least
+    /// --debounce).
+    #[arg(long, env = "LB_MAX_DELAY", default_value = "50ms", value_parser = duration)]
+    max_delay: Duration,
+    /// How often the file source checks its file (at least 10ms).
+    #[arg(long, env = "LB_FILE_POLL", default_value = "100ms", value_parser = duration)]
+    file_poll: Duration,
+    /// Rescan interfaces this often besides netlink notifications (at least 100ms).
+    #[arg(long, env = "LB_IFACE_RESCAN", default_value = "5s", value_parser = duration)]
+    iface_rescan: Duration,
     /// Walk the conntrack table this often, deleting flows past their timeout and
-    /// releasing what deleted Services' flows no longer use (seconds; 0: never). The
-    /// datapath checks timeouts on every lookup either way.
-    #[arg(long, env = "LB_CONNTRACK_GC_S", default_value_t = 30)]
-    conntrack_gc_s: u64,
+    /// releasing what deleted Services' flows no longer use (0: never). The datapath
+    /// checks timeouts on every lookup either way.
+    #[arg(long, env = "LB_CONNTRACK_GC", default_value = "30s", value_parser = duration)]
+    conntrack_gc: Duration,
     /// This node's name, as EndpointSlices' `nodeName` gives it (the DaemonSet sets it
     /// from the downward API's `spec.nodeName`). Needed for `internalTrafficPolicy:
     /// Local`: without it such Services drop their traffic (and are counted as
@@ -149,14 +159,10 @@ struct AgentArgs {
     /// node for a label that seldom changes.
     #[arg(long, env = "LB_NODE_ZONE")]
     node_zone: Option<String>,
-    /// Remove everything the agent pinned (links, which detaches the datapath, and
-    /// maps) and exit.
-    #[arg(long, env = "LB_CLEANUP")]
-    cleanup: bool,
     /// Size of the frontend map and the per-service counters: ClusterIP ports plus one
     /// marker per ClusterIP. The maps are preallocated and charged to the agent's memory
     /// cgroup (docs/agent.md gives the bytes per entry). Changing a size on a node with
-    /// pinned maps needs `lb agent --cleanup` first.
+    /// pinned maps needs `lb cleanup` first.
     #[arg(long, env = "LB_MAX_SERVICES", default_value_t = lb_common::limits::SERVICES,
           value_parser = clap::value_parser!(u32).range(16..))]
     max_services: u32,
@@ -182,6 +188,17 @@ struct AgentArgs {
     #[arg(long, env = "LB_MAX_TABLE_WORDS", default_value_t = lb_common::limits::TABLE_WORDS,
           value_parser = clap::value_parser!(u32).range(1024..))]
     max_table_words: u32,
+}
+
+/// A duration flag's value: jiff's friendly format (`5ms`, `1.5s`, `2m 30s`, `1 minute`)
+/// or ISO 8601 (`PT5S`); a bare `0` is zero too.
+fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let d: jiff::SignedDuration = s.parse().map_err(|e| format!("{e}; expected a duration such as 5ms, 2s or 1m"))?;
+    Duration::try_from(d).map_err(|_| "a negative duration; expected one such as 5ms, 2s or 1m".into())
 }
 
 fn init_logs(filter: &str, format: LogFormat) -> Result<()> {
@@ -213,26 +230,45 @@ fn main() -> Result<()> {
     let bpffs = cli.bpffs.as_path();
     match cli.cmd {
         Cmd::Agent(a) => agent_main(a, bpffs, &cli.status_file),
-        Cmd::Services => print(cli.output, &inspect::services(bpffs)?, |r| inspect::services_table(r)),
-        Cmd::Conntrack => print(cli.output, &inspect::conntrack(bpffs)?, |r| inspect::conntrack_table(r)),
-        Cmd::Affinity => print(cli.output, &inspect::affinity(bpffs)?, |r| inspect::affinity_table(r)),
-        Cmd::Stats => print(cli.output, &inspect::stats(bpffs)?, |r| inspect::stats_table(r)),
-        Cmd::Status => print(cli.output, &inspect::status(bpffs, Some(&cli.status_file))?, inspect::status_table),
+        Cmd::Cleanup(o) => {
+            print(o.output, &agent::cleanup(bpffs, Some(&cli.status_file))?, |c| cleanup_table(c, bpffs))
+        }
+        Cmd::Services(o) => print(o.output, &inspect::services(bpffs)?, |r| inspect::services_table(r)),
+        Cmd::Conntrack(o) => print(o.output, &inspect::conntrack(bpffs)?, |r| inspect::conntrack_table(r)),
+        Cmd::Affinity(o) => print(o.output, &inspect::affinity(bpffs)?, |r| inspect::affinity_table(r)),
+        Cmd::Stats(o) => print(o.output, &inspect::stats(bpffs)?, |r| inspect::stats_table(r)),
+        Cmd::Status(o) => print(o.output, &inspect::status(bpffs, Some(&cli.status_file))?, inspect::status_table),
     }
 }
 
-fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
-    if a.cleanup {
-        let c = agent::cleanup(bpffs, Some(status_file))?;
-        tracing::info!(links = c.links, maps = ?c.maps, bpffs = %bpffs.display(), "cleaned up");
-        return Ok(());
+fn cleanup_table(c: &agent::Cleanup, bpffs: &Path) -> String {
+    let mut s = format!("removed {} links and {} maps under {}\n", c.links, c.maps.len(), bpffs.display());
+    for m in &c.maps {
+        s.push_str(&format!("  {m}\n"));
     }
+    s
+}
+
+fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
     agent::attach::check_pod_mode(a.pod_attach, a.allow_xdp_on_pods).map_err(anyhow::Error::msg)?;
+    let cfg = agent_config(a, bpffs, status_file);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(agent::run(cfg, shutdown_signal()))
+}
+
+/// The agent's configuration from its flags, with the durations clamped to what
+/// makes sense (a max delay under the debounce would cut every burst short; a tighter
+/// poll or rescan only burns CPU).
+fn agent_config(a: AgentArgs, bpffs: &Path, status_file: &Path) -> AgentConfig {
     let source = match a.source {
         SourceSpec::Kubernetes { .. } => SourceSpec::Kubernetes { kubeconfig: a.kubeconfig },
         other => other,
     };
-    let cfg = AgentConfig {
+    AgentConfig {
         bpffs: bpffs.into(),
         source,
         attach: AttachConfig {
@@ -243,12 +279,12 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
             fix_rp_filter: a.fix_rp_filter,
         },
         metrics_addr: a.metrics_addr,
-        debounce: Duration::from_millis(a.debounce_ms),
-        max_delay: Duration::from_millis(a.max_delay_ms.max(a.debounce_ms)),
-        file_poll: Duration::from_millis(a.file_poll_ms.max(10)),
+        debounce: a.debounce,
+        max_delay: a.max_delay.max(a.debounce),
+        file_poll: a.file_poll.max(Duration::from_millis(10)),
         status_file: Some(status_file.into()),
-        iface_rescan: Duration::from_millis(a.iface_rescan_ms.max(100)),
-        conntrack_gc: (a.conntrack_gc_s > 0).then(|| Duration::from_secs(a.conntrack_gc_s)),
+        iface_rescan: a.iface_rescan.max(Duration::from_millis(100)),
+        conntrack_gc: (!a.conntrack_gc.is_zero()).then_some(a.conntrack_gc),
         map_sizes: {
             use lb_common::map_names as m;
             vec![
@@ -266,13 +302,7 @@ fn agent_main(a: AgentArgs, bpffs: &Path, status_file: &Path) -> Result<()> {
             name: a.node_name.filter(|n| !n.is_empty()),
             zone: a.node_zone.filter(|z| !z.is_empty()),
         },
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    rt.block_on(agent::run(cfg, shutdown_signal()))
+    }
 }
 
 /// SIGTERM or SIGINT.
@@ -289,5 +319,131 @@ async fn shutdown_signal() {
             tracing::warn!(error = %e, "cannot watch SIGTERM; SIGINT only");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+    }
+
+    fn agent(args: &[&str]) -> AgentArgs {
+        match parse(&[&["agent"], args].concat()).unwrap().cmd {
+            Cmd::Agent(a) => a,
+            c => panic!("not agent: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every flag is documented and settable from the environment (the DaemonSet
+    /// configures the agent that way).
+    #[test]
+    fn every_flag_has_a_doc_and_an_env() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for a in cmd.get_arguments() {
+                if matches!(a.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                assert!(a.get_help().is_some(), "{path} --{} has no doc", a.get_id());
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+                assert!(env.starts_with("LB_"), "{path} --{} has no LB_ env ({env:?})", a.get_id());
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        check(&Cli::command(), "lb");
+    }
+
+    #[test]
+    fn durations_parse_in_friendly_form_and_zero() {
+        assert_eq!(duration("5ms"), Ok(Duration::from_millis(5)));
+        assert_eq!(duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration("2m 30s"), Ok(Duration::from_secs(150)));
+        assert_eq!(duration("PT5S"), Ok(Duration::from_secs(5)));
+        assert_eq!(duration("0"), Ok(Duration::ZERO));
+        assert_eq!(duration("0s"), Ok(Duration::ZERO));
+        for bad in ["5", "5x", "", "-1s", "ms"] {
+            assert!(duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn duration_flags_have_the_old_defaults() {
+        let a = agent(&[]);
+        assert_eq!(
+            (a.debounce, a.max_delay, a.file_poll, a.iface_rescan, a.conntrack_gc),
+            (
+                Duration::from_millis(5),
+                Duration::from_millis(50),
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+                Duration::from_secs(30)
+            )
+        );
+        let a = agent(&["--debounce=20ms", "--max-delay", "1s", "--file-poll=1s", "--iface-rescan=200ms"]);
+        assert_eq!(a.debounce, Duration::from_millis(20));
+        assert_eq!(a.max_delay, Duration::from_secs(1));
+        assert_eq!(agent(&["--conntrack-gc", "0"]).conntrack_gc, Duration::ZERO);
+        let e = parse(&["agent", "--debounce", "5"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+        assert!(e.to_string().contains("--debounce"), "{e}");
+        // The old integer flags are gone.
+        assert!(parse(&["agent", "--debounce-ms", "5"]).is_err());
+    }
+
+    #[test]
+    fn durations_are_clamped() {
+        let cfg = |args: &[&str]| agent_config(agent(args), Path::new("/b"), Path::new("/s"));
+        let c = cfg(&[]);
+        assert_eq!((c.debounce, c.max_delay), (Duration::from_millis(5), Duration::from_millis(50)));
+        assert_eq!(c.conntrack_gc, Some(Duration::from_secs(30)));
+        let c = cfg(&["--debounce=80ms", "--max-delay=1ms", "--file-poll=1ms", "--iface-rescan=0"]);
+        assert_eq!(c.max_delay, Duration::from_millis(80), "max delay under the debounce");
+        assert_eq!(c.file_poll, Duration::from_millis(10));
+        assert_eq!(c.iface_rescan, Duration::from_millis(100));
+        assert_eq!(cfg(&["--conntrack-gc=0s"]).conntrack_gc, None);
+        assert_eq!(cfg(&["--conntrack-gc=0"]).conntrack_gc, None);
+        assert_eq!(cfg(&["--conntrack-gc=1s"]).conntrack_gc, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn output_only_on_the_commands_that_print() {
+        for cmd in ["services", "conntrack", "affinity", "stats", "status", "cleanup"] {
+            let cli = parse(&[cmd, "-o", "json"]).unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            assert!(format!("{:?}", cli.cmd).contains("Json"), "{cmd}: {:?}", cli.cmd);
+        }
+        for args in [&["agent", "-o", "json"][..], &["-o", "json", "services"], &["agent", "--output=json"]] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument, "{args:?}: {e}");
+        }
+        // The global flags stay global.
+        let cli = parse(&["services", "--bpffs=/x", "--status-file=/y", "--log=debug", "--log-format=json"]).unwrap();
+        assert_eq!((cli.bpffs.as_path(), cli.status_file.as_path()), (Path::new("/x"), Path::new("/y")));
+    }
+
+    #[test]
+    fn cleanup_is_a_subcommand() {
+        assert!(matches!(parse(&["cleanup"]).unwrap().cmd, Cmd::Cleanup(_)));
+        let e = parse(&["agent", "--cleanup"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument, "{e}");
+    }
+
+    #[test]
+    fn cleanup_table_lists_the_maps() {
+        let c = agent::Cleanup { links: 2, maps: vec!["lb4_svc_v4".into(), "lb_ct_v1".into()] };
+        assert_eq!(
+            cleanup_table(&c, Path::new("/sys/fs/bpf/lb")),
+            "removed 2 links and 2 maps under /sys/fs/bpf/lb\n  lb4_svc_v4\n  lb_ct_v1\n"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The node agent against real maps and real interfaces (root needed):
 //! - the diff writer on a loaded datapath, with packets through `BPF_PROG_TEST_RUN`;
 //! - `lb agent --source file:` end to end: programming, updates, SIGKILL and restart
-//!   without a flush, `--cleanup`;
+//!   without a flush, `lb cleanup`;
 //! - attaching inside throw-away namespaces, following veths that come and go, and a
 //!   long TCP stream through a ClusterIP that survives `kill -9` of the agent.
 
@@ -375,7 +375,7 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
         let mut c = Command::new(lb());
         c.args(["agent", "--source"])
             .arg(format!("file:{}", file.display()))
-            .arg("--file-poll-ms=20")
+            .arg("--file-poll=20ms")
             .env("LB_BPFFS", bpffs.path())
             .env("LB_STATUS_FILE", &status_file);
         c
@@ -468,7 +468,7 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
     agent.term()?;
 
     let out = Command::new(lb())
-        .args(["agent", "--cleanup"])
+        .args(["cleanup"])
         .env("LB_BPFFS", bpffs.path())
         .env("LB_STATUS_FILE", &status_file)
         .output()?;
@@ -478,7 +478,7 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("lb"))
         .collect();
-    assert!(left.is_empty(), "left after --cleanup: {left:?}");
+    assert!(left.is_empty(), "left after lb cleanup: {left:?}");
     Ok(())
 }
 
@@ -525,10 +525,10 @@ fn node_agent(topo: &Topology, bpffs: &Path, file: &Path, status_file: &Path, mo
         "to-*",
         "--pod-attach",
         mode,
-        "--iface-rescan-ms",
-        "200",
-        "--file-poll-ms",
-        "20",
+        "--iface-rescan",
+        "200ms",
+        "--file-poll",
+        "20ms",
         "--source",
     ])
     .arg(format!("file:{}", file.display()))
@@ -643,8 +643,8 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     drop(conn);
     let _ = server.join();
     agent.term()?;
-    // --cleanup detaches: traffic to the ClusterIP no longer reaches the server.
-    let out = topo.node.command(lb()).args(["agent", "--cleanup"]).env("LB_BPFFS", bpffs.path()).output()?;
+    // `lb cleanup` detaches: traffic to the ClusterIP no longer reaches the server.
+    let out = topo.node.command(lb()).args(["cleanup"]).env("LB_BPFFS", bpffs.path()).output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!links.exists() || std::fs::read_dir(&links)?.next().is_none());
     Ok(())
@@ -751,7 +751,7 @@ fn rp_filter_is_turned_off_where_the_agent_attaches() -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
     drop(agent);
-    let out = topo.node.command(lb()).args(["agent", "--cleanup"]).env("LB_BPFFS", bpffs.path()).output()?;
+    let out = topo.node.command(lb()).args(["cleanup"]).env("LB_BPFFS", bpffs.path()).output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
@@ -820,7 +820,7 @@ fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()>
     let mut c = Command::new(lb());
     c.args(["agent", "--source"])
         .arg(format!("file:{}", file.display()))
-        .args(["--file-poll-ms=20", "--node-name=node-b"])
+        .args(["--file-poll=20ms", "--node-name=node-b"])
         .env("LB_NODE_ZONE", "zone-b")
         .env("LB_BPFFS", bpffs.path())
         .env("LB_STATUS_FILE", &status_file);
@@ -899,19 +899,10 @@ fn a_failed_attach_is_retried_and_the_agent_is_not_ready_meanwhile() -> Result<(
     })?;
 
     let mut cmd = topo.node.command(lb());
-    cmd.args([
-        "agent",
-        "--iface",
-        NODE_SERVER_IF,
-        "--uplink-attach",
-        "xdp-generic",
-        "--file-poll-ms",
-        "20",
-        "--source",
-    ])
-    .arg(format!("file:{}", file.display()))
-    .env("LB_BPFFS", bpffs.path())
-    .env("LB_STATUS_FILE", &status_file);
+    cmd.args(["agent", "--iface", NODE_SERVER_IF, "--uplink-attach", "xdp-generic", "--file-poll", "20ms", "--source"])
+        .arg(format!("file:{}", file.display()))
+        .env("LB_BPFFS", bpffs.path())
+        .env("LB_STATUS_FILE", &status_file);
     let agent = AgentProcess::spawn(cmd, &dir.0.join("agent.log"), &status_file)?;
     let st = agent.wait_for("a second failed attempt, reported", Duration::from_secs(20), || {
         status(&status_file).filter(|s| s.syncs > 0 && s.attach_failures.first().is_some_and(|f| f.attempts >= 2))
@@ -1000,7 +991,7 @@ fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -
     let status_file = dir.0.join("status.json");
     write_file(&file, &yaml(&["10.244.2.1", "10.244.2.2"], false))?;
     let mut cmd = Command::new(lb());
-    cmd.args(["agent", "--file-poll-ms=20", "--conntrack-gc-s=1", "--source"])
+    cmd.args(["agent", "--file-poll=20ms", "--conntrack-gc=1s", "--source"])
         .arg(format!("file:{}", file.display()))
         .env("LB_BPFFS", bpffs.path())
         .env("LB_STATUS_FILE", &status_file);

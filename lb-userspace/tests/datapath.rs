@@ -1346,7 +1346,7 @@ fn pinned_maps_of_another_layout_are_refused() {
     match datapath::load(&LoadOptions::new(fs.path())) {
         Err(e @ DatapathError::StaleLayout { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("lb4_svc_v0") && msg.contains("--cleanup"), "unclear message: {msg}");
+            assert!(msg.contains("lb4_svc_v0") && msg.contains("lb cleanup"), "unclear message: {msg}");
         }
         other => panic!("stale layout not refused: {:?}", other.map(|_| ())),
     }

@@ -13,16 +13,20 @@ pub mod sync;
 pub mod table;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::{
+    sync::{Notify, mpsc},
+    task::{JoinHandle, JoinSet},
+};
 use tracing::{debug, error, info, warn};
 
 use crate::datapath::{self, LoadOptions};
@@ -126,6 +130,9 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// Writes the status atomically (a temporary file renamed over the old one), so that
+/// `lb status` never reads half a file. Failures are only logged: the status file is
+/// a convenience, not worth stopping the agent for.
 fn write_status(path: &Path, st: &AgentStatus) {
     let res = (|| -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
@@ -142,19 +149,68 @@ fn write_status(path: &Path, st: &AgentStatus) {
 
 /// Runs the agent until `shutdown` resolves. Programs, links and maps stay pinned when
 /// it returns: a restarted agent picks them up without losing a flow.
-pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+///
+/// The steps, in order: [`open_datapath`] (load or adopt, set the clock), the metrics
+/// and [`serve`], [`AttachTask::start`] (first reconcile, link watch), the
+/// [`conntrack_task`], [`open_source`], then the [`SyncLoop`] (initial list, syncs).
+/// The attach, HTTP and collector tasks run in a [`Tasks`] set beside the sync loop:
+/// the first of them to fail ends the agent with its error; shutdown (or any error)
+/// drops the set, which aborts them all.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let started = unix_ms();
-    // Two malloc arenas instead of glibc's 8 per core: the agent's threads allocate
-    // little but long-lived memory (the watched objects), and more arenas mostly add
-    // fragmentation to the RSS.
+    tune_allocator();
+    let Datapath { ebpf, maps, syncer } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
+    let metrics = new_metrics(&cfg.bpffs);
+    let mut tasks = Tasks::default();
+    if let Some(addr) = cfg.metrics_addr {
+        tasks.spawn("HTTP", serve(addr, metrics.clone()).await?);
+    }
+    let (attach, attach_state) = AttachTask::start(ebpf, &cfg.attach, &cfg.bpffs, cfg.iface_rescan, metrics.clone())?;
+    tasks.spawn("attach", attach.run());
+    // The collector's passes come back to the sync loop, which owns the syncer and
+    // releases orphans.
+    let (gc_tx, gc_rx) = mpsc::channel::<conntrack::GcPass>(1);
+    if let Some(every) = cfg.conntrack_gc {
+        match conntrack_task(&cfg.bpffs, every, gc_tx) {
+            Ok(task) => tasks.spawn("conntrack collector", task),
+            Err(e) => warn!(error = %chain(&e), "no conntrack collector; expired flows age out of the LRU only"),
+        }
+    }
+    let source = open_source(&cfg.source, cfg.file_poll, metrics.clone()).await?;
+    info!(source = %source.description, node = ?cfg.node.name, zone = ?cfg.node.zone, "waiting for the initial list");
+    let sync = SyncLoop::new(SyncConfig::of(&cfg, started), source, syncer, maps, metrics, attach_state, gc_rx);
+    tokio::select! {
+        r = sync.run(shutdown) => r,
+        e = tasks.failure() => Err(e),
+    }
+}
+
+/// Two malloc arenas instead of glibc's 8 per core: the agent's threads allocate
+/// little but long-lived memory (the watched objects), and more arenas mostly add
+/// fragmentation to the RSS.
+fn tune_allocator() {
     // SAFETY: mallopt only tunes the allocator; it is called before the agent's
     // threads start allocating in earnest.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-    datapath::ensure_bpffs(&cfg.bpffs)
-        .with_context(|| format!("preparing bpffs at {}; run as root, or pick another --bpffs", cfg.bpffs.display()))?;
-    let mut opts = LoadOptions::new(&cfg.bpffs);
-    opts.max_entries.clone_from(&cfg.map_sizes);
-    let ebpf = datapath::load(&opts).context("loading the datapath; `lb agent --cleanup` removes stale pins")?;
+}
+
+/// The datapath as [`open_datapath`] leaves it: the programs (for the attacher), the
+/// maps, and a syncer whose shadow is what the maps hold.
+pub struct Datapath {
+    pub ebpf: aya::Ebpf,
+    pub maps: sync::BpfMaps,
+    pub syncer: sync::Syncer,
+}
+
+/// Loads the datapath, or adopts the one pinned under `bpffs` by an earlier agent
+/// (nothing is flushed), rebuilds the shadow from the maps and writes the kernel's
+/// clock rate for the conntrack timeouts.
+pub fn open_datapath(bpffs: &Path, map_sizes: &[(&'static str, u32)]) -> Result<Datapath> {
+    datapath::ensure_bpffs(bpffs)
+        .with_context(|| format!("preparing bpffs at {}; run as root, or pick another --bpffs", bpffs.display()))?;
+    let mut opts = LoadOptions::new(bpffs);
+    opts.max_entries = map_sizes.to_vec();
+    let ebpf = datapath::load(&opts).context("loading the datapath; `lb cleanup` removes stale pins")?;
     let mut maps = sync::BpfMaps::from_ebpf(&ebpf).context("opening the datapath maps")?;
     let t0 = Instant::now();
     let mut syncer = maps.reconcile();
@@ -166,154 +222,398 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     info!(
         frontends = syncer.frontend_count(),
         took = ?t0.elapsed(),
-        bpffs = %cfg.bpffs.display(),
+        bpffs = %bpffs.display(),
         "datapath loaded; shadow rebuilt from the pinned maps (nothing flushed)"
     );
+    Ok(Datapath { ebpf, maps, syncer })
+}
 
+/// The metrics, with the datapath's counters if their maps open.
+fn new_metrics(bpffs: &Path) -> Arc<metrics::Metrics> {
     let metrics = Arc::new(metrics::Metrics::default());
-    match metrics::StatsReader::open(&cfg.bpffs) {
+    match metrics::StatsReader::open(bpffs) {
         Ok(r) => metrics.set_stats_reader(r),
         Err(e) => warn!(error = %e, "cannot open counter maps; datapath counters not exported"),
     }
-    let _http = match cfg.metrics_addr {
-        Some(addr) => Some(
-            metrics::serve(addr, metrics.clone())
-                .await
-                .with_context(|| format!("listening on --metrics-addr {addr}; is another agent running?"))?,
-        ),
-        None => None,
-    };
+    metrics
+}
 
-    // Attachments: their own task, which owns the loaded programs.
-    let attach_points: Arc<Mutex<(Vec<attach::AttachPoint>, Vec<attach::AttachFailure>)>> = Arc::default();
-    let has_attach = !cfg.attach.ifaces.is_empty() || !cfg.attach.globs.is_empty();
-    let mut attacher =
-        attach::Attacher::new(ebpf, cfg.attach.clone(), &cfg.bpffs).context("creating the links directory")?;
-    // Signalled when the attachments or their failures change, so that the status file
-    // follows without waiting for a sync.
-    let attach_changed = Arc::new(Notify::new());
-    let reconcile = |attacher: &mut attach::Attacher,
-                     metrics: &metrics::Metrics,
-                     points: &Mutex<(Vec<attach::AttachPoint>, Vec<attach::AttachFailure>)>,
-                     changed: &Notify| {
-        let (now, errors) = attacher.reconcile();
+/// Binds `addr` now (so that a taken port fails the start) and returns the task that
+/// serves `/metrics`, `/healthz` and `/readyz` there.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+    let (_, server) = metrics::serve(addr, metrics)
+        .await
+        .with_context(|| format!("listening on --metrics-addr {addr}; is another agent running?"))?;
+    Ok(async move {
+        // The server is a task of its own, which dropping its handle would leave
+        // running: abort it with this one.
+        let mut server = AbortOnDrop(server);
+        (&mut server.0).await.context("the HTTP server panicked")?;
+        anyhow::bail!("the HTTP server stopped")
+    })
+}
+
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The agent's side tasks, by name. The first to fail ends the agent: see
+/// [`Tasks::failure`]. Dropping the set aborts the tasks still running.
+#[derive(Default)]
+pub struct Tasks {
+    set: JoinSet<Result<()>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = Result<()>> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The first failure among the tasks (an error or a panic), named. A task that
+    /// ends without an error just leaves the set (the collector, once the sync loop is
+    /// gone); while none fails, and once none is left, this never returns.
+    pub async fn failure(&mut self) -> anyhow::Error {
+        loop {
+            let (id, res) = match self.set.join_next_with_id().await {
+                None => return std::future::pending().await,
+                Some(Ok((id, res))) => (id, Ok(res)),
+                Some(Err(e)) => (e.id(), Err(e)),
+            };
+            let name = self.names.remove(&id).unwrap_or("agent");
+            match res {
+                Ok(Ok(())) => debug!(task = name, "task ended"),
+                Ok(Err(e)) => return e.context(format!("the {name} task failed")),
+                Err(e) => return anyhow::Error::new(e).context(format!("the {name} task panicked")),
+            }
+        }
+    }
+}
+
+/// The attachments as last reconciled, shared by the attach task with the sync loop
+/// (for the status file); `changed` fires when they or their failures change, so that
+/// the status file follows without waiting for a sync.
+#[derive(Clone, Default)]
+pub struct AttachState {
+    now: Arc<Mutex<(Vec<attach::AttachPoint>, Vec<attach::AttachFailure>)>>,
+    changed: Arc<Notify>,
+}
+
+impl AttachState {
+    /// Stores a reconcile's outcome and signals `changed` if it differs from the last
+    /// one (see [`attach_differs`]); returns whether it did.
+    pub fn publish(&self, points: Vec<attach::AttachPoint>, failures: Vec<attach::AttachFailure>) -> bool {
+        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        let differs = attach_differs((&now.0, &now.1), (&points, &failures));
+        if differs {
+            self.changed.notify_one();
+        }
+        *now = (points, failures);
+        differs
+    }
+
+    pub fn get(&self) -> (Vec<attach::AttachPoint>, Vec<attach::AttachFailure>) {
+        self.now.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+/// Whether a reconcile changed what the status shows. A failure counts as changed
+/// when it comes, goes or is attempted again, not when only its countdown
+/// (`retry_in_s`) or error text moves: that would rewrite the status file on every
+/// rescan while an interface keeps failing.
+pub fn attach_differs(
+    old: (&[attach::AttachPoint], &[attach::AttachFailure]),
+    new: (&[attach::AttachPoint], &[attach::AttachFailure]),
+) -> bool {
+    let key = |f: &attach::AttachFailure| (f.iface.clone(), f.hook.clone(), f.attempts);
+    old.0 != new.0 || !old.1.iter().map(key).eq(new.1.iter().map(key))
+}
+
+/// Keeps the attachments in line with the interfaces (netlink news, a periodic
+/// rescan, retries of failed attaches), and the loaded programs alive for new
+/// interfaces, for the agent's lifetime.
+pub struct AttachTask {
+    attacher: attach::Attacher,
+    metrics: Arc<metrics::Metrics>,
+    state: AttachState,
+    link_events: Arc<Notify>,
+    rescan: Duration,
+    /// Any interface or glob to follow at all.
+    active: bool,
+}
+
+impl AttachTask {
+    /// Takes the loaded programs, attaches them where wanted now, and starts following
+    /// link changes.
+    pub fn start(
+        ebpf: aya::Ebpf,
+        cfg: &attach::AttachConfig,
+        bpffs: &Path,
+        rescan: Duration,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Result<(Self, AttachState)> {
+        let active = !cfg.ifaces.is_empty() || !cfg.globs.is_empty();
+        let attacher = attach::Attacher::new(ebpf, cfg.clone(), bpffs).context("creating the links directory")?;
+        let state = AttachState::default();
+        let mut task =
+            Self { attacher, metrics, state: state.clone(), link_events: Arc::new(Notify::new()), rescan, active };
+        task.reconcile();
+        if active {
+            attach::watch_links(task.link_events.clone());
+        }
+        Ok((task, state))
+    }
+
+    fn reconcile(&mut self) {
+        let (now, errors) = self.attacher.reconcile();
         for _ in 0..errors {
-            metrics.attach_error();
+            self.metrics.attach_error();
         }
-        let failures = attacher.failures();
-        metrics.set_attached(now.len());
-        metrics.set_attach_failures(&failures);
-        metrics.set_rp_filter(attacher.rp_filter_status());
-        let mut p = points.lock().unwrap_or_else(|e| e.into_inner());
-        let same = |a: &[attach::AttachFailure], b: &[attach::AttachFailure]| {
-            a.len() == b.len()
-                && a.iter().zip(b).all(|(x, y)| (&x.iface, &x.hook, x.attempts) == (&y.iface, &y.hook, y.attempts))
-        };
-        if p.0 != now || !same(&p.1, &failures) {
-            changed.notify_one();
-        }
-        *p = (now, failures);
-    };
-    reconcile(&mut attacher, &metrics, &attach_points, &attach_changed);
-    let link_events = Arc::new(Notify::new());
-    if has_attach {
-        attach::watch_links(link_events.clone());
+        let failures = self.attacher.failures();
+        self.metrics.set_attached(now.len());
+        self.metrics.set_attach_failures(&failures);
+        self.metrics.set_rp_filter(self.attacher.rp_filter_status());
+        self.state.publish(now, failures);
     }
-    {
-        let (metrics, points, events, every, changed) =
-            (metrics.clone(), attach_points.clone(), link_events.clone(), cfg.iface_rescan, attach_changed.clone());
-        tokio::spawn(async move {
-            // Keeps the programs loaded (and reachable for new interfaces) for the
-            // agent's lifetime.
-            let mut attacher = attacher;
-            if !has_attach {
-                std::future::pending::<()>().await;
-            }
-            loop {
-                let retry = attacher.next_retry().map(tokio::time::Instant::from_std);
-                tokio::select! {
-                    _ = events.notified() => {
-                        // Let a burst of link messages (veth pair creation) settle.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    _ = tokio::time::sleep(every) => {}
-                    _ = async { tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)).await }, if retry.is_some() => {}
+
+    /// Never returns; aborting it drops the programs (the pinned links keep them
+    /// attached).
+    pub async fn run(mut self) -> Result<()> {
+        if !self.active {
+            // Nothing to follow, but the programs stay loaded.
+            std::future::pending::<()>().await;
+        }
+        loop {
+            let retry = self.attacher.next_retry().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = self.link_events.notified() => {
+                    // Let a burst of link messages (veth pair creation) settle.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                reconcile(&mut attacher, &metrics, &points, &changed);
+                _ = tokio::time::sleep(self.rescan) => {}
+                _ = async { tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)).await }, if retry.is_some() => {}
             }
-        });
-    }
-
-    // The conntrack collector: its own task and map handle; its passes come back to
-    // the sync loop, which owns the syncer and releases orphans.
-    let (gc_tx, mut gc_rx) = tokio::sync::mpsc::channel::<conntrack::GcPass>(1);
-    if let Some(every) = cfg.conntrack_gc {
-        match conntrack::open(&cfg.bpffs) {
-            Ok(ct) => {
-                let ct = Arc::new(Mutex::new(ct));
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        let ct = ct.clone();
-                        let pass = tokio::task::spawn_blocking(move || {
-                            let mut ct = ct.lock().unwrap_or_else(|e| e.into_inner());
-                            conntrack::collect(&mut ct, conntrack::now_tick())
-                        })
-                        .await;
-                        match pass {
-                            Ok(p) => {
-                                if gc_tx.send(p).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => warn!(error = %e, "conntrack collector pass failed"),
-                        }
-                    }
-                });
-            }
-            Err(e) => warn!(error = %chain(&e), "no conntrack collector; expired flows age out of the LRU only"),
+            self.reconcile();
         }
     }
+}
 
-    let source = match &cfg.source {
-        SourceSpec::File(path) => k8s::file(path.clone(), cfg.file_poll, metrics.clone()),
+/// The conntrack collector: opens its own handle on the table now, and returns the
+/// task that walks it every `every` (on a blocking thread) and sends each pass to the
+/// sync loop. The task ends when the sync loop is gone.
+pub fn conntrack_task(
+    bpffs: &Path,
+    every: Duration,
+    passes: mpsc::Sender<conntrack::GcPass>,
+) -> Result<impl Future<Output = Result<()>> + Send + 'static, conntrack::GcError> {
+    let ct = Arc::new(Mutex::new(conntrack::open(bpffs)?));
+    Ok(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let ct = ct.clone();
+            let pass = tokio::task::spawn_blocking(move || {
+                let mut ct = ct.lock().unwrap_or_else(|e| e.into_inner());
+                conntrack::collect(&mut ct, conntrack::now_tick())
+            })
+            .await;
+            match pass {
+                Ok(p) => {
+                    if passes.send(p).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => warn!(error = %e, "conntrack collector pass failed"),
+            }
+        }
+    })
+}
+
+/// Starts watching the source (the Kubernetes watches, or following the file); the
+/// sync loop waits for its initial list.
+pub async fn open_source(
+    spec: &SourceSpec,
+    file_poll: Duration,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<k8s::Source> {
+    Ok(match spec {
+        SourceSpec::File(path) => k8s::file(path.clone(), file_poll, metrics),
         SourceSpec::Kubernetes { kubeconfig } => {
             let client = k8s::client(kubeconfig.as_deref()).await.context("connecting to Kubernetes")?;
-            k8s::kubernetes(client, metrics.clone()).await.context("starting the Kubernetes watches")?
+            k8s::kubernetes(client, metrics).await.context("starting the Kubernetes watches")?
         }
-    };
-    info!(source = %source.description, node = ?cfg.node.name, zone = ?cfg.node.zone, "waiting for the initial list");
-    let mut shutdown = std::pin::pin!(shutdown);
-    tokio::select! {
-        r = source.wait_ready() => r.context("waiting for the initial list")?,
-        _ = &mut shutdown => {
-            info!("shutting down before the first sync; maps and links stay pinned");
-            return Ok(());
+    })
+}
+
+/// When a sync starts after a change: once changes have been quiet for `debounce`,
+/// or `max_delay` after the first one, whichever comes first. A rolling update
+/// changes an EndpointSlice many times a second; one sync covers a burst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Debounce {
+    pub debounce: Duration,
+    pub max_delay: Duration,
+}
+
+impl Debounce {
+    /// Returns once the changes signalled on `changed` have settled (the change that
+    /// woke the caller counts as the first).
+    pub async fn settle(&self, changed: &Notify) {
+        let first = tokio::time::Instant::now();
+        loop {
+            let left = self.max_delay.saturating_sub(first.elapsed());
+            if left.is_zero() {
+                return;
+            }
+            if tokio::time::timeout(self.debounce.min(left), changed.notified()).await.is_err() {
+                return;
+            }
         }
     }
+}
 
-    let mut status = AgentStatus {
-        pid: std::process::id(),
-        source: source.description.clone(),
-        started_unix_ms: started,
-        ..Default::default()
-    };
-    let mut prev_issues: HashSet<model::Issue> = HashSet::new();
-    let mut retry: Option<Duration> = None;
-    loop {
+/// The delay before retrying a failed sync: 100 ms, doubling up to 10 s.
+pub fn next_retry(prev: Option<Duration>) -> Duration {
+    prev.map_or(Duration::from_millis(100), |d| (d * 2).min(Duration::from_secs(10)))
+}
+
+/// What the sync loop needs of [`AgentConfig`].
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    pub node: model::NodeInfo,
+    pub status_file: Option<PathBuf>,
+    pub debounce: Debounce,
+    /// When the agent started (Unix ms), for `ready_after_ms`.
+    pub started_unix_ms: u64,
+}
+
+impl SyncConfig {
+    pub fn of(cfg: &AgentConfig, started_unix_ms: u64) -> Self {
+        Self {
+            node: cfg.node.clone(),
+            status_file: cfg.status_file.clone(),
+            debounce: Debounce { debounce: cfg.debounce, max_delay: cfg.max_delay },
+            started_unix_ms,
+        }
+    }
+}
+
+/// What woke the sync loop between syncs.
+enum Wake {
+    /// The source changed, or the retry of a failed sync is due.
+    Sync,
+    Collected(conntrack::GcPass),
+    AttachChanged,
+    Shutdown,
+}
+
+/// Programs the maps from the source: waits for the initial list, then syncs on every
+/// (settled) change, retries failed syncs with backoff, and keeps the status file.
+/// Generic over the map writer so that a sync can be tested without a kernel.
+pub struct SyncLoop<W> {
+    cfg: SyncConfig,
+    source: k8s::Source,
+    syncer: sync::Syncer,
+    maps: W,
+    metrics: Arc<metrics::Metrics>,
+    attach: AttachState,
+    collected: mpsc::Receiver<conntrack::GcPass>,
+    status: AgentStatus,
+    /// The issues of the previous sync, so that each is logged once.
+    prev_issues: HashSet<model::Issue>,
+    /// Set while syncs fail: the delay before the next attempt.
+    retry: Option<Duration>,
+}
+
+impl<W: sync::MapWriter> SyncLoop<W> {
+    pub fn new(
+        cfg: SyncConfig,
+        source: k8s::Source,
+        syncer: sync::Syncer,
+        maps: W,
+        metrics: Arc<metrics::Metrics>,
+        attach: AttachState,
+        collected: mpsc::Receiver<conntrack::GcPass>,
+    ) -> Self {
+        let status = AgentStatus {
+            pid: std::process::id(),
+            source: source.description.clone(),
+            started_unix_ms: cfg.started_unix_ms,
+            ..Default::default()
+        };
+        Self { cfg, source, syncer, maps, metrics, attach, collected, status, prev_issues: HashSet::new(), retry: None }
+    }
+
+    /// Until `shutdown`: a shutdown before the initial list ends it without a sync.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        tokio::select! {
+            r = self.source.wait_ready() => r.context("waiting for the initial list")?,
+            _ = &mut shutdown => {
+                info!("shutting down before the first sync; maps and links stay pinned");
+                return Ok(());
+            }
+        }
+        loop {
+            self.step();
+            if !self.wait(&mut shutdown).await {
+                break;
+            }
+            self.cfg.debounce.settle(&self.source.changed).await;
+        }
+        info!("shutting down; maps and links stay pinned, so traffic keeps flowing");
+        Ok(())
+    }
+
+    /// One sync of the source's current snapshot: compute, write the difference, log
+    /// new issues, update the metrics and the status (file).
+    pub fn step(&mut self) {
         let t_start = Instant::now();
-        let snap = source.snapshot();
+        let snap = self.source.snapshot();
         let computed = model::compute_on(
-            &cfg.node,
+            &self.cfg.node,
             snap.services.iter().map(|s| s.as_ref()),
             snap.slices.iter().map(|s| s.as_ref()),
         );
         let t_computed = t_start.elapsed();
-        let res = syncer.sync(&computed.desired, &mut maps);
+        let res = self.syncer.sync(&computed.desired, &mut self.maps);
         let took = t_start.elapsed();
+        self.report_issues(&computed.issues);
+        match &res {
+            Ok(st) => self.synced(st, took, t_computed),
+            Err(e) => self.failed(e, took),
+        }
+        self.metrics.set_programmed(programmed(&self.syncer, &computed.desired));
+        let status = &mut self.status;
+        status.ready = self.metrics.is_ready();
+        status.syncs = self.metrics.syncs();
+        status.last_sync_unix_ms = unix_ms();
+        status.last_sync_duration_us = took.as_micros() as u64;
+        status.invalid_objects = computed.issues.len();
+        status.source_error = self.source.error();
+        status.watch_restarts = self.metrics.watch_restarts_total();
+        (status.attach, status.attach_failures) = self.attach.get();
+        status.rp_filter = self.metrics.rp_filter();
+        self.write_status();
+        drop(snap);
+        if self.status.last_sync_writes > 10_000 || self.status.syncs == 1 {
+            drop(computed);
+            // Listing and decoding thousands of objects leaves freed memory in
+            // glibc's arenas; hand it back so that RSS shows the live set.
+            // SAFETY: malloc_trim only releases free heap memory.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
 
-        let current: HashSet<model::Issue> = computed.issues.iter().cloned().collect();
-        let new: Vec<&model::Issue> = computed.issues.iter().filter(|i| !prev_issues.contains(*i)).collect();
+    /// Logs the issues that are new since the last sync (the first 20 of them).
+    fn report_issues(&mut self, issues: &[model::Issue]) {
+        let new: Vec<&model::Issue> = issues.iter().filter(|i| !self.prev_issues.contains(*i)).collect();
         for (i, issue) in new.iter().enumerate() {
             if i == 20 {
                 warn!("... and {} more problems (see lb_invalid_objects)", new.len() - 20);
@@ -321,113 +621,101 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             }
             warn!(kind = issue.kind.name(), object = %issue.object, "{}; skipped, the rest is programmed", issue.detail);
         }
-        metrics.issues(&new, &computed.issues);
-        prev_issues = current;
+        self.metrics.issues(&new, issues);
+        self.prev_issues = issues.iter().cloned().collect();
+    }
 
-        match &res {
-            Ok(st) => {
-                retry = None;
-                status.last_sync_error = None;
-                let first = !metrics.is_synced();
-                metrics.sync_done(took, true, st.ops(), st.frontends, st.endpoints);
-                if st.ops() > 0 || first {
-                    info!(
-                        frontends = st.frontends,
-                        endpoints = st.endpoints,
-                        writes = st.ops(),
-                        compute = ?t_computed,
-                        took = ?took,
-                        "synced"
-                    );
-                } else {
-                    debug!(took = ?took, "synced, nothing to write");
-                }
-                if first {
-                    metrics.set_ready();
-                    status.initial_sync_duration_us = took.as_micros() as u64;
-                    status.initial_sync_writes = st.ops();
-                    status.ready_after_ms = unix_ms().saturating_sub(started);
-                    info!(after = ?Duration::from_millis(status.ready_after_ms), "initial sync done; ready");
-                }
-                status.last_sync_writes = st.ops();
-                status.frontends = st.frontends;
-                status.endpoints = st.endpoints;
-            }
-            Err(e) => {
-                metrics.sync_done(took, false, 0, syncer.frontend_count(), 0);
-                let delay = retry.map_or(Duration::from_millis(100), |d| (d * 2).min(Duration::from_secs(10)));
-                error!(error = %chain(e), retry_in = ?delay, "sync failed; the maps keep a consistent state");
-                status.last_sync_error = Some(chain(e));
-                retry = Some(delay);
-            }
+    fn synced(&mut self, st: &sync::SyncStats, took: Duration, t_computed: Duration) {
+        self.retry = None;
+        let status = &mut self.status;
+        status.last_sync_error = None;
+        let first = !self.metrics.is_synced();
+        self.metrics.sync_done(took, true, st.ops(), st.frontends, st.endpoints);
+        if st.ops() > 0 || first {
+            info!(
+                frontends = st.frontends,
+                endpoints = st.endpoints,
+                writes = st.ops(),
+                compute = ?t_computed,
+                took = ?took,
+                "synced"
+            );
+        } else {
+            debug!(took = ?took, "synced, nothing to write");
         }
-        metrics.set_programmed(programmed(&syncer, &computed.desired));
-        status.ready = metrics.is_ready();
-        status.syncs = metrics.syncs();
-        status.last_sync_unix_ms = unix_ms();
-        status.last_sync_duration_us = took.as_micros() as u64;
-        status.invalid_objects = computed.issues.len();
-        status.source_error = source.error();
-        status.watch_restarts = metrics.watch_restarts_total();
-        (status.attach, status.attach_failures) = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
-        status.rp_filter = metrics.rp_filter();
-        if let Some(p) = &cfg.status_file {
-            write_status(p, &status);
+        if first {
+            self.metrics.set_ready();
+            status.initial_sync_duration_us = took.as_micros() as u64;
+            status.initial_sync_writes = st.ops();
+            status.ready_after_ms = unix_ms().saturating_sub(self.cfg.started_unix_ms);
+            info!(after = ?Duration::from_millis(status.ready_after_ms), "initial sync done; ready");
         }
-        drop(snap);
-        if status.last_sync_writes > 10_000 || status.syncs == 1 {
-            drop(computed);
-            // Listing and decoding thousands of objects leaves freed memory in
-            // glibc's arenas; hand it back so that RSS shows the live set.
-            // SAFETY: malloc_trim only releases free heap memory.
-            unsafe { libc::malloc_trim(0) };
-        }
+        status.last_sync_writes = st.ops();
+        status.frontends = st.frontends;
+        status.endpoints = st.endpoints;
+    }
 
-        // Wait for the next change (or retry), then let a burst of changes settle.
-        // Collector passes are handled meanwhile, without a sync.
-        let wake = tokio::time::Instant::now() + retry.unwrap_or(Duration::from_secs(3600));
-        let stop = loop {
-            tokio::select! {
-                _ = source.changed.notified() => break false,
-                _ = tokio::time::sleep_until(wake) => break false,
-                Some(pass) = gc_rx.recv() => {
-                    metrics.conntrack_pass(&pass);
-                    match syncer.release_orphans(&pass.live, &mut maps) {
-                        Ok(st) if st.ops() > 0 => info!(writes = st.ops(), left = syncer.orphan_count(), "released draining entries of deleted Services that no flow uses"),
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %chain(&e), "releasing orphaned draining entries failed; retried at the next pass"),
-                    }
-                    if pass.expired_flows > 0 {
-                        debug!(expired = pass.expired_flows, open = pass.open_flows, took_us = pass.took_us, "conntrack collected");
-                    }
-                }
-                _ = attach_changed.notified() => {
-                    (status.attach, status.attach_failures) = attach_points.lock().map(|p| p.clone()).unwrap_or_default();
-                    status.ready = metrics.is_ready();
-                    if let Some(p) = &cfg.status_file {
-                        write_status(p, &status);
-                    }
-                }
-                _ = &mut shutdown => break true,
-            }
-        };
-        if stop {
-            break;
-        }
-        let first = Instant::now();
+    fn failed(&mut self, e: &sync::SyncError, took: Duration) {
+        self.metrics.sync_done(took, false, 0, self.syncer.frontend_count(), 0);
+        let delay = next_retry(self.retry);
+        error!(error = %chain(e), retry_in = ?delay, "sync failed; the maps keep a consistent state");
+        self.status.last_sync_error = Some(chain(e));
+        self.retry = Some(delay);
+    }
+
+    /// Waits for the next change (or retry); collector passes and attach changes are
+    /// handled meanwhile, without a sync. False on shutdown.
+    async fn wait<S: Future<Output = ()>>(&mut self, shutdown: &mut Pin<&mut S>) -> bool {
+        let wake = tokio::time::Instant::now() + self.retry.unwrap_or(Duration::from_secs(3600));
         loop {
-            let left = cfg.max_delay.saturating_sub(first.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            match tokio::time::timeout(cfg.debounce.min(left), source.changed.notified()).await {
-                Ok(()) => continue,
-                Err(_) => break,
+            let woke = tokio::select! {
+                _ = self.source.changed.notified() => Wake::Sync,
+                _ = tokio::time::sleep_until(wake) => Wake::Sync,
+                Some(pass) = self.collected.recv() => Wake::Collected(pass),
+                _ = self.attach.changed.notified() => Wake::AttachChanged,
+                _ = shutdown.as_mut() => Wake::Shutdown,
+            };
+            match woke {
+                Wake::Sync => return true,
+                Wake::Shutdown => return false,
+                Wake::Collected(pass) => self.collected(&pass),
+                Wake::AttachChanged => self.attach_changed(),
             }
         }
     }
-    info!("shutting down; maps and links stay pinned, so traffic keeps flowing");
-    Ok(())
+
+    /// A collector pass: release the draining entries of deleted Services that no
+    /// flow uses any more.
+    fn collected(&mut self, pass: &conntrack::GcPass) {
+        self.metrics.conntrack_pass(pass);
+        match self.syncer.release_orphans(&pass.live, &mut self.maps) {
+            Ok(st) if st.ops() > 0 => info!(
+                writes = st.ops(),
+                left = self.syncer.orphan_count(),
+                "released draining entries of deleted Services that no flow uses"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %chain(&e), "releasing orphaned draining entries failed; retried at the next pass")
+            }
+        }
+        if pass.expired_flows > 0 {
+            debug!(expired = pass.expired_flows, open = pass.open_flows, took_us = pass.took_us, "conntrack collected");
+        }
+    }
+
+    /// The attachments changed: the status (file) follows at once.
+    fn attach_changed(&mut self) {
+        (self.status.attach, self.status.attach_failures) = self.attach.get();
+        self.status.ready = self.metrics.is_ready();
+        self.write_status();
+    }
+
+    fn write_status(&self) {
+        if let Some(p) = &self.cfg.status_file {
+            write_status(p, &self.status);
+        }
+    }
 }
 
 fn programmed(syncer: &sync::Syncer, desired: &model::Desired) -> Vec<metrics::ProgrammedFrontend> {
@@ -446,7 +734,7 @@ fn programmed(syncer: &sync::Syncer, desired: &model::Desired) -> Vec<metrics::P
         .collect()
 }
 
-/// What `--cleanup` removed.
+/// What `lb cleanup` removed.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Cleanup {
     pub links: usize,
@@ -474,4 +762,271 @@ pub fn cleanup(bpffs: &Path, status_file: Option<&Path>) -> Result<Cleanup> {
         let _ = std::fs::remove_file(p);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt as _;
+    use tokio::time::Instant as TokioInstant;
+
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn retry_backoff_doubles_from_100ms_up_to_10s() {
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            d = Some(next_retry(d));
+            seen.push(d.unwrap().as_millis());
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]);
+    }
+
+    /// Signals `changed` at these offsets (from now), on a task of its own.
+    fn changes_at(changed: &Arc<Notify>, offsets: Vec<Duration>) {
+        let (changed, t0) = (changed.clone(), TokioInstant::now());
+        tokio::spawn(async move {
+            for at in offsets {
+                tokio::time::sleep_until(t0 + at).await;
+                changed.notify_one();
+            }
+        });
+    }
+
+    async fn settle_time(d: Debounce, changed: &Notify) -> Duration {
+        let t0 = TokioInstant::now();
+        d.settle(changed).await;
+        t0.elapsed()
+    }
+
+    const D: Debounce = Debounce { debounce: Duration::from_millis(5), max_delay: Duration::from_millis(50) };
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_waits_out_the_debounce_after_a_lone_change() {
+        let changed = Arc::new(Notify::new());
+        assert_eq!(settle_time(D, &changed).await, 5 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_extends_while_changes_come_within_the_debounce() {
+        let changed = Arc::new(Notify::new());
+        changes_at(&changed, vec![3 * MS, 6 * MS, 10 * MS]);
+        assert_eq!(settle_time(D, &changed).await, 15 * MS, "10 ms, the last change, plus 5 ms quiet");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_ends_at_the_max_delay_under_a_steady_stream() {
+        let changed = Arc::new(Notify::new());
+        changes_at(&changed, (1..1000).map(|i| i * 2 * MS).collect());
+        assert_eq!(settle_time(D, &changed).await, 50 * MS);
+        // A max delay equal to the debounce (the clamp's floor) is one debounce.
+        let d = Debounce { debounce: 5 * MS, max_delay: 5 * MS };
+        assert_eq!(settle_time(d, &changed).await, 5 * MS);
+    }
+
+    fn point(iface: &str) -> attach::AttachPoint {
+        attach::AttachPoint {
+            iface: iface.into(),
+            ifindex: 2,
+            mode: datapath::AttachMode::Tc,
+            egress: false,
+            link_id: Some(7),
+            program_id: Some(9),
+        }
+    }
+
+    fn failure(attempts: u32, retry_in_s: u64, error: &str) -> attach::AttachFailure {
+        attach::AttachFailure {
+            iface: "eth0".into(),
+            ifindex: 3,
+            hook: "xdp".into(),
+            error: error.into(),
+            attempts,
+            retry_in_s,
+        }
+    }
+
+    #[test]
+    fn attach_change_is_a_point_or_a_failure_coming_going_or_retried() {
+        let (p, f) = (vec![point("veth1")], vec![failure(1, 4, "EBUSY")]);
+        let same = |q: &[attach::AttachPoint], g: &[attach::AttachFailure]| !attach_differs((&p, &f), (q, g));
+        assert!(same(&p, &f));
+        assert!(same(&p, &[failure(1, 1, "EBUSY: still")]), "only the countdown and the text moved");
+        assert!(!same(&p, &[failure(2, 1, "EBUSY")]), "attempted again");
+        assert!(!same(&p, &[]), "failure gone");
+        assert!(!same(&p, &[failure(1, 4, "EBUSY"), failure(1, 4, "EBUSY")]), "failure added");
+        assert!(!same(&[], &f), "point gone");
+        assert!(!same(&[point("veth1"), point("veth2")], &f), "point added");
+        let mut moved = point("veth1");
+        moved.link_id = Some(8);
+        assert!(!same(&[moved], &f), "relinked");
+    }
+
+    #[test]
+    fn attach_state_signals_changes_only() {
+        let st = AttachState::default();
+        let pending = |st: &AttachState| st.changed.notified().now_or_never().is_some();
+        assert!(!st.publish(vec![], vec![]), "empty after empty");
+        assert!(!pending(&st));
+        assert!(st.publish(vec![point("veth1")], vec![]));
+        assert!(pending(&st));
+        assert!(!pending(&st), "one signal per change");
+        assert!(!st.publish(vec![point("veth1")], vec![]));
+        assert!(!pending(&st));
+        assert_eq!(st.get(), (vec![point("veth1")], vec![]));
+    }
+
+    #[tokio::test]
+    async fn tasks_end_on_the_first_failure_by_name() {
+        let mut tasks = Tasks::default();
+        tasks.spawn("quick", async { Ok(()) });
+        tasks.spawn("forever", std::future::pending());
+        tasks.spawn("doomed", async {
+            tokio::time::sleep(20 * MS).await;
+            anyhow::bail!("boom")
+        });
+        let e = tasks.failure().await;
+        assert_eq!(format!("{e:#}"), "the doomed task failed: boom");
+        // The one left never ends: no failure.
+        assert!(tokio::time::timeout(50 * MS, tasks.failure()).await.is_err());
+
+        let mut tasks = Tasks::default();
+        tasks.spawn("buggy", async { panic!("oops") });
+        let e = tasks.failure().await;
+        assert!(format!("{e:#}").starts_with("the buggy task panicked"), "{e:#}");
+
+        let mut empty = Tasks::default();
+        assert!(tokio::time::timeout(20 * MS, empty.failure()).await.is_err(), "an empty set fails nothing");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_tasks_aborts_them() {
+        let mut tasks = Tasks::default();
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        tasks.spawn("holder", async move {
+            let _tx = tx;
+            std::future::pending().await
+        });
+        drop(tasks);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), rx.recv()).await, Ok(None));
+    }
+
+    /// Map writes counted, or refused.
+    #[derive(Default)]
+    struct FakeMaps {
+        writes: usize,
+        fail: bool,
+    }
+
+    impl sync::MapWriter for FakeMaps {
+        fn apply(&mut self, _op: &sync::Op) -> Result<(), sync::WriteError> {
+            if self.fail {
+                return Err("injected write failure".into());
+            }
+            self.writes += 1;
+            Ok(())
+        }
+    }
+
+    fn objects(backends: &[&str]) -> String {
+        let eps: String =
+            backends.iter().map(|a| format!("- addresses: [{a}]\n  conditions: {{ready: true}}\n")).collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.96.0.10\n  \
+             ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  \
+             labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints:\n{eps}"
+        )
+    }
+
+    fn write_atomic(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    /// The status after syncs that succeed, fail (retried with backoff) and succeed
+    /// again, and after an attach change; and the status file following it.
+    #[tokio::test]
+    async fn a_sync_step_updates_the_status_and_its_file() {
+        let dir = std::env::temp_dir().join(format!("lb-agent-sync-step-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (file, status_file) = (dir.join("objects.yaml"), dir.join("run/status.json"));
+        write_atomic(&file, &objects(&["10.244.1.1", "10.244.1.2"]));
+        let metrics = Arc::new(metrics::Metrics::default());
+        let source = k8s::file(file.clone(), 10 * MS, metrics.clone());
+        source.wait_ready().await.unwrap();
+        let cfg = SyncConfig {
+            node: model::NodeInfo::default(),
+            status_file: Some(status_file.clone()),
+            debounce: D,
+            started_unix_ms: unix_ms() - 1000,
+        };
+        let attach = AttachState::default();
+        let (_tx, rx) = mpsc::channel(1);
+        let mut lp =
+            SyncLoop::new(cfg, source, sync::Syncer::new(1024), FakeMaps::default(), metrics, attach.clone(), rx);
+        let on_disk = || -> AgentStatus { serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap() };
+
+        lp.step();
+        let st = lp.status.clone();
+        assert!(st.ready && st.syncs == 1 && st.last_sync_error.is_none(), "{st:?}");
+        assert_eq!((st.frontends, st.endpoints, st.invalid_objects), (1, 2, 0), "{st:?}");
+        assert!(st.initial_sync_writes > 0 && lp.maps.writes > 0, "{st:?}");
+        assert_eq!(st.last_sync_writes, st.initial_sync_writes);
+        assert!(st.ready_after_ms >= 1000, "{st:?}");
+        assert_eq!(st.pid, std::process::id());
+        assert!(st.source.starts_with("file "), "{st:?}");
+        assert_eq!(lp.retry, None);
+        assert_eq!(on_disk().syncs, 1);
+
+        // A third endpoint, whose writes fail: retried at 100 ms, then 200 ms.
+        write_atomic(&file, &objects(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]));
+        let t0 = Instant::now();
+        while lp.source.snapshot().slices.first().is_none_or(|s| s.endpoints.len() != 3) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the file source did not see the change");
+            tokio::time::sleep(10 * MS).await;
+        }
+        lp.maps.fail = true;
+        lp.step();
+        let st = lp.status.clone();
+        assert!(st.last_sync_error.as_deref().is_some_and(|e| e.contains("injected write failure")), "{st:?}");
+        assert_eq!(lp.retry, Some(100 * MS));
+        assert_eq!((st.syncs, st.endpoints), (2, 2), "the failed sync keeps the last good counts");
+        assert!(st.ready, "ready stays once synced");
+        assert_eq!(on_disk().last_sync_error, st.last_sync_error);
+        lp.step();
+        assert_eq!(lp.retry, Some(200 * MS));
+
+        lp.maps.fail = false;
+        lp.step();
+        let st = lp.status.clone();
+        assert_eq!((st.syncs, st.endpoints, st.last_sync_error.as_deref()), (4, 3, None), "{st:?}");
+        assert_eq!(lp.retry, None);
+        assert!(st.last_sync_writes > 0 && st.last_sync_writes != st.initial_sync_writes, "{st:?}");
+
+        // An attach change reaches the status file without a sync.
+        assert!(attach.publish(vec![point("veth1")], vec![]));
+        lp.attach_changed();
+        let disk = on_disk();
+        assert_eq!((disk.attach, disk.syncs), (vec![point("veth1")], 4));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn status_file_is_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("lb-agent-status-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("a/b/status.json");
+        write_status(&path, &AgentStatus { syncs: 3, ..Default::default() });
+        write_status(&path, &AgentStatus { syncs: 4, ..Default::default() });
+        let st: AgentStatus = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(st.syncs, 4);
+        assert!(!path.with_extension("tmp").exists(), "temporary file left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

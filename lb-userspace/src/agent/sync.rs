@@ -170,7 +170,7 @@ pub enum SyncError {
     },
     #[error("out of service ids: all {limit} ids of the SVC_STATS map are in use; raise its size")]
     OutOfServiceIds { limit: u32 },
-    #[error("out of backend ids (u32 exhausted); restart the agent with `--cleanup` first")]
+    #[error("out of backend ids (u32 exhausted); run `lb cleanup`, then restart the agent")]
     OutOfBackendIds,
     #[error(
         "TABLES is full: no {words} free words for a lookup table ({free} free of {limit}); raise --max-table-words"

@@ -485,7 +485,7 @@ impl Sandbox {
     }
 
     /// Removes the installed proxy and everything it left on the nodes: lb's pinned
-    /// programs and maps (`lb agent --cleanup` in each node), kube-proxy's chains, IPVS
+    /// programs and maps (`lb cleanup` in each node), kube-proxy's chains, IPVS
     /// services and `kube-ipvs0` (`kube-proxy --cleanup` in each node), and the nodes'
     /// conntrack tables; then checks that nothing is left ([`Sandbox::proxy_leftovers`]).
     pub fn remove_proxy(&mut self) -> Result<()> {
@@ -496,7 +496,7 @@ impl Sandbox {
                 (
                     LB_MANIFEST.to_string(),
                     "app.kubernetes.io/name=lb-agent",
-                    vec![lb.display().to_string(), "agent".into(), "--cleanup".into(), "--bpffs=/sys/fs/bpf/lb".into()],
+                    vec![lb.display().to_string(), "cleanup".into(), "--bpffs=/sys/fs/bpf/lb".into()],
                 )
             }
             p @ (Proxy::Iptables | Proxy::Ipvs) => {
