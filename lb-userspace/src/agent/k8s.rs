@@ -81,6 +81,9 @@ pub enum SliceChange {
 /// update that only touches other fields, a resync or a re-list of an unchanged slice
 /// is no change), and it must carry a trigger time. A malformed trigger time is
 /// counted and skipped, never an error for the slice.
+/// (<https://github.com/kubernetes/kubernetes/blob/v1.20.2/pkg/proxy/endpoints.go>,
+/// `EndpointSliceUpdate` and `getLastChangeTriggerTime`; `esInfoChanged` is in
+/// `pkg/proxy/endpointslicecache.go`.)
 pub fn applied_change(
     prev: Option<&Slice>,
     new: &Slice,
