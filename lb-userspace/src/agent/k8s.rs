@@ -3,8 +3,14 @@
 //!
 //! Both give a [`Source`]: a snapshot of all objects, a [`Notify`] that fires when the
 //! snapshot changed, and a readiness wait for the initial list.
+//!
+//! Both also feed the network programming latency SLI: each EndpointSlice change that
+//! the agent programs and that carries [`ANNOTATION_LAST_CHANGE_TRIGGER_TIME`] is handed
+//! to [`Metrics::endpoints_changed`] once it is visible in the snapshot, as kube-proxy's
+//! `EndpointChangeTracker` does.
 
 use std::{
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -17,14 +23,98 @@ use kube::{
     api::DynamicObject,
     runtime::{
         WatchStreamExt as _,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store, store::Writer},
         watcher::{self, Event},
     },
 };
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use super::{metrics::Metrics, model::Slice};
+use super::{
+    metrics::Metrics,
+    model::{AddressType, Slice},
+};
+
+/// Set by the EndpointSlice controller to the time of the earliest Pod or Service
+/// change that its write of the slice reflects
+/// (`v1.EndpointsLastChangeTriggerTime`). kube-proxy reads it from every slice it
+/// applies, and so does the agent, for `lb_network_programming_duration_seconds`.
+pub const ANNOTATION_LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A last-change-trigger-time annotation that is not an RFC 3339 time.
+#[derive(Debug, thiserror::Error)]
+#[error("{ANNOTATION_LAST_CHANGE_TRIGGER_TIME} {value:?} is not an RFC 3339 time")]
+pub struct TriggerTimeError {
+    pub value: String,
+    #[source]
+    pub source: jiff::Error,
+}
+
+/// The slice's last change trigger time; None when it has no such annotation. The
+/// controller writes `time.RFC3339Nano`; any RFC 3339 time with an offset is taken,
+/// as Go's `time.Parse(time.RFC3339Nano, ...)` does.
+pub fn last_change_trigger_time(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<Option<SystemTime>, TriggerTimeError> {
+    let Some(value) = annotations.and_then(|a| a.get(ANNOTATION_LAST_CHANGE_TRIGGER_TIME)) else {
+        return Ok(None);
+    };
+    match value.trim().parse::<jiff::Timestamp>() {
+        Ok(t) => Ok(Some(SystemTime::from(t))),
+        Err(source) => Err(TriggerTimeError { value: value.clone(), source }),
+    }
+}
+
+/// What an EndpointSlice event means for the SLI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SliceChange {
+    /// A slice of this Service (`namespace/name`) changed, triggered at this time.
+    Changed { service: String, at: SystemTime },
+    /// A slice of this Service was deleted.
+    Deleted { service: String },
+}
+
+/// Whether applying `new` (replacing `prev`) is a change to observe, as kube-proxy's
+/// `EndpointSliceUpdate` decides: the slice must belong to a Service and be one the
+/// proxy reads (`supportedEndpointSliceAddressTypes`; here IPv4 only), it must differ
+/// from what was applied before in what the proxy programs (`esInfoChanged`: an
+/// update that only touches other fields, a resync or a re-list of an unchanged slice
+/// is no change), and it must carry a trigger time. A malformed trigger time is
+/// counted and skipped, never an error for the slice.
+/// (<https://github.com/kubernetes/kubernetes/blob/v1.20.2/pkg/proxy/endpoints.go>,
+/// `EndpointSliceUpdate` and `getLastChangeTriggerTime`; `esInfoChanged` is in
+/// `pkg/proxy/endpointslicecache.go`.)
+pub fn applied_change(
+    prev: Option<&Slice>,
+    new: &Slice,
+    trigger: Result<Option<SystemTime>, TriggerTimeError>,
+    metrics: &Metrics,
+) -> Option<SliceChange> {
+    let service = new.service.as_deref()?;
+    if new.address_type == AddressType::Other || prev == Some(new) {
+        return None;
+    }
+    match trigger {
+        Ok(Some(at)) => Some(SliceChange::Changed { service: format!("{}/{service}", new.namespace), at }),
+        Ok(None) => None,
+        Err(e) => {
+            metrics.trigger_time_error();
+            debug!(slice = %format!("{}/{}", new.namespace, new.name), error = %super::chain(&e), "ignored for lb_network_programming_duration_seconds");
+            None
+        }
+    }
+}
+
+fn deleted_change(old: &Slice) -> Option<SliceChange> {
+    old.service.as_deref().map(|service| SliceChange::Deleted { service: format!("{}/{service}", old.namespace) })
+}
+
+fn record(metrics: &Metrics, change: SliceChange) {
+    match change {
+        SliceChange::Changed { service, at } => metrics.endpoints_changed(&service, at),
+        SliceChange::Deleted { service } => metrics.endpoints_deleted(&service),
+    }
+}
 
 /// All watched objects at one moment.
 #[derive(Clone, Debug, Default)]
@@ -93,10 +183,17 @@ pub struct Source {
     pub changed: Arc<Notify>,
     pub description: String,
     inner: Inner,
+    metrics: Arc<Metrics>,
 }
 
 impl Source {
+    /// All objects now. The EndpointSlice changes recorded for the SLI so far are in
+    /// it, so they are marked as being programmed: the next successful
+    /// `Metrics::sync_done` observes them. (They are recorded only once visible here,
+    /// and marked before the stores are read, so none is observed before the sync
+    /// that programs it.)
     pub fn snapshot(&self) -> Snapshot {
+        self.metrics.snapshot_taken();
         match &self.inner {
             Inner::Kube { services, slices } => Snapshot { services: services.state(), slices: slices.state() },
             Inner::File { state, .. } => state.lock().map(|s| s.clone()).unwrap_or_default(),
@@ -378,43 +475,103 @@ pub async fn kubernetes(client: Client, metrics: Arc<Metrics>) -> Result<Source,
     // (the full struct is dropped right away): `reflector()` needs only `Lookup`,
     // which `Slice` implements.
     let (slices, writer) = reflector::store::<Slice>();
-    fn compact<K>(ev: Event<K>, f: impl Fn(&K) -> Slice) -> Event<Slice> {
-        match ev {
-            Event::Apply(o) => Event::Apply(f(&o)),
-            Event::Delete(o) => Event::Delete(f(&o)),
-            Event::InitApply(o) => Event::InitApply(f(&o)),
-            Event::Init => Event::Init,
-            Event::InitDone => Event::InitDone,
-        }
-    }
     match api {
         SliceApi::V1 => {
-            let stream = watcher(Api::<EndpointSlice>::all(client.clone()))
-                .backoff(WatchBackoff::default())
-                .map_ok(|ev| compact(ev, |s: &EndpointSlice| Slice::from(s)));
-            tokio::spawn(drive(
-                "endpointslices",
-                reflector::reflector(writer, stream),
-                changed.clone(),
-                metrics.clone(),
-            ));
+            let stream = watcher(Api::<EndpointSlice>::all(client.clone())).backoff(WatchBackoff::default());
+            let stream =
+                slice_events(stream, slices.clone(), writer, metrics.clone(), |s| Slice::from(s), |s| &s.metadata);
+            tokio::spawn(drive("endpointslices", stream, changed.clone(), metrics.clone()));
         }
         SliceApi::V1beta1 => {
-            let stream = watcher(Api::<EndpointSliceV1beta1>::all(client.clone()))
-                .backoff(WatchBackoff::default())
-                .map_ok(|ev| compact(ev, EndpointSliceV1beta1::to_slice));
-            tokio::spawn(drive(
-                "endpointslices",
-                reflector::reflector(writer, stream),
-                changed.clone(),
-                metrics.clone(),
-            ));
+            let stream = watcher(Api::<EndpointSliceV1beta1>::all(client.clone())).backoff(WatchBackoff::default());
+            let stream =
+                slice_events(stream, slices.clone(), writer, metrics.clone(), EndpointSliceV1beta1::to_slice, |s| {
+                    &s.metadata
+                });
+            tokio::spawn(drive("endpointslices", stream, changed.clone(), metrics.clone()));
         }
     }
     Ok(Source {
         changed,
         description: format!("kubernetes (EndpointSlice {})", api.api_version()),
         inner: Inner::Kube { services, slices },
+        metrics,
+    })
+}
+
+/// EndpointSlice events, compacted into [`Slice`]s and applied to the store, with the
+/// SLI's changes recorded once the store shows them.
+///
+/// A change is decided before the store is written (the previous version is still
+/// there to compare with) and recorded after: an `Apply` or `Delete` right after its
+/// write, the `InitApply`s of a (re-)list at its `InitDone`, when the store swaps the
+/// new list in. So a change is never recorded before a snapshot can see it.
+fn slice_events<K, S>(
+    stream: S,
+    store: Store<Slice>,
+    writer: Writer<Slice>,
+    metrics: Arc<Metrics>,
+    compact: fn(&K) -> Slice,
+    meta: fn(&K) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> impl futures::Stream<Item = Result<Event<Slice>, watcher::Error>>
+where
+    S: futures::Stream<Item = Result<Event<K>, watcher::Error>>,
+{
+    // Holds the change of the event between the two closures: the stream runs one
+    // event through both before taking the next.
+    let staged: Arc<Mutex<Option<SliceChange>>> = Arc::default();
+    let (decide_staged, decide_metrics) = (staged.clone(), metrics.clone());
+    let decided = stream.map_ok(move |ev| {
+        let applied = |o: &K| {
+            let s = compact(o);
+            let prev = store.get(&ObjectRef::new(&s.name).within(&s.namespace));
+            let change = applied_change(
+                prev.as_deref(),
+                &s,
+                last_change_trigger_time(meta(o).annotations.as_ref()),
+                &decide_metrics,
+            );
+            (s, change)
+        };
+        let (ev, change) = match ev {
+            Event::Apply(o) => {
+                let (s, c) = applied(&o);
+                (Event::Apply(s), c)
+            }
+            Event::InitApply(o) => {
+                let (s, c) = applied(&o);
+                (Event::InitApply(s), c)
+            }
+            Event::Delete(o) => {
+                let s = compact(&o);
+                let c = deleted_change(&s);
+                (Event::Delete(s), c)
+            }
+            Event::Init => (Event::Init, None),
+            Event::InitDone => (Event::InitDone, None),
+        };
+        if let Ok(mut slot) = decide_staged.lock() {
+            *slot = change;
+        }
+        ev
+    });
+    let mut listed: Vec<SliceChange> = Vec::new();
+    reflector::reflector(writer, decided).inspect_ok(move |ev| {
+        let change = staged.lock().ok().and_then(|mut slot| slot.take());
+        match ev {
+            Event::Apply(_) | Event::Delete(_) => {
+                if let Some(c) = change {
+                    record(&metrics, c);
+                }
+            }
+            Event::Init => listed.clear(),
+            Event::InitApply(_) => listed.extend(change),
+            Event::InitDone => {
+                for c in listed.drain(..) {
+                    record(&metrics, c);
+                }
+            }
+        }
     })
 }
 
@@ -430,6 +587,8 @@ where
 pub struct Parsed {
     pub snapshot: Snapshot,
     pub errors: Vec<String>,
+    /// The last change trigger time of each of `snapshot.slices`, in the same order.
+    pub trigger_times: Vec<Result<Option<SystemTime>, TriggerTimeError>>,
 }
 
 /// A file that is not valid YAML as a whole: none of it is used.
@@ -439,7 +598,7 @@ pub struct YamlError {
     /// 1-based, counting `---` separators.
     pub document: usize,
     #[source]
-    pub source: serde_yaml::Error,
+    pub source: serde_norway::Error,
 }
 
 /// Parses Services and EndpointSlices (v1 or v1beta1; also inside `kind: List`) from
@@ -455,9 +614,9 @@ pub struct YamlError {
 pub fn parse_yaml(text: &str) -> Result<Parsed, YamlError> {
     use serde::Deserialize as _;
     let mut out = Parsed::default();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => continue,
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = match serde_norway::Value::deserialize(doc) {
+            Ok(serde_norway::Value::Null) => continue,
             Ok(v) => v,
             Err(source) => return Err(YamlError { document: i + 1, source }),
         };
@@ -495,7 +654,10 @@ fn add_object(mut json: serde_json::Value, at: &str, out: &mut Parsed) {
         ("EndpointSlice", "discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1") => {
             json["apiVersion"] = "discovery.k8s.io/v1".into();
             match serde_json::from_value::<EndpointSlice>(json) {
-                Ok(s) => out.snapshot.slices.push(Arc::new(Slice::from(&s))),
+                Ok(s) => {
+                    out.snapshot.slices.push(Arc::new(Slice::from(&s)));
+                    out.trigger_times.push(last_change_trigger_time(s.metadata.annotations.as_ref()));
+                }
                 Err(e) => out.errors.push(format!("{at}: EndpointSlice: {e}")),
             }
         }
@@ -515,6 +677,7 @@ pub fn file(path: PathBuf, poll: Duration, metrics: Arc<Metrics>) -> Source {
     let (ready, _) = tokio::sync::watch::channel(false);
     let ready = Arc::new(ready);
     let description = format!("file {}", path.display());
+    let metrics_for_source = metrics.clone();
     let (c, s, r, err) = (changed.clone(), state.clone(), ready.clone(), error.clone());
     tokio::spawn(async move {
         let mut last: Option<(u64, u64, SystemTime)> = None;
@@ -552,18 +715,23 @@ pub fn file(path: PathBuf, poll: Duration, metrics: Arc<Metrics>) -> Source {
                             if let Ok(mut slot) = err.lock() {
                                 *slot = None;
                             }
-                            for e in &parsed.errors {
+                            let Parsed { snapshot, errors, trigger_times } = parsed;
+                            for e in &errors {
                                 metrics.decode_error("file");
                                 warn!(file = %path.display(), "{e}");
                             }
                             info!(
                                 file = %path.display(),
-                                services = parsed.snapshot.services.len(),
-                                slices = parsed.snapshot.slices.len(),
+                                services = snapshot.services.len(),
+                                slices = snapshot.slices.len(),
                                 "read"
                             );
-                            if let Ok(mut st) = s.lock() {
-                                *st = parsed.snapshot;
+                            let new_slices = snapshot.slices.clone();
+                            let old = s.lock().map(|mut st| std::mem::replace(&mut *st, snapshot)).unwrap_or_default();
+                            // After the state is replaced: a snapshot taken from now on
+                            // has these changes.
+                            for c in file_changes(&old.slices, &new_slices, trigger_times, &metrics) {
+                                record(&metrics, c);
                             }
                             r.send_replace(true);
                             c.notify_one();
@@ -587,7 +755,32 @@ pub fn file(path: PathBuf, poll: Duration, metrics: Arc<Metrics>) -> Source {
             tokio::time::sleep(poll).await;
         }
     });
-    Source { changed, description, inner: Inner::File { state, ready, error } }
+    Source { changed, description, inner: Inner::File { state, ready, error }, metrics: metrics_for_source }
+}
+
+/// The SLI's changes between two reads of the file: each slice compared with the one
+/// of the same namespace and name in the previous read, as the watch path compares
+/// with its store.
+fn file_changes(
+    old: &[Arc<Slice>],
+    new: &[Arc<Slice>],
+    trigger_times: Vec<Result<Option<SystemTime>, TriggerTimeError>>,
+    metrics: &Metrics,
+) -> Vec<SliceChange> {
+    let key = |s: &Slice| (s.namespace.clone(), s.name.clone());
+    let before: HashMap<_, &Slice> = old.iter().map(|s| (key(s), s.as_ref())).collect();
+    let mut out = Vec::new();
+    let mut now = std::collections::HashSet::new();
+    for (s, t) in new.iter().zip(trigger_times) {
+        now.insert(key(s));
+        out.extend(applied_change(before.get(&key(s)).copied(), s, t, metrics));
+    }
+    for s in old {
+        if !now.contains(&key(s)) {
+            out.extend(deleted_change(s));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -732,7 +925,154 @@ spec: {ports: "not a list"}
             m.lines().any(|l| l == "lb_source_error 0") && m.lines().any(|l| l == "lb_source_errors_total 1"),
             "{m}"
         );
+
+        // A slice with a trigger time: recorded once read, taken by the snapshot,
+        // observed by the sync.
+        let trigger = jiff::Timestamp::now().to_string();
+        let slice = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a-1, namespace: default, labels: {{kubernetes.io/service-name: a}}, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{trigger}'}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{{addresses: [10.244.0.2]}}]\n"
+        );
+        write(&format!("{}---\n{slice}", svc("a", "10.96.0.1")));
+        until("the slice", || metrics.pending_triggers() == 1).await;
+        assert_eq!(src.snapshot().slices.len(), 1);
+        assert_eq!(metrics.pending_triggers(), 0);
+        metrics.sync_done(Duration::from_millis(1), true, 1, 1, 1);
+        assert!(metrics.render().lines().any(|l| l == "lb_network_programming_duration_seconds_count 1"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn trigger_annotation(v: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(ANNOTATION_LAST_CHANGE_TRIGGER_TIME.to_string(), v.to_string())])
+    }
+
+    #[test]
+    fn trigger_time_parses_rfc3339_and_rejects_junk() {
+        let t = |v: &str| last_change_trigger_time(Some(&trigger_annotation(v)));
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+        // As the controller writes it (time.RFC3339Nano), with and without fraction.
+        assert_eq!(t("2020-09-13T12:26:40Z").unwrap(), Some(base));
+        assert_eq!(t("2020-09-13T12:26:40.5Z").unwrap(), Some(base + Duration::from_millis(500)));
+        assert_eq!(t("2020-09-13T12:26:40.000000123Z").unwrap(), Some(base + Duration::from_nanos(123)));
+        assert_eq!(t("2020-09-13T14:26:40+02:00").unwrap(), Some(base));
+        assert_eq!(last_change_trigger_time(None).unwrap(), None);
+        assert_eq!(last_change_trigger_time(Some(&BTreeMap::new())).unwrap(), None);
+        for junk in ["", "yesterday", "2020-09-13", "2020-09-13T12:26:40", "2020-13-45T99:99:99Z", "\u{0}"] {
+            let e = t(junk).unwrap_err();
+            assert!(e.to_string().contains("is not an RFC 3339 time"), "{e}");
+        }
+    }
+
+    fn slice(ns: &str, name: &str, service: Option<&str>, ip: &str) -> Slice {
+        let v: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns,
+                         "labels": service.map(|s| serde_json::json!({"kubernetes.io/service-name": s}))},
+            "addressType": "IPv4", "ports": [{"port": 80}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        }))
+        .unwrap();
+        Slice::from(&v)
+    }
+
+    #[test]
+    fn applied_change_is_kube_proxys_change_needed() {
+        let m = Metrics::default();
+        let t = SystemTime::now();
+        let a = slice("default", "web-1", Some("web"), "10.0.0.1");
+        let changed = Some(SliceChange::Changed { service: "default/web".into(), at: t });
+        // New, or different in what is programmed: a change.
+        assert_eq!(applied_change(None, &a, Ok(Some(t)), &m), changed);
+        let b = slice("default", "web-1", Some("web"), "10.0.0.2");
+        assert_eq!(applied_change(Some(&a), &b, Ok(Some(t)), &m), changed);
+        // The same endpoints (a resync, a re-list, a label-only update): none.
+        assert_eq!(applied_change(Some(&a), &a.clone(), Ok(Some(t)), &m), None);
+        // No annotation, no service, not IPv4: none.
+        assert_eq!(applied_change(None, &a, Ok(None), &m), None);
+        assert_eq!(applied_change(None, &slice("default", "x", None, "10.0.0.1"), Ok(Some(t)), &m), None);
+        let mut v6 = a.clone();
+        v6.address_type = AddressType::Other;
+        assert_eq!(applied_change(None, &v6, Ok(Some(t)), &m), None);
+        // Malformed: counted, skipped.
+        let bad = last_change_trigger_time(Some(&trigger_annotation("nope")));
+        assert_eq!(applied_change(None, &a, bad, &m), None);
+        assert!(m.render().lines().any(|l| l == "lb_trigger_time_errors_total 1"), "{}", m.render());
+        assert_eq!(deleted_change(&a), Some(SliceChange::Deleted { service: "default/web".into() }));
+    }
+
+    #[test]
+    fn file_changes_compare_with_the_previous_read() {
+        let m = Metrics::default();
+        let t = SystemTime::now();
+        let a = Arc::new(slice("default", "web-1", Some("web"), "10.0.0.1"));
+        let b = Arc::new(slice("default", "db-1", Some("db"), "10.0.0.9"));
+        let a2 = Arc::new(slice("default", "web-1", Some("web"), "10.0.0.2"));
+        let c = file_changes(&[], &[a.clone(), b.clone()], vec![Ok(Some(t)), Ok(None)], &m);
+        assert_eq!(c, [SliceChange::Changed { service: "default/web".into(), at: t }]);
+        // b unchanged, a changed, then a gone.
+        let c = file_changes(&[a.clone(), b.clone()], &[a2.clone(), b.clone()], vec![Ok(Some(t)), Ok(Some(t))], &m);
+        assert_eq!(c, [SliceChange::Changed { service: "default/web".into(), at: t }]);
+        let c = file_changes(&[a2, b.clone()], &[b], vec![Ok(Some(t))], &m);
+        assert_eq!(c, [SliceChange::Deleted { service: "default/web".into() }]);
+    }
+
+    fn v1_slice(name: &str, ip: &str, trigger: Option<SystemTime>) -> EndpointSlice {
+        let mut s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"port": 80}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        }))
+        .unwrap();
+        if let Some(t) = trigger {
+            let t = jiff::Timestamp::try_from(t).unwrap().to_string();
+            s.metadata.annotations = Some(trigger_annotation(&t));
+        }
+        s
+    }
+
+    /// The watch path: changes are recorded once the store has them (a list's at its
+    /// end), compared with what the store had before.
+    #[tokio::test]
+    async fn watch_events_record_changes_once_the_store_has_them() {
+        let m = Arc::new(Metrics::new(SystemTime::now() - Duration::from_secs(60)));
+        let (store, writer) = reflector::store::<Slice>();
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Event<EndpointSlice>, watcher::Error>>();
+        let stream = slice_events(rx, store.clone(), writer, m.clone(), |s| Slice::from(s), |s| &s.metadata);
+        let mut stream = std::pin::pin!(stream);
+        let t = SystemTime::now() - Duration::from_secs(2);
+        let send = |ev| tx.unbounded_send(Ok(ev)).unwrap();
+
+        send(Event::Init);
+        send(Event::InitApply(v1_slice("web-1", "10.0.0.1", Some(t))));
+        // Before the start: ignored, as kube-proxy's trackerStartTime.
+        send(Event::InitApply(v1_slice("web-2", "10.0.0.2", Some(SystemTime::now() - Duration::from_secs(3600)))));
+        stream.next().await.unwrap().unwrap();
+        stream.next().await.unwrap().unwrap();
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(m.pending_triggers(), 0, "not before the store swaps the list in");
+        send(Event::InitDone);
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(m.pending_triggers(), 1);
+        assert_eq!(store.state().len(), 2);
+
+        // The same slice again (a resync, a re-list): no change. A new endpoint: one.
+        send(Event::Apply(v1_slice("web-1", "10.0.0.1", Some(t))));
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(m.pending_triggers(), 1);
+        send(Event::Apply(v1_slice("web-1", "10.0.0.3", Some(t + Duration::from_secs(1)))));
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(m.pending_triggers(), 2);
+
+        // A sync programs both; a failed one would have kept them.
+        m.snapshot_taken();
+        m.sync_done(Duration::from_millis(1), true, 1, 1, 1);
+        assert!(m.render().lines().any(|l| l == "lb_network_programming_duration_seconds_count 2"), "{}", m.render());
+
+        // Deleting a slice drops its Service's pending changes.
+        send(Event::Apply(v1_slice("web-2", "10.0.0.4", Some(t + Duration::from_secs(2)))));
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(m.pending_triggers(), 1);
+        send(Event::Delete(v1_slice("web-2", "10.0.0.4", Some(t + Duration::from_secs(2)))));
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(m.pending_triggers(), 0);
     }
 
     #[test]
