@@ -449,8 +449,8 @@ impl MappedWords {
             return Err(WordsError::NotMappable { name, flags: info.map_flags(), value_size: info.value_size() });
         }
         let len = info.max_entries();
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let page =
+            nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096).max(4096) as usize;
         let bytes = (len as usize * 8).div_ceil(page) * page;
         // SAFETY: a new shared mapping of the map's fd, checked below; the kernel backs
         // an mmappable array's values with pages that can be mapped (kernel/bpf/arraymap.c,

@@ -410,9 +410,8 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
     // ids, only the difference is written.
     let _ = std::fs::remove_file(&status_file);
     let mut agent = AgentProcess::spawn(agent_cmd(), &log, &status_file)?;
-    let st = agent.wait_for("ready after restart", Duration::from_secs(20), || {
-        status(&status_file).filter(|s| s.ready)
-    })?;
+    let st =
+        agent.wait_for("ready after restart", Duration::from_secs(20), || status(&status_file).filter(|s| s.ready))?;
     // The diff: one slot, the new backend's id (IDS), its table (one write) and the entry
     // pointing at it, at most two prefilter words set and two cleared, and the epoch
     // the new agent bumps (IDS again).
@@ -462,9 +461,7 @@ fn file_source_end_to_end_with_kill_9_and_cleanup() -> Result<()> {
         (s.invalid_objects == 1 && programmed(bpffs.path()) == want(&["10.244.2.1:8080"])).then_some(())
     })?;
     write_file(&file, "")?;
-    agent.wait_for("empty maps", Duration::from_secs(10), || {
-        programmed(bpffs.path()).is_empty().then_some(())
-    })?;
+    agent.wait_for("empty maps", Duration::from_secs(10), || programmed(bpffs.path()).is_empty().then_some(()))?;
     agent.term()?;
 
     let out = Command::new(lb())
@@ -553,7 +550,8 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     let status_file = dir.0.join("status.json");
     write_file(&file, &yaml(&[&SERVER_IP.to_string()], false))?;
     let log = dir.0.join("agent.log");
-    let mut agent = AgentProcess::spawn(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log, &status_file)?;
+    let mut agent =
+        AgentProcess::spawn(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log, &status_file)?;
     let links = bpffs.path().join("links");
     agent.wait_for("both veths attached and the service programmed", Duration::from_secs(20), || {
         let s = status(&status_file)?;
@@ -604,7 +602,8 @@ fn stream_survives_agent_restart(mode: &str) -> Result<()> {
     // Still attached with nobody running: the pins hold the links.
     exchange(&mut conn, Instant::now() + Duration::from_millis(500))?;
     let _ = std::fs::remove_file(&status_file);
-    let mut agent = AgentProcess::spawn(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log, &status_file)?;
+    let mut agent =
+        AgentProcess::spawn(node_agent(&topo, bpffs.path(), &file, &status_file, mode), &log, &status_file)?;
     // Keep the stream going while the new agent adopts the links.
     let t0 = Instant::now();
     loop {
@@ -841,8 +840,9 @@ fn file_source_node_awareness_and_last_good_state_on_yaml_errors() -> Result<()>
     // The local endpoint moves to another node: Local drops.
     write_file(&file, &node_yaml("node-c"))?;
     let rows = agent.wait_for("Local without a local endpoint", Duration::from_secs(10), || {
-        let rows = inspect::services(bpffs.path()).ok()?;
-        (programmed(bpffs.path()) == want(&[])).then_some(rows)
+        // The rows are read after the backends are seen gone: a service's backend count
+        // and its no-endpoints flag change in one write, so they then agree.
+        (programmed(bpffs.path()) == want(&[])).then(|| inspect::services(bpffs.path()).ok()).flatten()
     })?;
     let local = rows.iter().find(|r| r.frontend.starts_with("10.96.0.20")).expect("local frontend");
     assert_eq!(local.no_endpoints, "drop");
@@ -1034,9 +1034,7 @@ fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -
             .map(|m| m.keys().filter_map(Result::ok).collect())
             .unwrap_or_default()
     };
-    agent.wait_for("both backends draining", Duration::from_secs(10), || {
-        (draining().len() == 2).then_some(())
-    })?;
+    agent.wait_for("both backends draining", Duration::from_secs(10), || (draining().len() == 2).then_some(()))?;
     // Once the orphans are old enough, the one no flow uses goes; the other stays.
     let t0 = Instant::now();
     let left =

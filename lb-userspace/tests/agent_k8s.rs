@@ -25,7 +25,6 @@ use lb_testing::{
 };
 use lb_userspace::agent::AgentStatus;
 
-
 /// A running agent on a private bpffs, killed on drop.
 struct Agent(AgentProcess);
 

@@ -15,9 +15,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use super::{
     Sandbox, UpArgs,
     demo::{ready_endpoints, wait_running},
-    node_name,
     image::{AGNHOST_IMAGE, BENCH_IMAGE, CLIENT_IMAGE},
-    wait_for,
+    node_name, wait_for,
 };
 
 type TestFn = fn(&Sandbox, &str) -> Result<()>;

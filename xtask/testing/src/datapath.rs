@@ -161,8 +161,9 @@ impl Datapath {
             Array::try_from(self.ebpf.map_mut(map_names::IDS).expect("ids map")).expect("array");
         let cur = m.get(&0, 0).unwrap_or_default();
         // The conntrack clock, as the agent writes it.
-        let clock =
-            lb_userspace::agent::conntrack::clock().map_err(anyhow::Error::msg).context("the kernel's jiffies clock")?;
+        let clock = lb_userspace::agent::conntrack::clock()
+            .map_err(anyhow::Error::msg)
+            .context("the kernel's jiffies clock")?;
         m.set(0, IdState { epoch: self.epoch, jiffy_recip: clock.recip(), ..cur }, 0)?;
         Ok(())
     }
@@ -493,29 +494,13 @@ pub fn ct_now() -> u32 {
 /// build of lb might have left it: for the layout-refusal tests. Raw `bpf(2)`, since
 /// aya only creates maps from an object file.
 pub fn pin_foreign_hash_map(path: &Path, key_size: u32, value_size: u32) -> Result<()> {
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_HASH: u32 = 1;
     // union bpf_attr, zero-filled beyond the fields we set (include/uapi/linux/bpf.h).
     let mut attr = [0u8; 128];
     for (i, v) in [BPF_MAP_TYPE_HASH, key_size, value_size, 16].iter().enumerate() {
-        attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+        put(&mut attr, i * 4, v.to_ne_bytes());
     }
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), attr.len()) };
-    if fd < 0 {
-        bail!("BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut pin = [0u8; 128];
-    pin[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
-    pin[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), pin.len()) };
-    let err = std::io::Error::last_os_error();
-    unsafe { libc::close(fd as i32) };
-    if rc != 0 {
-        bail!("BPF_OBJ_PIN {}: {err}", path.display());
-    }
-    Ok(())
+    create_and_pin(&mut attr, path).context("a foreign hash map")
 }
 
 /// `BPF_F_NO_COMMON_LRU` (include/uapi/linux/bpf.h): an LRU hash with one LRU list
@@ -527,10 +512,7 @@ pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// definition has no way to set the flags per load. Raw `bpf(2)`, as
 /// [`pin_foreign_hash_map`].
 pub fn pin_conntrack_map(path: &Path, max_entries: u32, flags: u32) -> Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     // include/uapi/linux/bpf.h
-    const BPF_MAP_CREATE: u32 = 0;
-    const BPF_OBJ_PIN: u32 = 6;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
     const BPF_OBJ_NAME_LEN: usize = 16;
     let mut attr = [0u8; 128];
@@ -544,18 +526,23 @@ pub fn pin_conntrack_map(path: &Path, max_entries: u32, flags: u32) -> Result<()
     let name = map_names::CONNTRACK.as_bytes();
     let len = name.len().min(BPF_OBJ_NAME_LEN - 1);
     attr[28..28 + len].copy_from_slice(&name[..len]);
-    // SAFETY: a new fd the kernel handed us.
-    let fd = unsafe {
-        OwnedFd::from_raw_fd(
-            bpf_sys(BPF_MAP_CREATE, &mut attr)
-                .with_context(|| format!("creating the conntrack map with flags {flags:#x}"))?,
-        )
-    };
+    create_and_pin(&mut attr, path).with_context(|| format!("the conntrack map with flags {flags:#x}"))
+}
+
+/// BPF_MAP_CREATE with `attr`, then BPF_OBJ_PIN of the new map at `path`; the fd is
+/// closed after (the pin holds the map).
+fn create_and_pin(attr: &mut [u8; 128], path: &Path) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // include/uapi/linux/bpf.h
+    const BPF_MAP_CREATE: u32 = 0;
+    const BPF_OBJ_PIN: u32 = 6;
+    // SAFETY: BPF_MAP_CREATE returns a new fd, which we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(bpf_sys(BPF_MAP_CREATE, attr).context("BPF_MAP_CREATE")?) };
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     let mut pin = [0u8; 128];
     put(&mut pin, 0, (c.as_ptr() as u64).to_ne_bytes());
     put(&mut pin, 8, (fd.as_raw_fd() as u32).to_ne_bytes());
-    bpf_sys(BPF_OBJ_PIN, &mut pin).with_context(|| format!("pinning the conntrack map at {}", path.display()))?;
+    bpf_sys(BPF_OBJ_PIN, &mut pin).with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
     Ok(())
 }
 
@@ -637,12 +624,7 @@ impl TcxProbe {
         const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
         const BPF_TCX_INGRESS: u32 = 46;
         const BPF_TCX_EGRESS: u32 = 47;
-        let name = std::ffi::CString::new(iface).context("interface name")?;
-        // SAFETY: a NUL-terminated name; returns 0 if there is no such interface.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no interface {iface}");
-        }
+        let ifindex = nix::net::if_::if_nametoindex(iface).with_context(|| format!("no interface {iface}"))?;
 
         let mut attr = [0u8; 128];
         put(&mut attr, 0, BPF_MAP_TYPE_ARRAY.to_ne_bytes());
