@@ -601,13 +601,13 @@ pub enum ProbeVerdict {
     Drop,
 }
 
-fn bpf_sys(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i32> {
+pub(crate) fn bpf_sys(cmd: u32, attr: &mut [u8; 128]) -> std::io::Result<i32> {
     // SAFETY: `attr` is a zero-padded `union bpf_attr` of the size we pass.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc as i32) }
 }
 
-fn put<const N: usize>(attr: &mut [u8; 128], off: usize, v: [u8; N]) {
+pub(crate) fn put<const N: usize>(attr: &mut [u8; 128], off: usize, v: [u8; N]) {
     attr[off..off + N].copy_from_slice(&v);
 }
 

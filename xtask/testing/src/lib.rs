@@ -5,14 +5,21 @@
 //!   ([`Datapath`], [`run_on`]; re-exported from `datapath`);
 //! - [`netns`]: client, node and server namespaces joined by veths ([`netns::Topology`]);
 //! - [`agent`]: a running `lb agent` process;
-//! - [`kube`]: a bare control plane from `xtask kube up`.
+//! - [`kube`]: a bare control plane from `xtask kube up`;
+//! - [`cgroup`]: throw-away cgroup v2 directories ([`cgroup::TestCgroup`]), for the
+//!   socket-level load balancer's programs;
+//! - [`sock`]: backends that answer with their name and `lb-sockclient` processes,
+//!   which open their sockets inside a given cgroup and namespace.
 
 pub mod agent;
+pub mod cgroup;
 pub mod datapath;
 pub mod kube;
 pub mod netns;
+pub mod sock;
 
 pub use datapath::*;
+pub use sock::sockclient_binary;
 
 /// Frontend (`ip:port/proto`) -> sorted backend addresses, as `lb services` shows them,
 /// in a form tests can compare. Empty when the maps can't be read.
