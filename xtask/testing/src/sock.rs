@@ -114,6 +114,20 @@ impl Place<'_> {
         c.args(args);
         Ok(c)
     }
+
+    /// That the client said it is in the cgroup it was told to join (`cgroup=` is the
+    /// first fact it prints).
+    fn check_joined(&self, first: Option<&Facts>) -> Result<()> {
+        let Some(cg) = self.cgroup else { return Ok(()) };
+        let name = cg.file_name().and_then(|n| n.to_str()).context("cgroup name")?;
+        let got = first.and_then(|f| f.get("cgroup"));
+        anyhow::ensure!(
+            got.is_some_and(|g| g.rsplit('/').next() == Some(name)),
+            "the client is in cgroup {got:?}, not {}",
+            cg.display()
+        );
+        Ok(())
+    }
 }
 
 /// Runs `lb-sockclient ARGS` at `place` to the end; its exchanges. Fails on a non-zero
@@ -125,7 +139,9 @@ pub fn client(place: Place<'_>, args: &[&str]) -> Result<Vec<Facts>> {
     if !out.status.success() {
         bail!("{c:?} failed ({}): {}{stdout}", out.status, String::from_utf8_lossy(&out.stderr));
     }
-    Ok(parse_facts(&stdout))
+    let facts = parse_facts(&stdout);
+    place.check_joined(facts.first())?;
+    Ok(facts)
 }
 
 /// One exchange of `lb-sockclient ARGS` (a mode without `--repeat`/`--count`).
@@ -169,6 +185,7 @@ impl HoldClient {
         });
         let mut h = Self { child, stdin, lines, connected: Facts::default() };
         h.connected = h.answer().context("the hold client's connect")?;
+        place.check_joined(Some(&h.connected))?;
         Ok(h)
     }
 
