@@ -265,7 +265,8 @@ impl Fixture {
         dir: &Scratch,
         socket_lb: SocketLb,
     ) -> AgentProcess {
-        let mut c = topo.node.command(lb());
+        // Not `ip netns exec`, whose own /sys hides the cgroup2 mount below it.
+        let mut c = topo.node.command_net_only(lb());
         c.args(["agent", "--iface-glob", "to-*", "--iface-rescan", "200ms", "--file-poll", "20ms"])
             .args(["--metrics-addr", METRICS_ADDR])
             .args(["--socket-lb", if socket_lb == SocketLb::On { "on" } else { "off" }])
@@ -623,7 +624,7 @@ fn a_test_cgroup_is_removed_with_what_runs_in_it() {
 
 /// `lb cleanup` with `LB_BPFFS`; fails the test if it fails.
 fn cleanup(f: &Fixture) {
-    let out = f.topo.node.command(lb()).args(["cleanup"]).env("LB_BPFFS", f.bpffs.path()).output().unwrap();
+    let out = f.topo.node.command_net_only(lb()).args(["cleanup"]).env("LB_BPFFS", f.bpffs.path()).output().unwrap();
     assert!(out.status.success(), "lb cleanup: {}", String::from_utf8_lossy(&out.stderr));
 }
 

@@ -63,6 +63,18 @@ pub fn command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// `nsenter --net=/run/netns/NAME PROGRAM`: only the network namespace changes. `ip
+/// netns exec` also mounts a fresh sysfs on /sys in a mount namespace of its own, which
+/// hides whatever is mounted below it (a hybrid host's cgroup2 at
+/// /sys/fs/cgroup/unified), so a program that must see the cgroup hierarchy (the agent
+/// with `--cgroup-root`) runs this way. /sys/class/net then shows the root namespace's
+/// interfaces; /proc/sys/net and netlink follow the namespace.
+pub fn command_net_only(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", path(name).display())).arg("--").arg(program);
+    cmd
+}
+
 /// `sysctl -w KEY=VALUE` inside the namespace `name` (per-namespace keys only: the
 /// `net.*` ones).
 pub fn sysctl(name: &str, key: &str, value: &str) -> Result<()> {
@@ -144,6 +156,11 @@ impl Netns {
     /// [`command`] in this namespace.
     pub fn command(&self, program: &str) -> Command {
         command(&self.name, program)
+    }
+
+    /// [`command_net_only`] in this namespace.
+    pub fn command_net_only(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        command_net_only(&self.name, program)
     }
 
     /// Runs `PROGRAM ARGS` in the namespace; returns its stdout.
