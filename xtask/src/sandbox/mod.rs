@@ -1049,6 +1049,24 @@ impl Sandbox {
         ))
     }
 
+    /// Runs `cmd` as a host-network process of node `i`, in the node's cgroup, where
+    /// socket-level load balancing serves it ([`Node::host_cmd`]); (exit code, stdout,
+    /// stderr).
+    pub fn host_exec(&self, i: u8, cmd: &[&str]) -> Result<(i32, String, String)> {
+        let n = Node::new(i);
+        let out = n
+            .host_cmd()?
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {} on {}", cmd.join(" "), n.name))?;
+        Ok((
+            out.status.code().unwrap_or(128),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// The lb agent pod on node `i`.
     pub fn agent_pod(&self, i: u8) -> Result<String> {
         let out = self.kubectl(&[
