@@ -1113,6 +1113,9 @@ impl Sandbox {
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("cannot run {} on {}", cmd.join(" "), n.name))?;
+        if out.status.code() == Some(node::JOIN_FAILED) {
+            bail!("cannot join the cgroup of {}: {}", n.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
         Ok((
             out.status.code().unwrap_or(128),
             String::from_utf8_lossy(&out.stdout).into_owned(),

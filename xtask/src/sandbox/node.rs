@@ -30,6 +30,9 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{CGROUP_ROOT, CLUSTER_DNS, NS_DIR, STATE_DIR, pid_alive, run_ok, spawn_detached, wait_for};
 
+/// [`Node::host_cmd`]'s exit status when the process could not join the node's cgroup.
+pub const JOIN_FAILED: i32 = 125;
+
 /// The sysctls kubelet 1.20's `setupKernelTunables` sets host-wide, with its values.
 const KERNEL_TUNABLES: [(&str, &str); 6] = [
     ("vm/overcommit_memory", "1"),
@@ -99,8 +102,9 @@ impl Node {
             .filter(|p| p.exists())
             .with_context(|| format!("{} has no cgroup2 cgroup (is the sandbox up?)", self.name))?;
         // `$0` is the cgroup.procs file; `$@` the nsenter command line and the program.
+        // Exit status [`JOIN_FAILED`] if the cgroup cannot be joined.
         let mut c = Command::new("sh");
-        c.args(["-c", "echo $$ > \"$0\" && exec \"$@\""]).arg(procs);
+        c.arg("-c").arg(format!("echo $$ > \"$0\" || exit {JOIN_FAILED}; exec \"$@\"")).arg(procs);
         let ns = self.nsenter();
         c.arg(ns.get_program()).args(ns.get_args());
         for v in crate::kube::PROXY_VARS {

@@ -1280,8 +1280,8 @@ fn render(s: &Settings, rows: &[Value], machine: &str, date: &str, commit: &str)
 /// The smoke run's check: every peer produced every row, with numbers in it.
 fn check_rows(s: &Settings, rows: &[Value]) -> Result<()> {
     let mut missing = vec![];
-    // IPVS may be missing from a kernel; socket LB only needs the cgroup2 mount the
-    // sandbox's nodes are built on.
+    // IPVS may be missing from a kernel, and is reported so; socket LB needs only a
+    // cgroup2 mount, and its row must be there.
     if let Some((_, why)) = s.unavailable.iter().find(|(p, _)| *p == Peer::LbSocket) {
         missing.push(format!("lb-socket ({why})"));
     }
