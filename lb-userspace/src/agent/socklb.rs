@@ -187,20 +187,7 @@ pub fn attach(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<SocketLbSt
 /// Removes the pinned cgroup links under `bpffs` (which detaches the socket LB).
 /// Returns how many there were.
 pub fn detach(bpffs: &Path) -> std::io::Result<usize> {
-    let dir = bpffs.join(CGROUP_LINKS_DIR);
-    let mut n = 0;
-    match std::fs::read_dir(&dir) {
-        Ok(entries) => {
-            for e in entries.flatten() {
-                std::fs::remove_file(e.path())?;
-                n += 1;
-            }
-            std::fs::remove_dir(&dir)?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    Ok(n)
+    super::attach::remove_pin_dir(&bpffs.join(CGROUP_LINKS_DIR))
 }
 
 /// Closes the sockets the socket LB sent to backends that left: writes the pairs
