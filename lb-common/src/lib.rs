@@ -12,27 +12,50 @@ pub mod hash;
 
 /// Bumped whenever the layout of any pinned map changes. The agent refuses to reuse a
 /// pinned map whose name carries another version (see `map_names`).
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v4` suffix is
 /// [`MAP_LAYOUT_VERSION`]; change both together (and the `#[map(name)]`s in lb-ebpf).
 pub mod map_names {
-    pub const SERVICES: &str = "lb4_svc_v4";
-    pub const BACKENDS: &str = "lb4_be_v4";
-    pub const DRAINING: &str = "lb4_drain_v4";
-    pub const AFFINITY: &str = "lb4_aff_v4";
-    pub const CONNTRACK: &str = "lb4_ct_v4";
-    pub const STATS: &str = "lb_stats_v4";
-    pub const SVC_STATS: &str = "lb4_svcst_v4";
-    pub const FRAGS: &str = "lb4_frag_v4";
-    pub const IDS: &str = "lb_ids_v4";
-    pub const TABLES: &str = "lb4_tbl_v4";
-    pub const PREFILTER: &str = "lb4_pref_v4";
+    pub const SERVICES: &str = "lb4_svc_v5";
+    pub const BACKENDS: &str = "lb4_be_v5";
+    pub const DRAINING: &str = "lb4_drain_v5";
+    pub const AFFINITY: &str = "lb4_aff_v5";
+    pub const CONNTRACK: &str = "lb4_ct_v5";
+    pub const STATS: &str = "lb_stats_v5";
+    pub const SVC_STATS: &str = "lb4_svcst_v5";
+    pub const FRAGS: &str = "lb4_frag_v5";
+    pub const IDS: &str = "lb_ids_v5";
+    pub const TABLES: &str = "lb4_tbl_v5";
+    pub const PREFILTER: &str = "lb4_pref_v5";
+    /// Socket LB: (socket cookie, backend) -> the ClusterIP the socket asked for.
+    pub const SOCK_REVNAT: &str = "lb4_skrev_v5";
+    /// Socket LB: (network namespace cookie, service id) -> affinity backend.
+    pub const SOCK_AFFINITY: &str = "lb4_skaff_v5";
+    /// Socket LB: service id -> per-CPU translations.
+    pub const SOCK_SVC_STATS: &str = "lb4_sksvc_v5";
+    /// Socket LB: (service id, backend id) pairs whose sockets are to be closed.
+    pub const SOCK_STALE: &str = "lb4_skstl_v5";
     /// Every pinned map, for clean-up and layout checks.
-    pub const ALL: [&str; 11] =
-        [SERVICES, BACKENDS, DRAINING, AFFINITY, CONNTRACK, STATS, SVC_STATS, FRAGS, IDS, TABLES, PREFILTER];
+    pub const ALL: [&str; 15] = [
+        SERVICES,
+        BACKENDS,
+        DRAINING,
+        AFFINITY,
+        CONNTRACK,
+        STATS,
+        SVC_STATS,
+        FRAGS,
+        IDS,
+        TABLES,
+        PREFILTER,
+        SOCK_REVNAT,
+        SOCK_AFFINITY,
+        SOCK_SVC_STATS,
+        SOCK_STALE,
+    ];
     /// Prefixes shared by every version of our maps, to recognise stale layouts.
-    pub const PREFIXES: [&str; 11] = [
+    pub const PREFIXES: [&str; 15] = [
         "lb4_svc_v",
         "lb4_be_v",
         "lb4_drain_v",
@@ -44,6 +67,10 @@ pub mod map_names {
         "lb_ids_v",
         "lb4_tbl_v",
         "lb4_pref_v",
+        "lb4_skrev_v",
+        "lb4_skaff_v",
+        "lb4_sksvc_v",
+        "lb4_skstl_v",
     ];
 }
 
@@ -72,6 +99,14 @@ pub mod limits {
     /// word): 32 MiB, 16.7 million buckets, e.g. 10,000 services of 10 backends twice
     /// over (a table is written anew beside the old one on every change).
     pub const TABLE_WORDS: u32 = 1 << 22;
+    /// Sockets the socket LB translated, one entry per (socket, backend): connected
+    /// sockets and unconnected UDP sockets alike. An LRU: entries of closed sockets age
+    /// out (a cookie is never reused).
+    pub const SOCK_REVNAT: u32 = 262_144;
+    /// Network namespaces x affinity services the socket LB remembers a backend for.
+    pub const SOCK_AFFINITY: u32 = 65_536;
+    /// (service, backend) pairs the agent asks the socket iterator to close at once.
+    pub const SOCK_STALE: u32 = 4_096;
 }
 
 /// Buckets (u16 slot numbers) per `TABLES` word.
@@ -218,6 +253,64 @@ pub struct AffinityValue {
     pub slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// `SOCK_REVNAT` key: a socket (its cookie, `bpf_get_socket_cookie`) and the backend
+/// the socket LB sent it to. `recvmsg4`/`getpeername4` look it up by the address the
+/// kernel is about to show the application; the socket iterator by the socket's peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey4 {
+    pub cookie: u64,
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
+
+/// `SOCK_REVNAT` value: what the application asked for, and which (service, backend)
+/// it got. `svc_id` and `backend_id` are laid out as a [`DrainKey`], which the socket
+/// iterator reads as one word to look up `SOCK_STALE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevValue4 {
+    pub vip_addr_be: u32,
+    pub vip_port_be: u16,
+    pub _pad: u16,
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevValue4>() == 16);
+const _: () = assert!(core::mem::offset_of!(SockRevValue4, svc_id) == 8);
+
+/// `SOCK_AFFINITY` key: ClientIP affinity in the socket layer, where the client's
+/// address is not known yet at connect() (the socket is not bound), so the client is
+/// its network namespace (`bpf_get_netns_cookie`), as in Cilium's socket LB: one pod,
+/// or the node's host network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAffinityKey {
+    pub netns_cookie: u64,
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockAffinityKey>() == 16);
+
+/// `SockStale::flags`: close TCP sockets too (the backend's pod is gone, not only
+/// draining).
+pub const SOCK_STALE_TCP: u32 = 1 << 0;
+
+/// `SOCK_STALE` value (key: [`DrainKey`]): which sockets of the pair to close, and how
+/// many the iterator closed (atomically added).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockStale {
+    pub flags: u32,
+    pub _pad: u32,
+    pub destroyed: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockStale>() == 16);
+const _: () = assert!(core::mem::offset_of!(SockStale, destroyed) == 8);
 
 /// `CONNTRACK` key: a 5-tuple as seen on the wire.
 #[repr(C)]
@@ -540,10 +633,25 @@ pub enum Reason {
     /// egress hook only reverse-NATs replies the node's own stack sends to pods, e.g.
     /// from a host-network backend): TC_ACT_UNSPEC.
     PassEgress = 27,
+    /// Socket LB, connect() (TCP or UDP) to a frontend: the destination is rewritten to
+    /// the chosen backend before the kernel routes anything; no packet of the
+    /// connection is translated again.
+    SockConnect = 28,
+    /// Socket LB, an unconnected UDP sendmsg() to a frontend: rewritten per datagram.
+    SockSendmsg = 29,
+    /// Socket LB, recvmsg() or getpeername() about a backend the socket was sent to:
+    /// the application is shown the ClusterIP and port instead.
+    SockRevNat = 30,
+    /// Socket LB, connect() or sendmsg() to a frontend with no ready backend, set to
+    /// reject: refused with ECONNREFUSED, as kube-proxy's REJECT rule does.
+    SockRefused = 31,
+    /// Socket LB: a connect(), sendmsg(), recvmsg() or getpeername() about no
+    /// frontend (or no socket the socket LB translated): left alone.
+    SockPass = 32,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 33;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,
         Reason::PassNotService,
@@ -573,6 +681,11 @@ impl Reason {
         Reason::CtRecovered,
         Reason::CtMidflowMiss,
         Reason::PassEgress,
+        Reason::SockConnect,
+        Reason::SockSendmsg,
+        Reason::SockRevNat,
+        Reason::SockRefused,
+        Reason::SockPass,
     ];
 
     /// Stable snake_case name, used for metrics labels and CLI output.
@@ -606,6 +719,11 @@ impl Reason {
             Reason::CtRecovered => "ct_recovered",
             Reason::CtMidflowMiss => "ct_midflow_miss",
             Reason::PassEgress => "pass_egress",
+            Reason::SockConnect => "sock_connect",
+            Reason::SockSendmsg => "sock_sendmsg",
+            Reason::SockRevNat => "sock_rev_nat",
+            Reason::SockRefused => "sock_refused",
+            Reason::SockPass => "sock_pass",
         }
     }
 }
@@ -628,6 +746,10 @@ mod pod {
     unsafe impl aya::Pod for FragKey4 {}
     unsafe impl aya::Pod for FragValue4 {}
     unsafe impl aya::Pod for IdState {}
+    unsafe impl aya::Pod for SockRevKey4 {}
+    unsafe impl aya::Pod for SockRevValue4 {}
+    unsafe impl aya::Pod for SockAffinityKey {}
+    unsafe impl aya::Pod for SockStale {}
 }
 
 #[cfg(test)]
@@ -653,6 +775,10 @@ mod tests {
         assert_eq!((size_of::<FragValue4>(), align_of::<FragValue4>()), (4, 2));
         assert_eq!((size_of::<IdState>(), align_of::<IdState>()), (16, 4));
         assert_eq!((size_of::<Counter>(), align_of::<Counter>()), (16, 8));
+        assert_eq!((size_of::<SockRevKey4>(), align_of::<SockRevKey4>()), (16, 8));
+        assert_eq!((size_of::<SockRevValue4>(), align_of::<SockRevValue4>()), (16, 4));
+        assert_eq!((size_of::<SockAffinityKey>(), align_of::<SockAffinityKey>()), (16, 8));
+        assert_eq!((size_of::<SockStale>(), align_of::<SockStale>()), (16, 8));
         assert_eq!(size_of::<Reason>(), 4);
     }
 

@@ -4,7 +4,10 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_loop};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, generated::bpf_loop},
+    maps::LruHashMap,
+};
 use lb_common::{
     AffinityKey4, AffinityValue, BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_AFFINITY, CT_F_DRAINING,
     CT_F_FIN_FWD, CT_F_FIN_REPLY, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RST, CT_F_STATE, CtKey4, CtValue4, DrainKey,
@@ -165,11 +168,58 @@ fn find_backend(
 /// The service's lookup table: one array read names the slot of the flow's bucket
 /// (`lb_common::hash::bucket`), whatever the number of backends; then its backend.
 #[inline(always)]
-fn pick_backend(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
+pub fn pick_backend(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)> {
     let bucket = hash::bucket(flow, svc.table_size);
     let word = TABLES.get(svc.table_off.wrapping_add(bucket / TABLE_LANES))?;
     let slot = ((*word >> (16 * (bucket % TABLE_LANES))) & 0xffff) as u32;
     Some((slot, backend_at(svc.id, slot)?))
+}
+
+/// The backend of a new connection to `svc`: an affinity entry's (`aff`: the map and
+/// the client's key) while it is live and its backend still in the service, else the
+/// lookup table's bucket of `flow`; an affinity entry remembers the choice. The one
+/// scheduler of the per-packet path (clients by IP) and of the socket LB (clients by
+/// network namespace, sock.rs).
+#[inline(always)]
+pub fn schedule<K>(
+    svc: &ServiceValue,
+    flow: u32,
+    aff: Option<(&LruHashMap<K, AffinityValue>, &K)>,
+) -> Option<(u32, BackendValue)> {
+    let mut chosen = None;
+    let mut now = 0;
+    if let Some((map, key)) = aff {
+        now = unsafe { bpf_ktime_get_ns() };
+        // Refreshed by every new connection, not by the packets of one: kube-proxy's
+        // `-m recent --rcheck --seconds T` in KUBE-SVC-* and `--set` in KUBE-SEP-* sit
+        // in the nat table, which sees only a connection's first packet
+        // (pkg/proxy/iptables/proxier.go), so T counts from the client's last new
+        // connection to the Service.
+        if let Some(a) = unsafe { map.get(key) }.copied() {
+            let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
+            if now.wrapping_sub(a.last_used_ns) > timeout_ns {
+                count(Reason::AffinityExpired, 0);
+            } else if let Some(found) = find_backend(svc.id, a.backend_id, a.slot, Some(svc)) {
+                count(Reason::AffinityHit, 0);
+                chosen = Some(found);
+            } else {
+                count(Reason::AffinityStale, 0);
+            }
+        } else {
+            count(Reason::AffinityMiss, 0);
+        }
+    }
+    let (slot, backend) = match chosen {
+        Some(c) => c,
+        None => pick_backend(svc, flow)?,
+    };
+    if let Some((map, key)) = aff {
+        let v = AffinityValue { last_used_ns: now, backend_id: backend.backend_id, slot };
+        if map.insert(key, &v, 0).is_err() {
+            count(Reason::MapInsertFailed, 0);
+        }
+    }
+    Some((slot, backend))
 }
 
 #[inline(always)]
@@ -500,51 +550,16 @@ fn new_flow(
         };
     }
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
-    let mut chosen = None;
-    let mut now = 0;
     let aff_key = AffinityKey4 { svc_id: svc.id, client_addr_be: l3.saddr_be };
-    if affinity {
-        now = unsafe { bpf_ktime_get_ns() };
-        // Refreshed by every new connection, not by the packets of one: kube-proxy's
-        // `-m recent --rcheck --seconds T` in KUBE-SVC-* and `--set` in KUBE-SEP-* sit
-        // in the nat table, which sees only a connection's first packet
-        // (pkg/proxy/iptables/proxier.go), so T counts from the client's last new
-        // connection to the Service.
-        if let Some(a) = unsafe { AFFINITY.get(&aff_key) }.copied() {
-            let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
-            if now.wrapping_sub(a.last_used_ns) > timeout_ns {
-                count(Reason::AffinityExpired, 0);
-            } else if let Some(found) = find_backend(svc.id, a.backend_id, a.slot, Some(svc)) {
-                count(Reason::AffinityHit, 0);
-                chosen = Some(found);
-            } else {
-                count(Reason::AffinityStale, 0);
-            }
-        } else {
-            count(Reason::AffinityMiss, 0);
-        }
-    }
-    let (slot, backend) = match chosen {
-        Some(c) => c,
-        None => {
-            // The 5-tuple even with affinity: once a client's entry has expired, its next
-            // connection must be free to land on another pod, as with kube-proxy (the
-            // e2e "session affinity timeout" test checks exactly that); the entry then
-            // keeps the client's later connections on the pod chosen here.
-            let flow = hash::flow_hash(l3.saddr_be, l3.daddr_be, l4.sport_be, l4.dport_be, l3.proto);
-            // count > 0 but no slot found: the agent is mid-update; treat as empty.
-            let Some(p) = pick_backend(svc, flow) else {
-                return Action::drop(Reason::NoBackendDrop);
-            };
-            p
-        }
+    // The 5-tuple even with affinity: once a client's entry has expired, its next
+    // connection must be free to land on another pod, as with kube-proxy (the e2e
+    // "session affinity timeout" test checks exactly that); the entry then keeps the
+    // client's later connections on the pod chosen here.
+    let flow = hash::flow_hash(l3.saddr_be, l3.daddr_be, l4.sport_be, l4.dport_be, l3.proto);
+    // count > 0 but no slot found: the agent is mid-update; treat as empty.
+    let Some((slot, backend)) = schedule(svc, flow, affinity.then_some((&AFFINITY, &aff_key))) else {
+        return Action::drop(Reason::NoBackendDrop);
     };
-    if affinity {
-        let v = AffinityValue { last_used_ns: now, backend_id: backend.backend_id, slot };
-        if AFFINITY.insert(&aff_key, &v, 0).is_err() {
-            count(Reason::MapInsertFailed, 0);
-        }
-    }
 
     let hairpin = backend.addr_be == l3.saddr_be;
     let mut flags = if affinity { CT_F_AFFINITY } else { 0 };

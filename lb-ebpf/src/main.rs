@@ -11,6 +11,7 @@ mod icmp;
 mod maps;
 mod parse;
 mod reject;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action},

@@ -7,11 +7,13 @@ use std::{
     str::FromStr,
 };
 
+pub mod sock_iter;
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapInfo, MapType},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::FdLink,
         tc::{self, TcAttachOptions},
     },
@@ -26,6 +28,8 @@ pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
 /// tc egress of pod interfaces: reverse NAT of replies from the node's own stack.
 pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
+/// The socket LB's cgroup v2 `sock_addr` programs (lb-ebpf/src/sock.rs).
+pub const SOCK_PROGRAMS: [&str; 4] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4", "lb_getpeername4"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -61,6 +65,13 @@ pub enum DatapathError {
     },
     #[error("program {0} is missing from the datapath object")]
     MissingProgram(&'static str),
+    #[error("attaching {program} to cgroup {cgroup}")]
+    AttachCgroup {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("attaching {program} to {iface} as {hook}")]
     Attach {
         program: &'static str,
@@ -133,7 +144,12 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         map_names::DRAINING => (MapType::Hash, sz(s::<DrainKey>()), sz(s::<BackendValue>())),
         map_names::AFFINITY => (MapType::LruHash, sz(s::<AffinityKey4>()), sz(s::<AffinityValue>())),
         map_names::CONNTRACK => (MapType::LruHash, sz(s::<CtKey4>()), sz(s::<CtValue4>())),
-        map_names::STATS | map_names::SVC_STATS => (MapType::PerCpuArray, 4, sz(s::<Counter>())),
+        map_names::STATS | map_names::SVC_STATS | map_names::SOCK_SVC_STATS => {
+            (MapType::PerCpuArray, 4, sz(s::<Counter>()))
+        }
+        map_names::SOCK_REVNAT => (MapType::LruHash, sz(s::<SockRevKey4>()), sz(s::<SockRevValue4>())),
+        map_names::SOCK_AFFINITY => (MapType::LruHash, sz(s::<SockAffinityKey>()), sz(s::<AffinityValue>())),
+        map_names::SOCK_STALE => (MapType::Hash, sz(s::<DrainKey>()), sz(s::<SockStale>())),
         map_names::FRAGS => (MapType::LruHash, sz(s::<FragKey4>()), sz(s::<FragValue4>())),
         map_names::IDS => (MapType::Array, 4, sz(s::<IdState>())),
         map_names::TABLES | map_names::PREFILTER => (MapType::Array, 4, 8),
@@ -210,6 +226,9 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
     load_program::<Xdp>(&mut ebpf, XDP_PROGRAM)?;
     load_program::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?;
     load_program::<SchedClassifier>(&mut ebpf, TC_EGRESS_PROGRAM)?;
+    for name in SOCK_PROGRAMS {
+        load_program::<CgroupSockAddr>(&mut ebpf, name)?;
+    }
     Ok(ebpf)
 }
 
@@ -217,6 +236,11 @@ trait Loadable {
     fn load_it(&mut self) -> Result<(), aya::programs::ProgramError>;
 }
 impl Loadable for Xdp {
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+impl Loadable for CgroupSockAddr {
     fn load_it(&mut self) -> Result<(), aya::programs::ProgramError> {
         self.load()
     }
@@ -375,6 +399,21 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<Attached, Data
         },
     })?;
     attach_to(ebpf, iface, ifindex, hook, TcLink::TcxOrNetlink)
+}
+
+/// Attaches the socket LB program `name` (one of [`SOCK_PROGRAMS`]) to the cgroup v2
+/// directory `cgroup` as a BPF link, and returns the link to pin. It applies to every
+/// process of the cgroup's subtree. A cgroup link is always attached as if with
+/// `BPF_F_ALLOW_MULTI` (other programs on the cgroup, and the previous agent's link
+/// while it is replaced, keep running), and `BPF_LINK_CREATE` takes no flags for it
+/// (kernel/bpf/cgroup.c, `cgroup_bpf_link_attach`): hence aya's `Single`, which is 0.
+pub fn attach_cgroup(ebpf: &mut Ebpf, name: &'static str, cgroup: &Path) -> Result<FdLink, DatapathError> {
+    let err = |source| DatapathError::AttachCgroup { program: name, cgroup: cgroup.into(), source };
+    let dir = std::fs::File::open(cgroup).map_err(|e| err(aya::programs::ProgramError::IOError(e)))?;
+    let prog = program::<CgroupSockAddr>(ebpf, name)?;
+    let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(err)?;
+    FdLink::try_from(prog.take_link(id).map_err(err)?)
+        .map_err(|e| err(aya::programs::ProgramError::IOError(std::io::Error::other(e))))
 }
 
 fn has_tcx() -> bool {

@@ -82,6 +82,9 @@ pub struct ServiceRow {
     pub no_endpoints: &'static str,
     pub packets: u64,
     pub bytes: u64,
+    /// connect() and unconnected sendmsg() calls the socket LB translated (their
+    /// packets are not in `packets`).
+    pub socket_translations: u64,
     pub backends: Vec<BackendRow>,
     /// Backends out of the slots whose pods still exist: no new connections, the
     /// established ones keep going.
@@ -101,6 +104,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let svcs: BpfHashMap<MapData, ServiceKey4, ServiceValue> = hash(pin_dir, map_names::SERVICES)?;
     let bes: BpfHashMap<MapData, BackendKey, BackendValue> = hash(pin_dir, map_names::BACKENDS)?;
     let stats = per_cpu(pin_dir, map_names::SVC_STATS)?;
+    let sock_stats = per_cpu(pin_dir, map_names::SOCK_SVC_STATS).ok();
     // Live flows only: entries past their timeout, and flows closed by a RST or both
     // FINs, still sit in the LRU until the collector or an eviction takes them.
     let mut conns: HashMap<(u32, u32), usize> = HashMap::new();
@@ -166,6 +170,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
                 no_endpoints: if v.no_backends == NO_BACKENDS_DROP { "drop" } else { "reject" },
                 packets: c.packets,
                 bytes: c.bytes,
+                socket_translations: sock_stats.as_ref().map_or(0, |m| sum_counter(m, v.id).packets),
                 backends,
                 draining: drain_rows,
             },
@@ -178,7 +183,8 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
 /// `ipvsadm -Ln` style.
 pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "Prot LocalAddress:Port        Id      Flags                 Packets         Bytes");
+    let _ =
+        writeln!(o, "Prot LocalAddress:Port        Id      Flags                 Packets         Bytes    SocketLB");
     let _ = writeln!(o, "  -> RemoteAddress:Port       Slot    BackendId         ActiveConn");
     for r in rows {
         let mut flags = match r.affinity_timeout_s {
@@ -193,8 +199,8 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         }
         let _ = writeln!(
             o,
-            "{:<4} {:<23} {:<7} {:<17} {:>11} {:>13}",
-            r.protocol, r.frontend, r.id, flags, r.packets, r.bytes
+            "{:<4} {:<23} {:<7} {:<17} {:>11} {:>13} {:>11}",
+            r.protocol, r.frontend, r.id, flags, r.packets, r.bytes, r.socket_translations
         );
         for b in &r.backends {
             let _ = writeln!(o, "  -> {:<23} {:<7} {:<17} {:>10}", b.address, b.slot, b.backend_id, b.connections);
@@ -477,6 +483,15 @@ pub fn status_table(s: &Status) -> String {
                 "  frontends {}, endpoints {}, invalid objects {}, watch restarts {}",
                 a.frontends, a.endpoints, a.invalid_objects, a.watch_restarts
             );
+            match &a.socket_lb {
+                Some(sl) => {
+                    let _ =
+                        writeln!(o, "  socket LB on: {} attached to {}", sl.programs.join(", "), sl.cgroup.display());
+                }
+                None => {
+                    let _ = writeln!(o, "  socket LB off");
+                }
+            }
             if let Some(e) = &a.last_sync_error {
                 let _ = writeln!(o, "  last sync error: {e}");
             }

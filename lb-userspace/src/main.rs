@@ -188,6 +188,34 @@ struct AgentArgs {
     #[arg(long, env = "LB_MAX_TABLE_WORDS", default_value_t = lb_common::limits::TABLE_WORDS,
           value_parser = clap::value_parser!(u32).range(1024..))]
     max_table_words: u32,
+    /// Size of the socket LB's LRU of translated sockets (one entry per socket and
+    /// backend).
+    #[arg(long, env = "LB_MAX_SOCK_REVNAT", default_value_t = lb_common::limits::SOCK_REVNAT,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    max_sock_revnat: u32,
+    /// Socket-level load balancing: translate a ClusterIP once, at connect() (and per
+    /// datagram for unconnected UDP), for every process of the node's cgroup subtree:
+    /// its pods and its host-network processes. Needed for host-network clients; makes
+    /// a connection through a ClusterIP cost what one to a pod IP does. `off` detaches
+    /// what an earlier agent attached. The per-packet datapath serves the rest either
+    /// way (traffic from other nodes, processes outside the cgroup).
+    #[arg(long, env = "LB_SOCKET_LB", default_value = "off", value_parser = on_off, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// The node's cgroup v2 directory, whose subtree the socket LB serves: `auto`
+    /// finds the kubelet's cgroup root from the agent's own cgroup (the agent runs in a
+    /// pod) under a cgroup2 mount it can see; or a path. Never a machine's root cgroup
+    /// that hosts more than this node.
+    #[arg(long, env = "LB_CGROUP_ROOT", default_value = "auto")]
+    cgroup_root: agent::socklb::CgroupRoot,
+}
+
+/// `on`/`off` (also `true`/`false`, as a YAML-minded DaemonSet may write them).
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
 }
 
 /// A duration flag's value: jiff's friendly format (`5ms`, `1.5s`, `2m 30s`, `1 minute`)
@@ -295,8 +323,12 @@ fn agent_config(a: AgentArgs, bpffs: &Path, status_file: &Path) -> AgentConfig {
                 (m::CONNTRACK, a.max_conntrack),
                 (m::AFFINITY, a.max_affinity),
                 (m::TABLES, a.max_table_words),
+                (m::SOCK_SVC_STATS, a.max_services),
+                (m::SOCK_REVNAT, a.max_sock_revnat),
+                (m::SOCK_AFFINITY, a.max_affinity),
             ]
         },
+        socket_lb: a.socket_lb.then_some(a.cgroup_root),
         // An empty value (an unset downward-API field) means unknown.
         node: agent::model::NodeInfo {
             name: a.node_name.filter(|n| !n.is_empty()),

@@ -89,7 +89,9 @@ gcc -static -O2 -DVERSION=3.2 -o "$C/bin.new/pause" "$K8S/build/pause/linux/paus
 mkdir -p "$C/bin.new/agnhost-files"
 cp "$K8S/test/images/agnhost/porter/localhost.crt" "$K8S/test/images/agnhost/porter/localhost.key" "$C/bin.new/agnhost-files/"
 { "$C/bin.new/kube-apiserver" --version; "$C/bin.new/kubectl" version --client --short 2>/dev/null || true
-  "$C/bin.new/etcd" --version | head -1; } | tee "$C/bin.new/VERSIONS"
+  # sed, not head: head exits after one line, and etcd, still writing, dies of SIGPIPE,
+  # which pipefail turns into a failed build (exit status 141, seen here).
+  "$C/bin.new/etcd" --version | sed -n 1p; } | tee "$C/bin.new/VERSIONS"
 touch "$C/bin.new/.complete"
 rm -rf "$C/bin"; mv "$C/bin.new" "$C/bin"
 [ "${LB_KUBE_KEEP_WORK:-}" = 1 ] || rm -rf "$W"

@@ -524,15 +524,20 @@ impl Attacher {
 
 /// Removes every pinned link under `bpffs` (which detaches the datapath).
 pub fn remove_links(bpffs: &Path) -> std::io::Result<usize> {
-    let dir = bpffs.join(LINKS_DIR);
+    remove_pin_dir(&bpffs.join(LINKS_DIR))
+}
+
+/// Removes the pins in `dir`, then `dir`: each link detaches once its last pin and fd
+/// are gone. Returns how many there were; a missing `dir` is none.
+pub fn remove_pin_dir(dir: &Path) -> std::io::Result<usize> {
     let mut n = 0;
-    match std::fs::read_dir(&dir) {
+    match std::fs::read_dir(dir) {
         Ok(entries) => {
             for e in entries.flatten() {
                 std::fs::remove_file(e.path())?;
                 n += 1;
             }
-            std::fs::remove_dir(&dir)?;
+            std::fs::remove_dir(dir)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),

@@ -170,6 +170,7 @@ pub struct ProgrammedFrontend {
 pub struct StatsReader {
     stats: aya::maps::PerCpuArray<aya::maps::MapData, DpCounter>,
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, DpCounter>,
+    sock_svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, DpCounter>,
 }
 
 impl StatsReader {
@@ -179,13 +180,21 @@ impl StatsReader {
                 pin_dir.join(name),
             )?))
         };
-        Ok(Self { stats: open(map_names::STATS)?, svc_stats: open(map_names::SVC_STATS)? })
+        Ok(Self {
+            stats: open(map_names::STATS)?,
+            svc_stats: open(map_names::SVC_STATS)?,
+            sock_svc_stats: open(map_names::SOCK_SVC_STATS)?,
+        })
     }
     pub fn reason(&self, r: Reason) -> DpCounter {
         crate::datapath::counter_total(&self.stats, r as u32).unwrap_or_default()
     }
     pub fn service(&self, id: u32) -> DpCounter {
         crate::datapath::counter_total(&self.svc_stats, id).unwrap_or_default()
+    }
+    /// The socket LB's connect() and sendmsg() translations for service `id`.
+    pub fn service_sock(&self, id: u32) -> u64 {
+        crate::datapath::counter_total(&self.sock_svc_stats, id).unwrap_or_default().packets
     }
 }
 
@@ -317,6 +326,18 @@ impl Collector for Live {
         let programmed = self.programmed();
         let per: Vec<(&ProgrammedFrontend, String, DpCounter)> =
             programmed.iter().map(|p| (p, p.key.to_string(), r.service(p.id))).collect();
+        {
+            let mut e = enc.encode_descriptor(
+                "lb_service_socket_translations",
+                "connect() and unconnected sendmsg() calls the socket LB translated to a backend of the frontend (no packet of them is counted in lb_service_packets).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (p, frontend, _) in &per {
+                let labels = [("service", p.service.as_str()), ("frontend", frontend.as_str())];
+                ConstCounter::new(r.service_sock(p.id)).encode(e.encode_family(&labels)?)?;
+            }
+        }
         for (name, help, bytes) in [
             ("lb_service_packets", "Packets through a frontend (forward and reply).", false),
             ("lb_service_bytes", "Bytes through a frontend (forward and reply).", true),
@@ -360,6 +381,9 @@ pub struct Metrics {
     invalid_now: Family<Label, Gauge>,
     attached: Gauge,
     attach_errors: Counter,
+    socket_lb_attached: Gauge,
+    sockets_destroyed: Family<Label, Counter>,
+    socket_closer_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -396,6 +420,9 @@ impl Metrics {
             invalid_now: Family::default(),
             attached: Gauge::default(),
             attach_errors: Counter::default(),
+            socket_lb_attached: Gauge::default(),
+            sockets_destroyed: Family::default(),
+            socket_closer_errors: Counter::default(),
         };
         // Every reason is exported, zero or not, so that a rate() over it starts at 0.
         for k in IssueKind::ALL {
@@ -412,6 +439,24 @@ impl Metrics {
         r.register("lb_programmed_endpoints", "Backend slots over all frontends", m.endpoints.clone());
         r.register("lb_attached_interfaces", "Interfaces the datapath is attached to", m.attached.clone());
         r.register("lb_attach_errors", "Failed attach attempts", m.attach_errors.clone());
+        r.register(
+            "lb_socket_lb_attached",
+            "Socket LB programs attached to the node's cgroup (4 when on, 0 when off)",
+            m.socket_lb_attached.clone(),
+        );
+        r.register(
+            "lb_socket_lb_destroyed",
+            "Sockets the socket LB closed because their backend left its Service (UDP), or its pod is gone (TCP)",
+            m.sockets_destroyed.clone(),
+        );
+        r.register(
+            "lb_socket_lb_close_errors",
+            "Runs of the socket iterator that failed (the sockets stay open)",
+            m.socket_closer_errors.clone(),
+        );
+        for proto in ["udp", "tcp"] {
+            let _ = m.sockets_destroyed.get_or_create(&[("protocol", proto)]);
+        }
         r.register(
             "lb_source_errors",
             "Reads of the source rejected as a whole (YAML syntax errors in the file source)",
@@ -619,6 +664,17 @@ impl Metrics {
     }
     pub fn attach_error(&self) {
         self.attach_errors.inc();
+    }
+    pub fn set_socket_lb_attached(&self, n: usize) {
+        self.socket_lb_attached.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    /// A run of the socket iterators closed `udp` and `tcp` sockets.
+    pub fn sockets_destroyed(&self, udp: u64, tcp: u64) {
+        self.sockets_destroyed.get_or_create(&[("protocol", "udp")]).inc_by(udp);
+        self.sockets_destroyed.get_or_create(&[("protocol", "tcp")]).inc_by(tcp);
+    }
+    pub fn socket_close_error(&self) {
+        self.socket_closer_errors.inc();
     }
     pub fn set_rp_filter(&self, st: &super::rpfilter::RpFilterStatus) {
         if let Ok(mut m) = self.live.rp_filter.lock() {

@@ -9,6 +9,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod model;
 pub mod rpfilter;
+pub mod socklb;
 pub mod sync;
 pub mod table;
 
@@ -73,6 +74,8 @@ pub struct AgentConfig {
     pub conntrack_gc: Option<Duration>,
     /// `max_entries` by pinned map name (`--max-*`); empty keeps the defaults.
     pub map_sizes: Vec<(&'static str, u32)>,
+    /// Socket LB: the cgroup whose subtree it serves, or `None` for off.
+    pub socket_lb: Option<socklb::CgroupRoot>,
     /// This node (`--node-name`, `--node-zone`), for `internalTrafficPolicy: Local`
     /// and topology aware hints.
     pub node: model::NodeInfo,
@@ -112,6 +115,8 @@ pub struct AgentStatus {
     /// replies are being dropped.
     #[serde(default)]
     pub rp_filter: rpfilter::RpFilterStatus,
+    /// Where the socket LB is attached; `None` when it is off.
+    pub socket_lb: Option<socklb::SocketLbStatus>,
 }
 
 fn unix_ms() -> u64 {
@@ -159,8 +164,9 @@ fn write_status(path: &Path, st: &AgentStatus) {
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let started = unix_ms();
     tune_allocator();
-    let Datapath { ebpf, maps, syncer } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
+    let Datapath { mut ebpf, maps, syncer } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
     let metrics = new_metrics(&cfg.bpffs);
+    let socket_lb = start_socket_lb(&mut ebpf, &cfg.bpffs, cfg.socket_lb.as_ref(), &metrics)?;
     let mut tasks = Tasks::default();
     if let Some(addr) = cfg.metrics_addr {
         tasks.spawn("HTTP", serve(addr, metrics.clone()).await?);
@@ -178,7 +184,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     let source = open_source(&cfg.source, cfg.file_poll, metrics.clone()).await?;
     info!(source = %source.description, node = ?cfg.node.name, zone = ?cfg.node.zone, "waiting for the initial list");
-    let sync = SyncLoop::new(SyncConfig::of(&cfg, started), source, syncer, maps, metrics, attach_state, gc_rx);
+    let mut sync = SyncLoop::new(SyncConfig::of(&cfg, started), source, syncer, maps, metrics, attach_state, gc_rx);
+    if let Some((status, closer)) = socket_lb {
+        sync = sync.with_socket_lb(status, closer);
+    }
     tokio::select! {
         r = sync.run(shutdown) => r,
         e = tasks.failure() => Err(e),
@@ -226,6 +235,40 @@ pub fn open_datapath(bpffs: &Path, map_sizes: &[(&'static str, u32)]) -> Result<
         "datapath loaded; shadow rebuilt from the pinned maps (nothing flushed)"
     );
     Ok(Datapath { ebpf, maps, syncer })
+}
+
+/// `--socket-lb`: attaches the socket LB to the node's cgroup (replacing an earlier
+/// agent's links), or detaches whatever an earlier agent left when it is off. A
+/// cgroup that cannot be found or attached to ends the agent: serving the node's pods
+/// but silently not its host-network processes would be worse. Closing stale sockets
+/// needs kernel 6.5+ (`bpf_sock_destroy`); without it the socket LB still works, and
+/// connected UDP sockets keep their backend until the application reconnects.
+fn start_socket_lb(
+    ebpf: &mut aya::Ebpf,
+    bpffs: &Path,
+    root: Option<&socklb::CgroupRoot>,
+    metrics: &metrics::Metrics,
+) -> Result<Option<(socklb::SocketLbStatus, Option<socklb::Closer>)>> {
+    let Some(root) = root else {
+        let n = socklb::detach(bpffs).with_context(|| format!("removing socket LB links under {}", bpffs.display()))?;
+        if n > 0 {
+            info!(links = n, "socket LB off: detached the links an earlier agent left");
+        }
+        return Ok(None);
+    };
+    let cgroup = socklb::resolve(root)?;
+    let status = socklb::attach(ebpf, bpffs, &cgroup)
+        .with_context(|| format!("attaching the socket LB to {}; or run with --socket-lb=off", cgroup.display()))?;
+    metrics.set_socket_lb_attached(status.programs.len());
+    info!(cgroup = %cgroup.display(), programs = ?status.programs, "socket LB attached");
+    let closer = match socklb::Closer::open(bpffs) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %chain(&e), "cannot close the sockets of departed backends; connected UDP sockets keep their backend until they reconnect");
+            None
+        }
+    };
+    Ok(Some((status, closer)))
 }
 
 /// The metrics, with the datapath's counters if their maps open.
@@ -529,6 +572,8 @@ pub struct SyncLoop<W> {
     prev_issues: HashSet<model::Issue>,
     /// Set while syncs fail: the delay before the next attempt.
     retry: Option<Duration>,
+    /// Closes the sockets of departed backends, with the socket LB on.
+    closer: Option<socklb::Closer>,
 }
 
 impl<W: sync::MapWriter> SyncLoop<W> {
@@ -547,7 +592,27 @@ impl<W: sync::MapWriter> SyncLoop<W> {
             started_unix_ms: cfg.started_unix_ms,
             ..Default::default()
         };
-        Self { cfg, source, syncer, maps, metrics, attach, collected, status, prev_issues: HashSet::new(), retry: None }
+        Self {
+            cfg,
+            source,
+            syncer,
+            maps,
+            metrics,
+            attach,
+            collected,
+            status,
+            prev_issues: HashSet::new(),
+            retry: None,
+            closer: None,
+        }
+    }
+
+    /// With the socket LB on: its status goes into the status file, and after every
+    /// sync the sockets of departed backends are closed through `closer`.
+    pub fn with_socket_lb(mut self, status: socklb::SocketLbStatus, closer: Option<socklb::Closer>) -> Self {
+        self.status.socket_lb = Some(status);
+        self.closer = closer;
+        self
     }
 
     /// Until `shutdown`: a shutdown before the initial list ends it without a sync.
@@ -589,6 +654,8 @@ impl<W: sync::MapWriter> SyncLoop<W> {
             Ok(st) => self.synced(st, took, t_computed),
             Err(e) => self.failed(e, took),
         }
+        // After the write: a socket closed now reconnects to a backend of the new set.
+        self.close_departed();
         self.metrics.set_programmed(programmed(&self.syncer, &computed.desired));
         let status = &mut self.status;
         status.ready = self.metrics.is_ready();
@@ -608,6 +675,28 @@ impl<W: sync::MapWriter> SyncLoop<W> {
             // glibc's arenas; hand it back so that RSS shows the live set.
             // SAFETY: malloc_trim only releases free heap memory.
             unsafe { libc::malloc_trim(0) };
+        }
+    }
+
+    /// Closes the sockets the socket LB sent to the backends this sync removed (UDP), or
+    /// whose pods are gone (TCP too).
+    fn close_departed(&mut self) {
+        let departed = self.syncer.take_departed();
+        let Some(closer) = &mut self.closer else { return };
+        if departed.is_empty() {
+            return;
+        }
+        match closer.close(&departed) {
+            Ok((udp, tcp)) => {
+                self.metrics.sockets_destroyed(udp, tcp);
+                if udp + tcp > 0 {
+                    info!(udp, tcp, backends = departed.len(), "closed the sockets of departed backends");
+                }
+            }
+            Err(e) => {
+                self.metrics.socket_close_error();
+                warn!(error = %chain(&e), "closing the sockets of departed backends failed; they stay open");
+            }
         }
     }
 
@@ -746,7 +835,8 @@ pub struct Cleanup {
 pub fn cleanup(bpffs: &Path, status_file: Option<&Path>) -> Result<Cleanup> {
     let mut out = Cleanup {
         links: attach::remove_links(bpffs)
-            .with_context(|| format!("removing pinned links under {}", bpffs.display()))?,
+            .with_context(|| format!("removing pinned links under {}", bpffs.display()))?
+            + socklb::detach(bpffs).with_context(|| format!("removing socket LB links under {}", bpffs.display()))?,
         ..Default::default()
     };
     if let Ok(entries) = std::fs::read_dir(bpffs) {

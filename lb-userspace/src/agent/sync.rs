@@ -449,9 +449,46 @@ pub struct Syncer {
     /// After a restart with orphans, whose ClusterIPs the maps do not record: the
     /// ClusterIP bits found, kept until those orphans have all gone.
     inherited_vip_bits: Option<Vec<u64>>,
+    /// (service id, backend id) pairs that left a slot or `DRAINING` since the last
+    /// [`Syncer::take_departed`]: the sockets the socket LB sent to them may need closing.
+    departed: Vec<DrainKey>,
+}
+
+/// How a backend that left a service's slots stands now (see [`Syncer::take_departed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// Still listed, draining (terminating or unready): its pod exists. UDP sockets
+    /// sent to it are closed, TCP connections keep going, as under kube-proxy.
+    Draining,
+    /// Gone from a live Service: its pod is gone too. UDP and TCP sockets are closed.
+    Gone,
 }
 
 impl Syncer {
+    /// The backends that left a service since the last call, each once, with where
+    /// they stand now; a backend that only moved slot is not one. A deleted Service's
+    /// backends are [`Departure::Draining`] even once their orphan entries are released:
+    /// the pods may well live on, and kube-proxy keeps such TCP flows.
+    pub fn take_departed(&mut self) -> Vec<(DrainKey, Departure)> {
+        if self.departed.is_empty() {
+            return Vec::new();
+        }
+        let owned = self.owned_ids();
+        let mut seen = HashSet::new();
+        let departed = std::mem::take(&mut self.departed);
+        departed
+            .into_iter()
+            .filter(|k| seen.insert(*k))
+            .filter(|k| {
+                !self.shadow.slots.get(&k.svc_id).is_some_and(|s| s.values().any(|b| b.backend_id == k.backend_id))
+            })
+            .map(|k| {
+                let draining = self.shadow.draining.get(&k.svc_id).is_some_and(|d| d.contains_key(&k.backend_id));
+                (k, if draining || !owned.contains(&k.svc_id) { Departure::Draining } else { Departure::Gone })
+            })
+            .collect()
+    }
+
     /// A syncer for empty maps. `svc_id_limit` is `SVC_STATS`' `max_entries`.
     pub fn new(svc_id_limit: u32) -> Self {
         Self::with_table_words(svc_id_limit, lb_common::limits::TABLE_WORDS)
@@ -472,6 +509,7 @@ impl Syncer {
             jiffy_recip: 0,
             orphan_vips: HashMap::new(),
             inherited_vip_bits: None,
+            departed: Vec::new(),
         }
     }
 
@@ -1171,6 +1209,9 @@ impl Syncer {
                 Op::PutBackend(k, v) => {
                     self.backend_ids.incref(&v);
                     if let Some(old) = self.shadow.slots.entry(k.svc_id).or_default().insert(k.slot, v) {
+                        if old.backend_id != v.backend_id {
+                            self.departed.push(DrainKey { svc_id: k.svc_id, backend_id: old.backend_id });
+                        }
                         self.removed |= old.backend_id != v.backend_id;
                         self.backend_ids.decref(&old, now);
                     }
@@ -1179,6 +1220,7 @@ impl Syncer {
                 Op::DeleteBackend(k) => {
                     if let Some(slots) = self.shadow.slots.get_mut(&k.svc_id) {
                         if let Some(old) = slots.remove(&k.slot) {
+                            self.departed.push(DrainKey { svc_id: k.svc_id, backend_id: old.backend_id });
                             self.removed = true;
                             self.backend_ids.decref(&old, now);
                         }
@@ -1198,6 +1240,7 @@ impl Syncer {
                 Op::DeleteDraining(k) => {
                     if let Some(d) = self.shadow.draining.get_mut(&k.svc_id) {
                         if let Some(old) = d.remove(&k.backend_id) {
+                            self.departed.push(k);
                             self.removed = true;
                             self.backend_ids.decref(&old, now);
                         }

@@ -43,6 +43,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ),
     ("should fallback to terminating endpoints when there are no ready endpoints", fallback_terminating),
     ("ClusterIP from the same node and another node, TCP and UDP", same_and_cross_node),
+    ("a host-network client reaches a ClusterIP through socket LB, TCP and UDP", host_network_client),
     ("service variables in a pod created after its service", env_after_service),
     ("endpoints follow kubectl scale up and down while a client keeps requesting", scale_while_requesting),
     ("an established connection to a terminating pod keeps working during its grace period", held_to_terminating),
@@ -491,6 +492,112 @@ fn same_and_cross_node(sb: &Sandbox, id: &str) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+// ----- host-network clients -----
+
+/// One HTTP GET from a host-network process of node `node`, in the node's cgroup
+/// ([`Sandbox::host_exec`]): Ok(body) or Err(curl's exit code), as [`http`].
+fn host_http(sb: &Sandbox, node: u8, url: &str) -> Result<std::result::Result<String, i32>> {
+    let (code, out, _) = sb.host_exec(node, &["curl", "-s", "--max-time", "3", "--noproxy", "*", url])?;
+    Ok(if code == 0 { Ok(out.trim().to_owned()) } else { Err(code) })
+}
+
+/// One UDP datagram `hostname` from a host-network process of node `node` (in its cgroup)
+/// to netexec's UDP server at `ip:port`, as [`udp`].
+fn host_udp(sb: &Sandbox, node: u8, ip: &str, port: u16) -> Result<std::result::Result<String, String>> {
+    let (code, out, err) =
+        sb.host_exec(node, &["sh", "-c", &format!("echo hostname | nc.openbsd -u -w 2 {ip} {port}")])?;
+    let out = out.trim().to_owned();
+    Ok(if code == 0 && !out.is_empty() { Ok(out) } else { Err(format!("nc exit {code}: {}", err.trim())) })
+}
+
+/// Asks `ask` until it answers (the agent programs changes asynchronously), then until
+/// every pod of `want` has answered; every answer must be one of `want`.
+fn reach_all(
+    what: &str,
+    want: &BTreeSet<String>,
+    mut ask: impl FnMut() -> Result<std::result::Result<String, String>>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let first = loop {
+        match ask()? {
+            Ok(a) => break a,
+            Err(e) if t0.elapsed() > Duration::from_secs(20) => bail!("{what} keeps failing: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    };
+    let mut seen = BTreeSet::from([first]);
+    let (mut tries, mut failed) = (0, vec![]);
+    while !want.is_subset(&seen) && tries < 20 * want.len() {
+        tries += 1;
+        match ask()? {
+            Ok(a) => {
+                seen.insert(a);
+            }
+            Err(e) => failed.push(e),
+        }
+    }
+    ensure!(seen.is_subset(want), "{what} answered by {seen:?}; expected only {want:?}");
+    ensure!(
+        want.is_subset(&seen),
+        "{what}: answers came from {seen:?} ({} failed: {failed:?}), expected all of {want:?}",
+        failed.len()
+    );
+    Ok(())
+}
+
+/// Socket-level load balancing serves host-network processes, whose packets cross no pod
+/// interface and so never meet the per-packet datapath (kube-proxy serves them from its
+/// OUTPUT chain). From each node's network namespace, as a process of the node's cgroup
+/// (as its daemons and hostNetwork pods are; `Node::host_cmd`), requests to a ClusterIP
+/// whose pods run on node 1 and node 2 reach both, over TCP (curl) and UDP (`nc -u`,
+/// a connected socket). And a process in node 1's namespaces but left in xtask's own
+/// cgroup (this machine's root one) is not served: nothing is attached above the nodes'
+/// subtrees.
+fn host_network_client(sb: &Sandbox, id: &str) -> Result<()> {
+    let socket_lb = sb.kubectl(&[
+        "-n",
+        "kube-system",
+        "get",
+        "ds",
+        "lb-agent",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].env[?(@.name==\"LB_SOCKET_LB\")].value}",
+    ])?;
+    ensure!(socket_lb.trim() != "off", "the DaemonSet runs with LB_SOCKET_LB=off: host-network clients are not served");
+    let sel = format!("app: {id}-hn");
+    let svc = format!("{id}-hn");
+    let cip = service(sb, id, &svc, &sel, &[("http", 80, "http", "TCP"), ("echo", 90, "echo", "UDP")], "", "")?;
+    let mut pods = BTreeSet::new();
+    for n in [1u8, 2] {
+        let pod = format!("{id}-backend-node{n}");
+        server_pod(sb, id, &pod, &sel, &[("http", 8080, "TCP"), ("echo", 9090, "UDP")], Some(n))?;
+        pods.insert(pod);
+    }
+    let want: Vec<String> = pods.iter().flat_map(|p| [format!("{p}:8080"), format!("{p}:9090")]).collect();
+    expect_endpoints(sb, &svc, &want.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let url = format!("http://{cip}:80/hostname");
+    for n in [1u8, 2] {
+        reach_all(&format!("GET {url} from node {n}'s host network"), &pods, || {
+            Ok(host_http(sb, n, &url)?.map(|b| hostname(&b)).map_err(|c| format!("curl exit {c}")))
+        })?;
+        reach_all(&format!("UDP {cip}:90 from node {n}'s host network"), &pods, || host_udp(sb, n, &cip, 90))?;
+    }
+    // The same request from node 1's namespaces, but from xtask's own cgroup.
+    let out = super::node::Node::new(1)
+        .nsenter()
+        .args(["curl", "-s", "--max-time", "3", "--noproxy", "*", &url])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running curl on node 1")?;
+    ensure!(
+        !out.status.success(),
+        "a process in node 1's network namespace but outside its cgroup got {:?} from {url}: \
+         something serves it from above the node's cgroup subtree",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
     Ok(())
 }
 

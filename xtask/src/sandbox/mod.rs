@@ -125,6 +125,10 @@ pub struct UpArgs {
     /// lb: hook for node uplinks only (overrides --attach).
     #[arg(long)]
     pub uplink_attach: Option<String>,
+    /// lb: socket-level load balancing (cgroup v2 programs on each node's cgroup subtree,
+    /// for pods and host-network processes); default: the manifest's (on).
+    #[arg(long, value_parser = ["on", "off"])]
+    pub socket_lb: Option<String>,
     /// Manifests to `kubectl apply -f` once the cluster is up.
     #[arg(short = 'f', long = "filename")]
     pub files: Vec<PathBuf>,
@@ -132,7 +136,15 @@ pub struct UpArgs {
 
 impl Default for UpArgs {
     fn default() -> Self {
-        UpArgs { nodes: 2, proxy: Proxy::Lb, attach: None, pod_attach: None, uplink_attach: None, files: vec![] }
+        UpArgs {
+            nodes: 2,
+            proxy: Proxy::Lb,
+            attach: None,
+            pod_attach: None,
+            uplink_attach: None,
+            socket_lb: None,
+            files: vec![],
+        }
     }
 }
 
@@ -404,11 +416,14 @@ fn apiserver_vars() -> Vec<(&'static str, String)> {
     vec![("{{APISERVER_HOST}}", cp.ip.to_string()), ("{{APISERVER_PORT}}", API_PORT.to_string())]
 }
 
-/// lb's hooks, when not the manifest's (`--attach`, `--pod-attach`, `--uplink-attach`).
+/// lb's hooks, when not the manifest's (`--attach`, `--pod-attach`, `--uplink-attach`,
+/// `--socket-lb`).
 #[derive(Debug, Clone, Default)]
 pub struct LbAttach {
     pub pod: Option<String>,
     pub uplink: Option<String>,
+    /// `LB_SOCKET_LB`: "on" or "off".
+    pub socket: Option<String>,
 }
 
 impl LbAttach {
@@ -416,8 +431,58 @@ impl LbAttach {
         LbAttach {
             pod: a.pod_attach.clone().or_else(|| a.attach.clone()),
             uplink: a.uplink_attach.clone().or_else(|| a.attach.clone()),
+            socket: a.socket_lb.clone(),
         }
     }
+
+    /// The agent's LB_* variables these settings change.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![];
+        if let Some(m) = &self.pod {
+            env.push(("LB_POD_ATTACH", m.clone()));
+            if m.starts_with("xdp") {
+                // Asked for explicitly: the agent refuses XDP on pod veths otherwise, since
+                // it miscomputes CHECKSUM_PARTIAL packets (docs/datapath.md).
+                env.push(("LB_ALLOW_XDP_ON_PODS", "true".into()));
+            }
+        }
+        if let Some(m) = &self.uplink {
+            env.push(("LB_UPLINK_ATTACH", m.clone()));
+        }
+        if let Some(s) = &self.socket {
+            env.push(("LB_SOCKET_LB", s.clone()));
+        }
+        env
+    }
+}
+
+/// deploy/lb-agent.yaml with `env` set in the agent container's `env:` list, as `kubectl
+/// set env` would set it: an entry the manifest has is replaced, another one added after
+/// `LB_SOURCE`. Done to the manifest before it is applied, so the DaemonSet's first pods
+/// already run with them (`kubectl set env` on the created DaemonSet would roll every pod
+/// once, the first ones having run, and attached, with the manifest's settings).
+fn lb_manifest(env: &[(&str, String)]) -> Result<String> {
+    let mut lines: Vec<String> = LB_MANIFEST.lines().map(str::to_owned).collect();
+    let entry_at = |lines: &[String], name: &str| {
+        let prefix = format!("- {{name: {name},");
+        lines.iter().position(|l| l.trim_start().starts_with(&prefix))
+    };
+    for (name, value) in env {
+        // A JSON string is a YAML double-quoted scalar: "on", "true" stay strings.
+        let value = serde_json::to_string(value)?;
+        let (at, replace) = match entry_at(&lines, name) {
+            Some(i) => (i, true),
+            None => (entry_at(&lines, "LB_SOURCE").context("deploy/lb-agent.yaml has no LB_SOURCE entry")?, false),
+        };
+        let indent: String = lines[at].chars().take_while(|c| c.is_whitespace()).collect();
+        let line = format!("{indent}- {{name: {name}, value: {value}}}");
+        if replace {
+            lines[at] = line;
+        } else {
+            lines.insert(at + 1, line);
+        }
+    }
+    Ok(lines.join("\n") + "\n")
 }
 
 /// kube-proxy's chains of its own (the kubelet makes KUBE-MARK-*, KUBE-FIREWALL,
@@ -448,26 +513,14 @@ impl Sandbox {
         let apiserver = apiserver_vars();
         match proxy {
             Proxy::Lb => {
-                step("lb: kubectl apply -f deploy/lb-agent.yaml (the DaemonSet, with the local image)");
+                let env = attach.env();
+                let set: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                step(&format!(
+                    "lb: kubectl apply -f deploy/lb-agent.yaml (the DaemonSet, with the local image{})",
+                    if set.is_empty() { String::new() } else { format!("; {}", set.join(" ")) }
+                ));
                 self.apply(&fill(LB_AGENT_ENV, &apiserver))?;
-                self.apply(LB_MANIFEST)?;
-                let mut env = vec![];
-                if let Some(m) = &attach.pod {
-                    env.push(format!("LB_POD_ATTACH={m}"));
-                    if m.starts_with("xdp") {
-                        // Asked for explicitly: the agent refuses XDP on pod veths otherwise, since
-                        // it miscomputes CHECKSUM_PARTIAL packets (docs/datapath.md).
-                        env.push("LB_ALLOW_XDP_ON_PODS=true".into());
-                    }
-                }
-                if let Some(m) = &attach.uplink {
-                    env.push(format!("LB_UPLINK_ATTACH={m}"));
-                }
-                if !env.is_empty() {
-                    let mut args = vec!["-n", "kube-system", "set", "env", "ds/lb-agent"];
-                    args.extend(env.iter().map(String::as_str));
-                    self.kubectl(&args)?;
-                }
+                self.apply(&lb_manifest(&env)?)?;
                 self.proxy = proxy;
                 self.record()?;
                 self.wait_daemonset("lb-agent")?;
@@ -1049,6 +1102,27 @@ impl Sandbox {
         ))
     }
 
+    /// Runs `cmd` as a host-network process of node `i`, in the node's cgroup, where
+    /// socket-level load balancing serves it ([`Node::host_cmd`]); (exit code, stdout,
+    /// stderr).
+    pub fn host_exec(&self, i: u8, cmd: &[&str]) -> Result<(i32, String, String)> {
+        let n = Node::new(i);
+        let out = n
+            .host_cmd()?
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {} on {}", cmd.join(" "), n.name))?;
+        if out.status.code() == Some(node::JOIN_FAILED) {
+            bail!("cannot join the cgroup of {}: {}", n.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok((
+            out.status.code().unwrap_or(128),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// The lb agent pod on node `i`.
     pub fn agent_pod(&self, i: u8) -> Result<String> {
         let out = self.kubectl(&[
@@ -1123,5 +1197,29 @@ impl Sandbox {
             bail!("lb {} on {} failed: {}", args.join(" "), node_name(i), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lb_manifest_sets_the_agents_env() {
+        assert_eq!(lb_manifest(&[]).unwrap(), LB_MANIFEST);
+        let attach = LbAttach { pod: Some("xdp".into()), uplink: None, socket: Some("off".into()) };
+        let m = lb_manifest(&attach.env()).unwrap();
+        let entries = |name: &str| -> Vec<String> {
+            m.lines().filter(|l| l.contains(&format!("{{name: {name},"))).map(|l| l.trim().to_owned()).collect()
+        };
+        assert_eq!(entries("LB_SOCKET_LB"), [r#"- {name: LB_SOCKET_LB, value: "off"}"#]);
+        assert_eq!(entries("LB_POD_ATTACH"), [r#"- {name: LB_POD_ATTACH, value: "xdp"}"#]);
+        assert_eq!(entries("LB_ALLOW_XDP_ON_PODS"), [r#"- {name: LB_ALLOW_XDP_ON_PODS, value: "true"}"#]);
+        // Added entries keep the list's indentation.
+        let source = m.lines().find(|l| l.contains("{name: LB_SOURCE,")).unwrap();
+        let added = m.lines().find(|l| l.contains("{name: LB_ALLOW_XDP_ON_PODS,")).unwrap();
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        assert_eq!(indent(source), indent(added));
+        assert_eq!(m.lines().count(), LB_MANIFEST.lines().count() + 1);
     }
 }

@@ -12,7 +12,8 @@
 //! - cgroup v1 without systemd: `--cgroup-driver=cgroupfs --cgroup-root=/lbsb/node<i>`, that
 //!   directory made in every hierarchy (cpuset's cpus and mems copied down), and in the
 //!   cgroup2 hierarchy too, where containerd and the kubelet are placed so that a node's
-//!   processes (its pods included, runc follows) form one cgroup-v2 subtree.
+//!   processes (its pods included, runc follows) form one cgroup-v2 subtree. A host-network
+//!   client started from outside ([`Node::host_cmd`]) joins it too, before it execs.
 //!
 //! Nothing here touches the machine's own mounts: the mount namespace starts as a private
 //! copy and dies with its last process and its bind-mounted handle.
@@ -28,6 +29,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{CGROUP_ROOT, CLUSTER_DNS, NS_DIR, STATE_DIR, pid_alive, run_ok, spawn_detached, wait_for};
+
+/// [`Node::host_cmd`]'s exit status when the process could not join the node's cgroup.
+pub const JOIN_FAILED: i32 = 125;
 
 /// The sysctls kubelet 1.20's `setupKernelTunables` sets host-wide, with its values.
 const KERNEL_TUNABLES: [(&str, &str); 6] = [
@@ -68,11 +72,45 @@ impl Node {
         self.dir.join("containerd.sock")
     }
 
-    /// `nsenter` into the node's mount and network namespaces.
+    /// `nsenter` into the node's mount and network namespaces. The process stays in the
+    /// caller's cgroup (this machine's root one), outside the node's subtree: fine for
+    /// tools that manage the node (`ip`, `conntrack`, `lb cleanup`), but socket-level load
+    /// balancing never sees it. A host-network client of the node is [`Node::host_cmd`].
     pub fn nsenter(&self) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--mount={}", self.mnt().display())).arg(format!("--net=/run/netns/{}", self.name));
         c
+    }
+
+    /// The node's cgroup2 cgroup, `<cgroup2 mount>/lbsb/lbsb-node<i>` (this machine:
+    /// `/sys/fs/cgroup/unified/lbsb/lbsb-node<i>`): its containerd, kubelet and so every pod
+    /// of it live below it, and the agent attaches socket-level load balancing there.
+    /// `None` without a cgroup2 mount.
+    pub fn cgroup2(&self) -> Option<PathBuf> {
+        cgroup_hierarchies().into_iter().find(|h| is_cgroup2(h)).map(|h| h.join(CGROUP_ROOT).join(&self.name))
+    }
+
+    /// A command that runs as a host-network process of the node, as a node's own daemon
+    /// or a hostNetwork pod does: in its mount and network namespaces ([`Node::nsenter`])
+    /// *and* in its cgroup2 cgroup, which the process joins before it execs the program,
+    /// so its first socket is already under the agent's socket-LB programs. Append the
+    /// program and its arguments. The machine's proxy variables are not passed on.
+    pub fn host_cmd(&self) -> Result<Command> {
+        let procs = self
+            .cgroup2()
+            .map(|d| d.join("cgroup.procs"))
+            .filter(|p| p.exists())
+            .with_context(|| format!("{} has no cgroup2 cgroup (is the sandbox up?)", self.name))?;
+        // `$0` is the cgroup.procs file; `$@` the nsenter command line and the program.
+        // Exit status [`JOIN_FAILED`] if the cgroup cannot be joined.
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!("echo $$ > \"$0\" || exit {JOIN_FAILED}; exec \"$@\"")).arg(procs);
+        let ns = self.nsenter();
+        c.arg(ns.get_program()).args(ns.get_args());
+        for v in crate::kube::PROXY_VARS {
+            c.env_remove(v);
+        }
+        Ok(c)
     }
 
     /// Writes configs, makes the mount namespace and cgroups, starts containerd, imports
@@ -244,9 +282,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// Moves the daemon `name` (by pid file) into the node's cgroup2 cgroup.
     fn join_cgroup(&self, name: &str) -> Result<()> {
-        let Some(unified) = cgroup_hierarchies().into_iter().find(|h| is_cgroup2(h)) else { return Ok(()) };
+        let Some(cg) = self.cgroup2() else { return Ok(()) };
         let pid = fs::read_to_string(self.dir.join(format!("{name}.pid")))?;
-        let procs = unified.join(CGROUP_ROOT).join(&self.name).join("cgroup.procs");
+        let procs = cg.join("cgroup.procs");
         fs::write(&procs, pid.trim()).with_context(|| format!("moving {name} into {}", procs.display()))
     }
 }

@@ -2,10 +2,13 @@
 //! and the same client for every proxy (docs/benchmarks.md).
 //!
 //! * **Peers**, in turn within each round: `direct` (the client addresses the pod IP: the
-//!   ceiling), `lb` (deploy/lb-agent.yaml as it ships), `lb-socket` (socket-level LB: not
-//!   built yet, its row says so), `iptables` and `ipvs` (kube-proxy 1.20.2 as a DaemonSet).
-//!   Between two peers [`Sandbox::remove_proxy`] cleans the nodes and checks that nothing
-//!   of the previous one is left, and a ClusterIP must not answer.
+//!   ceiling), `lb` (deploy/lb-agent.yaml with `LB_SOCKET_LB=off`: the per-packet
+//!   datapath alone, tc on the pod veths and the uplinks), `lb-socket` (the manifest as it
+//!   ships, `LB_SOCKET_LB=on`: pods' connections to a ClusterIP are translated once, at
+//!   connect(), by the cgroup v2 programs on each node's cgroup subtree), `iptables` and
+//!   `ipvs` (kube-proxy 1.20.2 as a DaemonSet). Between two peers
+//!   [`Sandbox::remove_proxy`] cleans the nodes and checks that nothing of the previous
+//!   one is left, and a ClusterIP must not answer.
 //! * **Workloads**, from a client pod on node 1 to a server pod on node 1 (`same`) and on
 //!   node 2 (`cross`): iperf3 TCP with 1 and 4 streams, iperf3 UDP at a fixed offered rate,
 //!   netperf's TCP_CRR pattern (connect, 32-byte request, answer, close; several clients)
@@ -125,17 +128,31 @@ impl Peer {
     /// The sandbox proxy this peer runs (`None` for `direct`).
     fn proxy(self) -> Proxy {
         match self {
-            Peer::Direct | Peer::LbSocket => Proxy::None,
-            Peer::Lb => Proxy::Lb,
+            Peer::Direct => Proxy::None,
+            Peer::Lb | Peer::LbSocket => Proxy::Lb,
             Peer::Iptables => Proxy::Iptables,
             Peer::Ipvs => Proxy::Ipvs,
         }
     }
 
+    /// lb's settings for this peer: socket-level load balancing off for `lb` (the
+    /// per-packet datapath alone), on for `lb-socket`; the manifest's hooks for both.
+    fn attach(self) -> LbAttach {
+        let socket = match self {
+            Peer::Lb => Some("off".into()),
+            Peer::LbSocket => Some("on".into()),
+            _ => None,
+        };
+        LbAttach { socket, ..LbAttach::default() }
+    }
+
     /// Why this machine cannot run the peer, if it cannot.
     fn unavailable(self) -> Option<String> {
         match self {
-            Peer::LbSocket => Some("not built: socket-level load balancing is issue 12".into()),
+            Peer::LbSocket if Node::new(1).cgroup2().is_none() => Some(
+                "unavailable: this machine mounts no cgroup2 hierarchy, where socket-level load balancing attaches"
+                    .into(),
+            ),
             Peer::Ipvs if !Path::new("/proc/net/ip_vs").exists() => Some(
                 "unavailable: this kernel has no IPVS (CONFIG_IP_VS; /proc/net/ip_vs is missing), and kube-proxy \
                  would fall back to iptables"
@@ -194,7 +211,7 @@ impl Settings {
         for p in wanted {
             match p.unavailable() {
                 // Asked for by name: say so and stop rather than print a row of nothing.
-                Some(why) if explicit && p != Peer::LbSocket => bail!("peer {}: {why}", p.name()),
+                Some(why) if explicit => bail!("peer {}: {why}", p.name()),
                 Some(why) => unavailable.push((p, why)),
                 None => peers.push(p),
             }
@@ -627,7 +644,7 @@ fn start_proxy(sb: &mut Sandbox, peer: Peer, targets: &str) -> Result<Value> {
     // The probe is reading its targets and trying the first ones before the proxy exists.
     std::thread::sleep(Duration::from_millis(500));
     let applied = now_ns();
-    let installed = sb.install_proxy(peer.proxy(), &LbAttach::default());
+    let installed = sb.install_proxy(peer.proxy(), &peer.attach());
     if let Err(e) = installed {
         let _ = probe.kill();
         return Err(e.context(format!("{} failed to start", peer.name())));
@@ -660,7 +677,7 @@ fn proxy_pid(i: u8, peer: Peer) -> Option<i32> {
         let mut args = cmd.split(' ');
         let arg0 = args.next().unwrap_or_default();
         let is = match peer {
-            Peer::Lb => arg0.ends_with("/lb") && args.next() == Some("agent"),
+            Peer::Lb | Peer::LbSocket => arg0.ends_with("/lb") && args.next() == Some("agent"),
             Peer::Iptables | Peer::Ipvs => arg0.ends_with("/kube-proxy"),
             _ => false,
         };
@@ -1061,6 +1078,16 @@ fn render(s: &Settings, rows: &[Value], machine: &str, date: &str, commit: &str)
             placements: true,
         },
         Table {
+            title: &format!(
+                "Connection rate, {} clients (connections/s, × lb, the per-packet datapath)",
+                s.crr_clients
+            ),
+            workload: "crr",
+            metric: "cps",
+            base: Some("lb"),
+            placements: true,
+        },
+        Table {
             title: "Connection-rate requests that timed out (connect or answer over 1 s)",
             workload: "crr",
             metric: "errors",
@@ -1253,6 +1280,11 @@ fn render(s: &Settings, rows: &[Value], machine: &str, date: &str, commit: &str)
 /// The smoke run's check: every peer produced every row, with numbers in it.
 fn check_rows(s: &Settings, rows: &[Value]) -> Result<()> {
     let mut missing = vec![];
+    // IPVS may be missing from a kernel, and is reported so; socket LB needs only a
+    // cgroup2 mount, and its row must be there.
+    if let Some((_, why)) = s.unavailable.iter().find(|(p, _)| *p == Peer::LbSocket) {
+        missing.push(format!("lb-socket ({why})"));
+    }
     for &scale in &s.scales {
         for p in &s.peers {
             let mut want: Vec<(Option<&str>, &str, &str)> = vec![];
@@ -1331,10 +1363,15 @@ mod tests {
         assert!(Settings::from_args(&PeersArgs { scales: vec![1000, 10], ..base.clone() }).is_err());
         assert!(Settings::from_args(&PeersArgs { rounds: 0, ..base.clone() }).is_err());
         assert!(Settings::from_args(&PeersArgs { proxies: vec!["nope".into()], ..base.clone() }).is_err());
-        let s =
-            Settings::from_args(&PeersArgs { proxies: vec!["lb".into(), "lb-socket".into()], ..base.clone() }).unwrap();
-        assert_eq!(s.peers, vec![Peer::Lb]);
-        assert_eq!(s.unavailable.len(), 1);
+        let s = Settings::from_args(&PeersArgs { proxies: vec!["lb".into(), "lb-socket".into()], ..base.clone() });
+        if Peer::LbSocket.unavailable().is_none() {
+            assert_eq!(s.unwrap().peers, vec![Peer::Lb, Peer::LbSocket]);
+        } else {
+            // Asked for by name, an unavailable peer is an error.
+            assert!(s.is_err());
+        }
+        let all = Settings::from_args(&base).unwrap();
+        assert_eq!(all.peers.len() + all.unavailable.len(), ALL_PEERS.len());
         let smoke = Settings::from_args(&PeersArgs { smoke: true, ..base }).unwrap();
         assert_eq!((smoke.rounds, smoke.scales.clone()), (1, vec![10]));
         assert!(PeersArgs::smoke().smoke);

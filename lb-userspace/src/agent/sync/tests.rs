@@ -1278,3 +1278,50 @@ fn table_space_reuses_words_after_the_quarantine_and_coalesces() {
     assert!(t.take(10, 20) && !t.take(15, 10));
     assert_eq!(t.free, BTreeMap::from([(0, 10), (30, 70)]));
 }
+
+/// The socket LB closes the sockets of departed backends by what `take_departed` says:
+/// a backend that leaves the slots but drains is `Draining` (UDP sockets only), one that
+/// is gone from a live Service is `Gone` (TCP too), a slot move is no departure, and a
+/// deleted Service's backends never count as `Gone`.
+#[test]
+fn departed_backends_are_told_apart_by_where_they_stand() {
+    let mut s = Syncer::new(1024);
+    let mut m = FakeMaps::default();
+    let id_of = |s: &Syncer, i: u32| {
+        s.shadow()
+            .slots
+            .values()
+            .chain(s.shadow().draining.values())
+            .flat_map(|m| m.values())
+            .find(|b| b.addr_be == u32::from_ne_bytes(ip(i).octets()))
+            .map(|b| b.backend_id)
+            .unwrap()
+    };
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2, 3]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    assert!(s.take_departed().is_empty(), "a new frontend has no departures");
+    let svc = m.services[&fe_key(10, 80).map_key()].id;
+    let (b1, b2, b3) = (id_of(&s, 1), id_of(&s, 2), id_of(&s, 3));
+
+    // 1 goes away (3 moves into its slot), 2 drains.
+    let b = desired(vec![(fe_key(10, 80), frontend_d([3], [2]))]);
+    step(&mut s, &mut m, &a, &b);
+    let mut d = s.take_departed();
+    d.sort_by_key(|(k, _)| k.backend_id);
+    let key = |backend_id| DrainKey { svc_id: svc, backend_id };
+    assert_eq!(d, vec![(key(b1), Departure::Gone), (key(b2), Departure::Draining)], "3 only moved slot");
+    assert!(!d.iter().any(|(k, _)| k.backend_id == b3));
+    assert!(s.take_departed().is_empty(), "each departure is told once");
+
+    // 2's pod is gone.
+    let c = desired(vec![(fe_key(10, 80), frontend([3]))]);
+    step(&mut s, &mut m, &b, &c);
+    assert_eq!(s.take_departed(), vec![(key(b2), Departure::Gone)]);
+
+    // The Service is deleted: its last backend drains under the orphaned id, and stays
+    // `Draining` when the orphan entries go.
+    step(&mut s, &mut m, &c, &Desired::default());
+    assert_eq!(s.take_departed(), vec![(key(b3), Departure::Draining)]);
+    s.release_orphans(&HashSet::new(), &mut m).unwrap();
+    assert!(s.take_departed().iter().all(|(_, d)| *d == Departure::Draining));
+}
