@@ -548,7 +548,7 @@ fn tcp_to_a_draining_backend_goes_on_and_to_a_gone_one_is_aborted() {
 
     // A connection from the pod, to X, and one from the host to the same X (the first
     // of some tries: two backends, no affinity).
-    let mut pod = HoldClient::start(f.pod(), "tcp-hold", tcp(VIP)).unwrap();
+    let pod = HoldClient::start(f.pod(), "tcp-hold", tcp(VIP)).unwrap();
     assert_eq!(pod.connected.get("peer"), Some(tcp(VIP).to_string().as_str()), "{:?}", pod.connected);
     let x = pod.connected.must("reply").to_owned();
     let host = (0..40)

@@ -46,6 +46,18 @@ fn build_sockclient() -> Result<PathBuf> {
     let release = dir.file_name().is_some_and(|n| n == "release");
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.args(["build", "--package", "lb-testing", "--bin", "lb-sockclient"]);
+    // What `cargo test` set for this test binary is not the nested build's: build
+    // scripts that read it (ring's reads CARGO_PKG_*) would rebuild every run.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&k.as_ref())
+        {
+            c.env_remove(k.as_ref());
+        }
+    }
     if release {
         c.arg("--release");
     }
