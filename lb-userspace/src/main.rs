@@ -207,6 +207,11 @@ struct AgentArgs {
     /// that hosts more than this node.
     #[arg(long, env = "LB_CGROUP_ROOT", default_value = "auto")]
     cgroup_root: agent::socklb::CgroupRoot,
+    /// The host's /proc (the DaemonSet mounts it at /host/proc): its processes name the
+    /// network namespaces, pods', in which the socket LB closes the sockets of departed
+    /// backends. The agent's own /proc sees only its container's processes.
+    #[arg(long, env = "LB_PROC_DIR", default_value = "/proc")]
+    proc_dir: PathBuf,
 }
 
 /// `on`/`off` (also `true`/`false`, as a YAML-minded DaemonSet may write them).
@@ -329,6 +334,7 @@ fn agent_config(a: AgentArgs, bpffs: &Path, status_file: &Path) -> AgentConfig {
             ]
         },
         socket_lb: a.socket_lb.then_some(a.cgroup_root),
+        proc_dir: a.proc_dir,
         // An empty value (an unset downward-API field) means unknown.
         node: agent::model::NodeInfo {
             name: a.node_name.filter(|n| !n.is_empty()),

@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub map_sizes: Vec<(&'static str, u32)>,
     /// Socket LB: the cgroup whose subtree it serves, or `None` for off.
     pub socket_lb: Option<socklb::CgroupRoot>,
+    /// The host's `/proc`: its processes name the network namespaces (pods') whose
+    /// sockets the socket LB may have to close.
+    pub proc_dir: PathBuf,
     /// This node (`--node-name`, `--node-zone`), for `internalTrafficPolicy: Local`
     /// and topology aware hints.
     pub node: model::NodeInfo,
@@ -166,7 +169,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tune_allocator();
     let Datapath { mut ebpf, maps, syncer } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
     let metrics = new_metrics(&cfg.bpffs);
-    let socket_lb = start_socket_lb(&mut ebpf, &cfg.bpffs, cfg.socket_lb.as_ref(), &metrics)?;
+    let socket_lb = start_socket_lb(&mut ebpf, &cfg, &metrics)?;
     let mut tasks = Tasks::default();
     if let Some(addr) = cfg.metrics_addr {
         tasks.spawn("HTTP", serve(addr, metrics.clone()).await?);
@@ -245,11 +248,11 @@ pub fn open_datapath(bpffs: &Path, map_sizes: &[(&'static str, u32)]) -> Result<
 /// connected UDP sockets keep their backend until the application reconnects.
 fn start_socket_lb(
     ebpf: &mut aya::Ebpf,
-    bpffs: &Path,
-    root: Option<&socklb::CgroupRoot>,
+    cfg: &AgentConfig,
     metrics: &metrics::Metrics,
 ) -> Result<Option<(socklb::SocketLbStatus, Option<socklb::Closer>)>> {
-    let Some(root) = root else {
+    let bpffs = cfg.bpffs.as_path();
+    let Some(root) = cfg.socket_lb.as_ref() else {
         let n = socklb::detach(bpffs).with_context(|| format!("removing socket LB links under {}", bpffs.display()))?;
         if n > 0 {
             info!(links = n, "socket LB off: detached the links an earlier agent left");
@@ -261,7 +264,7 @@ fn start_socket_lb(
         .with_context(|| format!("attaching the socket LB to {}; or run with --socket-lb=off", cgroup.display()))?;
     metrics.set_socket_lb_attached(status.programs.len());
     info!(cgroup = %cgroup.display(), programs = ?status.programs, "socket LB attached");
-    let closer = match socklb::Closer::open(bpffs) {
+    let closer = match socklb::Closer::open(bpffs, &cfg.proc_dir) {
         Ok(c) => Some(c),
         Err(e) => {
             warn!(error = %chain(&e), "cannot close the sockets of departed backends; connected UDP sockets keep their backend until they reconnect");

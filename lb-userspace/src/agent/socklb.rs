@@ -195,16 +195,18 @@ pub fn detach(bpffs: &Path) -> std::io::Result<usize> {
 /// removes the pairs again.
 pub struct Closer {
     iters: SockIters,
+    /// The host's `/proc`, whose processes name the network namespaces to walk.
+    proc_dir: PathBuf,
     stale: aya::maps::HashMap<MapData, DrainKey, SockStale>,
 }
 
 impl Closer {
-    pub fn open(bpffs: &Path) -> Result<Self, SocketLbError> {
+    pub fn open(bpffs: &Path, proc_dir: &Path) -> Result<Self, SocketLbError> {
         let path = bpffs.join(map_names::SOCK_STALE);
         let map = MapData::from_pin(&path).map_err(|source| SocketLbError::Map { path: path.clone(), source })?;
         let stale = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))
             .map_err(|source| SocketLbError::Map { path, source })?;
-        Ok(Self { iters: SockIters::load(bpffs)?, stale })
+        Ok(Self { iters: SockIters::load(bpffs)?, proc_dir: proc_dir.into(), stale })
     }
 
     /// Closes the UDP sockets of every departed pair, and the TCP ones of those
@@ -233,9 +235,9 @@ impl Closer {
         let total = |m: &aya::maps::HashMap<MapData, DrainKey, SockStale>| -> u64 {
             chunk.iter().filter_map(|(k, _)| m.get(k, 0).ok()).map(|v| v.destroyed).sum()
         };
-        self.iters.run(false)?;
+        self.iters.run_everywhere(false, &self.proc_dir)?;
         let udp = total(&self.stale);
-        self.iters.run(true)?;
+        self.iters.run_everywhere(true, &self.proc_dir)?;
         Ok((udp, total(&self.stale) - udp))
     }
 }

@@ -86,9 +86,43 @@ impl SockIters {
         Ok(Self { udp, tcp })
     }
 
-    /// Walks every UDP (`tcp` false) or TCP socket of the kernel once (all network
-    /// namespaces: the iterators are not per namespace), closing those `SOCK_STALE`
-    /// names. The counts land in `SOCK_STALE`'s values.
+    /// [`SockIters::run`] in every network namespace a process under `proc_dir` (the
+    /// host's `/proc`) is in, and the caller's: the socket iterators only walk the
+    /// sockets of the namespace they are created in (net/ipv4/udp.c, `bpf_iter_udp_batch`
+    /// and net/ipv4/tcp_ipv4.c, `bpf_iter_tcp_batch`, check `seq_file_net`), and a pod's
+    /// sockets live in the pod's. A socket is closed only if its cookie is in this
+    /// agent's `SOCK_REVNAT`, so namespaces of other nodes or of no pod lose nothing.
+    /// Returns the number of namespaces walked.
+    pub fn run_everywhere(&self, tcp: bool, proc_dir: &Path) -> Result<usize, SockIterError> {
+        self.run(tcp)?;
+        let namespaces = other_netns(proc_dir);
+        let n = namespaces.len();
+        // A thread of its own, which may change namespace without touching the agent's.
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<(), SockIterError> {
+                for ns in &namespaces {
+                    // Gone meanwhile, or not ours to enter: nothing to close there.
+                    if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                        self.run(tcp)?;
+                    }
+                }
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(SockIterError::Run {
+                    iter: "udp/tcp",
+                    call: "setns",
+                    source: std::io::Error::other("the iterator thread panicked"),
+                })
+            })
+        })?;
+        Ok(n + 1)
+    }
+
+    /// Walks every UDP (`tcp` false) or TCP socket of the calling thread's network
+    /// namespace once, closing those `SOCK_STALE` names. The counts land in
+    /// `SOCK_STALE`'s values.
     pub fn run(&self, tcp: bool) -> Result<(), SockIterError> {
         let (iter, prog) = if tcp { ("tcp", &self.tcp) } else { ("udp", &self.udp) };
         {
@@ -103,6 +137,24 @@ impl SockIters {
         }
         Ok(())
     }
+}
+
+/// An open handle on each network namespace of a process under `proc_dir` but the
+/// caller's, each once (by the nsfs inode of `<pid>/ns/net`).
+fn other_netns(proc_dir: &Path) -> Vec<std::fs::File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::metadata("/proc/thread-self/ns/net").map(|m| (m.dev(), m.ino())).ok();
+    let mut seen = std::collections::HashSet::new();
+    let Ok(entries) = std::fs::read_dir(proc_dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter_map(|e| {
+            let path = e.path().join("ns/net");
+            let id = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok()?;
+            (Some(id) != own && seen.insert(id)).then(|| std::fs::File::open(&path).ok()).flatten()
+        })
+        .collect()
 }
 
 // ---- The program. ----
