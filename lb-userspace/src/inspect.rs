@@ -328,26 +328,31 @@ pub struct AffinityRow {
 pub fn affinity(pin_dir: &Path) -> Result<Vec<AffinityRow>, InspectError> {
     let m: BpfHashMap<MapData, AffinityKey4, AffinityValue> = hash(pin_dir, map_names::AFFINITY)?;
     let now = crate::datapath::monotonic_ns();
-    let mut rows: Vec<AffinityRow> = m
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(k, v)| AffinityRow {
-            svc_id: k.svc_id,
-            client: ip(k.client_addr_be).to_string(),
-            backend_id: v.backend_id,
-            slot: v.slot,
-            idle_s: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
-        })
-        .collect();
+    let row = |svc_id, client, v: AffinityValue| AffinityRow {
+        svc_id,
+        client,
+        backend_id: v.backend_id,
+        slot: v.slot,
+        idle_s: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
+    };
+    let mut rows: Vec<AffinityRow> =
+        m.iter().filter_map(Result::ok).map(|(k, v)| row(k.svc_id, ip(k.client_addr_be).to_string(), v)).collect();
+    // The socket LB's clients are network namespaces (`netns:<cookie>`); maps pinned
+    // before it have none.
+    if let Ok(sm) = hash::<lb_common::SockAffinityKey, AffinityValue>(pin_dir, map_names::SOCK_AFFINITY) {
+        rows.extend(
+            sm.iter().filter_map(Result::ok).map(|(k, v)| row(k.svc_id, format!("netns:{}", k.netns_cookie), v)),
+        );
+    }
     rows.sort_by(|a, b| (a.svc_id, &a.client).cmp(&(b.svc_id, &b.client)));
     Ok(rows)
 }
 
 pub fn affinity_table(rows: &[AffinityRow]) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "{:>6} {:<16} {:>9} {:>5} {:>10}", "SvcId", "Client", "BackendId", "Slot", "Idle(s)");
+    let _ = writeln!(o, "{:>6} {:<20} {:>9} {:>5} {:>10}", "SvcId", "Client", "BackendId", "Slot", "Idle(s)");
     for r in rows {
-        let _ = writeln!(o, "{:>6} {:<16} {:>9} {:>5} {:>10.1}", r.svc_id, r.client, r.backend_id, r.slot, r.idle_s);
+        let _ = writeln!(o, "{:>6} {:<20} {:>9} {:>5} {:>10.1}", r.svc_id, r.client, r.backend_id, r.slot, r.idle_s);
     }
     let _ = writeln!(o, "{} entries", rows.len());
     o

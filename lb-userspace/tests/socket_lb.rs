@@ -464,6 +464,20 @@ fn client_ip_affinity_holds_per_netns_and_connections_spread_without_it() {
             assert_eq!(r.len(), 1, "{who} {mode}: ClientIP affinity should keep one backend, got {r:?}");
         }
     }
+    // `lb affinity` shows the socket LB's clients as namespaces: the pod's and the host's,
+    // one entry each for the sticky frontends (TCP and UDP have their own service ids).
+    let out = Command::new(lb())
+        .args(["affinity", "-o", "json"])
+        .env("LB_BPFFS", f.bpffs.path())
+        .env("LB_STATUS_FILE", &f.status_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "lb affinity: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let clients: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r["client"].as_str().unwrap()).filter(|c| c.starts_with("netns:")).collect();
+    assert_eq!(clients.len(), 2, "the pod's and the host's namespace: {rows:?}");
+    assert_eq!(rows.iter().filter(|r| r["client"].as_str().unwrap().starts_with("netns:")).count(), 4, "{rows:?}");
 }
 
 #[test]
