@@ -316,16 +316,21 @@ impl Fixture {
         Place { cgroup: None, netns: Some(&self.topo.client) }
     }
 
-    /// `lb stats -o json`.
-    fn stats(&self) -> Counters {
+    /// `lb <command> -o json` against this fixture's agent.
+    fn lb_json(&self, command: &str) -> Vec<serde_json::Value> {
         let out = Command::new(lb())
-            .args(["stats", "-o", "json"])
+            .args([command, "-o", "json"])
             .env("LB_BPFFS", self.bpffs.path())
             .env("LB_STATUS_FILE", &self.status_file)
             .output()
             .unwrap();
-        assert!(out.status.success(), "lb stats: {}", String::from_utf8_lossy(&out.stderr));
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(out.status.success(), "lb {command}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `lb stats -o json`.
+    fn stats(&self) -> Counters {
+        let rows = self.lb_json("stats");
         Counters(
             rows.iter().map(|r| (r["reason"].as_str().unwrap().to_owned(), r["packets"].as_u64().unwrap())).collect(),
         )
@@ -466,14 +471,7 @@ fn client_ip_affinity_holds_per_netns_and_connections_spread_without_it() {
     }
     // `lb affinity` shows the socket LB's clients as namespaces: the pod's and the host's,
     // one entry each for the sticky frontends (TCP and UDP have their own service ids).
-    let out = Command::new(lb())
-        .args(["affinity", "-o", "json"])
-        .env("LB_BPFFS", f.bpffs.path())
-        .env("LB_STATUS_FILE", &f.status_file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "lb affinity: {}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = f.lb_json("affinity");
     let clients: std::collections::BTreeSet<&str> =
         rows.iter().map(|r| r["client"].as_str().unwrap()).filter(|c| c.starts_with("netns:")).collect();
     assert_eq!(clients.len(), 2, "the pod's and the host's namespace: {rows:?}");

@@ -112,6 +112,12 @@ fn udp_exchange(s: &UdpSocket) {
         // (a UDP socket disconnected by the abort fails send() with EDESTADDRREQ).
         Err(e) => fact("send_err", errno_name(&e)),
     }
+    udp_recv(s);
+}
+
+/// One datagram: its source (`from`, which the socket LB shows as the ClusterIP) and
+/// its text, or the errno.
+fn udp_recv(s: &UdpSocket) {
     let mut buf = [0u8; 1500];
     match s.recv_from(&mut buf) {
         Ok((n, from)) => {
@@ -235,16 +241,7 @@ fn hold(o: &Opts, udp: bool) -> Result<()> {
         match (line.trim(), &mut sock) {
             ("quit", _) => break,
             ("send", Sock::Udp(s)) => udp_exchange(s),
-            ("recv", Sock::Udp(s)) => {
-                let mut buf = [0u8; 1500];
-                match s.recv_from(&mut buf) {
-                    Ok((n, from)) => {
-                        fact("from", from);
-                        fact("reply", String::from_utf8_lossy(&buf[..n]));
-                    }
-                    Err(e) => fact("recv_err", errno_name(&e)),
-                }
-            }
+            ("recv", Sock::Udp(s)) => udp_recv(s),
             ("send", Sock::Tcp(r)) => {
                 match r.get_mut().write_all(b"ping\n") {
                     Ok(()) => fact("send", "ok"),
