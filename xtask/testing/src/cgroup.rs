@@ -37,45 +37,13 @@ impl SockAttach {
         [SockAttach::Connect4, SockAttach::UdpSendmsg4, SockAttach::UdpRecvmsg4, SockAttach::Getpeername4];
 }
 
-/// Where the cgroup2 hierarchy is mounted, from /proc/self/mountinfo (the first
-/// `cgroup2` mount: `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on a
-/// hybrid one).
+/// Where the cgroup2 hierarchy is mounted, from /proc/self/mountinfo (the `cgroup2`
+/// mount that shows its root: `/sys/fs/cgroup` on a unified host,
+/// `/sys/fs/cgroup/unified` on a hybrid one), read as the agent reads it
+/// (`socklb::cgroup2_dir`, whose unit tests cover the parsing).
 pub fn cgroup2_mount() -> Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    parse_cgroup2_mount(&text).context("no cgroup2 mount in /proc/self/mountinfo")
-}
-
-/// A mountinfo line: `id parent maj:min root mount-point options [optional...] - fstype source super-options`.
-fn parse_cgroup2_mount(text: &str) -> Option<PathBuf> {
-    text.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        if after.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        Some(unescape_mountinfo(before.split_whitespace().nth(4)?))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape_mountinfo(s: &str) -> PathBuf {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal =
-            b.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| u8::from_str_radix(d, 8).ok());
-        match octal {
-            Some(v) if b[i] == b'\\' => {
-                out.push(v);
-                i += 4;
-            }
-            _ => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
+    lb_userspace::agent::socklb::cgroup2_dir(&text, "/").context("no cgroup2 mount in /proc/self/mountinfo")
 }
 
 /// A fresh cgroup v2 directory for one test; on drop, what is left in it is killed and
@@ -216,19 +184,4 @@ fn query_programs(dir: &Path, attach_type: u32) -> Result<Vec<u32>> {
         .with_context(|| format!("BPF_PROG_QUERY {} type {attach_type}", dir.display()))?;
     let n = u32::from_ne_bytes(attr[24..28].try_into().expect("four bytes")) as usize;
     Ok(ids[..n.min(ids.len())].to_vec())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_the_cgroup2_mount() {
-        let text = "25 1 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
-                    30 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
-                    41 25 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/sda rw\n"), None);
-        assert_eq!(unescape_mountinfo(r"/a\040b"), PathBuf::from("/a b"));
-    }
 }
