@@ -235,9 +235,11 @@ impl Closer {
         let total = |m: &aya::maps::HashMap<MapData, DrainKey, SockStale>| -> u64 {
             chunk.iter().filter_map(|(k, _)| m.get(k, 0).ok()).map(|v| v.destroyed).sum()
         };
-        self.iters.run_everywhere(false, &self.proc_dir)?;
+        // One walk of /proc for both iterators.
+        let others = datapath::sock_iter::other_netns(&self.proc_dir);
+        self.iters.run_everywhere(false, &others)?;
         let udp = total(&self.stale);
-        self.iters.run_everywhere(true, &self.proc_dir)?;
+        self.iters.run_everywhere(true, &others)?;
         Ok((udp, total(&self.stale) - udp))
     }
 }
@@ -271,6 +273,7 @@ mod tests {
         assert_eq!(cgroup2_dir(mi, "/lbsb/lbsb-node2"), Some("/host cg/lbsb-node2".into()));
         assert_eq!(cgroup2_dir(mi, "/lbsbx"), None, "a root is a whole component");
         assert_eq!(cgroup2_dir("25 1 0:23 / /x rw - tmpfs tmpfs rw\n", "/"), None);
+        assert_eq!(cgroup2_dir("1 0 0:1 / / rw - ext4 /dev/sda rw\n", "/"), None);
     }
 
     #[test]

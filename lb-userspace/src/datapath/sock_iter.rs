@@ -86,21 +86,18 @@ impl SockIters {
         Ok(Self { udp, tcp })
     }
 
-    /// [`SockIters::run`] in every network namespace a process under `proc_dir` (the
-    /// host's `/proc`) is in, and the caller's: the socket iterators only walk the
-    /// sockets of the namespace they are created in (net/ipv4/udp.c, `bpf_iter_udp_batch`
-    /// and net/ipv4/tcp_ipv4.c, `bpf_iter_tcp_batch`, check `seq_file_net`), and a pod's
+    /// [`SockIters::run`] in the caller's network namespace and in each of `others`
+    /// ([`other_netns`]): the socket iterators only walk the sockets of the namespace
+    /// they are created in (net/ipv4/udp.c, `bpf_iter_udp_batch` and
+    /// net/ipv4/tcp_ipv4.c, `bpf_iter_tcp_batch`, check `seq_file_net`), and a pod's
     /// sockets live in the pod's. A socket is closed only if its cookie is in this
     /// agent's `SOCK_REVNAT`, so namespaces of other nodes or of no pod lose nothing.
-    /// Returns the number of namespaces walked.
-    pub fn run_everywhere(&self, tcp: bool, proc_dir: &Path) -> Result<usize, SockIterError> {
+    pub fn run_everywhere(&self, tcp: bool, others: &[std::fs::File]) -> Result<(), SockIterError> {
         self.run(tcp)?;
-        let namespaces = other_netns(proc_dir);
-        let n = namespaces.len();
         // A thread of its own, which may change namespace without touching the agent's.
         std::thread::scope(|s| {
             s.spawn(|| -> Result<(), SockIterError> {
-                for ns in &namespaces {
+                for ns in others {
                     // Gone meanwhile, or not ours to enter: nothing to close there.
                     if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
                         self.run(tcp)?;
@@ -116,8 +113,7 @@ impl SockIters {
                     source: std::io::Error::other("the iterator thread panicked"),
                 })
             })
-        })?;
-        Ok(n + 1)
+        })
     }
 
     /// Walks every UDP (`tcp` false) or TCP socket of the calling thread's network
@@ -139,9 +135,9 @@ impl SockIters {
     }
 }
 
-/// An open handle on each network namespace of a process under `proc_dir` but the
-/// caller's, each once (by the nsfs inode of `<pid>/ns/net`).
-fn other_netns(proc_dir: &Path) -> Vec<std::fs::File> {
+/// An open handle on each network namespace of a process under `proc_dir` (the host's
+/// `/proc`) but the caller's, each once (by the nsfs inode of `<pid>/ns/net`).
+pub fn other_netns(proc_dir: &Path) -> Vec<std::fs::File> {
     use std::os::unix::fs::MetadataExt as _;
     let own = std::fs::metadata("/proc/thread-self/ns/net").map(|m| (m.dev(), m.ino())).ok();
     let mut seen = std::collections::HashSet::new();
