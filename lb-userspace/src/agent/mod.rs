@@ -684,8 +684,12 @@ impl<W: sync::MapWriter> SyncLoop<W> {
     /// Closes the sockets the socket LB sent to the backends this sync removed (UDP), or
     /// whose pods are gone (TCP too).
     fn close_departed(&mut self) {
+        let Some(closer) = &mut self.closer else {
+            // Nothing to close: skip classifying what left (a set of every owned id).
+            self.syncer.forget_departed();
+            return;
+        };
         let departed = self.syncer.take_departed();
-        let Some(closer) = &mut self.closer else { return };
         if departed.is_empty() {
             return;
         }

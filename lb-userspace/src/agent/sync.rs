@@ -465,6 +465,11 @@ pub enum Departure {
 }
 
 impl Syncer {
+    /// Drops what [`Syncer::take_departed`] would tell, unread (the socket LB is off).
+    pub fn forget_departed(&mut self) {
+        self.departed.clear();
+    }
+
     /// The backends that left a service since the last call, each once, with where
     /// they stand now; a backend that only moved slot is not one. A deleted Service's
     /// backends are [`Departure::Draining`] even once their orphan entries are released:
