@@ -209,9 +209,15 @@ struct AgentArgs {
     cgroup_root: agent::socklb::CgroupRoot,
     /// The host's /proc (the DaemonSet mounts it at /host/proc): its processes name the
     /// network namespaces, pods', in which the socket LB closes the sockets of departed
-    /// backends. The agent's own /proc sees only its container's processes.
+    /// backends. The agent's own /proc sees only its container's processes. rp_filter
+    /// is read and written under its `sys/net/ipv4/conf`.
     #[arg(long, env = "LB_PROC_DIR", default_value = "/proc")]
     proc_dir: PathBuf,
+    /// Mount a bpffs at --bpffs if none is there. `off` (the DaemonSet): refuse to
+    /// start instead, since a bpffs mounted inside a container dies with it, and with it
+    /// the pins that keep traffic flowing while the agent restarts.
+    #[arg(long, env = "LB_MOUNT_BPFFS", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+    mount_bpffs: bool,
 }
 
 /// `on`/`off` (also `true`/`false`, as a YAML-minded DaemonSet may write them).
@@ -310,6 +316,7 @@ fn agent_config(a: AgentArgs, bpffs: &Path, status_file: &Path) -> AgentConfig {
             uplink_mode: a.uplink_attach,
             pod_mode: a.pod_attach,
             fix_rp_filter: a.fix_rp_filter,
+            proc_dir: a.proc_dir.clone(),
         },
         metrics_addr: a.metrics_addr,
         debounce: a.debounce,
@@ -335,6 +342,7 @@ fn agent_config(a: AgentArgs, bpffs: &Path, status_file: &Path) -> AgentConfig {
         },
         socket_lb: a.socket_lb.then_some(a.cgroup_root),
         proc_dir: a.proc_dir,
+        mount_bpffs: a.mount_bpffs,
         // An empty value (an unset downward-API field) means unknown.
         node: agent::model::NodeInfo {
             name: a.node_name.filter(|n| !n.is_empty()),

@@ -270,6 +270,49 @@ fn v1_through_the_crd_stand_in() -> Result<()> {
     assert!(agent.log_text().contains("api=\"discovery.k8s.io/v1\""), "{}", agent.log_text());
     lifecycle(&cluster, &agent, "discovery.k8s.io/v1")?;
     scale(&cluster, &agent, "discovery.k8s.io/v1")?;
+    drop(agent);
+    no_secret_in_logs_or_status(&cluster)?;
+    Ok(())
+}
+
+/// The kubeconfig's bearer token shows nowhere the agent writes: not in its log at
+/// `trace` for every crate (kube-rs, hyper, tower, rustls), neither with the right
+/// token nor with a wrong one that the API server refuses (the error path), and not
+/// in `lb status`.
+fn no_secret_in_logs_or_status(cluster: &Cluster) -> Result<()> {
+    let kubeconfig = std::fs::read_to_string(&cluster.kubeconfig)?;
+    let token = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .map(|t| t.trim_matches('"').to_string())
+        .context("the test kubeconfig has a token")?;
+    ensure!(token.len() >= 16, "token {token:?} too short to search for");
+    let wrong_token = format!("{token}ffffwrong");
+    let wrong = std::env::temp_dir().join(format!("lb-k8s-wrong-token-{}.yaml", std::process::id()));
+    std::fs::write(&wrong, kubeconfig.replace(&token, &wrong_token))?;
+    for (kc, secret, ok) in [(&cluster.kubeconfig, &token, true), (&wrong, &wrong_token, false)] {
+        let args = [OsStr::new("agent"), OsStr::new("--source=kubernetes"), OsStr::new("--kubeconfig"), kc.as_os_str()];
+        let agent = AgentProcess::private(Path::new(env!("CARGO_BIN_EXE_lb")), "k8s-secrets", &args, "trace")?;
+        if ok {
+            agent.wait_status("initial sync", Duration::from_secs(30), |s| s.ready)?;
+        } else {
+            agent.wait_for("the API server refusing the token", Duration::from_secs(30), || {
+                agent.log_text().contains("401").then_some(())
+            })?;
+        }
+        let log = agent.log_text();
+        ensure!(log.len() > 1000, "a trace log this short shows nothing: {log}");
+        ensure!(!log.contains(secret.as_str()), "the bearer token is in the agent's log");
+        let status = Command::new(env!("CARGO_BIN_EXE_lb"))
+            .args(["status", "-o", "json"])
+            .env("LB_BPFFS", agent.bpffs().expect("private"))
+            .env("LB_STATUS_FILE", agent.status_path())
+            .output()?;
+        let status = String::from_utf8_lossy(&status.stdout).to_string() + &String::from_utf8_lossy(&status.stderr);
+        ensure!(!status.is_empty(), "lb status printed nothing");
+        ensure!(!status.contains(secret.as_str()), "the bearer token is in `lb status`: {status}");
+    }
+    let _ = std::fs::remove_file(&wrong);
     Ok(())
 }
 

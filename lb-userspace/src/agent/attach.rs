@@ -54,6 +54,10 @@ pub struct AttachConfig {
     pub pod_mode: AttachMode,
     /// Set `net.ipv4.conf.all.rp_filter` to 0 if it is strict (see [`super::rpfilter`]).
     pub fix_rp_filter: bool,
+    /// `--proc-dir`: rp_filter is read and written under `<proc_dir>/sys/net/ipv4/conf`
+    /// (the DaemonSet mounts the node's `/proc/sys/net` writable there, as the runtime
+    /// mounts the container's own `/proc/sys` read-only).
+    pub proc_dir: PathBuf,
 }
 
 /// `--uplink-attach`: one hook for every uplink, or `auto`.
@@ -291,7 +295,7 @@ impl Attacher {
     pub fn new(ebpf: Ebpf, cfg: AttachConfig, bpffs: &Path) -> std::io::Result<Self> {
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir)?;
-        let rp = RpFilter::new(PROC_IPV4_CONF, cfg.fix_rp_filter);
+        let rp = RpFilter::new(cfg.proc_dir.join(PROC_IPV4_CONF), cfg.fix_rp_filter);
         Ok(Self {
             ebpf,
             cfg,

@@ -9,7 +9,11 @@
 //! the same split (a timeout per entry, checked on lookup, and a GC worker:
 //! net/netfilter/nf_conntrack_core.c, `gc_worker`).
 
-use std::{collections::HashSet, path::Path, time::Instant};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use lb_common::{CT_DIR_FORWARD, CtKey4, CtValue4, map_names};
@@ -43,7 +47,10 @@ pub struct JiffyClock {
 pub enum ClockError {
     #[error("reading /proc/timer_list (the kernel's jiffies and HZ; the agent must run as root)")]
     Read(#[source] std::io::Error),
-    #[error("/proc/timer_list has no `now at` or `jiffies:` line")]
+    #[error(
+        "/proc/timer_list has no `now at` or `jiffies:` line (a container runtime masks it in an \
+         unprivileged container: give the agent the host's /proc with --proc-dir)"
+    )]
     Format,
     #[error("cannot tell the kernel's HZ from jiffies {jiffies} at {mono_s} s of uptime")]
     Hz { jiffies: u64, mono_s: u64 },
@@ -83,7 +90,12 @@ impl JiffyClock {
 
     /// Reads /proc/timer_list.
     pub fn read() -> Result<Self, ClockError> {
-        Self::parse(&std::fs::read_to_string("/proc/timer_list").map_err(ClockError::Read)?)
+        Self::read_from(Path::new("/proc"))
+    }
+
+    /// Reads `<proc_dir>/timer_list`.
+    pub fn read_from(proc_dir: &Path) -> Result<Self, ClockError> {
+        Self::parse(&std::fs::read_to_string(proc_dir.join("timer_list")).map_err(ClockError::Read)?)
     }
 
     /// What `IdState::jiffy_recip` must hold.
@@ -103,10 +115,22 @@ impl JiffyClock {
     }
 }
 
-/// The clock, read once per process.
+static CLOCK: std::sync::OnceLock<Result<JiffyClock, String>> = std::sync::OnceLock::new();
+
+/// Reads the clock from `<proc_dir>/timer_list`, once per process, before anything
+/// asks [`clock`]: the agent's `--proc-dir`. An unprivileged container's runtime masks
+/// its own `/proc/timer_list` (runc's default `maskedPaths` bind /dev/null over it),
+/// while the host's proc mounted elsewhere (`/host/proc`) shows it.
+pub fn init_clock(proc_dir: &Path) -> Result<JiffyClock, String> {
+    CLOCK.get_or_init(|| JiffyClock::read_from(proc_dir).map_err(|e| super::chain(&e))).clone()
+}
+
+/// The clock, read once per process: from `$LB_PROC_DIR/timer_list` if that is set
+/// (the DaemonSet sets it, so `kubectl exec ... lb conntrack` reads the host's), else
+/// /proc/timer_list.
 pub fn clock() -> Result<JiffyClock, String> {
-    static CLOCK: std::sync::OnceLock<Result<JiffyClock, String>> = std::sync::OnceLock::new();
-    CLOCK.get_or_init(|| JiffyClock::read().map_err(|e| super::chain(&e))).clone()
+    let dir = std::env::var_os("LB_PROC_DIR").map_or_else(|| PathBuf::from("/proc"), PathBuf::from);
+    init_clock(&dir)
 }
 
 /// Now in conntrack ticks (`lb_common::ct_tick`), the datapath's clock for

@@ -79,6 +79,8 @@ pub struct AgentConfig {
     /// The host's `/proc`: its processes name the network namespaces (pods') whose
     /// sockets the socket LB may have to close.
     pub proc_dir: PathBuf,
+    /// Mount a bpffs at `bpffs` if none is there (`--mount-bpffs`); false: refuse.
+    pub mount_bpffs: bool,
     /// This node (`--node-name`, `--node-zone`), for `internalTrafficPolicy: Local`
     /// and topology aware hints.
     pub node: model::NodeInfo,
@@ -167,6 +169,13 @@ fn write_status(path: &Path, st: &AgentStatus) {
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let started = unix_ms();
     tune_allocator();
+    if !cfg.mount_bpffs {
+        require_bpffs(&cfg.bpffs)?;
+    }
+    // Before anything reads the clock (`open_datapath`): from --proc-dir.
+    conntrack::init_clock(&cfg.proc_dir)
+        .map_err(anyhow::Error::msg)
+        .context("reading the kernel's clock; run as root, with the host's /proc as --proc-dir")?;
     let Datapath { mut ebpf, maps, syncer } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
     let metrics = new_metrics(&cfg.bpffs);
     let socket_lb = start_socket_lb(&mut ebpf, &cfg, &metrics)?;
@@ -204,6 +213,21 @@ fn tune_allocator() {
     // SAFETY: mallopt only tunes the allocator; it is called before the agent's
     // threads start allocating in earnest.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+}
+
+/// `--mount-bpffs off`: `bpffs`, or the nearest directory above it that exists, must
+/// already be on a bpffs (the node's, seen through a hostPath volume).
+fn require_bpffs(bpffs: &Path) -> Result<()> {
+    let existing = bpffs.ancestors().find(|d| d.exists()).unwrap_or(Path::new("/"));
+    if !datapath::is_bpffs(existing) {
+        anyhow::bail!(
+            "{} is not on a bpffs and --mount-bpffs is off: mount one on the node \
+             (`mount -t bpf bpf /sys/fs/bpf`, which systemd does at boot) and give the agent \
+             the node's /sys/fs/bpf (hostPath), or run with --mount-bpffs on",
+            existing.display()
+        );
+    }
+    Ok(())
 }
 
 /// The datapath as [`open_datapath`] leaves it: the programs (for the attacher), the

@@ -30,8 +30,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-/// Where the IPv4 per-interface sysctls live.
-pub const PROC_IPV4_CONF: &str = "/proc/sys/net/ipv4/conf";
+/// Where the IPv4 per-interface sysctls live, under a proc mount (`--proc-dir`).
+pub const PROC_IPV4_CONF: &str = "sys/net/ipv4/conf";
 
 /// Strict reverse-path filtering (RFC 3704 strict reverse path).
 pub const STRICT: u8 = 1;
@@ -59,7 +59,7 @@ pub struct RpFilter {
 }
 
 impl RpFilter {
-    /// `conf_dir` is [`PROC_IPV4_CONF`] except in unit tests.
+    /// `conf_dir` is `<proc dir>/`[`PROC_IPV4_CONF`] except in unit tests.
     pub fn new(conf_dir: impl Into<PathBuf>, fix_all: bool) -> Self {
         Self { conf_dir: conf_dir.into(), fix_all }
     }

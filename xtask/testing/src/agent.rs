@@ -85,6 +85,11 @@ impl AgentProcess {
         read_status(&self.status)
     }
 
+    /// Its `--status-file`, for `lb status`.
+    pub fn status_path(&self) -> &Path {
+        &self.status
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
