@@ -1670,3 +1670,30 @@ fn the_datapath_and_the_collector_share_the_conntrack_clock() {
     assert!(seen.iter().all(|s| (before.saturating_sub(1)..=after + 1).contains(s)), "{seen:?} vs {before}..{after}");
     assert!(before > 1_000_000, "jiffies-based seconds start near 2^32 / HZ: {before}");
 }
+
+/// tc on a `CHECKSUM_COMPLETE` skb (as from a NIC with full receive checksums): the
+/// NAT rewrites must leave `skb->csum` right, which test_run checks with
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (EBADMSG otherwise). The ICMP rejection is left
+/// out: `bpf_skb_change_tail` drops the skb to `CHECKSUM_NONE` (net/core/filter.c,
+/// `__bpf_skb_change_tail`), and this kernel's test_run still compares `skb->csum`.
+#[test]
+fn tc_keeps_a_checksum_complete_skb_right() {
+    let mut dp = Datapath::load().unwrap();
+    base(&mut dp).unwrap();
+    let cases = [
+        ("tcp syn to a frontend", syn(CLIENT, 40000, VIP, 80)),
+        ("tcp reply", tcp(BE_TCP, 8080, CLIENT, 40000)),
+        ("udp to a frontend", udp(CLIENT, 40001, VIP, 53)),
+        ("udp reply", udp(BE_UDP, 5353, CLIENT, 40001)),
+        ("hairpin", syn(CLIENT, 40002, VIP_HAIRPIN, 80)),
+    ];
+    for (name, p) in cases {
+        let input = p.build();
+        let (v, out) = lb_testing::run_tc_csum_complete(&dp.ebpf, Hook::Tc, &input)
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: test_run says {e} (EBADMSG: skb->csum stale)"));
+        assert_eq!(v, Verdict::Pass, "{name}");
+        assert_ne!(out, input, "{name}: rewritten");
+        assert_checksums(name, &out);
+    }
+}
