@@ -183,6 +183,8 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
                 "node_paths",
                 "--test",
                 "pmtu_netns",
+                "--test",
+                "fuzz",
             ])
         }
         "all" => {
