@@ -25,8 +25,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, MapData};
 use etherparse::{Icmpv4Type, PacketBuilder};
 use lb_common::{
-    BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REPLIED, CT_F_STATE, CtKey4, CtValue4, DrainKey,
-    IPPROTO_TCP, IPPROTO_UDP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, map_names,
+    BackendKey, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_DRAINING, CT_F_REPLIED, CT_F_STATE, CtKey4, CtValue4,
+    DrainKey, IPPROTO_TCP, IPPROTO_UDP, Reason, SVC_F_AFFINITY, ServiceKey4, ServiceValue, map_names,
 };
 
 use crate::{
@@ -713,7 +713,8 @@ fn all<K: aya::Pod, V: aya::Pod>(dp: &mut Datapath, name: &str) -> Vec<(K, V)> {
 
 /// The map invariants the datapath must keep: every conntrack entry names a service
 /// and a backend of it that exist (in its slots or draining), unless it is one the
-/// setup planted dangling; a forward half NATs to its backend, a reply half to a
+/// setup planted dangling; a forward half validated under the current epoch (and not
+/// draining) has its backend at its slot; a forward half NATs to its backend, a reply half to a
 /// frontend of its service; two halves that both exist agree on service, backend and
 /// state; every affinity entry names a backend at its slot of an affinity service;
 /// every `FRAGS` entry names a flow in conntrack. Returns the first violation.
@@ -732,6 +733,7 @@ pub fn check_maps(dp: &mut Datapath, planted: &StdHashMap<CtKey4, u32>) -> Resul
             .or_else(|| draining.iter().find(|(k, _)| k.svc_id == svc_id && k.backend_id == id).map(|(_, v)| *v))
     };
     let ct: StdHashMap<CtKey4, CtValue4> = dp.conntrack().into_iter().collect();
+    let epoch = dp.epoch();
     for (k, v) in &ct {
         if v.dir != CT_DIR_FORWARD && v.dir != CT_DIR_REPLY {
             return Err(format!("conntrack {k:?} has direction {}: {v:?}", v.dir));
@@ -754,6 +756,15 @@ pub fn check_maps(dp: &mut Datapath, planted: &StdHashMap<CtKey4, u32>) -> Resul
                 return Err(format!("reply conntrack {k:?} is not from its backend {b:?}: {v:?}"));
             }
             Some(_) => {}
+        }
+        // Validated under the current epoch and not draining: its slot holds it (the
+        // datapath trusts the entry without a lookup until the epoch moves).
+        if v.dir == CT_DIR_FORWARD
+            && v.epoch == epoch
+            && v.flags & CT_F_DRAINING == 0
+            && slots.get(&(v.svc_id, v.slot)).map(|b| b.backend_id) != Some(v.backend_id)
+        {
+            return Err(format!("forward conntrack {k:?} is current but its slot holds another backend: {v:?}"));
         }
         if v.dir == CT_DIR_REPLY {
             let fe = ServiceKey4::new(v.nat_addr_be, v.nat_port_be, k.proto);
