@@ -688,6 +688,38 @@ impl Reason {
         Reason::SockPass,
     ];
 
+    /// Whether this reason is a verdict: counted exactly once per packet (with its
+    /// bytes) by `lb_xdp`, `lb_tc` and `lb_tc_egress`, or once per call by the socket
+    /// LB programs ([`Reason::is_socket`]). The others are counted besides the
+    /// verdict, with 0 bytes, as events on the way to it (an affinity lookup, a
+    /// conntrack entry expired or re-created, a fragment's ports looked up, a failed
+    /// map insert), so a packet may count several of them or none. `RewriteFailed` is a
+    /// verdict: the entry points count it instead of the action's reason.
+    pub const fn is_verdict(self) -> bool {
+        !matches!(
+            self,
+            Reason::AffinityHit
+                | Reason::AffinityMiss
+                | Reason::AffinityExpired
+                | Reason::AffinityStale
+                | Reason::CtStaleRescheduled
+                | Reason::MapInsertFailed
+                | Reason::FragTracked
+                | Reason::CtExpired
+                | Reason::CtRecovered
+                | Reason::CtMidflowMiss
+        )
+    }
+
+    /// Whether this reason is counted by the socket LB's cgroup programs (sock.rs),
+    /// never by the per-packet ones.
+    pub const fn is_socket(self) -> bool {
+        matches!(
+            self,
+            Reason::SockConnect | Reason::SockSendmsg | Reason::SockRevNat | Reason::SockRefused | Reason::SockPass
+        )
+    }
+
     /// Stable snake_case name, used for metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
         match self {

@@ -358,9 +358,12 @@ fn flow(
                 None => {
                     // The flow's backend is gone and this packet may start a new flow.
                     let _ = CONNTRACK.remove(&key);
+                    forget_reply_half(&key, &ct);
                     count(Reason::CtStaleRescheduled, 0);
                 }
             }
+        } else if syn && ct.dir == CT_DIR_FORWARD {
+            forget_reply_half(&key, &ct);
         }
     }
     if hook == Hook::Egress {
@@ -379,6 +382,24 @@ fn flow(
         now = now_tick(jiffy_recip);
     }
     new_flow(l3, l4, &key, &svc, l3_off, syn, now, epoch)
+}
+
+/// Deletes the reply half of the forward entry `ct` (under `key`) that a new flow is
+/// about to replace (a SYN on a reused 5-tuple, a UDP flow whose backend is gone), if it
+/// still is that flow's. Left behind, it would reverse-NAT the old backend's stray
+/// packets, and `track` would write the old flow's state into the new flow's forward
+/// half (found by the fuzzer, `cargo xtask fuzz`). `new_flow` writes the new reply half
+/// after this, also when it has the same key.
+#[inline(always)]
+fn forget_reply_half(key: &CtKey4, ct: &CtValue4) {
+    let (rkey, _) = ct.other_half(key);
+    if let Some(r) = unsafe { CONNTRACK.get(&rkey) }
+        && r.dir == CT_DIR_REPLY
+        && r.svc_id == ct.svc_id
+        && r.backend_id == ct.backend_id
+    {
+        let _ = CONNTRACK.remove(&rkey);
+    }
 }
 
 /// State bits a packet of direction `dir` with TCP flags `tcp_flags` adds.

@@ -57,6 +57,22 @@ enum Cmd {
         #[arg(default_value = "sandbox")]
         what: String,
     },
+    /// Packet fuzzer: generated packets through every datapath entry point with
+    /// BPF_PROG_TEST_RUN, each run checked (verdict counted once, unchanged or validly
+    /// rewritten, maps consistent); the first failure is printed as a fixture.
+    Fuzz {
+        /// Generated packets (each through lb_xdp, lb_tc and lb_tc_egress).
+        #[arg(long, default_value_t = 1_000_000, env = "LB_FUZZ_PACKETS")]
+        packets: u64,
+        /// PRNG seed; random and printed when not given.
+        #[arg(long, env = "LB_FUZZ_SEED")]
+        seed: Option<u64>,
+        /// Check the maps' consistency every this many packets (1: after every packet,
+        /// to find the one that broke them).
+        #[arg(long, default_value_t = 2_000, env = "LB_FUZZ_CHECK_EVERY",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        check_every: u64,
+    },
     /// A real Kubernetes control plane (etcd, kube-apiserver, controller-manager).
     Kube {
         #[command(subcommand)]
@@ -121,6 +137,19 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Cmd::Fuzz { packets, seed, check_every } => {
+            setup::ensure()?;
+            let mut args = vec![
+                "--packets".to_string(),
+                packets.to_string(),
+                "--check-every".to_string(),
+                check_every.to_string(),
+            ];
+            if let Some(seed) = seed {
+                args.extend(["--seed".to_string(), seed.to_string()]);
+            }
+            lb_dev(&["fuzz"], &args)
+        }
         Cmd::Kube { cmd } => kube::run(cmd),
         Cmd::Sandbox { cmd } => sandbox::run(cmd),
     }
@@ -154,6 +183,8 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
                 "node_paths",
                 "--test",
                 "pmtu_netns",
+                "--test",
+                "fuzz",
             ])
         }
         "all" => {

@@ -34,6 +34,22 @@ enum Cmd {
         #[command(subcommand)]
         what: Demo,
     },
+    /// Packet fuzzer: generated packets through lb_xdp, lb_tc and lb_tc_egress, every
+    /// run checked (`lb_testing::fuzz`); stops at the first failure and prints it as a
+    /// fixture.
+    Fuzz {
+        /// Generated packets (each goes through all three entry points).
+        #[arg(long, default_value_t = 1_000_000, env = "LB_FUZZ_PACKETS")]
+        packets: u64,
+        /// PRNG seed; random (and printed) when not given.
+        #[arg(long, env = "LB_FUZZ_SEED")]
+        seed: Option<u64>,
+        /// Check the maps' consistency every this many packets (1: after every packet,
+        /// to find the one that broke them).
+        #[arg(long, default_value_t = 2_000, env = "LB_FUZZ_CHECK_EVERY",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        check_every: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,6 +178,18 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo { what: Demo::Datapath } => demo_datapath(),
+        Cmd::Fuzz { packets, seed, check_every } => {
+            // A random seed from the clock and the pid: enough to differ run to run.
+            let seed = seed.unwrap_or_else(|| {
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                lb_testing::fuzz::Rng::new(t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)).next_u64()
+            });
+            println!("fuzz: {packets} packets, seed {seed} (replay with --seed {seed})");
+            let opts = lb_testing::fuzz::Options { check_every, ..lb_testing::fuzz::Options::new(packets, seed) };
+            let report = lb_testing::fuzz::run(&opts)?;
+            print!("{}", report.table());
+            Ok(())
+        }
     }
 }
 

@@ -475,6 +475,53 @@ pub fn run_on(ebpf: &Ebpf, hook: Hook, packet: &[u8], repeat: u32) -> Result<(Ve
     Ok((verdict, out, res.duration.as_nanos() as u64))
 }
 
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (include/uapi/linux/bpf.h): test_run gives the
+/// skb `CHECKSUM_COMPLETE` with `skb->csum` over the packet from the network header, and
+/// fails the run with EBADMSG if the program left `skb->csum` disagreeing with the
+/// packet it hands back (net/bpf/test_run.c, `bpf_prog_test_run_skb`). Without it the
+/// skb is `CHECKSUM_NONE`; test_run has no way to make a `CHECKSUM_PARTIAL` skb.
+pub const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// A tc run (`lb_tc` or `lb_tc_egress`) of `packet` as a `CHECKSUM_COMPLETE` skb, as a
+/// NIC with full receive checksums hands it to the stack. Raw `BPF_PROG_TEST_RUN`:
+/// aya's `TestRunOptions` cannot set the flag. An `Err` of kind `InvalidData` is the
+/// kernel's EBADMSG: the program left `skb->csum` stale.
+pub fn run_tc_csum_complete(ebpf: &Ebpf, hook: Hook, packet: &[u8]) -> Result<std::io::Result<(Verdict, Vec<u8>)>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    // include/uapi/linux/bpf.h
+    const BPF_PROG_TEST_RUN: u32 = 10;
+    let name = match hook {
+        Hook::Tc => TC_PROGRAM,
+        Hook::TcEgress => TC_EGRESS_PROGRAM,
+        Hook::Xdp => bail!("CHECKSUM_COMPLETE is an skb state: tc hooks only"),
+    };
+    let p: &SchedClassifier = ebpf.program(name).with_context(|| format!("{name} in object"))?.try_into()?;
+    let fd = p.fd()?.as_fd().as_raw_fd();
+    let mut out = vec![0u8; packet.len() + 256];
+    // `union bpf_attr`'s `test` member.
+    let mut attr = [0u8; 128];
+    put(&mut attr, 0, (fd as u32).to_ne_bytes());
+    put(&mut attr, 8, (packet.len() as u32).to_ne_bytes());
+    put(&mut attr, 12, (out.len() as u32).to_ne_bytes());
+    put(&mut attr, 16, (packet.as_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 24, (out.as_mut_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 32, 1u32.to_ne_bytes());
+    put(&mut attr, 64, BPF_F_TEST_SKB_CHECKSUM_COMPLETE.to_ne_bytes());
+    if let Err(e) = bpf_sys(BPF_PROG_TEST_RUN, &mut attr) {
+        return Ok(Err(e));
+    }
+    let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
+    let size = u32::from_ne_bytes(attr[12..16].try_into().expect("4 bytes"));
+    let verdict = match retval {
+        TC_ACT_UNSPEC => Verdict::Pass,
+        TC_ACT_SHOT => Verdict::Drop,
+        TC_ACT_REDIRECT if hook == Hook::Tc => Verdict::Bounce,
+        v => bail!("{hook:?} returned unexpected {v}"),
+    };
+    out.truncate(size as usize);
+    Ok(Ok((verdict, out)))
+}
+
 fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<&mut MapData, K, V>) -> Result<()> {
     let keys: Vec<K> = m.keys().filter_map(|k| k.ok()).collect();
     for k in keys {

@@ -3,6 +3,8 @@
 //!
 //! - the datapath on a private bpffs, with map helpers and `BPF_PROG_TEST_RUN`
 //!   ([`Datapath`], [`run_on`]; re-exported from `datapath`);
+//! - [`fixtures`]: the fixture tests' map state and addresses; [`fuzz`]: generated
+//!   packets through every entry point, checked packet by packet;
 //! - [`netns`]: client, node and server namespaces joined by veths ([`netns::Topology`]);
 //! - [`agent`]: a running `lb agent` process;
 //! - [`kube`]: a bare control plane from `xtask kube up`;
@@ -14,6 +16,8 @@
 pub mod agent;
 pub mod cgroup;
 pub mod datapath;
+pub mod fixtures;
+pub mod fuzz;
 pub mod kube;
 pub mod netns;
 pub mod sock;
