@@ -507,5 +507,18 @@ fn a_newer_layout_is_refused_and_left_alone() -> Result<()> {
     }
     let out = refused_start(lb(), &topo, bpffs.path(), &file, &dir.0, "tc")?;
     assert!(out.contains("layout_v7") && out.contains("newer"), "{out}");
+    // The way out the message names: `lb cleanup`, then this agent starts afresh.
+    let out = Command::new(lb()).arg("cleanup").env("LB_BPFFS", bpffs.path()).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // (The bpffs's own `maps.debug` and `progs.debug` stay.)
+    let left: Vec<String> = snapshot(bpffs.path()).into_keys().filter(|k| !k.ends_with(".debug")).collect();
+    assert!(left.is_empty(), "lb cleanup left {left:?}");
+    let _ = std::fs::remove_file(&status_file);
+    let agent =
+        AgentProcess::spawn(node_agent(lb(), &topo, bpffs.path(), &file, &status_file, "tc"), &log, &status_file)?;
+    agent.wait_for("the agent ready after lb cleanup", Duration::from_secs(30), || {
+        status(&status_file).filter(|s| s.ready && s.upgrade.is_none())
+    })?;
+    assert!(snapshot(bpffs.path()).contains_key("layout_v6"));
     Ok(())
 }
