@@ -431,6 +431,10 @@ fn upgrade_keeps_the_flows(mode: &str) -> Result<()> {
         ]
     );
     assert!(v6.log_text().contains("map layout upgrade done"), "{}", v6.log_text());
+    let table = Command::new(lb()).arg("conntrack").env("LB_BPFFS", bpffs.path()).output()?;
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains(" Age ") && header.contains("Expires"), "{table}");
 
     // New flows get their creation time.
     let traffic = Traffic::start(&topo)?;
@@ -520,5 +524,62 @@ fn a_newer_layout_is_refused_and_left_alone() -> Result<()> {
         status(&status_file).filter(|s| s.ready && s.upgrade.is_none())
     })?;
     assert!(snapshot(bpffs.path()).contains_key("layout_v6"));
+    Ok(())
+}
+
+/// The migration's two copies on real maps, without agents: v5 maps made and pinned
+/// here, the v6 datapath loaded over them, entries the "old programs" write after the
+/// first copy, and entries the "new programs" refresh meanwhile.
+#[test]
+fn the_second_copy_takes_what_the_old_programs_wrote_after_the_first() -> Result<()> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use lb_common::{CtKey4, CtValue4, IPPROTO_UDP, MAP_LAYOUT_VERSION, map_names};
+    use lb_userspace::datapath::{self, LoadOptions, upgrade};
+
+    let bpffs = PrivateBpffs::new()?;
+    // BPF_MAP_TYPE_LRU_HASH (include/uapi/linux/bpf.h), the v5 CONNTRACK's sizes.
+    let obj = aya_obj::Map::new_from_params(9, 16, 28, 1024, 0);
+    let old_ct = MapData::create(obj, "lb4_ct_v5", None)?;
+    old_ct.pin(bpffs.path().join("lb4_ct_v5"))?;
+    let mut old: BpfHashMap<MapData, CtKey4, upgrade::v5::CtValue4> =
+        Map::from_map_data(MapData::from_pin(bpffs.path().join("lb4_ct_v5"))?)?.try_into()?;
+    let key = |port: u16| CtKey4::new(0x0200_000a, 0x0a00_600a, port.to_be(), 53u16.to_be(), IPPROTO_UDP);
+    let v5 = |seen, backend_id| upgrade::v5::CtValue4 { dir: 1, svc_id: 1, backend_id, seen, ..Default::default() };
+    for (port, seen) in [(1000, 100), (1001, 100)] {
+        old.insert(key(port), v5(seen, 7), 0)?;
+    }
+
+    // Refused as a stale layout unless migrating.
+    assert!(datapath::load(&LoadOptions::new(bpffs.path())).is_err());
+    let mut up = upgrade::prepare(bpffs.path())?.context("v5 maps found")?;
+    let mut opts = LoadOptions::new(bpffs.path());
+    opts.migrating = true;
+    let ebpf = datapath::load(&opts)?;
+    up.copy(&ebpf)?;
+    let mut new: BpfHashMap<MapData, CtKey4, CtValue4> =
+        Map::from_map_data(MapData::from_pin(bpffs.path().join(map_names::CONNTRACK))?)?.try_into()?;
+    assert_eq!(new.get(&key(1000), 0)?.seen, 100);
+
+    // Between the copies: the old programs refresh flow 1000, start flow 1002 and
+    // refresh flow 1001; the new ones refresh flow 1001 later still.
+    old.insert(key(1000), v5(200, 7), 0)?;
+    old.insert(key(1002), v5(200, 8), 0)?;
+    old.insert(key(1001), v5(150, 7), 0)?;
+    let mut refreshed = new.get(&key(1001), 0)?;
+    refreshed.seen = 300;
+    new.insert(key(1001), refreshed, 0)?;
+    let report = up.finish()?;
+
+    assert_eq!(new.get(&key(1000), 0)?.seen, 200, "the old programs' later refresh is kept");
+    assert_eq!(new.get(&key(1001), 0)?.seen, 300, "the new programs' later refresh wins");
+    let late = new.get(&key(1002), 0)?;
+    assert_eq!((late.backend_id, late.seen, late.created), (8, 200, 0), "the flow started in between is carried");
+    let ct = report.carried.iter().find(|c| c.map == map_names::CONNTRACK).context("conntrack carried")?;
+    assert_eq!((ct.before_swap, ct.after_swap), (2, 2));
+    assert_eq!(report.removed, vec!["lb4_ct_v5".to_string()]);
+    assert!(!bpffs.path().join("lb4_ct_v5").exists());
+    assert!(bpffs.path().join(upgrade::marker_name(MAP_LAYOUT_VERSION)).is_dir());
+    // The next start finds a complete v6 state.
+    assert!(upgrade::prepare(bpffs.path())?.is_none());
     Ok(())
 }
