@@ -10,32 +10,37 @@
 
 pub mod hash;
 
-/// Bumped whenever the layout of any pinned map changes. The agent refuses to reuse a
-/// pinned map whose name carries another version (see `map_names`).
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+/// Bumped whenever the layout of any pinned map changes. The agent never reuses a
+/// pinned map whose name carries another version (see `map_names`): it migrates the
+/// state of the previous version into fresh maps (lb-userspace/src/datapath/upgrade.rs,
+/// which holds one converter per map for `MAP_LAYOUT_VERSION - 1`), and refuses to
+/// start over a newer one.
+///
+/// v6: `CtValue4::created`.
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
-/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v4` suffix is
+/// Pinned map names (at most 15 bytes, `BPF_OBJ_NAME_LEN - 1`). The `_v6` suffix is
 /// [`MAP_LAYOUT_VERSION`]; change both together (and the `#[map(name)]`s in lb-ebpf).
 pub mod map_names {
-    pub const SERVICES: &str = "lb4_svc_v5";
-    pub const BACKENDS: &str = "lb4_be_v5";
-    pub const DRAINING: &str = "lb4_drain_v5";
-    pub const AFFINITY: &str = "lb4_aff_v5";
-    pub const CONNTRACK: &str = "lb4_ct_v5";
-    pub const STATS: &str = "lb_stats_v5";
-    pub const SVC_STATS: &str = "lb4_svcst_v5";
-    pub const FRAGS: &str = "lb4_frag_v5";
-    pub const IDS: &str = "lb_ids_v5";
-    pub const TABLES: &str = "lb4_tbl_v5";
-    pub const PREFILTER: &str = "lb4_pref_v5";
+    pub const SERVICES: &str = "lb4_svc_v6";
+    pub const BACKENDS: &str = "lb4_be_v6";
+    pub const DRAINING: &str = "lb4_drain_v6";
+    pub const AFFINITY: &str = "lb4_aff_v6";
+    pub const CONNTRACK: &str = "lb4_ct_v6";
+    pub const STATS: &str = "lb_stats_v6";
+    pub const SVC_STATS: &str = "lb4_svcst_v6";
+    pub const FRAGS: &str = "lb4_frag_v6";
+    pub const IDS: &str = "lb_ids_v6";
+    pub const TABLES: &str = "lb4_tbl_v6";
+    pub const PREFILTER: &str = "lb4_pref_v6";
     /// Socket LB: (socket cookie, backend) -> the ClusterIP the socket asked for.
-    pub const SOCK_REVNAT: &str = "lb4_skrev_v5";
+    pub const SOCK_REVNAT: &str = "lb4_skrev_v6";
     /// Socket LB: (network namespace cookie, service id) -> affinity backend.
-    pub const SOCK_AFFINITY: &str = "lb4_skaff_v5";
+    pub const SOCK_AFFINITY: &str = "lb4_skaff_v6";
     /// Socket LB: service id -> per-CPU translations.
-    pub const SOCK_SVC_STATS: &str = "lb4_sksvc_v5";
+    pub const SOCK_SVC_STATS: &str = "lb4_sksvc_v6";
     /// Socket LB: (service id, backend id) pairs whose sockets are to be closed.
-    pub const SOCK_STALE: &str = "lb4_skstl_v5";
+    pub const SOCK_STALE: &str = "lb4_skstl_v6";
     /// Every pinned map, for clean-up and layout checks.
     pub const ALL: [&str; 15] = [
         SERVICES,
@@ -397,8 +402,13 @@ pub struct CtValue4 {
     /// agent bumps the epoch after every removal of a backend; while it is unchanged
     /// the backend cannot have gone, and a packet skips looking it up.
     pub epoch: u32,
+    /// [`ct_tick`] when the flow was created (its first packet), the same in both
+    /// halves and never rewritten: `lb conntrack` shows the flow's age from it. 0:
+    /// not known (the entry was carried over from a layout without it, or the clock
+    /// was not running yet).
+    pub created: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 32);
 
 /// Conntrack time, in seconds counted by the kernel's jiffies:
 /// `(jiffies * jiffy_recip) >> 32`, where `jiffy_recip` is [`jiffy_recip`] of the kernel's HZ
@@ -802,7 +812,7 @@ mod tests {
         assert_eq!((size_of::<AffinityKey4>(), align_of::<AffinityKey4>()), (8, 4));
         assert_eq!((size_of::<AffinityValue>(), align_of::<AffinityValue>()), (16, 8));
         assert_eq!((size_of::<CtKey4>(), align_of::<CtKey4>()), (16, 4));
-        assert_eq!((size_of::<CtValue4>(), align_of::<CtValue4>()), (28, 4));
+        assert_eq!((size_of::<CtValue4>(), align_of::<CtValue4>()), (32, 4));
         assert_eq!((size_of::<FragKey4>(), align_of::<FragKey4>()), (12, 4));
         assert_eq!((size_of::<FragValue4>(), align_of::<FragValue4>()), (4, 2));
         assert_eq!((size_of::<IdState>(), align_of::<IdState>()), (16, 4));
@@ -822,6 +832,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(CtValue4, svc_id), 8);
         assert_eq!(core::mem::offset_of!(CtValue4, seen), 20);
         assert_eq!(core::mem::offset_of!(CtValue4, epoch), 24);
+        assert_eq!(core::mem::offset_of!(CtValue4, created), 28);
         assert_eq!(core::mem::offset_of!(ServiceValue, table_off), 16);
         assert_eq!(core::mem::offset_of!(FragKey4, proto), 10);
         assert_eq!(core::mem::offset_of!(BackendValue, port_be), 8);
@@ -887,11 +898,13 @@ mod tests {
                 slot: 1,
                 seen: 7,
                 epoch: 2,
+                created: 5,
             };
             let (rk, rv) = fwd.other_half(&k);
             assert_eq!((rk.src_addr_be, rk.src_port_be, rk.dst_port_be), (backend, 8080u16.to_be(), 40000u16.to_be()));
             assert_eq!(rk.dst_addr_be, if flags != 0 { vip } else { client });
             assert_eq!((rv.dir, rv.nat_addr_be, rv.nat_port_be, rv.svc_id), (CT_DIR_REPLY, vip, 80u16.to_be(), 3));
+            assert_eq!(rv.created, 5, "both halves carry the flow's creation time");
             assert_eq!(rv.other_half(&rk), (k, fwd));
         }
     }

@@ -605,6 +605,7 @@ fn new_flow(
         slot,
         seen: tick,
         epoch,
+        created: tick,
     };
     let (reply_key, reply) = fwd.other_half(key);
     if CONNTRACK.insert(key, &fwd, 0).is_err() || CONNTRACK.insert(&reply_key, &reply, 0).is_err() {

@@ -8,6 +8,7 @@ use std::{
 };
 
 pub mod sock_iter;
+pub mod upgrade;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -125,11 +126,14 @@ pub struct LoadOptions {
     /// Benchmarks only: ignore conntrack hits, so every packet takes the new-flow path
     /// (`BENCH_CT_BYPASS` in lb-ebpf/src/engine.rs).
     pub bench_ct_bypass: bool,
+    /// The previous layout's maps are pinned beside the new ones, to be carried over
+    /// ([`upgrade`]): they are not a stale layout.
+    pub migrating: bool,
 }
 
 impl LoadOptions {
     pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
-        Self { pin_dir: pin_dir.into(), max_entries: Vec::new(), bench_ct_bypass: false }
+        Self { pin_dir: pin_dir.into(), max_entries: Vec::new(), bench_ct_bypass: false, migrating: false }
     }
 }
 
@@ -157,9 +161,10 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
     })
 }
 
-/// Refuses pinned maps of another layout version, or whose type or sizes differ from
-/// this build's, before the loader would silently reuse them.
-pub fn check_pinned(pin_dir: &Path) -> Result<(), DatapathError> {
+/// Refuses pinned maps of another layout version (but the previous one's while
+/// `migrating`), or whose type or sizes differ from this build's, before the loader
+/// would silently reuse them.
+pub fn check_pinned(pin_dir: &Path, migrating: bool) -> Result<(), DatapathError> {
     let entries = match std::fs::read_dir(pin_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -174,6 +179,9 @@ pub fn check_pinned(pin_dir: &Path) -> Result<(), DatapathError> {
             let info = map.info().map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
             check_info(&path, &info, mtype, ksz, vsz)?;
         } else if let Some(prefix) = map_names::PREFIXES.iter().find(|p| name.starts_with(**p)) {
+            if migrating && name[prefix.len()..] == upgrade::PREVIOUS.to_string() {
+                continue;
+            }
             return Err(DatapathError::StaleLayout { found: name[prefix.len() - 1..].to_string(), path });
         }
     }
@@ -213,7 +221,7 @@ pub fn is_bpffs(dir: &Path) -> bool {
 /// Loads the datapath: maps are created or reused under `opts.pin_dir` (which must be
 /// on a bpffs), and both programs are verified and loaded, not yet attached.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
-    check_pinned(&opts.pin_dir)?;
+    check_pinned(&opts.pin_dir, opts.migrating)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&opts.pin_dir);
     for (name, n) in &opts.max_entries {

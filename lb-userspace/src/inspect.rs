@@ -233,6 +233,9 @@ pub struct ConntrackRow {
     pub idle_s: u32,
     /// Seconds until it expires without further packets (0: expired, awaiting collection).
     pub expires_in_s: u32,
+    /// Seconds since the flow was created (`CtValue4::created`); null when not known
+    /// (an entry carried over from map layout v5, which did not record it).
+    pub age_s: Option<u32>,
 }
 
 /// The flow state a conntrack entry's flags name, in netfilter's words.
@@ -264,6 +267,7 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, InspectError> {
             state: ct_state(k.proto, v.flags),
             idle_s: now.wrapping_sub(v.seen),
             expires_in_s: v.timeout_s(k.proto).saturating_sub(now.wrapping_sub(v.seen)),
+            age_s: (v.created != 0).then(|| now.wrapping_sub(v.created)),
             protocol: proto_name(k.proto),
             source: format!("{}:{}", ip(k.src_addr_be), u16::from_be(k.src_port_be)),
             destination: format!("{}:{}", ip(k.dst_addr_be), u16::from_be(k.dst_port_be)),
@@ -284,8 +288,8 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {:<11} {:>7} flags",
-        "Prot", "Source", "Destination", "Dir", "NAT", "SvcId", "Backend", "Slot", "State", "Expires"
+        "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {:<11} {:>8} {:>7} flags",
+        "Prot", "Source", "Destination", "Dir", "NAT", "SvcId", "Backend", "Slot", "State", "Age", "Expires"
     );
     for r in rows {
         let mut flags = Vec::new();
@@ -297,7 +301,7 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
         }
         let _ = writeln!(
             o,
-            "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {:<11} {:>6}s {}",
+            "{:<5} {:<21} {:<21} {:<8} {:<21} {:>6} {:>8} {:>5} {:<11} {:>8} {:>6}s {}",
             r.protocol,
             r.source,
             r.destination,
@@ -307,6 +311,7 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
             r.backend_id,
             r.slot,
             r.state,
+            r.age_s.map_or_else(|| "-".to_string(), |a| format!("{a}s")),
             r.expires_in_s,
             flags.join(",")
         );

@@ -954,6 +954,7 @@ fn conntrack_collector_deletes_expired_flows_by_pairs() -> Result<()> {
             slot: 1,
             seen: now.wrapping_sub(age),
             epoch: 0,
+            created: 0,
         };
         let (rk, rv) = v.other_half(&k);
         [(k, v), (rk, rv)]
@@ -1019,6 +1020,7 @@ fn the_collector_ends_a_deleted_services_draining_entries_when_its_flows_end() -
         slot: b.slot,
         seen: conntrack::now_tick(),
         epoch: 0,
+        created: 0,
     };
     let mut ct = conntrack::open(bpffs.path())?;
     ct.insert(key, value, 0)?;

@@ -1523,6 +1523,7 @@ fn conntrack_hits_look_their_backend_up_only_after_an_epoch_bump() {
         slot,
         seen: ct_now(),
         epoch,
+        created: 0,
     };
     let e = dp.epoch();
     // Current epoch, slot wrong on purpose: no lookup happens, so it goes through.

@@ -30,7 +30,7 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::datapath::{self, LoadOptions};
+use crate::datapath::{self, LoadOptions, upgrade};
 
 /// Where Services and EndpointSlices come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +122,10 @@ pub struct AgentStatus {
     pub rp_filter: rpfilter::RpFilterStatus,
     /// Where the socket LB is attached; `None` when it is off.
     pub socket_lb: Option<socklb::SocketLbStatus>,
+    /// The migration of the previous map layout's state this agent did at start, if
+    /// any (`datapath::upgrade`).
+    #[serde(default)]
+    pub upgrade: Option<crate::datapath::upgrade::UpgradeReport>,
 }
 
 fn unix_ms() -> u64 {
@@ -176,7 +180,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     conntrack::init_clock(&cfg.proc_dir)
         .map_err(anyhow::Error::msg)
         .context("reading the kernel's clock; run as root, with the host's /proc as --proc-dir")?;
-    let Datapath { mut ebpf, maps, syncer } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
+    let Datapath { mut ebpf, maps, syncer, upgrade } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
     let metrics = new_metrics(&cfg.bpffs);
     let socket_lb = start_socket_lb(&mut ebpf, &cfg, &metrics)?;
     let mut tasks = Tasks::default();
@@ -184,6 +188,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         tasks.spawn("HTTP", serve(addr, metrics.clone()).await?);
     }
     let (attach, attach_state) = AttachTask::start(ebpf, &cfg.attach, &cfg.bpffs, cfg.iface_rescan, metrics.clone())?;
+    // Every link now runs this agent's programs (the first reconcile adopted them):
+    // the old layout's maps are written no more.
+    let upgrade = upgrade.map(finish_upgrade).transpose()?;
     tasks.spawn("attach", attach.run());
     // The collector's passes come back to the sync loop, which owns the syncer and
     // releases orphans.
@@ -200,6 +207,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     if let Some((status, closer)) = socket_lb {
         sync = sync.with_socket_lb(status, closer);
     }
+    sync.status.upgrade = upgrade;
     tokio::select! {
         r = sync.run(shutdown) => r,
         e = tasks.failure() => Err(e),
@@ -236,17 +244,38 @@ pub struct Datapath {
     pub ebpf: aya::Ebpf,
     pub maps: sync::BpfMaps,
     pub syncer: sync::Syncer,
+    /// The previous layout's state, carried into the new maps; to be finished
+    /// ([`finish_upgrade`]) once the programs are swapped.
+    pub upgrade: Option<upgrade::Upgrade>,
 }
 
 /// Loads the datapath, or adopts the one pinned under `bpffs` by an earlier agent
 /// (nothing is flushed), rebuilds the shadow from the maps and writes the kernel's
-/// clock rate for the conntrack timeouts.
+/// clock rate for the conntrack timeouts. Over the previous map layout's pins, the new
+/// maps are fresh and the old state is copied into them first (`datapath::upgrade`);
+/// over a newer layout's, nothing is touched and the start is refused.
 pub fn open_datapath(bpffs: &Path, map_sizes: &[(&'static str, u32)]) -> Result<Datapath> {
     datapath::ensure_bpffs(bpffs)
         .with_context(|| format!("preparing bpffs at {}; run as root, or pick another --bpffs", bpffs.display()))?;
+    let mut upgrade = upgrade::prepare(bpffs)?;
     let mut opts = LoadOptions::new(bpffs);
     opts.max_entries = map_sizes.to_vec();
+    opts.migrating = upgrade.is_some();
     let ebpf = datapath::load(&opts).context("loading the datapath; `lb cleanup` removes stale pins")?;
+    match &mut upgrade {
+        Some(up) => {
+            info!(
+                from = upgrade::PREVIOUS,
+                to = lb_common::MAP_LAYOUT_VERSION,
+                maps = up.old_maps().count(),
+                "map layout upgrade: carrying the pinned state into the new maps"
+            );
+            up.copy(&ebpf).context("carrying the previous map layout's state; the old maps are left as they were")?;
+        }
+        // A fresh load, or this layout's own maps: complete as they are.
+        None => upgrade::write_marker(bpffs)
+            .with_context(|| format!("writing the layout marker under {}", bpffs.display()))?,
+    }
     let mut maps = sync::BpfMaps::from_ebpf(&ebpf).context("opening the datapath maps")?;
     let t0 = Instant::now();
     let mut syncer = maps.reconcile();
@@ -261,7 +290,24 @@ pub fn open_datapath(bpffs: &Path, map_sizes: &[(&'static str, u32)]) -> Result<
         bpffs = %bpffs.display(),
         "datapath loaded; shadow rebuilt from the pinned maps (nothing flushed)"
     );
-    Ok(Datapath { ebpf, maps, syncer })
+    Ok(Datapath { ebpf, maps, syncer, upgrade })
+}
+
+/// The end of a map layout upgrade, after the swap: copies what the old programs wrote
+/// meanwhile, removes the old maps' pins and marks the bpffs with the new layout.
+fn finish_upgrade(up: upgrade::Upgrade) -> Result<upgrade::UpgradeReport> {
+    let report = up.finish().context("finishing the map layout upgrade")?;
+    let entries: usize = report.carried.iter().map(|c| c.before_swap + c.after_swap).sum();
+    info!(
+        from = report.from,
+        to = report.to,
+        entries,
+        copy_ms = report.copy_ms,
+        swap_ms = report.swap_ms,
+        removed = report.removed.len(),
+        "map layout upgrade done: state carried, programs swapped, old maps removed"
+    );
+    Ok(report)
 }
 
 /// `--socket-lb`: attaches the socket LB to the node's cgroup (replacing an earlier
@@ -878,6 +924,9 @@ pub fn cleanup(bpffs: &Path, status_file: Option<&Path>) -> Result<Cleanup> {
                 out.maps.push(name);
             }
         }
+    }
+    for m in upgrade::markers(bpffs) {
+        std::fs::remove_dir(&m).with_context(|| format!("removing {}", m.display()))?;
     }
     if let Some(p) = status_file {
         let _ = std::fs::remove_file(p);

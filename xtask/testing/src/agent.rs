@@ -193,3 +193,81 @@ pub fn lb_binary() -> Result<PathBuf> {
     }
     Ok(lb)
 }
+
+/// The `lb` binary of an earlier commit of this repository, for upgrade tests, built
+/// once as `<target>/debug/lb-<commit>` and reused. The commit's tree is extracted with
+/// `git archive` (no worktree is registered) into `<target>/old-lb/<commit>/`, its
+/// packages and binary renamed (`lb-<commit>`) in its manifests, and built into this
+/// build's own target directory: the crates both Cargo.locks share are compiled once
+/// (a target directory of its own took 4 min 40 s), and the renames keep its artifacts
+/// apart from this build's. Needs the commit in the clone's history (no shallow
+/// checkout).
+pub fn old_lb_binary(commit: &str) -> Result<PathBuf> {
+    // One build at a time: the tests of one binary run on threads of one process.
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = std::env::current_exe().context("the test executable's path")?;
+    // target/<profile>/deps/<test>
+    let target = exe.ancestors().nth(3).context("the target directory")?;
+    let name = format!("lb-{commit}");
+    let lb = target.join("debug").join(&name);
+    if lb.is_file() {
+        return Ok(lb);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let t0 = Instant::now();
+    let src = target.join("old-lb").join(commit);
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    let archive = Command::new("git")
+        .arg("-C")
+        .arg(&repo)
+        .args(["archive", "--format=tar", commit])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running git archive")?;
+    let st =
+        Command::new("tar").arg("-x").arg("-C").arg(&src).stdin(archive.stdout.context("git's stdout")?).status()?;
+    anyhow::ensure!(
+        st.success() && src.join("lb-userspace/Cargo.toml").is_file(),
+        "cannot extract commit {commit} (`git fetch --unshallow` if this clone is shallow)"
+    );
+    // Cargo hashes a workspace package by its path from the workspace root, so the old
+    // tree's lb-common and lb-userspace would share (and overwrite) this build's
+    // artifacts: renamed packages (their crate names kept) get their own.
+    let (common, userspace) = (format!("lb-common-{commit}"), format!("lb-userspace-{commit}"));
+    for (file, from, to) in [
+        (
+            "Cargo.toml",
+            "lb-common = { path = \"lb-common\"",
+            format!("lb-common = {{ package = \"{common}\", path = \"lb-common\""),
+        ),
+        (
+            "Cargo.toml",
+            "lb-userspace = { path = \"lb-userspace\"",
+            format!("lb-userspace = {{ package = \"{userspace}\", path = \"lb-userspace\""),
+        ),
+        ("lb-common/Cargo.toml", "name = \"lb-common\"\n", format!("name = \"{common}\"\n")),
+        ("lb-userspace/Cargo.toml", "name = \"lb-userspace\"\n", format!("name = \"{userspace}\"\n")),
+        ("lb-userspace/Cargo.toml", "[[bin]]\nname = \"lb\"\n", format!("[[bin]]\nname = \"{name}\"\n")),
+    ] {
+        let path = src.join(file);
+        let text = std::fs::read_to_string(&path)?;
+        anyhow::ensure!(
+            text.contains(from),
+            "{} has no {from:?}: this build cannot rename its packages",
+            path.display()
+        );
+        std::fs::write(&path, text.replacen(from, &to, 1))?;
+    }
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&src)
+        .args(["build", "--package", &userspace, "--bin", &name, "--target-dir"])
+        .arg(target)
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .context("building the old lb")?;
+    anyhow::ensure!(st.success() && lb.is_file(), "building lb of commit {commit} failed");
+    eprintln!("built lb of {commit} in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(lb)
+}
