@@ -672,6 +672,7 @@ fn setup(dp: &mut Datapath) -> Result<Planted> {
         slot: 1,
         seen,
         epoch: old_epoch,
+        created: seen,
     };
     let mut planted = Planted::new();
     ct_pair(dp, key(40009, VIP, 80, IPPROTO_TCP), val(BE_DRAIN, 8080, SVC_TCP, ID_DRAIN, now))?;
