@@ -177,14 +177,21 @@ pub fn pick_backend(svc: &ServiceValue, flow: u32) -> Option<(u32, BackendValue)
 
 /// The backend of a new connection to `svc`: an affinity entry's (`aff`: the map and
 /// the client's key) while it is live and its backend still in the service, else the
-/// lookup table's bucket of `flow`; an affinity entry remembers the choice. The one
-/// scheduler of the per-packet path (clients by IP) and of the socket LB (clients by
-/// network namespace, sock.rs).
+/// lookup table's bucket of `flow`; an affinity entry remembers the choice when
+/// `record`. The one scheduler of the per-packet path (clients by IP) and of the
+/// socket LB (clients by network namespace, sock.rs).
+///
+/// `record` is false for an established TCP flow found without its conntrack entry
+/// (evicted): it is re-picked, but it is no new connection, so it neither refreshes
+/// the client's entry nor, when that was evicted too, writes one. Written, a re-pick
+/// by the flow's hash would move the client's other established connections, found
+/// evicted later, to the backend this one hashes to (tests/faults_maps.rs).
 #[inline(always)]
 pub fn schedule<K>(
     svc: &ServiceValue,
     flow: u32,
     aff: Option<(&LruHashMap<K, AffinityValue>, &K)>,
+    record: bool,
 ) -> Option<(u32, BackendValue)> {
     let mut chosen = None;
     let mut now = 0;
@@ -213,7 +220,9 @@ pub fn schedule<K>(
         Some(c) => c,
         None => pick_backend(svc, flow)?,
     };
-    if let Some((map, key)) = aff {
+    if let Some((map, key)) = aff
+        && record
+    {
         let v = AffinityValue { last_used_ns: now, backend_id: backend.backend_id, slot };
         if map.insert(key, &v, 0).is_err() {
             count(Reason::MapInsertFailed, 0);
@@ -577,8 +586,9 @@ fn new_flow(
     // "session affinity timeout" test checks exactly that); the entry then keeps the
     // client's later connections on the pod chosen here.
     let flow = hash::flow_hash(l3.saddr_be, l3.daddr_be, l4.sport_be, l4.dport_be, l3.proto);
+    let midflow = l3.proto == IPPROTO_TCP && !syn;
     // count > 0 but no slot found: the agent is mid-update; treat as empty.
-    let Some((slot, backend)) = schedule(svc, flow, affinity.then_some((&AFFINITY, &aff_key))) else {
+    let Some((slot, backend)) = schedule(svc, flow, affinity.then_some((&AFFINITY, &aff_key)), !midflow) else {
         return Action::drop(Reason::NoBackendDrop);
     };
 
@@ -587,7 +597,7 @@ fn new_flow(
     if hairpin {
         flags |= CT_F_HAIRPIN;
     }
-    if l3.proto == IPPROTO_TCP && !syn {
+    if midflow {
         // Mid-connection with no entry: it was evicted or expired. The backend chosen
         // is the one the flow had as long as the backend set is unchanged (the choice
         // is a pure function of the 5-tuple); take the flow as established.

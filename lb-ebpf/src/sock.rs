@@ -115,7 +115,7 @@ fn xlate_fwd(ctx: &SockAddrContext, verdict: Reason) -> i32 {
         svc_id: svc.id,
         _pad: 0,
     };
-    let Some((_, backend)) = schedule(&svc, flow, affinity.then_some((&SOCK_AFFINITY, &aff_key))) else {
+    let Some((_, backend)) = schedule(&svc, flow, affinity.then_some((&SOCK_AFFINITY, &aff_key)), true) else {
         // count > 0 but no slot found: the agent is mid-update. Untranslated, the
         // per-packet path sees it (for a pod) once the update is done.
         count(Reason::SockPass, 0);

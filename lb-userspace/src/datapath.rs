@@ -50,6 +50,12 @@ pub enum DatapathError {
          Run `lb cleanup`, or remove the file"
     )]
     LayoutMismatch { path: PathBuf, what: String },
+    #[error(
+        "pinned map {path} has {found} entries but {wanted} are asked for (its --max-* flag); a pinned map \
+         keeps its size. Start with the old size, or stop the agent and run `lb cleanup` first (which \
+         cuts the node's established flows)"
+    )]
+    SizeMismatch { path: PathBuf, found: u32, wanted: u32 },
     #[error("cannot inspect pinned map {path}")]
     PinnedMap {
         path: PathBuf,
@@ -162,9 +168,10 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
 }
 
 /// Refuses pinned maps of another layout version (but the previous one's while
-/// `migrating`), or whose type or sizes differ from this build's, before the loader
-/// would silently reuse them.
-pub fn check_pinned(pin_dir: &Path, migrating: bool) -> Result<(), DatapathError> {
+/// `migrating`), whose type or key and value sizes differ from this build's, or whose
+/// number of entries differs from what `max_entries` asks, before the loader would
+/// silently reuse them (aya takes a pinned map as it is).
+pub fn check_pinned(pin_dir: &Path, migrating: bool, max_entries: &[(&'static str, u32)]) -> Result<(), DatapathError> {
     let entries = match std::fs::read_dir(pin_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -178,6 +185,13 @@ pub fn check_pinned(pin_dir: &Path, migrating: bool) -> Result<(), DatapathError
                 MapData::from_pin(&path).map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
             let info = map.info().map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
             check_info(&path, &info, mtype, ksz, vsz)?;
+            // The loader applies the last override of a name.
+            if let Some(&(_, wanted)) = max_entries.iter().rev().find(|(n, _)| *n == name) {
+                let found = info.max_entries();
+                if found != wanted {
+                    return Err(DatapathError::SizeMismatch { path, found, wanted });
+                }
+            }
         } else if let Some(prefix) = map_names::PREFIXES.iter().find(|p| name.starts_with(**p)) {
             if migrating && name[prefix.len()..] == upgrade::PREVIOUS.to_string() {
                 continue;
@@ -221,7 +235,7 @@ pub fn is_bpffs(dir: &Path) -> bool {
 /// Loads the datapath: maps are created or reused under `opts.pin_dir` (which must be
 /// on a bpffs), and both programs are verified and loaded, not yet attached.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf, DatapathError> {
-    check_pinned(&opts.pin_dir, opts.migrating)?;
+    check_pinned(&opts.pin_dir, opts.migrating, &opts.max_entries)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&opts.pin_dir);
     for (name, n) in &opts.max_entries {

@@ -571,6 +571,48 @@ fn cases() -> Vec<Case> {
             };
             c
         },
+        {
+            // An established connection whose conntrack entry was evicted, and the
+            // client's affinity entry too: re-picked by its hash, and no entry is
+            // written, as it is no new connection (tests/faults_maps.rs: written, it
+            // would move the client's other evicted connections to this backend).
+            let mut est = tcp(CLIENT, 3004, VIP_AFF, 80);
+            est.payload = b"more".to_vec();
+            let exp = est.nat(CLIENT, 3004, BE_AFF[aff_pick(CLIENT, 3004)], 8080);
+            let mut c = case(
+                "affinity: an evicted established flow is re-picked and writes no entry",
+                est,
+                Pass,
+                Expect::Packet(exp),
+                &[FwdNew, AffinityMiss, CtMidflowMiss],
+            );
+            c.after = |dp, _| assert!(dp.affinity().is_empty(), "a mid-flow re-pick wrote {:?}", dp.affinity());
+            c
+        },
+        {
+            // The same with the client's entry live: it names the backend (the
+            // connection was most likely opened under it), and is left as it was.
+            let mut est = tcp(CLIENT, 3005, VIP_AFF, 80);
+            est.payload = b"more".to_vec();
+            let other = (aff_pick(CLIENT, 3005) + 1) % 3;
+            let exp = est.nat(CLIENT, 3005, BE_AFF[other], 8080);
+            let mut c = case(
+                "affinity: an evicted established flow follows the live entry, left as it was",
+                est,
+                Pass,
+                Expect::Packet(exp),
+                &[FwdNew, AffinityHit, CtMidflowMiss],
+            );
+            c.setup = |dp| {
+                let other = (aff_pick(CLIENT, 3005) + 1) % 3;
+                put_aff(dp, CLIENT, 301 + other as u32, other as u32 + 1, 800_000_000);
+            };
+            c.after = |dp, _| {
+                let a = affinity_entry(dp, CLIENT);
+                assert!(monotonic_ns() - a.last_used_ns >= 800_000_000, "last use left alone");
+            };
+            c
+        },
         Case {
             before: vec![aff_syn(CLIENT, 1000)],
             ..case(

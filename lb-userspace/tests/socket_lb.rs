@@ -225,6 +225,19 @@ impl Fixture {
     /// Backends answer on every address in `backends` (`REMOTE_POD_IP` on the second
     /// node, the rest in the server pod); the agent is ready and has `svcs` programmed.
     fn new(tag: &str, socket_lb: SocketLb, backends: &[Ipv4Addr], svcs: &[Svc]) -> Self {
+        Self::try_new(tag, socket_lb, backends, svcs, None).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Fixture::new`], with the agent's capabilities limited to `caps` (setpriv's
+    /// names: `bpf`, `net_admin`) when given; an error when the agent does not get
+    /// ready.
+    fn try_new(
+        tag: &str,
+        socket_lb: SocketLb,
+        backends: &[Ipv4Addr],
+        svcs: &[Svc],
+        caps: Option<&[&str]>,
+    ) -> Result<Self> {
         netns::remove_stale().unwrap();
         cgroup::remove_stale().unwrap();
         let topo = Topology::new().unwrap();
@@ -245,17 +258,21 @@ impl Fixture {
         let file = dir.0.join("objects.yaml");
         let status_file = dir.0.join("status.json");
         write_file(&file, &yaml(svcs));
-        let agent = Self::spawn_agent(&topo, &bpffs, &cgroup, &file, &status_file, &dir, socket_lb);
+        let agent = Self::spawn_agent(&topo, &bpffs, &cgroup, &file, &status_file, &dir, socket_lb, caps);
         let f = Self { agent, _servers, cgroup, remote, topo, bpffs, file, status_file, dir };
-        f.wait_programmed(svcs, START_TIMEOUT);
-        f.agent
-            .wait_for("the agent ready (socket-LB attached)", START_TIMEOUT, || {
-                read_status(&f.status_file).filter(|s| s.ready).map(drop)
-            })
-            .unwrap();
-        f
+        let want = expected(svcs);
+        f.agent.wait_for("the Services programmed", START_TIMEOUT, || {
+            let mut got = f.agent_programmed();
+            got.sort();
+            (got == want).then_some(())
+        })?;
+        f.agent.wait_for("the agent ready (socket-LB attached)", START_TIMEOUT, || {
+            read_status(&f.status_file).filter(|s| s.ready).map(drop)
+        })?;
+        Ok(f)
     }
 
+    #[expect(clippy::too_many_arguments, reason = "the fixture's parts, each used once")]
     fn spawn_agent(
         topo: &Topology,
         bpffs: &lb_testing::PrivateBpffs,
@@ -264,9 +281,22 @@ impl Fixture {
         status_file: &Path,
         dir: &Scratch,
         socket_lb: SocketLb,
+        caps: Option<&[&str]>,
     ) -> AgentProcess {
         // Not `ip netns exec`, whose own /sys hides the cgroup2 mount below it.
-        let mut c = topo.node.command_net_only(lb());
+        let mut c = match caps {
+            None => topo.node.command_net_only(lb()),
+            // A root process's capabilities after execve are its bounding set
+            // (capabilities(7), "Transformation of capabilities during execve()"), so
+            // the agent runs with exactly `caps`, as under the DaemonSet's
+            // `capabilities: {drop: [ALL], add: [...]}`.
+            Some(caps) => {
+                let mut c = topo.node.command_net_only("setpriv");
+                let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+                c.arg(format!("--bounding-set=-all,{}", set.join(","))).arg("--").arg(lb());
+                c
+            }
+        };
         c.args(["agent", "--iface-glob", "to-*", "--iface-rescan", "200ms", "--file-poll", "20ms"])
             .args(["--metrics-addr", METRICS_ADDR])
             .args(["--socket-lb", if socket_lb == SocketLb::On { "on" } else { "off" }])
@@ -677,7 +707,7 @@ fn socket_lb_off_attaches_nothing_and_cleanup_detaches_the_programs() {
 
     // On: one program on each hook, until `lb cleanup` removes the pinned links.
     let _ = std::fs::remove_file(&f.status_file);
-    f.agent = Fixture::spawn_agent(&f.topo, &f.bpffs, &f.cgroup, &f.file, &f.status_file, &f.dir, SocketLb::On);
+    f.agent = Fixture::spawn_agent(&f.topo, &f.bpffs, &f.cgroup, &f.file, &f.status_file, &f.dir, SocketLb::On, None);
     f.wait_programmed(&svcs, START_TIMEOUT);
     f.agent
         .wait_for("ready with socket-LB", START_TIMEOUT, || read_status(&f.status_file).filter(|s| s.ready).map(drop))
@@ -689,4 +719,140 @@ fn socket_lb_off_attaches_nothing_and_cleanup_detaches_the_programs() {
     f.agent.term().unwrap();
     cleanup(&f);
     assert_eq!(f.cgroup.sock_programs().unwrap(), 0, "`lb cleanup` left socket programs on the cgroup");
+}
+
+/// The capabilities deploy/lb-agent.yaml adds (`capabilities: {drop: [ALL], add: ...}`),
+/// in setpriv's spelling.
+fn manifest_caps() -> Vec<String> {
+    let manifest = include_str!("../../deploy/lb-agent.yaml");
+    let line = manifest
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("add: ["))
+        .unwrap_or_else(|| panic!("deploy/lb-agent.yaml has no `add: [...]` capabilities line"));
+    line.trim_end_matches(']').split(',').map(|c| c.trim().to_ascii_lowercase()).collect()
+}
+
+/// How many processes' `/proc/<pid>/ns/net` this test, with all of root's capabilities,
+/// cannot open: the floor under `lb_socket_lb_netns_refused_total` on this host.
+fn unreadable_even_for_root() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            std::fs::metadata(e.path().join("ns/net"))
+                .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied)
+        })
+        .count()
+}
+
+/// What the agent could do with one set of capabilities.
+#[derive(Debug)]
+struct CapOutcome {
+    /// Why it did not get ready (the error's first line), if it did not.
+    failed: Option<String>,
+    /// Interfaces attached and failed attaches, from the status file.
+    attached: usize,
+    attach_failures: usize,
+    /// TCP and UDP from the pod reach the backend through the ClusterIP.
+    paths: bool,
+    /// A connected UDP socket whose backend left was aborted.
+    aborted: bool,
+    /// `lb_socket_lb_netns_refused_total`.
+    netns_refused: f64,
+}
+
+fn with_caps(caps: &[&str]) -> CapOutcome {
+    let two = [SERVER_IP, SERVER_IP_2];
+    let f = match Fixture::try_new("caps", SocketLb::On, &two, &[Svc::new("web", VIP, &two)], Some(caps)) {
+        Ok(f) => f,
+        Err(e) => {
+            let text = format!("{e:#}");
+            let why = text.lines().find(|l| l.contains("Error") || l.contains("error")).unwrap_or(&text).to_owned();
+            return CapOutcome {
+                failed: Some(why),
+                attached: 0,
+                attach_failures: 0,
+                paths: false,
+                aborted: false,
+                netns_refused: 0.0,
+            };
+        }
+    };
+    let st = read_status(&f.status_file).unwrap();
+    let paths = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let t = client_once(f.pod(), &["tcp", &tcp(VIP).to_string()]).unwrap();
+        let u = client_once(f.pod(), &["udp-connect", &udp(VIP).to_string()]).unwrap();
+        t.get("peer") == Some(tcp(VIP).to_string().as_str())
+            && two.iter().any(|b| t.get("reply") == Some(b.to_string().as_str()))
+            && two.iter().any(|b| u.get("reply") == Some(b.to_string().as_str()))
+    }))
+    .unwrap_or(false);
+    // The UDP abort of `a_backend_removed_under_a_connected_udp_socket_aborts_it`.
+    let mut h = HoldClient::start(f.pod(), "udp-hold", udp(VIP)).unwrap();
+    let backend = h.cmd("send").unwrap().get("reply").map(str::to_owned);
+    let left: Vec<Ipv4Addr> = two.iter().copied().filter(|b| Some(b.to_string()) != backend).collect();
+    f.update(&[Svc::new("web", VIP, &left)]);
+    let refused = |f: &Fixture| f.metric("lb_socket_lb_netns_refused_total", &[]).unwrap_or(0.0);
+    // Either outcome settles within a sync: the socket aborted, or a namespace refused.
+    let _ = f.agent.wait_for("the socket closer's run", CHANGE_TIMEOUT, || {
+        let destroyed = f.metric("lb_socket_lb_destroyed_total", &[r#"protocol="udp""#]).unwrap_or(0.0);
+        (destroyed > 0.0 || refused(&f) > 0.0).then_some(())
+    });
+    let r = h.cmd("send").unwrap();
+    CapOutcome {
+        failed: None,
+        attached: st.attach.len(),
+        attach_failures: st.attach_failures.len(),
+        paths,
+        aborted: r.any_is(&["send_err", "recv_err"], "ECONNABORTED"),
+        netns_refused: refused(&f),
+    }
+}
+
+/// Least privilege, measured: the agent given exactly the manifest's capabilities
+/// (and not root's full set) does its whole job. CAP_SYS_ADMIN, which the kernel also
+/// accepts in place of CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN for bpf(2)
+/// (include/linux/capability.h, `bpf_capable`, `perfmon_capable`; kernel/bpf/syscall.c,
+/// `bpf_net_capable`), is there only to enter pods' network namespaces: without it,
+/// and without CAP_SYS_PTRACE, the datapath works on and only the closing of pods'
+/// sockets to departed backends is lost, and counted. Of the datapath's three, each is
+/// needed. This is the kernel's view (Linux 6.18); the sandbox's containerd and runc
+/// add their own restrictions on top (docs/reliability.md).
+#[test]
+fn the_manifests_capabilities_suffice_and_each_is_needed() {
+    let caps = manifest_caps();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    assert_eq!(caps, ["bpf", "perfmon", "net_admin", "sys_admin", "sys_ptrace"], "deploy/lb-agent.yaml changed");
+    let works = |o: &CapOutcome| o.failed.is_none() && o.paths && o.attach_failures == 0 && o.attached > 0;
+    let all = with_caps(&caps);
+    eprintln!("all of {caps:?}: {all:?}");
+    // Some processes keep their namespaces even from full root (this machine's PID 1,
+    // a container init with capabilities beyond our bounding set): those are the host's,
+    // not a capability the manifest lacks.
+    let host = unreadable_even_for_root() as f64;
+    assert!(works(&all) && all.aborted && all.netns_refused == host, "{all:?}, {host} refused to full root");
+
+    // Without either namespace capability: the datapath whole, the abort lost, counted.
+    for without in ["sys_admin", "sys_ptrace"] {
+        let some: Vec<&str> = caps.iter().copied().filter(|c| *c != without).collect();
+        let o = with_caps(&some);
+        eprintln!("without {without}: {o:?}");
+        assert!(works(&o) && !o.aborted && o.netns_refused > host, "without CAP_{}: {o:?}", without.to_uppercase());
+    }
+    let datapath = ["bpf", "perfmon", "net_admin"];
+    let o = with_caps(&datapath);
+    eprintln!("only {datapath:?}: {o:?}");
+    assert!(works(&o) && !o.aborted && o.netns_refused > host, "{datapath:?} alone: {o:?}");
+    for without in datapath {
+        let some: Vec<&str> = datapath.iter().copied().filter(|c| *c != without).collect();
+        let o = with_caps(&some);
+        eprintln!("{some:?}: {o:?}");
+        assert!(
+            !works(&o),
+            "without CAP_{} (and CAP_SYS_ADMIN), the datapath still works: {o:?}",
+            without.to_uppercase()
+        );
+    }
 }

@@ -35,7 +35,7 @@ use aya::{
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::rpfilter::{PROC_IPV4_CONF, RpFilter, RpFilterStatus};
 use crate::datapath::{self, AttachMode, DatapathError, Hook, TcLink};
@@ -227,6 +227,12 @@ pub fn pinned_links(links_dir: &Path) -> Vec<(PathBuf, AttachPoint)> {
     out
 }
 
+/// The interface `name` is still there, as `ifindex`, in the calling thread's network
+/// namespace.
+fn still_there(name: &str, ifindex: u32) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok_and(|i| i == ifindex)
+}
+
 /// `*` and `?` globbing, as a shell does for interface names.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     fn m(p: &[u8], n: &[u8]) -> bool {
@@ -321,17 +327,22 @@ impl Attacher {
             return;
         }
         let mut st = RpFilterStatus::default();
-        for ap in attached {
-            match self.rp.disable_on(&ap.iface) {
+        // Once per interface (pod interfaces have two attachments).
+        let ifaces: BTreeSet<&str> = attached.iter().map(|ap| ap.iface.as_str()).collect();
+        for iface in ifaces {
+            match self.rp.disable_on(iface) {
                 Ok(Some(was)) => {
-                    info!(iface = %ap.iface, was, "rp_filter set to 0: replies are reverse-NATed before routing")
+                    info!(%iface, was, "rp_filter set to 0: replies are reverse-NATed before routing")
                 }
                 Ok(None) => {}
+                // Its pin outlived it: the interface went since the last reconcile
+                // (the next one detaches it).
+                Err(_) if nix::net::if_::if_nametoindex(iface).is_err() => {}
                 Err(e) => {
-                    if !self.rp_status.ifaces_failed.contains(&ap.iface) {
-                        warn!(iface = %ap.iface, error = %e, "cannot set rp_filter to 0; replies through this interface may be dropped");
+                    if !self.rp_status.ifaces_failed.iter().any(|f| f == iface) {
+                        warn!(%iface, error = %e, "cannot set rp_filter to 0; replies through this interface may be dropped");
                     }
-                    st.ifaces_failed.push(ap.iface.clone());
+                    st.ifaces_failed.push(iface.to_owned());
                 }
             }
         }
@@ -469,6 +480,14 @@ impl Attacher {
                 Ok(()) => {
                     info!(iface, hook = %ap.hook_name(), "attached");
                     self.ours.insert(ap.pin_name());
+                    self.failed.remove(want);
+                }
+                // Gone (or replaced) since `interfaces()` listed it: no failure to
+                // retry, and no reason to be unready; the next reconcile sees what is
+                // there now. Pods come and go by the second on a busy node
+                // (tests/faults_links.rs: at 50 a second, about half the attaches).
+                Err(e) if !still_there(iface, *ifindex) => {
+                    debug!(iface, hook = %ap.hook_name(), error = %crate::agent::chain(&e), "interface went before its attach");
                     self.failed.remove(want);
                 }
                 Err(e) => {

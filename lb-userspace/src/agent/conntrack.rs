@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use lb_common::{CT_DIR_FORWARD, CtKey4, CtValue4, map_names};
+use lb_common::{AffinityKey4, AffinityValue, CT_DIR_FORWARD, CtKey4, CtValue4, map_names};
 
 /// One pass of the collector.
 #[derive(Clone, Debug, Default)]
@@ -31,6 +31,58 @@ pub struct GcPass {
     /// (service id, backend id) of every live forward half.
     pub live: HashSet<(u32, u32)>,
     pub took_us: u64,
+    /// The fill of the two LRU maps the datapath writes on new flows, from
+    /// [`Fill::measure`]; absent when the maps could not be read.
+    pub fill: Option<MapFill>,
+}
+
+/// Entries and capacity of the conntrack and affinity LRUs. The kernel counts no LRU
+/// evictions (an insert into a full LRU hash map evicts and succeeds,
+/// kernel/bpf/hashtab.c, `prealloc_lru_pop`), so a table at capacity is the agent's
+/// sign that the datapath is evicting; `ct_midflow_miss`, `ct_recovered` and
+/// `affinity_miss` count what the evictions cost (docs/reliability.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapFill {
+    pub ct_entries: usize,
+    pub ct_capacity: u32,
+    pub affinity_entries: usize,
+    pub affinity_capacity: u32,
+}
+
+/// Reads [`MapFill`] beside the collector's walk: the affinity map's keys are counted
+/// (one syscall per entry, as the conntrack walk costs two), the capacities are the
+/// maps' `max_entries`.
+pub struct Fill {
+    affinity: BpfHashMap<MapData, AffinityKey4, AffinityValue>,
+    ct_capacity: u32,
+    affinity_capacity: u32,
+}
+
+impl Fill {
+    /// The pinned maps under `bpffs`.
+    pub fn open(bpffs: &Path) -> Result<Self, GcError> {
+        let open = |name: &str| {
+            let path = bpffs.join(name);
+            MapData::from_pin(&path).map_err(|source| GcError::Open { path, source })
+        };
+        let max = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
+        let ct_capacity = max(&open(map_names::CONNTRACK)?);
+        let aff = open(map_names::AFFINITY)?;
+        let affinity_capacity = max(&aff);
+        let affinity = BpfHashMap::try_from(aya::maps::Map::LruHashMap(aff))
+            .map_err(|source| GcError::Open { path: bpffs.join(map_names::AFFINITY), source })?;
+        Ok(Self { affinity, ct_capacity, affinity_capacity })
+    }
+
+    /// Sets `pass.fill`: the conntrack entries the walk saw, the affinity entries now.
+    pub fn measure(&self, pass: &mut GcPass) {
+        pass.fill = Some(MapFill {
+            ct_entries: pass.entries,
+            ct_capacity: self.ct_capacity,
+            affinity_entries: self.affinity.keys().filter(Result::is_ok).count(),
+            affinity_capacity: self.affinity_capacity,
+        });
+    }
 }
 
 /// The kernel's jiffies clock as userspace can follow it: HZ, and one (jiffies,
@@ -162,16 +214,18 @@ pub fn open(bpffs: &Path) -> Result<BpfHashMap<MapData, CtKey4, CtValue4>, GcErr
 pub fn collect(ct: &mut BpfHashMap<MapData, CtKey4, CtValue4>, now: u32) -> GcPass {
     let t0 = Instant::now();
     let mut pass = GcPass::default();
-    // Keys first: deleting while the kernel iterates would restart the walk.
-    let entries: Vec<(CtKey4, CtValue4)> = ct.iter().filter_map(Result::ok).collect();
-    pass.entries = entries.len();
+    // The walk first, deletions after: deleting while the kernel iterates would restart
+    // it. Only the dead keys are kept, not the table: a copy of every entry made the
+    // agent's heap grow with the table (117 bytes per entry, 30 MB for a full default
+    // table), which is what the soak's RSS followed while the table filled.
     let mut dead = Vec::new();
-    for (k, v) in &entries {
+    for (k, v) in ct.iter().filter_map(Result::ok) {
+        pass.entries += 1;
         if v.expired(k.proto, now) {
-            dead.push(*k);
+            dead.push(k);
             // The other half goes with it; it carries the same state and was refreshed
             // with it, so it is expired too (or already gone).
-            dead.push(v.other_half(k).0);
+            dead.push(v.other_half(&k).0);
             if v.dir == CT_DIR_FORWARD {
                 pass.expired_flows += 1;
             }

@@ -30,10 +30,7 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use super::{
-    metrics::Metrics,
-    model::{AddressType, Slice},
-};
+use super::{metrics::Metrics, model::Slice};
 
 /// Set by the EndpointSlice controller to the time of the earliest Pod or Service
 /// change that its write of the slice reflects
@@ -91,7 +88,7 @@ pub fn applied_change(
     metrics: &Metrics,
 ) -> Option<SliceChange> {
     let service = new.service.as_deref()?;
-    if new.address_type == AddressType::Other || prev == Some(new) {
+    if !new.address_type.feeds_ipv4() || prev == Some(new) {
         return None;
     }
     match trigger {
@@ -785,6 +782,7 @@ fn file_changes(
 
 #[cfg(test)]
 mod tests {
+    use super::super::model::AddressType;
     use super::*;
 
     #[test]
@@ -989,7 +987,7 @@ spec: {ports: "not a list"}
         assert_eq!(applied_change(None, &a, Ok(None), &m), None);
         assert_eq!(applied_change(None, &slice("default", "x", None, "10.0.0.1"), Ok(Some(t)), &m), None);
         let mut v6 = a.clone();
-        v6.address_type = AddressType::Other;
+        v6.address_type = AddressType::IPv6;
         assert_eq!(applied_change(None, &v6, Ok(Some(t)), &m), None);
         // Malformed: counted, skipped.
         let bad = last_change_trigger_time(Some(&trigger_annotation("nope")));

@@ -209,6 +209,7 @@ struct Live {
     ct_open_flows: AtomicU64,
     ct_expired_total: AtomicU64,
     ct_passes: AtomicU64,
+    map_fill: Mutex<Option<super::conntrack::MapFill>>,
     rp_filter: Mutex<super::rpfilter::RpFilterStatus>,
     programmed: Mutex<Arc<Vec<ProgrammedFrontend>>>,
     stats: Mutex<Option<StatsReader>>,
@@ -269,6 +270,27 @@ impl Collector for Live {
                 &ConstGauge::new(self.ct_open_flows.load(Ordering::Relaxed)),
             )?;
             // Counter names go without `_total`: the encoder appends it.
+            if let Some(f) = self.map_fill.lock().ok().and_then(|f| *f) {
+                for (name, help, v) in [
+                    (
+                        "lb_conntrack_capacity",
+                        "Size of the conntrack LRU (--max-conntrack): at lb_conntrack_entries, new flows evict old ones (the kernel counts no evictions; lb_datapath_packets{reason=\"ct_midflow_miss\"} counts established TCP flows found evicted).",
+                        f.ct_capacity as i64,
+                    ),
+                    (
+                        "lb_affinity_entries",
+                        "ClientIP affinity entries at the collector's last pass.",
+                        f.affinity_entries as i64,
+                    ),
+                    (
+                        "lb_affinity_capacity",
+                        "Size of the affinity LRU (--max-affinity): at lb_affinity_entries, new clients evict old ones (lb_datapath_packets{reason=\"affinity_miss\"} counts clients found without an entry).",
+                        f.affinity_capacity as i64,
+                    ),
+                ] {
+                    encode_one(enc, name, help, &ConstGauge::new(v))?;
+                }
+            }
             encode_one(
                 enc,
                 "lb_conntrack_expired",
@@ -384,6 +406,7 @@ pub struct Metrics {
     socket_lb_attached: Gauge,
     sockets_destroyed: Family<Label, Counter>,
     socket_closer_errors: Counter,
+    socket_netns_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -423,6 +446,7 @@ impl Metrics {
             socket_lb_attached: Gauge::default(),
             sockets_destroyed: Family::default(),
             socket_closer_errors: Counter::default(),
+            socket_netns_refused: Counter::default(),
         };
         // Every reason is exported, zero or not, so that a rate() over it starts at 0.
         for k in IssueKind::ALL {
@@ -453,6 +477,11 @@ impl Metrics {
             "lb_socket_lb_close_errors",
             "Runs of the socket iterator that failed (the sockets stay open)",
             m.socket_closer_errors.clone(),
+        );
+        r.register(
+            "lb_socket_lb_netns_refused",
+            "Network namespaces the socket iterator could not walk (no CAP_SYS_PTRACE or CAP_SYS_ADMIN); their sockets stay open",
+            m.socket_netns_refused.clone(),
         );
         for proto in ["udp", "tcp"] {
             let _ = m.sockets_destroyed.get_or_create(&[("protocol", proto)]);
@@ -545,6 +574,9 @@ impl Metrics {
         l.ct_open_flows.store(p.open_flows as u64, Ordering::Relaxed);
         l.ct_expired_total.fetch_add(p.expired_flows as u64, Ordering::Relaxed);
         l.ct_passes.fetch_add(1, Ordering::Relaxed);
+        if let (Some(f), Ok(mut m)) = (p.fill, l.map_fill.lock()) {
+            *m = Some(f);
+        }
     }
     pub fn set_attach_failures(&self, f: &[super::attach::AttachFailure]) {
         if let Ok(mut m) = self.live.attach_failing.lock() {
@@ -672,6 +704,10 @@ impl Metrics {
     pub fn sockets_destroyed(&self, udp: u64, tcp: u64) {
         self.sockets_destroyed.get_or_create(&[("protocol", "udp")]).inc_by(udp);
         self.sockets_destroyed.get_or_create(&[("protocol", "tcp")]).inc_by(tcp);
+    }
+    /// A run of the socket iterators could not walk `n` network namespaces.
+    pub fn socket_netns_refused(&self, n: usize) {
+        self.socket_netns_refused.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
     pub fn socket_close_error(&self) {
         self.socket_closer_errors.inc();
@@ -881,6 +917,12 @@ mod tests {
             entries: 4,
             open_flows: 2,
             expired_flows: 3,
+            fill: Some(super::super::conntrack::MapFill {
+                ct_entries: 4,
+                ct_capacity: 256,
+                affinity_entries: 5,
+                affinity_capacity: 128,
+            }),
             ..Default::default()
         });
         m.set_rp_filter(&super::super::rpfilter::RpFilterStatus { all: Some(1), ..Default::default() });
@@ -899,6 +941,9 @@ mod tests {
             ("lb_attach_errors_total", "counter"),
             ("lb_conntrack_entries", "gauge"),
             ("lb_conntrack_open_flows", "gauge"),
+            ("lb_conntrack_capacity", "gauge"),
+            ("lb_affinity_entries", "gauge"),
+            ("lb_affinity_capacity", "gauge"),
             ("lb_conntrack_expired_total", "counter"),
             ("lb_attach_failing", "gauge"),
             ("lb_source_errors_total", "counter"),
@@ -925,6 +970,9 @@ mod tests {
             "lb_attach_failing{interface=\"eth\\\"0\",hook=\"tc\"} 1",
             "lb_conntrack_entries 4",
             "lb_conntrack_open_flows 2",
+            "lb_conntrack_capacity 256",
+            "lb_affinity_entries 5",
+            "lb_affinity_capacity 128",
             "lb_conntrack_expired_total 3",
             "lb_rp_filter_all 1",
             "lb_rp_filter_problem 0",

@@ -164,8 +164,10 @@ fn write_status(path: &Path, st: &AgentStatus) {
 /// Runs the agent until `shutdown` resolves. Programs, links and maps stay pinned when
 /// it returns: a restarted agent picks them up without losing a flow.
 ///
-/// The steps, in order: [`open_datapath`] (load or adopt, set the clock), the metrics
-/// and [`serve`], [`AttachTask::start`] (first reconcile, link watch), the
+/// The steps, in order: what can fail on the flags alone, before the datapath is
+/// touched (a bad kubeconfig or a taken --metrics-addr must change nothing): the
+/// bpffs check, [`plan_source`] and [`serve`]; then [`open_datapath`] (load or adopt,
+/// set the clock), [`AttachTask::start`] (first reconcile, link watch), the
 /// [`conntrack_task`], [`open_source`], then the [`SyncLoop`] (initial list, syncs).
 /// The attach, HTTP and collector tasks run in a [`Tasks`] set beside the sync loop:
 /// the first of them to fail ends the agent with its error; shutdown (or any error)
@@ -180,13 +182,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     conntrack::init_clock(&cfg.proc_dir)
         .map_err(anyhow::Error::msg)
         .context("reading the kernel's clock; run as root, with the host's /proc as --proc-dir")?;
-    let Datapath { mut ebpf, maps, syncer, upgrade } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
-    let metrics = new_metrics(&cfg.bpffs);
-    let socket_lb = start_socket_lb(&mut ebpf, &cfg, &metrics)?;
+    let plan = plan_source(&cfg.source).await?;
+    let metrics = Arc::new(metrics::Metrics::default());
     let mut tasks = Tasks::default();
     if let Some(addr) = cfg.metrics_addr {
         tasks.spawn("HTTP", serve(addr, metrics.clone()).await?);
     }
+    let Datapath { mut ebpf, maps, syncer, upgrade } = open_datapath(&cfg.bpffs, &cfg.map_sizes)?;
+    open_stats(&metrics, &cfg.bpffs);
+    let socket_lb = start_socket_lb(&mut ebpf, &cfg, &metrics)?;
     let (attach, attach_state) = AttachTask::start(ebpf, &cfg.attach, &cfg.bpffs, cfg.iface_rescan, metrics.clone())?;
     // Every link now runs this agent's programs (the first reconcile adopted them):
     // the old layout's maps are written no more.
@@ -201,7 +205,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             Err(e) => warn!(error = %chain(&e), "no conntrack collector; expired flows age out of the LRU only"),
         }
     }
-    let source = open_source(&cfg.source, cfg.file_poll, metrics.clone()).await?;
+    let source = open_source(plan, cfg.file_poll, metrics.clone()).await?;
     info!(source = %source.description, node = ?cfg.node.name, zone = ?cfg.node.zone, "waiting for the initial list");
     let mut sync = SyncLoop::new(SyncConfig::of(&cfg, started), source, syncer, maps, metrics, attach_state, gc_rx);
     if let Some((status, closer)) = socket_lb {
@@ -345,13 +349,12 @@ fn start_socket_lb(
 }
 
 /// The metrics, with the datapath's counters if their maps open.
-fn new_metrics(bpffs: &Path) -> Arc<metrics::Metrics> {
-    let metrics = Arc::new(metrics::Metrics::default());
+/// The datapath's counters for /metrics, once the maps are there.
+fn open_stats(metrics: &metrics::Metrics, bpffs: &Path) {
     match metrics::StatsReader::open(bpffs) {
         Ok(r) => metrics.set_stats_reader(r),
         Err(e) => warn!(error = %e, "cannot open counter maps; datapath counters not exported"),
     }
-    metrics
 }
 
 /// Binds `addr` now (so that a taken port fails the start) and returns the task that
@@ -530,14 +533,16 @@ pub fn conntrack_task(
     every: Duration,
     passes: mpsc::Sender<conntrack::GcPass>,
 ) -> Result<impl Future<Output = Result<()>> + Send + 'static, conntrack::GcError> {
-    let ct = Arc::new(Mutex::new(conntrack::open(bpffs)?));
+    let ct = Arc::new(Mutex::new((conntrack::open(bpffs)?, conntrack::Fill::open(bpffs)?)));
     Ok(async move {
         loop {
             tokio::time::sleep(every).await;
             let ct = ct.clone();
             let pass = tokio::task::spawn_blocking(move || {
-                let mut ct = ct.lock().unwrap_or_else(|e| e.into_inner());
-                conntrack::collect(&mut ct, conntrack::now_tick())
+                let (ct, fill) = &mut *ct.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pass = conntrack::collect(ct, conntrack::now_tick());
+                fill.measure(&mut pass);
+                pass
             })
             .await;
             match pass {
@@ -552,17 +557,31 @@ pub fn conntrack_task(
     })
 }
 
+/// A source whose configuration has been read ([`plan_source`]), not yet started.
+pub enum SourcePlan {
+    File(PathBuf),
+    Kubernetes(kube::Client),
+}
+
+/// Reads what the source needs (the kubeconfig) without contacting anything, so that
+/// a bad one fails the start before the datapath is touched.
+pub async fn plan_source(spec: &SourceSpec) -> Result<SourcePlan> {
+    Ok(match spec {
+        SourceSpec::File(path) => SourcePlan::File(path.clone()),
+        SourceSpec::Kubernetes { kubeconfig } => SourcePlan::Kubernetes(
+            k8s::client(kubeconfig.as_deref())
+                .await
+                .context("configuring the Kubernetes client; fix --kubeconfig, or use --source file:PATH")?,
+        ),
+    })
+}
+
 /// Starts watching the source (the Kubernetes watches, or following the file); the
 /// sync loop waits for its initial list.
-pub async fn open_source(
-    spec: &SourceSpec,
-    file_poll: Duration,
-    metrics: Arc<metrics::Metrics>,
-) -> Result<k8s::Source> {
-    Ok(match spec {
-        SourceSpec::File(path) => k8s::file(path.clone(), file_poll, metrics),
-        SourceSpec::Kubernetes { kubeconfig } => {
-            let client = k8s::client(kubeconfig.as_deref()).await.context("connecting to Kubernetes")?;
+pub async fn open_source(plan: SourcePlan, file_poll: Duration, metrics: Arc<metrics::Metrics>) -> Result<k8s::Source> {
+    Ok(match plan {
+        SourcePlan::File(path) => k8s::file(path, file_poll, metrics),
+        SourcePlan::Kubernetes(client) => {
             k8s::kubernetes(client, metrics).await.context("starting the Kubernetes watches")?
         }
     })
@@ -764,10 +783,19 @@ impl<W: sync::MapWriter> SyncLoop<W> {
             return;
         }
         match closer.close(&departed) {
-            Ok((udp, tcp)) => {
+            Ok(socklb::Closed { udp, tcp, netns_refused }) => {
                 self.metrics.sockets_destroyed(udp, tcp);
+                self.metrics.socket_netns_refused(netns_refused);
                 if udp + tcp > 0 {
                     info!(udp, tcp, backends = departed.len(), "closed the sockets of departed backends");
+                }
+                if netns_refused > 0 {
+                    warn!(
+                        netns_refused,
+                        "the kernel kept the agent out of some network namespaces, whose sockets to departed \
+                         backends stay open; give the agent CAP_SYS_PTRACE (to open /proc/<pid>/ns/net) and \
+                         CAP_SYS_ADMIN (to enter it), as deploy/lb-agent.yaml does"
+                    );
                 }
             }
             Err(e) => {

@@ -186,7 +186,8 @@ impl Desired {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IssueKind {
-    /// An address that is not an IP (ClusterIP or endpoint).
+    /// An address that is not an IP (ClusterIP or endpoint), an endpoint address of
+    /// the wrong family, or one no packet can be sent to (see [`unusable_ip`]).
     InvalidIp,
     /// Port 0 or out of range, on a Service or an EndpointSlice.
     InvalidPort,
@@ -209,10 +210,25 @@ pub enum IssueKind {
     /// A Service with `internalTrafficPolicy: Local` while the agent does not know its
     /// node (no `--node-name`): its frontends get no backends and drop.
     NodeNameUnknown,
+    /// A field the object cannot do without: a Service without `spec` or `spec.ports`,
+    /// an object without `metadata.name`, an endpoint without an address.
+    MissingField,
+    /// An EndpointSlice `addressType` the datapath cannot use: `FQDN` (valid in the
+    /// API, not a packet destination), or none of IPv4, IPv6 and FQDN. IPv6 slices are
+    /// not an issue, just not for the IPv4 datapath.
+    InvalidAddressType,
+    /// A Service `type` other than ClusterIP, NodePort, LoadBalancer or ExternalName.
+    InvalidServiceType,
+    /// Two objects of one kind with the same namespace and name (a file source can
+    /// hold them, an API server cannot): the first is used.
+    DuplicateObject,
+    /// Two ports of one Service or EndpointSlice with the same name and protocol,
+    /// which endpoints are matched by: the first is used.
+    DuplicatePort,
 }
 
 impl IssueKind {
-    pub const ALL: [IssueKind; 11] = [
+    pub const ALL: [IssueKind; 16] = [
         IssueKind::InvalidIp,
         IssueKind::InvalidPort,
         IssueKind::DuplicateEndpoint,
@@ -224,6 +240,11 @@ impl IssueKind {
         IssueKind::TooManyEndpoints,
         IssueKind::InvalidTrafficPolicy,
         IssueKind::NodeNameUnknown,
+        IssueKind::MissingField,
+        IssueKind::InvalidAddressType,
+        IssueKind::InvalidServiceType,
+        IssueKind::DuplicateObject,
+        IssueKind::DuplicatePort,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -238,6 +259,11 @@ impl IssueKind {
             IssueKind::TooManyEndpoints => "too_many_endpoints",
             IssueKind::InvalidTrafficPolicy => "invalid_traffic_policy",
             IssueKind::NodeNameUnknown => "node_name_unknown",
+            IssueKind::MissingField => "missing_field",
+            IssueKind::InvalidAddressType => "invalid_address_type",
+            IssueKind::InvalidServiceType => "invalid_service_type",
+            IssueKind::DuplicateObject => "duplicate_object",
+            IssueKind::DuplicatePort => "duplicate_port",
         }
     }
 }
@@ -312,7 +338,6 @@ pub struct Slice {
     pub headless_label: bool,
     pub address_type: AddressType,
     pub ports: Box<[SlicePort]>,
-    /// Endpoints with at least one address.
     pub endpoints: Box<[SliceEndpoint]>,
 }
 
@@ -321,8 +346,19 @@ pub enum AddressType {
     IPv4,
     /// v1beta1's deprecated family-less `IP`.
     Ip,
-    /// IPv6, FQDN, or anything else: not for the IPv4 datapath.
-    Other,
+    /// Not for the IPv4 datapath, and not an issue.
+    IPv6,
+    /// Valid in the API, but no packet can be sent to a name: an issue.
+    Fqdn,
+    /// Anything else (a file source does not validate): an issue.
+    Unknown,
+}
+
+impl AddressType {
+    /// Whether the slice's addresses may feed the IPv4 datapath.
+    pub const fn feeds_ipv4(self) -> bool {
+        matches!(self, AddressType::IPv4 | AddressType::Ip)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -351,6 +387,8 @@ pub enum EndpointAddress {
     V4(Ipv4Addr),
     /// Not an IPv4 address, kept as written for the issue it may raise.
     Other(Box<str>),
+    /// `addresses` empty or absent (the API requires one): an issue.
+    Missing,
 }
 
 /// Endpoint conditions with the API's defaults applied.
@@ -379,7 +417,9 @@ impl Slice {
             address_type: match address_type {
                 "IPv4" => AddressType::IPv4,
                 "IP" => AddressType::Ip,
-                _ => AddressType::Other,
+                "IPv6" => AddressType::IPv6,
+                "FQDN" => AddressType::Fqdn,
+                _ => AddressType::Unknown,
             },
             ports: ports
                 .unwrap_or_default()
@@ -393,15 +433,17 @@ impl Slice {
             endpoints: endpoints
                 .unwrap_or_default()
                 .iter()
-                .filter_map(|ep| {
-                    let addr = ep.addresses.first()?;
+                .map(|ep| {
                     let c = ep.conditions.as_ref();
                     // Unset ready and serving mean true, unset terminating false
                     // (EndpointConditions API doc; endpointslicecache.go).
-                    Some(SliceEndpoint {
-                        address: match addr.parse() {
-                            Ok(ip) => EndpointAddress::V4(ip),
-                            Err(_) => EndpointAddress::Other(addr.as_str().into()),
+                    SliceEndpoint {
+                        address: match ep.addresses.first() {
+                            None => EndpointAddress::Missing,
+                            Some(addr) => match addr.parse() {
+                                Ok(ip) => EndpointAddress::V4(ip),
+                                Err(_) => EndpointAddress::Other(addr.as_str().into()),
+                            },
                         },
                         cond: Conditions {
                             ready: c.and_then(|c| c.ready).unwrap_or(true),
@@ -418,7 +460,7 @@ impl Slice {
                             .filter(|z| !z.name.is_empty())
                             .map(|z| z.name.as_str().into())
                             .collect(),
-                    })
+                    }
                 })
                 .collect(),
         }
@@ -465,6 +507,28 @@ fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
     (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
 }
 
+/// Why `ip` cannot be a ClusterIP or an endpoint, if it cannot: no packet can be sent
+/// to it, or the kernel would not route it from a pod. Kubernetes' own
+/// `ValidateEndpointIP` (pkg/apis/core/validation) refuses unspecified, loopback,
+/// link-local and link-local multicast endpoint addresses, but only in newer API
+/// servers and not for a file source; multicast and broadcast are refused here too,
+/// since a connection to them makes no sense.
+pub fn unusable_ip(ip: Ipv4Addr) -> Option<&'static str> {
+    Some(if ip.octets()[0] == 0 {
+        "unspecified (0.0.0.0/8)"
+    } else if ip.is_loopback() {
+        "loopback (127.0.0.0/8)"
+    } else if ip.is_link_local() {
+        "link-local (169.254.0.0/16)"
+    } else if ip.is_multicast() {
+        "multicast (224.0.0.0/4)"
+    } else if ip.is_broadcast() {
+        "broadcast"
+    } else {
+        return None;
+    })
+}
+
 fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
     // The API server defaults an unset protocol to TCP.
     match p.unwrap_or("TCP") {
@@ -509,7 +573,8 @@ where
 
 /// Computes the desired state of `node` from all Services and EndpointSlices (in their
 /// compact form, [`Slice`]). Pure: the same input always gives the same output,
-/// whatever the order of the objects.
+/// whatever the order of the objects (but for two objects of one kind and name, which
+/// only a file can hold: the first given is used).
 pub fn compute_on<'a, S, E>(node: &NodeInfo, services: S, slices: E) -> Computed
 where
     S: IntoIterator<Item = &'a Service>,
@@ -523,17 +588,46 @@ where
     let mut by_name: BTreeMap<(String, String), ServiceInfo<'a>> = BTreeMap::new();
     for svc in services {
         let key = ns_name(&svc.metadata);
-        let proxied = classify(svc, &mut out.skipped);
+        let object = format!("Service {}/{}", key.0, key.1);
+        if key.1.is_empty() {
+            issues.insert(Issue { kind: IssueKind::MissingField, object, detail: "has no metadata.name".into() });
+            continue;
+        }
+        if by_name.contains_key(&key) {
+            // Only a file can hold two; which one is "right" is unknowable, and the
+            // first is what a reader of the file sees first.
+            issues.insert(Issue {
+                kind: IssueKind::DuplicateObject,
+                object,
+                detail: "is listed more than once; the first is used".into(),
+            });
+            continue;
+        }
+        let proxied = classify(svc, &object, &mut out.skipped, &mut issues);
         by_name.insert(key, ServiceInfo { svc, proxied });
     }
 
     // Endpoints per (namespace, service name) and service port, merged over slices.
     let mut endpoints: HashMap<(String, String), PortEndpoints<'a>> = HashMap::new();
     let mut slices: Vec<&Slice> = slices.into_iter().collect();
+    // Stable: of two slices with one name, the first given stays first.
     slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut prev_name: Option<(&str, &str)> = None;
     for slice in slices {
         let (ns, name) = (&*slice.namespace, &*slice.name);
         let object = format!("EndpointSlice {ns}/{name}");
+        if name.is_empty() {
+            issues.insert(Issue { kind: IssueKind::MissingField, object, detail: "has no metadata.name".into() });
+            continue;
+        }
+        if prev_name.replace((ns, name)) == Some((ns, name)) {
+            issues.insert(Issue {
+                kind: IssueKind::DuplicateObject,
+                object,
+                detail: "is listed more than once; the first is used".into(),
+            });
+            continue;
+        }
         // kube-proxy does not watch slices labelled headless (`noHeadlessEndpoints`).
         if slice.headless_label {
             continue;
@@ -561,10 +655,21 @@ where
         }
         // Only IPv4 slices feed the (IPv4) datapath; "IP" is v1beta1's deprecated
         // family-less type, whose IPv4 addresses we take.
-        if slice.address_type == AddressType::Other {
-            continue;
+        match slice.address_type {
+            AddressType::IPv4 | AddressType::Ip => {}
+            AddressType::IPv6 => continue,
+            t @ (AddressType::Fqdn | AddressType::Unknown) => {
+                let detail = if t == AddressType::Fqdn {
+                    "has addressType FQDN, which no packet can be sent to"
+                } else {
+                    "has an addressType that is none of IPv4, IPv6 and FQDN"
+                };
+                issues.insert(Issue { kind: IssueKind::InvalidAddressType, object, detail: detail.into() });
+                continue;
+            }
         }
         let svc_eps = endpoints.entry(svc_key).or_default();
+        let mut seen_ports = HashSet::new();
         for port in slice.ports.iter() {
             let name = &port.name;
             let proto = match &port.protocol {
@@ -588,10 +693,38 @@ where
                 });
                 continue;
             };
+            if !seen_ports.insert((name, proto)) {
+                // kube-proxy would merge both numbers' endpoints into one service
+                // port; the API server refuses such a slice.
+                issues.insert(Issue {
+                    kind: IssueKind::DuplicatePort,
+                    object: object.clone(),
+                    detail: format!("port {name:?}/{proto} is listed more than once; the first is used"),
+                });
+                continue;
+            }
             let port_eps = svc_eps.entry(PortRef { name: name.to_string(), proto }).or_default();
             for ep in slice.endpoints.iter() {
                 let ip = match &ep.address {
-                    EndpointAddress::V4(ip) => *ip,
+                    EndpointAddress::V4(ip) => match unusable_ip(*ip) {
+                        None => *ip,
+                        Some(why) => {
+                            issues.insert(Issue {
+                                kind: IssueKind::InvalidIp,
+                                object: object.clone(),
+                                detail: format!("endpoint address {ip} is {why}"),
+                            });
+                            continue;
+                        }
+                    },
+                    EndpointAddress::Missing => {
+                        issues.insert(Issue {
+                            kind: IssueKind::MissingField,
+                            object: object.clone(),
+                            detail: "an endpoint has no addresses".into(),
+                        });
+                        continue;
+                    }
                     EndpointAddress::Other(addr)
                         if slice.address_type == AddressType::Ip && addr.parse::<std::net::Ipv6Addr>().is_ok() =>
                     {
@@ -645,7 +778,7 @@ where
 }
 
 /// Whether a Service gets frontends; counts why not.
-fn classify(svc: &Service, skipped: &mut Skipped) -> bool {
+fn classify(svc: &Service, object: &str, skipped: &mut Skipped, issues: &mut BTreeSet<Issue>) -> bool {
     if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
         skipped.other_proxy += 1;
         return false;
@@ -655,12 +788,24 @@ fn classify(svc: &Service, skipped: &mut Skipped) -> bool {
         return false;
     }
     let Some(spec) = svc.spec.as_ref() else {
-        skipped.no_cluster_ip += 1;
+        issues.insert(Issue { kind: IssueKind::MissingField, object: object.into(), detail: "has no spec".into() });
         return false;
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        skipped.external_name += 1;
-        return false;
+    match spec.type_.as_deref() {
+        Some("ExternalName") => {
+            skipped.external_name += 1;
+            return false;
+        }
+        // Unset is ClusterIP (the API server's default).
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+        Some(other) => {
+            issues.insert(Issue {
+                kind: IssueKind::InvalidServiceType,
+                object: object.into(),
+                detail: format!("has type {other:?}, none of ClusterIP, NodePort, LoadBalancer, ExternalName"),
+            });
+            return false;
+        }
     }
     match spec.cluster_ip.as_deref() {
         Some("None") => {
@@ -696,7 +841,16 @@ fn service_frontends(
             continue;
         }
         match s.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => ips.push(ip),
+            Ok(std::net::IpAddr::V4(ip)) => match unusable_ip(ip) {
+                None => ips.push(ip),
+                Some(why) => {
+                    issues.insert(Issue {
+                        kind: IssueKind::InvalidIp,
+                        object: object.clone(),
+                        detail: format!("clusterIP {ip} is {why}"),
+                    });
+                }
+            },
             Ok(std::net::IpAddr::V6(_)) => out.skipped.ipv6_cluster_ips += 1,
             Err(_) => {
                 issues.insert(Issue {
@@ -708,6 +862,15 @@ fn service_frontends(
         }
     }
     if ips.is_empty() {
+        return;
+    }
+    if spec.ports.as_ref().is_none_or(|p| p.is_empty()) {
+        // Only headless Services (skipped before) may have none.
+        issues.insert(Issue {
+            kind: IssueKind::MissingField,
+            object: object.clone(),
+            detail: "has a clusterIP but no spec.ports".into(),
+        });
         return;
     }
 
@@ -786,6 +949,7 @@ fn service_frontends(
     };
 
     let mut seen_ports = HashSet::new();
+    let mut seen_names = HashSet::new();
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
         let proto = match parse_protocol(port.protocol.as_deref()) {
@@ -794,7 +958,7 @@ fn service_frontends(
                 issues.insert(Issue {
                     kind: IssueKind::UnsupportedProtocol,
                     object: object.clone(),
-                    detail: format!("port {port_name:?} has protocol {p}, which lb does not handle; skipped"),
+                    detail: format!("port {port_name:?} has protocol {p}, which lb does not handle"),
                 });
                 continue;
             }
@@ -812,6 +976,16 @@ fn service_frontends(
                 kind: IssueKind::DuplicateFrontend,
                 object: object.clone(),
                 detail: format!("port {num}/{proto} is listed twice; the first is used"),
+            });
+            continue;
+        }
+        if !seen_names.insert((port_name.clone(), proto)) {
+            // Both would get the same endpoints (they are matched by name and
+            // protocol); the API server refuses such a Service.
+            issues.insert(Issue {
+                kind: IssueKind::DuplicatePort,
+                object: object.clone(),
+                detail: format!("port name {port_name:?}/{proto} is used twice; port {num} is skipped"),
             });
             continue;
         }
@@ -963,5 +1137,7 @@ fn can_use_topology(c: &BTreeMap<Backend, EpRef<'_>>, ready: impl Fn(&EpRef<'_>)
     for_zone
 }
 
+#[cfg(test)]
+mod generated;
 #[cfg(test)]
 mod tests;

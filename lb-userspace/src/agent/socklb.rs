@@ -210,9 +210,9 @@ impl Closer {
     }
 
     /// Closes the UDP sockets of every departed pair, and the TCP ones of those
-    /// [`Departure::Gone`]. Returns the numbers closed (UDP, TCP).
-    pub fn close(&mut self, departed: &[(DrainKey, Departure)]) -> Result<(u64, u64), SocketLbError> {
-        let (mut udp, mut tcp) = (0, 0);
+    /// [`Departure::Gone`].
+    pub fn close(&mut self, departed: &[(DrainKey, Departure)]) -> Result<Closed, SocketLbError> {
+        let mut closed = Closed::default();
         for chunk in departed.chunks(lb_common::limits::SOCK_STALE as usize) {
             for (k, d) in chunk {
                 let flags = if *d == Departure::Gone { SOCK_STALE_TCP } else { 0 };
@@ -224,24 +224,37 @@ impl Closer {
             for (k, _) in chunk {
                 let _ = self.stale.remove(k);
             }
-            let (u, t) = res?;
-            udp += u;
-            tcp += t;
+            let c = res?;
+            closed.udp += c.udp;
+            closed.tcp += c.tcp;
+            closed.netns_refused = closed.netns_refused.max(c.netns_refused);
         }
-        Ok((udp, tcp))
+        Ok(closed)
     }
 
-    fn run(&self, chunk: &[(DrainKey, Departure)]) -> Result<(u64, u64), SocketLbError> {
+    fn run(&self, chunk: &[(DrainKey, Departure)]) -> Result<Closed, SocketLbError> {
         let total = |m: &aya::maps::HashMap<MapData, DrainKey, SockStale>| -> u64 {
             chunk.iter().filter_map(|(k, _)| m.get(k, 0).ok()).map(|v| v.destroyed).sum()
         };
         // One walk of /proc for both iterators.
         let others = datapath::sock_iter::other_netns(&self.proc_dir);
-        self.iters.run_everywhere(false, &others)?;
+        let entered = self.iters.run_everywhere(false, &others)?;
         let udp = total(&self.stale);
-        self.iters.run_everywhere(true, &others)?;
-        Ok((udp, total(&self.stale) - udp))
+        let entered_tcp = self.iters.run_everywhere(true, &others)?;
+        let netns_refused = others.refused + entered.max(entered_tcp);
+        Ok(Closed { udp, tcp: total(&self.stale) - udp, netns_refused })
     }
+}
+
+/// What one [`Closer::close`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closed {
+    pub udp: u64,
+    pub tcp: u64,
+    /// Processes or namespaces the kernel kept the agent out of (no CAP_SYS_PTRACE to
+    /// open `/proc/<pid>/ns/net`, no CAP_SYS_ADMIN to enter it): sockets there that
+    /// point at departed backends stay open.
+    pub netns_refused: usize,
 }
 
 #[cfg(test)]

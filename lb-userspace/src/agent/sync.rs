@@ -1358,8 +1358,7 @@ impl BpfMaps {
         let dup = |name: &'static str| -> Result<aya::maps::MapData, MapsError> {
             let map = ebpf.map(name).ok_or(MapsError::Missing { name })?;
             let data = map_data(map).ok_or(MapsError::Missing { name })?;
-            let id = data.info().map_err(|source| MapsError::Type { name, source })?.id();
-            aya::maps::MapData::from_id(id).map_err(|source| MapsError::Type { name, source })
+            dup_map(data).map_err(|source| MapsError::Type { name, source })
         };
         Self::from_data([
             dup(n::SERVICES)?,
@@ -1447,6 +1446,20 @@ impl BpfMaps {
     pub fn service_counter(&self, id: u32) -> Option<Counter> {
         crate::datapath::counter_total(&self.svc_stats, id).ok()
     }
+}
+
+/// A second handle on `data`'s map, by duplicating its fd. Not `MapData::from_id`:
+/// BPF_MAP_GET_FD_BY_ID asks CAP_SYS_ADMIN (kernel/bpf/syscall.c,
+/// `bpf_map_get_fd_by_id`), which the agent otherwise needs only to enter pods'
+/// network namespaces.
+pub fn dup_map(data: &aya::maps::MapData) -> Result<aya::maps::MapData, aya::maps::MapError> {
+    use std::os::fd::AsFd as _;
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| aya::sys::SyscallError { call: "fcntl(F_DUPFD_CLOEXEC)", io_error })?;
+    aya::maps::MapData::from_fd(fd)
 }
 
 /// The `MapData` inside any `Map` variant we use.

@@ -87,23 +87,28 @@ impl SockIters {
     }
 
     /// [`SockIters::run`] in the caller's network namespace and in each of `others`
-    /// ([`other_netns`]): the socket iterators only walk the sockets of the namespace
+    /// ([`other_netns`]); returns how many of them the kernel did not let it enter: the socket iterators only walk the sockets of the namespace
     /// they are created in (net/ipv4/udp.c, `bpf_iter_udp_batch` and
     /// net/ipv4/tcp_ipv4.c, `bpf_iter_tcp_batch`, check `seq_file_net`), and a pod's
     /// sockets live in the pod's. A socket is closed only if its cookie is in this
     /// agent's `SOCK_REVNAT`, so namespaces of other nodes or of no pod lose nothing.
-    pub fn run_everywhere(&self, tcp: bool, others: &[std::fs::File]) -> Result<(), SockIterError> {
+    pub fn run_everywhere(&self, tcp: bool, others: &OtherNetns) -> Result<usize, SockIterError> {
         self.run(tcp)?;
         // A thread of its own, which may change namespace without touching the agent's.
         std::thread::scope(|s| {
-            s.spawn(|| -> Result<(), SockIterError> {
-                for ns in others {
-                    // Gone meanwhile, or not ours to enter: nothing to close there.
-                    if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
-                        self.run(tcp)?;
+            s.spawn(|| -> Result<usize, SockIterError> {
+                let mut refused = 0;
+                for ns in &others.files {
+                    match nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET) {
+                        Ok(()) => self.run(tcp)?,
+                        // Entering a network namespace takes CAP_SYS_ADMIN over its owning
+                        // user namespace (net/core/net_namespace.c, `netns_install`).
+                        Err(nix::errno::Errno::EPERM) => refused += 1,
+                        // Gone meanwhile: nothing to close there.
+                        Err(_) => {}
                     }
                 }
-                Ok(())
+                Ok(refused)
             })
             .join()
             .unwrap_or_else(|_| {
@@ -135,22 +140,51 @@ impl SockIters {
     }
 }
 
-/// An open handle on each network namespace of a process under `proc_dir` (the host's
-/// `/proc`) but the caller's, each once (by the nsfs inode of `<pid>/ns/net`).
-pub fn other_netns(proc_dir: &Path) -> Vec<std::fs::File> {
+/// The network namespaces [`other_netns`] found.
+#[derive(Debug, Default)]
+pub struct OtherNetns {
+    /// An open handle on each, once.
+    pub files: Vec<std::fs::File>,
+    /// Processes whose namespace the kernel did not let the agent see (EACCES/EPERM):
+    /// `/proc/<pid>/ns/*` needs ptrace read access to the process
+    /// (fs/proc/namespaces.c, `proc_ns_get_link`), which another user's process grants
+    /// only with CAP_SYS_PTRACE. Their sockets are not walked.
+    pub refused: usize,
+}
+
+/// The network namespaces of the processes under `proc_dir` (the host's `/proc`) but
+/// the caller's, each once (by the nsfs inode of `<pid>/ns/net`).
+pub fn other_netns(proc_dir: &Path) -> OtherNetns {
     use std::os::unix::fs::MetadataExt as _;
     let own = std::fs::metadata("/proc/thread-self/ns/net").map(|m| (m.dev(), m.ino())).ok();
     let mut seen = std::collections::HashSet::new();
-    let Ok(entries) = std::fs::read_dir(proc_dir) else { return Vec::new() };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter_map(|e| {
-            let path = e.path().join("ns/net");
-            let id = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok()?;
-            (Some(id) != own && seen.insert(id)).then(|| std::fs::File::open(&path).ok()).flatten()
-        })
-        .collect()
+    let mut out = OtherNetns::default();
+    let Ok(entries) = std::fs::read_dir(proc_dir) else { return out };
+    let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+    for e in entries.flatten() {
+        if !e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let path = e.path().join("ns/net");
+        let id = match std::fs::metadata(&path) {
+            Ok(m) => (m.dev(), m.ino()),
+            Err(e) if denied(&e) => {
+                out.refused += 1;
+                continue;
+            }
+            // The process is gone, or a kernel thread.
+            Err(_) => continue,
+        };
+        if Some(id) == own || !seen.insert(id) {
+            continue;
+        }
+        match std::fs::File::open(&path) {
+            Ok(f) => out.files.push(f),
+            Err(e) if denied(&e) => out.refused += 1,
+            Err(_) => {}
+        }
+    }
+    out
 }
 
 // ---- The program. ----

@@ -221,8 +221,8 @@ pub struct CarriedCount {
 pub struct Upgrade {
     pin_dir: PathBuf,
     old: Vec<(&'static Carried, PathBuf)>,
-    /// The new maps' ids (the `Ebpf` goes to the attacher before the second copy).
-    new_ids: Vec<u32>,
+    /// Handles on the new maps (the `Ebpf` goes to the attacher before the second copy).
+    new_maps: Vec<MapData>,
     report: UpgradeReport,
     copied_at: Option<Instant>,
 }
@@ -276,7 +276,7 @@ pub fn prepare(pin_dir: &Path) -> Result<Option<Upgrade>, UpgradeError> {
     Ok(Some(Upgrade {
         pin_dir: pin_dir.into(),
         old,
-        new_ids: Vec::new(),
+        new_maps: Vec::new(),
         report: UpgradeReport { from: PREVIOUS, to: MAP_LAYOUT_VERSION, ..Default::default() },
         copied_at: None,
     }))
@@ -317,8 +317,12 @@ impl Upgrade {
         for (c, _) in &self.old {
             let map = ebpf.map(c.new).ok_or(UpgradeError::Missing { name: c.new })?;
             let data = crate::agent::sync::map_data(map).ok_or(UpgradeError::Missing { name: c.new })?;
-            let id = data.info().map_err(|source| UpgradeError::Copy { old: c.old, new: c.new, source })?.id();
-            self.new_ids.push(id);
+            let dup = crate::agent::sync::dup_map(data).map_err(|source| UpgradeError::Copy {
+                old: c.old,
+                new: c.new,
+                source,
+            })?;
+            self.new_maps.push(dup);
         }
         self.pass(Pass::Before)?;
         self.report.copy_ms = t0.elapsed().as_millis() as u64;
@@ -333,7 +337,7 @@ impl Upgrade {
             }
             let err = |source| UpgradeError::Copy { old: c.old, new: c.new, source };
             let old = MapData::from_pin(path).map_err(|source| UpgradeError::Open { path: path.clone(), source })?;
-            let new = MapData::from_id(self.new_ids[i]).map_err(err)?;
+            let new = crate::agent::sync::dup_map(&self.new_maps[i]).map_err(err)?;
             let n = (c.copy)(old, new, pass).map_err(err)?;
             match self.report.carried.iter_mut().find(|r| r.map == c.new) {
                 Some(r) => r.after_swap += n,
