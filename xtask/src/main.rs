@@ -26,9 +26,11 @@ enum Cmd {
     Build,
     /// Run the test suite (needs root: it loads BPF programs and makes namespaces).
     Test {
-        /// Which part: all (default: every cargo test, then e2e, the bench smoke, then
-        /// upstream), unit, datapath, e2e, bench (`bench peers --smoke`: every row is
-        /// produced), upstream (Kubernetes' own Service e2e tests, expected-pass list).
+        /// Which part: all (default: every cargo test, the soak, then e2e, the bench
+        /// smoke, then upstream), unit, datapath, soak (`bench soak --ci`: 2 min of
+        /// churn and traffic, verdict checked), e2e, bench (`bench peers --smoke`: every
+        /// row is produced), upstream (Kubernetes' own Service e2e tests, expected-pass
+        /// list).
         #[arg(default_value = "all")]
         suite: String,
         /// upstream: the service proxy to test (lb, iptables, ipvs, none).
@@ -42,7 +44,9 @@ enum Cmd {
     /// them into every running sandbox node's containerd.
     Image,
     /// Benchmarks: `datapath` (ns/packet through BPF_PROG_TEST_RUN), `agent` (network
-    /// programming latency, full sync), `veth` (iperf3 through a ClusterIP per attach mode),
+    /// programming latency, full sync), `soak` (30 min of EndpointSlice churn at 20/s with
+    /// traffic: RSS, fds, latency, failed requests; `--ci` 2 min, `--duration`), `veth`
+    /// (iperf3 through a ClusterIP per attach mode),
     /// `peers` (lb beside kube-proxy on the sandbox cluster; `bench peers --help`).
     Bench {
         /// Which benchmark: datapath.
@@ -107,6 +111,7 @@ fn main() -> Result<()> {
                     lb_dev(&["bench", "datapath"], &args)
                 }
                 "agent" => bench_agent(args),
+                "soak" => bench_soak(args),
                 "veth" => {
                     let mut args = args;
                     if !args.iter().any(|a| a == "--out") {
@@ -124,7 +129,7 @@ fn main() -> Result<()> {
                     let p = Peers::parse_from(std::iter::once("peers".to_string()).chain(args));
                     sandbox::peers::run(&p.a)
                 }
-                other => bail!("unknown benchmark {other:?}: datapath, agent, veth or peers"),
+                other => bail!("unknown benchmark {other:?}: datapath, agent, soak, veth or peers"),
             }
         }
         Cmd::Demo { what } => {
@@ -200,6 +205,9 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
             cargo(&["test"])?;
             part("cargo test (build and run)", t);
             let t = std::time::Instant::now();
+            bench_soak(vec!["--ci".to_string()])?;
+            part("soak --ci (2 min of churn at 20 changes/s and traffic; release build included)", t);
+            let t = std::time::Instant::now();
             sandbox::e2e::run()?;
             part("e2e on real nodes (sandbox up included)", t);
             let t = std::time::Instant::now();
@@ -208,6 +216,11 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
             // Last, so that its `N passed, M failed` line ends the output (it prints how
             // long e2e.test took itself).
             sandbox::upstream::run(sandbox::Proxy::Lb, false)
+        }
+        "soak" => {
+            require_root("the soak")?;
+            kube::ensure_built()?;
+            bench_soak(vec!["--ci".to_string()])
         }
         "e2e" => {
             require_root("the e2e suite")?;
@@ -222,7 +235,7 @@ fn test(suite: &str, proxy: sandbox::Proxy, all: bool) -> Result<()> {
             kube::ensure_built()?;
             sandbox::upstream::run(proxy, all)
         }
-        other => bail!("unknown suite {other:?}: all, unit, datapath, e2e, bench or upstream"),
+        other => bail!("unknown suite {other:?}: all, unit, datapath, soak, e2e, bench or upstream"),
     }
 }
 
@@ -255,6 +268,33 @@ fn bench_agent(mut args: Vec<String>) -> Result<()> {
     ];
     all.extend(args);
     let res = lb_dev(&["bench", "agent"], &all);
+    let down = kube::down(&dir);
+    res.and(down)
+}
+
+/// `cargo xtask bench soak`: like [`bench_agent`], a private API server without
+/// controllers and the release `lb`; `lb-dev bench soak` makes the namespaces, runs
+/// the agent in its node namespace and fails on a failed verdict.
+fn bench_soak(mut args: Vec<String>) -> Result<()> {
+    require_root("the soak")?;
+    cargo(&["build", "--release", "--package", "lb-userspace", "--bins"])?;
+    let target = target_dir()?;
+    let dir = std::path::PathBuf::from("/tmp/lb-bench-soak-kube");
+    // 17633..=17636: kube-apiserver and etcd; the agent's /metrics is on 17634 of the
+    // node namespace's own loopback.
+    let opts = kube::UpOpts { dir: dir.clone(), port: 17633, controllers: false, ..Default::default() };
+    let cluster = kube::up(&opts).context("starting the soak's API server")?;
+    if !args.iter().any(|a| a == "--out") {
+        args.extend(["--out".to_string(), target.join("bench/soak.json").display().to_string()]);
+    }
+    let mut all = vec![
+        "--kubeconfig".to_string(),
+        cluster.kubeconfig.display().to_string(),
+        "--lb".to_string(),
+        target.join("release/lb").display().to_string(),
+    ];
+    all.extend(args);
+    let res = lb_dev(&["bench", "soak"], &all);
     let down = kube::down(&dir);
     res.and(down)
 }

@@ -149,7 +149,7 @@ fn wait_status(
     tokio::task::block_in_place(|| agent.wait_status(what, timeout, ok))
 }
 
-fn slice_resource(api: SliceApi) -> ApiResource {
+pub(crate) fn slice_resource(api: SliceApi) -> ApiResource {
     let version = match api {
         SliceApi::V1 => "v1",
         SliceApi::V1beta1 => "v1beta1",
@@ -182,19 +182,24 @@ fn service_json(name: &str) -> serde_json::Value {
 }
 
 async fn ensure_namespace(client: &Client) -> Result<()> {
+    ensure_namespace_named(client, NS).await
+}
+
+/// Creates the namespace `ns`, waiting for a previous run's to finish terminating.
+pub(crate) async fn ensure_namespace_named(client: &Client, ns: &str) -> Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
     // A previous run's namespace may still be terminating.
     let t0 = Instant::now();
     loop {
-        match api.get_opt(NS).await? {
+        match api.get_opt(ns).await? {
             None => break,
             Some(ns) if ns.metadata.deletion_timestamp.is_none() => return Ok(()),
-            Some(_) if t0.elapsed() > Duration::from_secs(120) => bail!("namespace {NS} still terminating"),
+            Some(_) if t0.elapsed() > Duration::from_secs(120) => bail!("namespace {ns} still terminating"),
             Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
     let ns: Namespace =
-        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))?;
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))?;
     api.create(&PostParams::default(), &ns).await?;
     Ok(())
 }

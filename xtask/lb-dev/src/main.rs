@@ -105,6 +105,44 @@ enum Bench {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Soak: EndpointSlice churn at 20 changes/s and 100 requests/s through the
+    /// ClusterIPs, against a running API server; the agent's RSS, fds and programming
+    /// latency per window, and every failed request. Exits non-zero on a failed verdict.
+    Soak {
+        /// kubeconfig of the API server to use (on 127.0.0.1; objects in namespace lb-soak).
+        #[arg(long, env = "LB_SOAK_KUBECONFIG")]
+        kubeconfig: PathBuf,
+        /// The `lb` binary to run as the agent (a release build for real numbers).
+        #[arg(long, env = "LB_SOAK_LB")]
+        lb: PathBuf,
+        /// How long to churn (`30m`, `90s`).
+        #[arg(long, default_value = "30m", env = "LB_SOAK_DURATION", value_parser = lb_dev::bench_soak::parse_duration)]
+        duration: std::time::Duration,
+        /// CI length: 2 minutes (overrides --duration).
+        #[arg(long, env = "LB_SOAK_CI")]
+        ci: bool,
+        /// Sampling window (`10s`).
+        #[arg(long, default_value = "10s", env = "LB_SOAK_WINDOW", value_parser = lb_dev::bench_soak::parse_duration)]
+        window: std::time::Duration,
+        /// API writes per second (the Kubernetes scalability SLO's 20).
+        #[arg(long, default_value_t = 20.0, env = "LB_SOAK_CHANGES_PER_S")]
+        changes_per_s: f64,
+        /// Requests per second through the ClusterIPs (half TCP, half UDP).
+        #[arg(long, default_value_t = 100.0, env = "LB_SOAK_REQUESTS_PER_S")]
+        requests_per_s: f64,
+        /// Stable Services, with traffic (1..=20).
+        #[arg(long, default_value_t = 8, env = "LB_SOAK_SERVICES")]
+        services: usize,
+        /// PRNG seed of the churn.
+        #[arg(long, default_value_t = 1, env = "LB_SOAK_SEED")]
+        seed: u64,
+        /// The agent's /metrics port, on the node namespace's loopback.
+        #[arg(long, default_value_t = 17634, env = "LB_SOAK_METRICS_PORT")]
+        metrics_port: u16,
+        /// Where to write the JSON results.
+        #[arg(long, env = "LB_SOAK_OUT")]
+        out: Option<PathBuf>,
+    },
     /// iperf3 TCP throughput through a ClusterIP on veths, per attach mode (tc,
     /// xdp-generic, xdp), against direct pod-to-pod in the same run.
     Veth {
@@ -175,6 +213,39 @@ fn main() -> Result<()> {
                 lb_dev::bench_agent::write_json(&report, &out)?;
                 println!("wrote {}", out.display());
             }
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                Bench::Soak {
+                    kubeconfig,
+                    lb,
+                    duration,
+                    ci,
+                    window,
+                    changes_per_s,
+                    requests_per_s,
+                    services,
+                    seed,
+                    metrics_port,
+                    out,
+                },
+        } => {
+            let mut opts = lb_dev::bench_soak::SoakOpts::new(kubeconfig, lb);
+            opts.duration = if ci { std::time::Duration::from_secs(120) } else { duration };
+            opts.window = window;
+            opts.changes_per_s = changes_per_s;
+            opts.requests_per_s = requests_per_s;
+            opts.services = services;
+            opts.seed = seed;
+            opts.metrics_port = metrics_port;
+            let report = lb_dev::bench_soak::run(&opts)?;
+            print!("{}", report.table());
+            if let Some(out) = out {
+                lb_dev::bench_soak::write_json(&report, &out)?;
+                println!("wrote {}", out.display());
+            }
+            anyhow::ensure!(report.verdict.ok, "the soak's verdict failed (see above)");
             Ok(())
         }
         Cmd::Demo { what: Demo::Datapath } => demo_datapath(),
