@@ -8,7 +8,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::{
         Arc,
@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_common::{BackendKey, ServiceKey4};
 use lb_testing::{
-    Datapath, Hook, PrivateBpffs, Verdict,
+    Datapath, Hook, PrivateBpffs, Scratch, Verdict,
     agent::{AgentProcess, read_status as status},
     netns::{self, NODE_CLIENT_IF, NODE_SERVER_IF, SERVER_IP, Topology},
 };
@@ -347,21 +347,6 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
-}
-
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(name: &str) -> Result<Self> {
-        let p = std::env::temp_dir().join(format!("lb-agent-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(Self(p))
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]

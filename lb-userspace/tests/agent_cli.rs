@@ -18,28 +18,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use lb_testing::{PrivateBpffs, agent::AgentProcess, netns::Netns, pin_foreign_hash_map};
+use lb_testing::{PrivateBpffs, Scratch, agent::AgentProcess, netns::Netns, pin_foreign_hash_map};
 
 fn lb() -> &'static str {
     env!("CARGO_BIN_EXE_lb")
-}
-
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(name: &str) -> Result<Self> {
-        let p = std::env::temp_dir().join(format!("lb-cli-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(Self(p))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 const GOOD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\

@@ -13,12 +13,12 @@ use std::{
     ffi::OsStr,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
-use lb_testing::{PrivateBpffs, agent::AgentProcess, kube::Cluster, netns::Netns, require_kube};
+use lb_testing::{PrivateBpffs, Scratch, agent::AgentProcess, kube::Cluster, netns::Netns, require_kube};
 
 fn lb() -> &'static str {
     env!("CARGO_BIN_EXE_lb")
@@ -338,18 +338,9 @@ fn reason(r: &str) -> String {
     format!("lb_invalid_objects_total{{reason=\"{r}\"}}")
 }
 
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn file_source_skips_and_counts_malformed_objects_and_keeps_the_good_ones() -> Result<()> {
-    let dir = Scratch(std::env::temp_dir().join(format!("lb-malformed-file-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = Scratch::new("malformed-file")?;
     let file = dir.0.join("objects.yaml");
     let api = "discovery.k8s.io/v1";
     let bads = malformed(api);

@@ -28,6 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use lb_testing::{
+    Scratch,
     agent::{AgentProcess, read_status},
     cgroup::{self, SockAttach, TestCgroup},
     netns::{self, Netns, SERVER_IP, Topology, ip},
@@ -141,24 +142,6 @@ fn write_file(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// A scratch directory for the YAML file, the status file and the agent's log.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("lb-socket-lb-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A second node behind the first: a node namespace joined to the Topology's node by a
 /// routed veth, and a pod namespace on it. Built only inside namespaces; deleted on
 /// drop (the veths go with their namespaces).
@@ -254,7 +237,7 @@ impl Fixture {
             .collect();
         let cgroup = TestCgroup::new().unwrap();
         let bpffs = lb_testing::PrivateBpffs::new().unwrap();
-        let dir = Scratch::new(tag);
+        let dir = Scratch::new(tag)?;
         let file = dir.0.join("objects.yaml");
         let status_file = dir.0.join("status.json");
         write_file(&file, &yaml(svcs));

@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::{
         Arc, Mutex,
@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_testing::{
-    PrivateBpffs,
+    PrivateBpffs, Scratch,
     agent::{AgentProcess, old_lb_binary, read_status as status},
     netns::{self, SERVER_IP, Topology},
 };
@@ -50,21 +50,6 @@ fn yaml() -> String {
          labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
          ports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n{eps}"
     )
-}
-
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(name: &str) -> Result<Self> {
-        let p = std::env::temp_dir().join(format!("lb-upgrade-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(Self(p))
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// `lb agent` (the binary `lb`) on the node's pod veths, in `mode`.

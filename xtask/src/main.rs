@@ -250,42 +250,29 @@ fn lb_dev(sub: &[&str], extra: &[String]) -> Result<()> {
 
 /// `cargo xtask bench agent`: a private API server (no controllers: the benchmark
 /// writes EndpointSlices itself), the release `lb` as the agent, torn down afterwards.
-fn bench_agent(mut args: Vec<String>) -> Result<()> {
-    require_root("the agent benchmark")?;
-    cargo(&["build", "--release", "--package", "lb-userspace", "--bins"])?;
-    let target = target_dir()?;
-    let dir = std::path::PathBuf::from("/tmp/lb-bench-agent-kube");
-    let opts = kube::UpOpts { dir: dir.clone(), port: 17573, controllers: false, ..Default::default() };
-    let cluster = kube::up(&opts).context("starting the benchmark's API server")?;
-    if !args.iter().any(|a| a == "--out") {
-        args.extend(["--out".to_string(), target.join("bench/agent.json").display().to_string()]);
-    }
-    let mut all = vec![
-        "--kubeconfig".to_string(),
-        cluster.kubeconfig.display().to_string(),
-        "--lb".to_string(),
-        target.join("release/lb").display().to_string(),
-    ];
-    all.extend(args);
-    let res = lb_dev(&["bench", "agent"], &all);
-    let down = kube::down(&dir);
-    res.and(down)
+fn bench_agent(args: Vec<String>) -> Result<()> {
+    bench_with_api_server("agent", 17573, args)
 }
 
-/// `cargo xtask bench soak`: like [`bench_agent`], a private API server without
-/// controllers and the release `lb`; `lb-dev bench soak` makes the namespaces, runs
-/// the agent in its node namespace and fails on a failed verdict.
-fn bench_soak(mut args: Vec<String>) -> Result<()> {
-    require_root("the soak")?;
+/// `cargo xtask bench soak`: like [`bench_agent`]; `lb-dev bench soak` makes the
+/// namespaces, runs the agent in its node namespace and fails on a failed verdict.
+/// 17633..=17636: kube-apiserver and etcd; the agent's /metrics is on 17634 of the node
+/// namespace's own loopback.
+fn bench_soak(args: Vec<String>) -> Result<()> {
+    bench_with_api_server("soak", 17633, args)
+}
+
+/// `lb-dev bench <what>` against a private API server without controllers on `port`,
+/// with the release `lb`, results in `target/bench/<what>.json` unless `--out` is given.
+fn bench_with_api_server(what: &str, port: u16, mut args: Vec<String>) -> Result<()> {
+    require_root(&format!("the {what} benchmark"))?;
     cargo(&["build", "--release", "--package", "lb-userspace", "--bins"])?;
     let target = target_dir()?;
-    let dir = std::path::PathBuf::from("/tmp/lb-bench-soak-kube");
-    // 17633..=17636: kube-apiserver and etcd; the agent's /metrics is on 17634 of the
-    // node namespace's own loopback.
-    let opts = kube::UpOpts { dir: dir.clone(), port: 17633, controllers: false, ..Default::default() };
-    let cluster = kube::up(&opts).context("starting the soak's API server")?;
+    let dir = std::path::PathBuf::from(format!("/tmp/lb-bench-{what}-kube"));
+    let opts = kube::UpOpts { dir: dir.clone(), port, controllers: false, ..Default::default() };
+    let cluster = kube::up(&opts).with_context(|| format!("starting the {what} benchmark's API server"))?;
     if !args.iter().any(|a| a == "--out") {
-        args.extend(["--out".to_string(), target.join("bench/soak.json").display().to_string()]);
+        args.extend(["--out".to_string(), target.join(format!("bench/{what}.json")).display().to_string()]);
     }
     let mut all = vec![
         "--kubeconfig".to_string(),
@@ -294,7 +281,7 @@ fn bench_soak(mut args: Vec<String>) -> Result<()> {
         target.join("release/lb").display().to_string(),
     ];
     all.extend(args);
-    let res = lb_dev(&["bench", "soak"], &all);
+    let res = lb_dev(&["bench", what], &all);
     let down = kube::down(&dir);
     res.and(down)
 }

@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_common::map_names;
+pub use lb_testing::Scratch;
 use lb_testing::{
     PrivateBpffs,
     agent::{AgentProcess, read_status},
@@ -42,29 +43,6 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub fn lb() -> &'static str {
     env!("CARGO_BIN_EXE_lb")
-}
-
-/// A scratch directory under the temp dir (the agent's log and status file), removed
-/// on drop unless `LB_FAULTS_KEEP` is set.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Result<Self> {
-        let p = std::env::temp_dir().join(format!("lb-faults-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(Self(p))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::env::var_os("LB_FAULTS_KEEP").is_some() {
-            eprintln!("kept {}", self.0.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The two Services, each on both backends, as the file source reads them.

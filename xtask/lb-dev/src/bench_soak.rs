@@ -64,8 +64,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use lb_testing::{
-    PrivateBpffs,
+    PrivateBpffs, Scratch,
     agent::AgentProcess,
+    fuzz::Rng,
     netns::{self, Netns, POD_IF, Topology},
 };
 use lb_userspace::agent::{
@@ -317,21 +318,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// splitmix64: reproducible churn from `--seed`.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// Which server pod addresses serve (by last octet in 10.244.2.0/24).
 struct Alive([AtomicBool; 256]);
 impl Alive {
@@ -393,6 +379,22 @@ struct Shared {
 }
 
 impl Shared {
+    /// For `n` stable Services and the ephemeral ones, nothing started.
+    fn new(n: usize) -> Self {
+        Self {
+            acc: Mutex::default(),
+            failures: Mutex::default(),
+            alive: Alive::new(),
+            busy: (0..n + EPHEMERAL).map(|_| AtomicBool::new(false)).collect(),
+            pending: Mutex::default(),
+            kinds: Mutex::default(),
+            start: Instant::now(),
+            stop_churn: AtomicBool::new(false),
+            stop_traffic: AtomicBool::new(false),
+            stop_servers: AtomicBool::new(false),
+        }
+    }
+
     fn fail(&self, what: String) {
         let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         if f.len() < 100 {
@@ -472,7 +474,7 @@ impl Churn {
     fn new(services: usize, seed: u64) -> Self {
         let mut first = [Pod::Absent; PODS_PER_SERVICE];
         first[..4].fill(Pod::Ready);
-        Self { stable: vec![first; services], eph: vec![Eph::None; EPHEMERAL], rng: Rng(seed) }
+        Self { stable: vec![first; services], eph: vec![Eph::None; EPHEMERAL], rng: Rng::new(seed) }
     }
 
     fn base(i: usize) -> usize {
@@ -504,10 +506,10 @@ impl Churn {
         // Three in four changes go to stable Services' endpoints.
         let stable_free: Vec<usize> = free.iter().copied().filter(|&s| s < n).collect();
         let eph_free: Vec<usize> = free.iter().copied().filter(|&s| s >= n).collect();
-        let s = if !stable_free.is_empty() && (eph_free.is_empty() || self.rng.below(4) != 0) {
-            stable_free[self.rng.below(stable_free.len())]
+        let s = if !stable_free.is_empty() && (eph_free.is_empty() || self.rng.index(4) != 0) {
+            stable_free[self.rng.index(stable_free.len())]
         } else {
-            eph_free[self.rng.below(eph_free.len())]
+            eph_free[self.rng.index(eph_free.len())]
         };
         sh.busy[s].store(true, Ordering::Release);
         let now = Instant::now();
@@ -533,12 +535,12 @@ impl Churn {
             if !idx(pods, Pod::NotReady).is_empty() {
                 ops.push("ready again");
             }
-            let Some(&op) = ops.get(self.rng.below(ops.len())) else {
+            let Some(&op) = ops.get(self.rng.index(ops.len())) else {
                 // Every spare pod is still in its grace period: nothing to change here.
                 sh.busy[s].store(false, Ordering::Release);
                 return None;
             };
-            let pick = |rng: &mut Rng, v: Vec<usize>| v[rng.below(v.len())];
+            let pick = |rng: &mut Rng, v: Vec<usize>| v[rng.index(v.len())];
             match op {
                 "scale up" => {
                     let j = pick(&mut self.rng, absent);
@@ -592,7 +594,7 @@ impl Churn {
                     pending(Some(BTreeSet::new()), "service created"),
                 )
             }
-            Eph::Service if self.rng.below(2) == 0 => {
+            Eph::Service if self.rng.index(2) == 0 => {
                 self.eph[e] = Eph::Live;
                 (
                     Write::CreateSlice { svc: s, name: format!("{name}-1"), service: name.clone(), endpoints: eps() },
@@ -1034,18 +1036,9 @@ struct NodeAgent {
     _dir: Scratch,
 }
 
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn start_agent(opts: &SoakOpts, topo: &Topology) -> Result<NodeAgent> {
     let bpffs = PrivateBpffs::new()?;
-    let dir = std::env::temp_dir().join(format!("lb-soak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let dir = Scratch(dir);
+    let dir = Scratch::new("soak")?;
     let (status, log) = (dir.0.join("status.json"), dir.0.join("agent.log"));
     let mut cmd: Command = topo.node.command(opts.lb.to_str().context("lb path")?);
     let args: [&OsStr; 6] = [
@@ -1078,18 +1071,7 @@ pub fn run(opts: &SoakOpts) -> Result<Report> {
     for a in &pods {
         topo.server.ip(&["addr", "add", &format!("{a}/24"), "dev", POD_IF])?;
     }
-    let sh = Arc::new(Shared {
-        acc: Mutex::default(),
-        failures: Mutex::default(),
-        alive: Alive::new(),
-        busy: (0..n + EPHEMERAL).map(|_| AtomicBool::new(false)).collect(),
-        pending: Mutex::default(),
-        kinds: Mutex::default(),
-        start: Instant::now(),
-        stop_churn: AtomicBool::new(false),
-        stop_traffic: AtomicBool::new(false),
-        stop_servers: AtomicBool::new(false),
-    });
+    let sh = Arc::new(Shared::new(n));
     let state = Churn::new(n, opts.seed);
     for (i, pods) in state.stable.iter().enumerate() {
         for (j, p) in pods.iter().enumerate() {
@@ -1374,18 +1356,7 @@ mod tests {
     use super::*;
 
     fn shared(n: usize) -> Shared {
-        Shared {
-            acc: Mutex::default(),
-            failures: Mutex::default(),
-            alive: Alive::new(),
-            busy: (0..n + EPHEMERAL).map(|_| AtomicBool::new(false)).collect(),
-            pending: Mutex::default(),
-            kinds: Mutex::default(),
-            start: Instant::now(),
-            stop_churn: AtomicBool::new(false),
-            stop_traffic: AtomicBool::new(false),
-            stop_servers: AtomicBool::new(false),
-        }
+        Shared::new(n)
     }
 
     /// What the soak's verdict rests on: every stable Service always has a ready

@@ -140,8 +140,17 @@ impl Rng {
     pub fn one_in(&mut self, n: u64) -> bool {
         self.below(n) == 0
     }
-    pub fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize]
+    /// In 0..n, or 0 when n is 0 (so `v.get(rng.index(v.len()))` is `None` for an
+    /// empty `v`).
+    pub fn index(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+    /// True one time in `n` (n > 0).
+    pub fn one_in_usize(&mut self, n: usize) -> bool {
+        self.index(n) == 0
+    }
+    pub fn pick<T: Clone>(&mut self, v: &[T]) -> T {
+        v[self.index(v.len())].clone()
     }
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()

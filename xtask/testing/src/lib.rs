@@ -11,7 +11,8 @@
 //! - [`cgroup`]: throw-away cgroup v2 directories ([`cgroup::TestCgroup`]), for the
 //!   socket-level load balancer's programs;
 //! - [`sock`]: backends that answer with their name and `lb-sockclient` processes,
-//!   which open their sockets inside a given cgroup and namespace.
+//!   which open their sockets inside a given cgroup and namespace;
+//! - [`Scratch`]: a test's scratch directory.
 
 pub mod agent;
 pub mod cgroup;
@@ -24,6 +25,35 @@ pub mod sock;
 
 pub use datapath::*;
 pub use sock::sockclient_binary;
+
+/// A scratch directory under the temp dir (objects files, the agent's log and status
+/// file), `lb-<name>-<pid>`, emptied first and removed on drop unless `LB_TEST_KEEP`
+/// is set.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> std::io::Result<Self> {
+        let p = std::env::temp_dir().join(format!("lb-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+
+    /// `name` inside it.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("LB_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// Frontend (`ip:port/proto`) -> sorted backend addresses, as `lb services` shows them,
 /// in a form tests can compare. Empty when the maps can't be read.

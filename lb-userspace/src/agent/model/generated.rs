@@ -13,27 +13,8 @@ use serde_json::{Value, json};
 
 use super::*;
 
-/// splitmix64: seeded, the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
-    fn pick<T: Clone>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len())].clone()
-    }
-}
+/// The packet fuzzer's generator: seeded, the same on every machine.
+use lb_testing::fuzz::Rng;
 
 /// What the generator breaks in a Service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +186,7 @@ const PORT_NAMES: [&str; 5] = ["http", "https", "dns", "metrics", "grpc"];
 impl Gen {
     fn new(seed: u64) -> Self {
         Self {
-            rng: Rng(seed),
+            rng: Rng::new(seed),
             next_ep: 0,
             services: Vec::new(),
             slices: Vec::new(),
@@ -227,14 +208,14 @@ impl Gen {
     /// Valid conditions, absent or any combination (contradictory ones too: kube-proxy
     /// reads each field on its own, and so does the model).
     fn conditions(&mut self) -> Option<Value> {
-        match self.rng.below(4) {
+        match self.rng.index(4) {
             0 => None,
             1 => Some(json!({})),
             _ => {
                 let mut c = serde_json::Map::new();
                 for k in ["ready", "serving", "terminating"] {
-                    if !self.rng.one_in(3) {
-                        c.insert(k.into(), Value::Bool(self.rng.one_in(2)));
+                    if !self.rng.one_in_usize(3) {
+                        c.insert(k.into(), Value::Bool(self.rng.one_in_usize(2)));
                     }
                 }
                 Some(Value::Object(c))
@@ -251,20 +232,20 @@ impl Gen {
     }
 
     fn ports(&mut self) -> Vec<Port> {
-        let n = 1 + self.rng.below(3);
+        let n = 1 + self.rng.index(3);
         let mut names: Vec<&str> = PORT_NAMES.to_vec();
         let mut used = BTreeSet::new();
         let mut out = Vec::new();
         while out.len() < n {
-            let num = 1 + self.rng.below(65535) as i64;
-            let proto = if self.rng.one_in(3) { "UDP" } else { "TCP" };
+            let num = 1 + self.rng.index(65535) as i64;
+            let proto = if self.rng.one_in_usize(3) { "UDP" } else { "TCP" };
             if !used.insert((num, proto)) {
                 continue;
             }
-            let name = if n == 1 && self.rng.one_in(2) {
+            let name = if n == 1 && self.rng.one_in_usize(2) {
                 String::new()
             } else {
-                names.remove(self.rng.below(names.len())).to_string()
+                names.remove(self.rng.index(names.len())).to_string()
             };
             out.push((name, num, proto));
         }
@@ -290,17 +271,17 @@ impl Gen {
             let name = format!("s{i}");
             let ip = format!("10.96.{}.{}", i / 200, 1 + i % 200);
             let ports = self.ports();
-            let fault = if self.rng.one_in(2) { SvcFault::None } else { self.rng.pick(&SVC_FAULTS) };
+            let fault = if self.rng.one_in_usize(2) { SvcFault::None } else { self.rng.pick(&SVC_FAULTS) };
             let fault = if fault == SvcFault::StealsFrontends && valid.is_empty() { SvcFault::None } else { fault };
-            let with_protocol = self.rng.one_in(2);
+            let with_protocol = self.rng.one_in_usize(2);
             let mut spec = json!({
                 "clusterIP": ip,
                 "ports": ports.iter().map(|p| Self::port_json(p, with_protocol)).collect::<Vec<_>>(),
             });
-            if self.rng.one_in(3) {
+            if self.rng.one_in_usize(3) {
                 spec["type"] = json!(self.rng.pick(&["ClusterIP", "NodePort", "LoadBalancer"]));
             }
-            if self.rng.one_in(4) {
+            if self.rng.one_in_usize(4) {
                 spec["clusterIPs"] = json!([ip, format!("fd00::{i:x}")]);
             }
             let mut svc = json!({"apiVersion": "v1", "kind": "Service",
@@ -309,7 +290,7 @@ impl Gen {
             let mut claimed_ip = Some(ip.clone());
             match fault {
                 SvcFault::None | SvcFault::Duplicate => {}
-                SvcFault::Skipped => match self.rng.below(3) {
+                SvcFault::Skipped => match self.rng.index(3) {
                     0 => {
                         svc["spec"]["clusterIP"] = json!("None");
                         svc["spec"].as_object_mut().unwrap().remove("clusterIPs");
@@ -340,11 +321,11 @@ impl Gen {
                         SvcFault::PortTooBig => self.rng.pick(&[65536, 70000, i32::MAX as i64]),
                         _ => self.rng.pick(&[-1, -80, i32::MIN as i64]),
                     };
-                    let k = self.rng.below(ports.len());
+                    let k = self.rng.index(ports.len());
                     svc["spec"]["ports"][k]["port"] = json!(n);
                 }
                 SvcFault::UnknownProtocol => {
-                    let k = self.rng.below(ports.len());
+                    let k = self.rng.index(ports.len());
                     svc["spec"]["ports"][k]["protocol"] = json!(self.rng.pick(&["SCTP", "ICMP", "tcp", ""]));
                 }
                 SvcFault::DuplicatePortName => {
@@ -371,7 +352,7 @@ impl Gen {
                 SvcFault::UnknownType => svc["spec"]["type"] = json!(self.rng.pick(&["Foo", "clusterip", "Headless"])),
                 SvcFault::BadAffinity => {
                     svc["spec"]["sessionAffinity"] = json!("ClientIP");
-                    if self.rng.one_in(3) {
+                    if self.rng.one_in_usize(3) {
                         svc["spec"]["sessionAffinity"] = json!("Cookie");
                     } else {
                         let t = self.rng.pick(&[0, -5, 86_401, i32::MAX as i64]);
@@ -417,28 +398,28 @@ impl Gen {
 
             // Its slices.
             let mut counted_slices = Vec::new();
-            for j in 0..self.rng.below(4) {
+            for j in 0..self.rng.index(4) {
                 let sname = format!("{name}-{j}");
                 let sobject = format!("EndpointSlice {ns}/{sname}");
                 slice_objects.push(sobject.clone());
-                let sfault = if !fault.proxied() || self.rng.one_in(2) {
+                let sfault = if !fault.proxied() || self.rng.one_in_usize(2) {
                     SliceFault::None
                 } else {
                     self.rng.pick(&SLICE_FAULTS)
                 };
                 let mut ports: Vec<Port> =
-                    ports.iter().map(|(n, _, p)| (n.clone(), 1 + self.rng.below(65535) as i64, *p)).collect();
-                if self.rng.one_in(5) && ports.len() > 1 {
+                    ports.iter().map(|(n, _, p)| (n.clone(), 1 + self.rng.index(65535) as i64, *p)).collect();
+                if self.rng.one_in_usize(5) && ports.len() > 1 {
                     // A slice may carry only some of the Service's ports.
                     ports.pop();
                 }
-                let mut eps: Vec<Value> = (0..self.rng.below(6))
+                let mut eps: Vec<Value> = (0..self.rng.index(6))
                     .map(|_| {
                         let ip = self.endpoint_ip();
                         self.endpoint(&ip)
                     })
                     .collect();
-                let with_protocol = self.rng.one_in(2);
+                let with_protocol = self.rng.one_in_usize(2);
                 let mut s = json!({
                     "apiVersion": "discovery.k8s.io/v1",
                     "kind": "EndpointSlice",
@@ -450,11 +431,11 @@ impl Gen {
                     SliceFault::None | SliceFault::Duplicate | SliceFault::Fqdn | SliceFault::UnknownAddressType => {}
                     SliceFault::BadEndpointIp => {
                         let bad = self.rng.pick(&["10.244.0.256", "", "pod-a", "10.244.0.1.5", "10.244.0.1:80"]);
-                        eps.insert(self.rng.below(eps.len() + 1), self.endpoint(bad));
+                        eps.insert(self.rng.index(eps.len() + 1), self.endpoint(bad));
                     }
                     SliceFault::WrongFamilyEndpoint => {
                         let bad = self.rng.pick(&["fd00::1", "::ffff:10.0.0.1", "2001:db8::5"]);
-                        eps.insert(self.rng.below(eps.len() + 1), self.endpoint(bad));
+                        eps.insert(self.rng.index(eps.len() + 1), self.endpoint(bad));
                     }
                     SliceFault::NonUnicastEndpoint => {
                         let bad = self.rng.pick(&[
@@ -465,20 +446,20 @@ impl Gen {
                             "224.0.0.251",
                             "255.255.255.255",
                         ]);
-                        eps.insert(self.rng.below(eps.len() + 1), self.endpoint(bad));
+                        eps.insert(self.rng.index(eps.len() + 1), self.endpoint(bad));
                     }
                     SliceFault::PortZero | SliceFault::PortTooBig => {
                         let n = if sfault == SliceFault::PortZero { 0 } else { self.rng.pick(&[65536, -1, 1 << 20]) };
-                        let k = self.rng.below(ports.len());
+                        let k = self.rng.index(ports.len());
                         s["ports"][k]["port"] = json!(n);
                     }
                     SliceFault::UnknownProtocol => {
-                        let k = self.rng.below(ports.len());
+                        let k = self.rng.index(ports.len());
                         s["ports"][k]["protocol"] = json!(self.rng.pick(&["SCTP", "QUIC", "udp"]));
                     }
                     SliceFault::DuplicatePort => {
                         let mut dup = Self::port_json(&ports[0], true);
-                        dup["port"] = json!(1 + self.rng.below(65535));
+                        dup["port"] = json!(1 + self.rng.index(65535));
                         s["ports"].as_array_mut().unwrap().push(dup);
                     }
                     SliceFault::NoAddress => {
@@ -486,7 +467,7 @@ impl Gen {
                         // required): the file source counts it in lb_decode_errors.
                         let mut e = self.endpoint("x");
                         e["addresses"] = json!([]);
-                        eps.insert(self.rng.below(eps.len() + 1), e);
+                        eps.insert(self.rng.index(eps.len() + 1), e);
                     }
                     SliceFault::DuplicateEndpoint => {
                         if eps.is_empty() {
@@ -581,20 +562,20 @@ fn env_or(name: &str, default: u64) -> u64 {
 fn generated_objects_malformed_ones_are_reported_and_the_rest_unaffected() {
     let seed = env_or("LB_MODEL_FUZZ_SEED", 0x6b38_7369_6e00_0013);
     let sets = env_or("LB_MODEL_FUZZ_SETS", 3000);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (mut objects, mut malformed, mut issues, mut compared) = (0usize, 0usize, 0usize, 0usize);
     let mut kinds_seen = BTreeSet::new();
     for set in 0..sets {
         let set_seed = rng.next_u64();
         let mut g = Gen::new(set_seed);
-        let n = 1 + g.rng.below(12);
+        let n = 1 + g.rng.index(12);
         g.set(n);
         // Any order: shuffle what the agent is handed.
         for i in (1..g.services.len()).rev() {
-            g.services.swap(i, g.rng.below(i + 1));
+            g.services.swap(i, g.rng.index(i + 1));
         }
         for i in (1..g.slices.len()).rev() {
-            g.slices.swap(i, g.rng.below(i + 1));
+            g.slices.swap(i, g.rng.index(i + 1));
         }
         let ctx = || {
             format!(
