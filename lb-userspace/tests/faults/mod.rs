@@ -85,9 +85,14 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(topo: &Topology, tag: &str, args: &[&str]) -> Result<Self> {
+        Self::start_with(topo, tag, args, &services_yaml())
+    }
+
+    /// [`Agent::start`] with `objects` in its objects file.
+    pub fn start_with(topo: &Topology, tag: &str, args: &[&str], objects: &str) -> Result<Self> {
         let dir = Scratch::new(tag)?;
         let bpffs = PrivateBpffs::new()?;
-        std::fs::write(dir.0.join("objects.yaml"), services_yaml())?;
+        std::fs::write(dir.0.join("objects.yaml"), objects)?;
         let status_file = dir.0.join("status.json");
         let log = dir.0.join("agent.log");
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -120,6 +125,15 @@ impl Agent {
 
     pub fn status(&self) -> Option<AgentStatus> {
         read_status(&self.status_file)
+    }
+
+    /// Replaces the objects file at once (a rename), so that the agent never reads
+    /// half of it.
+    pub fn write_objects(&self, objects: &str) -> Result<()> {
+        let tmp = self.dir.path("objects.yaml.new");
+        std::fs::write(&tmp, objects)?;
+        std::fs::rename(&tmp, self.dir.path("objects.yaml"))?;
+        Ok(())
     }
 
     /// Waits until the agent is ready with `attached` attachments and both Services'

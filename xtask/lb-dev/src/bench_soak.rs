@@ -666,36 +666,6 @@ fn programmed(maps: &BpfMaps, key: &FrontendKey, want: &Option<BTreeSet<Ipv4Addr
     have == *want
 }
 
-/// Forwards TCP connections to `127.0.0.1:port` in `ns` to the same port on the root
-/// namespace's loopback (the API server), until `stop`. The listener is made inside
-/// `ns`; the connections out are made by threads of the root namespace.
-fn forward_api(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
-    let listener =
-        ns.run(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).context("forwarder listen in the node"))?;
-    listener.set_nonblocking(true)?;
-    Ok(std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((inner, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            };
-            std::thread::spawn(move || {
-                let _ = inner.set_nonblocking(false);
-                let Ok(outer) = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else { return };
-                let (Ok(mut a), Ok(mut b)) = (inner.try_clone(), outer.try_clone()) else { return };
-                let up = std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut a, &mut b);
-                    let _ = b.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut inner, mut outer) = (inner, outer);
-                let _ = std::io::copy(&mut outer, &mut inner);
-                let _ = inner.shutdown(std::net::Shutdown::Write);
-                let _ = up.join();
-            });
-        }
-    }))
-}
-
 /// TCP and UDP servers on every pod address of the server pod: a TCP connection gets
 /// the backend's address and is closed, a UDP datagram `ID` gets `ADDR ID`. A pod that
 /// is not alive closes TCP connections unanswered and drops datagrams, as a gone pod's
@@ -1084,18 +1054,16 @@ pub fn run(opts: &SoakOpts) -> Result<Report> {
     let client = rt.block_on(k8s::client(Some(&opts.kubeconfig)))?;
     let api = rt.block_on(k8s::detect_slice_api(&client))?;
     let port = api_port(&opts.kubeconfig)?;
-    let fwd_stop = Arc::new(AtomicBool::new(false));
-    let fwd = forward_api(&topo.node, port, fwd_stop.clone())?;
+    let gate = lb_testing::kube::ApiGate::new(&topo.node, port)?;
     let res = soak(opts, &rt, &client, api, &topo, state, sh.clone());
     // Stop everything that is still running, whatever happened.
     sh.stop_churn.store(true, Ordering::Relaxed);
     sh.stop_traffic.store(true, Ordering::Relaxed);
     // `soak` joined the client's thread (or failed before it started traffic).
     sh.stop_servers.store(true, Ordering::Relaxed);
-    fwd_stop.store(true, Ordering::Relaxed);
     let _ = rt.block_on(Api::<Namespace>::all(client).delete(NS, &DeleteParams::default()));
     let server = server.join().map_err(|_| anyhow::anyhow!("the server thread panicked"))?;
-    let _ = fwd.join();
+    drop(gate);
     let report = res?;
     server.context("the backend servers")?;
     Ok(report)

@@ -146,3 +146,115 @@ impl Drop for Cluster {
         let _ = xtask().args(["kube", "down", "--dir"]).arg(&self.dir).output();
     }
 }
+
+/// A TCP forwarder from `127.0.0.1:port` inside a network namespace (a node's) to the
+/// same port on the root namespace's loopback, where [`Cluster`] runs the API server:
+/// an agent in the node reaches the API server through it with the cluster's own
+/// kubeconfig, and nothing is added to either namespace's routes.
+///
+/// [`ApiGate::cut`] takes the API server away from that node only: live connections
+/// are shut down and new ones refused (the listener is closed), while the API server
+/// itself keeps serving `kubectl` in the root namespace, so that changes made
+/// meanwhile are the agent's to catch up on. [`ApiGate::restore`] listens again.
+/// Stopped on drop.
+pub struct ApiGate {
+    port: u16,
+    shared: std::sync::Arc<GateShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct GateShared {
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// Both ends of every forwarded connection, to shut down on a cut.
+    conns: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    stop: std::sync::atomic::AtomicBool,
+    /// Connections forwarded so far.
+    accepted: std::sync::atomic::AtomicU64,
+}
+
+impl ApiGate {
+    /// Forwards `127.0.0.1:port` in `ns`.
+    pub fn new(ns: &crate::netns::Netns, port: u16) -> Result<Self> {
+        let shared = std::sync::Arc::new(GateShared::default());
+        let mut gate = Self { port, shared: shared.clone(), thread: None };
+        gate.restore(ns)?;
+        gate.thread = Some(std::thread::spawn(move || gate_accept(&shared, port)));
+        Ok(gate)
+    }
+
+    /// The API server is away for the node from now on: established connections are
+    /// shut down both ways, new ones refused.
+    pub fn cut(&self) {
+        drop(self.shared.listener.lock().map(|mut l| l.take()));
+        if let Ok(mut conns) = self.shared.conns.lock() {
+            for c in conns.drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Listens again (also the first time).
+    pub fn restore(&self, ns: &crate::netns::Netns) -> Result<()> {
+        let port = self.port;
+        let l = ns.run(|| {
+            let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
+                .with_context(|| format!("the API gate's listener on 127.0.0.1:{port} in the node"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        *self.shared.listener.lock().map_err(|_| anyhow::anyhow!("gate lock poisoned"))? = Some(l);
+        Ok(())
+    }
+
+    /// Connections forwarded so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for ApiGate {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn gate_accept(shared: &std::sync::Arc<GateShared>, port: u16) {
+    use std::sync::atomic::Ordering;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let accepted = shared.listener.lock().ok().and_then(|l| l.as_ref().and_then(|l| l.accept().ok()));
+        let Some((inner, _)) = accepted else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            let _ = inner.set_nonblocking(false);
+            // The connection out is made by a thread of the root namespace.
+            let Ok(outer) = std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)) else { return };
+            let (Ok(mut a), Ok(mut b), Ok(i2), Ok(o2)) =
+                (inner.try_clone(), outer.try_clone(), inner.try_clone(), outer.try_clone())
+            else {
+                return;
+            };
+            if let Ok(mut conns) = shared.conns.lock() {
+                conns.retain(|c| c.peer_addr().is_ok());
+                conns.push(i2);
+                conns.push(o2);
+            }
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut inner, mut outer) = (inner, outer);
+            let _ = std::io::copy(&mut outer, &mut inner);
+            let _ = inner.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+        });
+    }
+}
