@@ -98,8 +98,9 @@ impl World {
             .collect()
     }
 
-    /// Changes about `share` of the Services (new endpoint sets, deletions,
-    /// re-creations); returns the indices touched.
+    /// Changes each Service index with a chance of one in `one_in`: a Service that
+    /// exists is deleted (one in four) or gets a new endpoint set, one that does not is
+    /// created; returns the indices touched.
     fn churn(&mut self, one_in: usize) -> BTreeSet<usize> {
         let mut touched = BTreeSet::new();
         for i in 0..self.cap {
@@ -530,7 +531,7 @@ fn sigkill_at_random_points_inside_large_syncs_leaves_exact_maps_and_flows_intac
         p(0.5),
         p(1.0)
     );
-    ensure!(landed.inside >= kills / 2, "only {landed:?} kills landed inside a sync: the window is off");
+    ensure!(landed.inside >= kills / 4, "only {landed:?} kills landed inside a sync: the window is off");
     Ok(())
 }
 

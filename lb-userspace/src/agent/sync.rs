@@ -528,7 +528,9 @@ impl Syncer {
     /// rightly below ids in use (they are skipped when it reaches them).
     ///
     /// `DRAINING` entries (and slots) of service ids that no frontend owns are
-    /// orphans of deleted frontends: kept, and aged from now.
+    /// orphans of deleted frontends: kept until the conntrack collector finds no flow
+    /// using them, without [`ORPHAN_MIN_AGE`]'s wait (see below), and at most
+    /// [`ORPHAN_MAX_AGE`] from now.
     ///
     /// `tables` reads `TABLES` words (offset, count); a frontend whose table does not
     /// read back (it names an empty slot, or overlaps another) gets a new one on the
@@ -566,14 +568,21 @@ impl Syncer {
             s.shadow.draining.entry(k.svc_id).or_default().insert(k.backend_id, v);
         }
         let owned = s.owned_ids();
+        // Orphans found in the maps lost their frontend before this agent started, so
+        // no flow of theirs can begin from now on, and every conntrack scan this agent
+        // makes sees all their flows: the reason for ORPHAN_MIN_AGE (a scan that began
+        // before the frontend went) does not apply to them. Aged from now instead,
+        // each restart would hold them 30 s more, and an agent restarting faster than
+        // that (a crash loop) would pile them up without end.
         let now = Instant::now();
+        let inherited = now.checked_sub(ORPHAN_MIN_AGE).unwrap_or(now);
         s.orphans = s
             .shadow
             .slots
             .keys()
             .chain(s.shadow.draining.keys())
             .filter(|id| !owned.contains(id))
-            .map(|id| (*id, now))
+            .map(|id| (*id, inherited))
             .collect();
         s.svc_ids.held = owned.into_iter().chain(s.orphans.keys().copied()).collect();
         s.svc_ids.cursor = if (1..s.svc_ids.limit).contains(&ids.next_svc_id) {

@@ -8,8 +8,8 @@
 //! pod. The agent (`lb agent --source kubernetes`, the release binary) runs in the node
 //! namespace with its programs on the pod veths (tc, `--iface-glob to-*`), on a private
 //! bpffs; it reaches the caller's API server (on the root namespace's loopback) through
-//! a forwarder that listens on the node's loopback, so that nothing is added to the
-//! root namespace. The server pod holds one address per backend pod, with a TCP and a
+//! a forwarder that listens on the node's loopback ([`lb_testing::kube::ApiGate`],
+//! never cut here), so that nothing is added to the root namespace. The server pod holds one address per backend pod, with a TCP and a
 //! UDP server on each.
 //!
 //! - **Churn** ([`Churn`]): one API write every 1/20 s: endpoints added (a new pod that

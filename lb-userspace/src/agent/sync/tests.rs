@@ -880,6 +880,35 @@ fn reconcile_keeps_draining_entries_of_unknown_services_as_orphans() {
     assert_eq!((st.draining_deleted, orphans(&m).len()), (1, 0));
 }
 
+/// Orphans inherited from a previous agent go on the first collector pass with no
+/// flow of theirs, without waiting out ORPHAN_MIN_AGE again: an agent restarting
+/// every few seconds would otherwise keep every deleted frontend's entries forever
+/// (tests/faults_agent.rs saw 51,925 pile up over 100 restarts). An orphan made
+/// after the restart still waits.
+#[test]
+fn inherited_orphans_are_released_at_once_new_ones_wait() {
+    let mut m = FakeMaps::default();
+    let mut s = Syncer::new(1024);
+    let a = desired(vec![(fe_key(10, 80), frontend([1, 2])), (fe_key(11, 80), frontend([3]))]);
+    step(&mut s, &mut m, &Desired::default(), &a);
+    let b = desired(vec![(fe_key(11, 80), frontend([3]))]);
+    step(&mut s, &mut m, &a, &b);
+    assert_eq!(orphans(&m).len(), 2, "the deleted frontend's two backends drain");
+
+    let mut s2 = restart(&m, 1024);
+    assert!(step(&mut s2, &mut m, &b, &b).is_empty());
+    let c = Desired::default();
+    step(&mut s2, &mut m, &b, &c);
+    assert_eq!(orphans(&m).len(), 3, "and now the other frontend's one");
+    let mut stats = SyncStats::default();
+    m.sticky.clear();
+    m.reachable.clear();
+    s2.release_orphans_at(Some(&HashSet::new()), &mut m, &mut stats, Instant::now()).expect("release");
+    assert_eq!((stats.draining_deleted, orphans(&m).len()), (2, 1), "inherited ones go, the new one waits");
+    let st = release(&mut s2, &mut m, &HashSet::new());
+    assert_eq!((st.draining_deleted, orphans(&m).len()), (1, 0));
+}
+
 /// "Restarts" the agent: a new syncer from what the maps hold, `IDS` included.
 fn restart(m: &FakeMaps, limit: u32) -> Syncer {
     Syncer::from_maps(
