@@ -90,6 +90,8 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    // Before any thread starts: Ctrl-C tears down what a command registered.
+    lb_netns::interrupt::install();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => setup::run(),
@@ -270,6 +272,12 @@ fn bench_with_api_server(what: &str, port: u16, mut args: Vec<String>) -> Result
     let target = target_dir()?;
     let dir = std::path::PathBuf::from(format!("/tmp/lb-bench-{what}-kube"));
     let opts = kube::UpOpts { dir: dir.clone(), port, controllers: false, ..Default::default() };
+    let _down_on_interrupt = {
+        let dir = dir.clone();
+        lb_netns::interrupt::on_interrupt(move || {
+            let _ = kube::down(&dir);
+        })
+    };
     let cluster = kube::up(&opts).with_context(|| format!("starting the {what} benchmark's API server"))?;
     if !args.iter().any(|a| a == "--out") {
         args.extend(["--out".to_string(), target.join(format!("bench/{what}.json")).display().to_string()]);

@@ -1032,6 +1032,9 @@ fn start_agent(opts: &SoakOpts, topo: &Topology) -> Result<NodeAgent> {
 
 /// Runs the soak. Blocking; makes its own runtimes.
 pub fn run(opts: &SoakOpts) -> Result<Report> {
+    // Ctrl-C ends the soak early through its own clean-up: the agent, the namespaces,
+    // the bpffs and the API objects go as on any error.
+    let _cooperating = lb_netns::interrupt::cooperate();
     anyhow::ensure!(opts.services >= 1 && opts.services <= 20, "--services must be 1..=20");
     anyhow::ensure!(opts.changes_per_s > 0.0 && opts.requests_per_s > 0.0, "rates must be positive");
     netns::remove_stale().context("removing namespaces of earlier crashed runs")?;
@@ -1149,6 +1152,7 @@ fn soak(
     let mut agent_error = None;
     while next <= end + Duration::from_millis(1) {
         while Instant::now() < next {
+            anyhow::ensure!(!lb_netns::interrupt::requested(), "interrupted");
             if let Some(st) = node.agent.status().filter(|s| s.last_sync_error.is_some()) {
                 // Reported, not fatal: the verdict shows what it cost.
                 if agent_error.is_none() {

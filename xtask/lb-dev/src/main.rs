@@ -194,6 +194,8 @@ enum Demo {
 }
 
 fn main() -> Result<()> {
+    // Before any thread starts (see lb_netns::interrupt): the soak cleans up on Ctrl-C.
+    lb_netns::interrupt::install();
     match Cli::parse().cmd {
         Cmd::Bench { what: Bench::Datapath { repeat, services, backends, rounds, ct_lru, new_flow_backends, out } } => {
             bench_datapath(repeat, &services, backends, rounds, ct_lru, &new_flow_backends, out)

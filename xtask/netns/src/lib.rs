@@ -13,6 +13,8 @@
 //! changes namespace. A socket stays in the namespace it was created in, so it may be
 //! used from any thread afterwards.
 
+pub mod interrupt;
+
 use std::{
     fs::File,
     path::{Path, PathBuf},

@@ -236,30 +236,15 @@ fn preflight() -> Result<()> {
 /// Serialises teardown between the main thread (on error) and the signal thread.
 static TEARDOWN: Mutex<()> = Mutex::new(());
 
-/// Ctrl-C / SIGTERM while this process uses the sandbox: tear it down and exit 130.
-/// SIGINT and SIGTERM are blocked in the calling thread (every thread it starts after
-/// inherits that) and a thread of ours waits for them (sigwait(2)), so the teardown runs
-/// as ordinary code, not in a signal handler. Children do not inherit the blocked mask:
-/// std's `Command` resets it in every child it starts. Call it from the main thread
-/// before it starts threads of its own.
+/// Ctrl-C / SIGTERM while this process uses the sandbox: tear it down and exit 130
+/// ([`lb_netns::interrupt`], installed by `main`).
 pub fn install_teardown_on_signal() {
-    use nix::sys::signal::{SigSet, Signal};
-    static INSTALLED: std::sync::Once = std::sync::Once::new();
-    INSTALLED.call_once(|| {
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGINT);
-        set.add(Signal::SIGTERM);
-        if let Err(e) = set.thread_block() {
-            eprintln!("warning: cannot block SIGINT/SIGTERM ({e}); Ctrl-C will not tear the sandbox down");
-            return;
-        }
-        std::thread::spawn(move || {
-            if set.wait().is_ok() {
-                eprintln!("\ninterrupted: tearing the sandbox down...");
-                let _ = down(false);
-                std::process::exit(130);
-            }
-        });
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        // For the rest of the process: whatever it does next may have left a sandbox.
+        std::mem::forget(lb_netns::interrupt::on_interrupt(|| {
+            let _ = down(false);
+        }));
     });
 }
 
