@@ -2,12 +2,13 @@
 //! itself (namespaces, a sandbox, an API server, an agent) must go before it exits,
 //! also when interrupted.
 //!
-//! [`install`] blocks SIGINT and SIGTERM in the calling thread (call it first thing in
-//! `main`: every thread started after inherits the mask) and starts a thread that
-//! waits for them with sigwait(2), so that what runs on a signal is ordinary code, not
-//! a signal handler. Children do not inherit the mask: std's `Command` resets it in
-//! every child, so a child in the same process group gets the terminal's Ctrl-C
-//! itself. On the first signal the waiter
+//! [`install`] registers handlers for SIGINT and SIGTERM (signal-hook's iterator: the
+//! handler only wakes a thread of ours, so what runs on a signal is ordinary code, not
+//! a signal handler). Handlers, not a blocked mask: a blocked mask is inherited by
+//! every child (std's `Command` keeps it; `cargo test` under `cargo xtask test` then ran
+//! agents that could not see SIGTERM), while handlers go back to the default at
+//! exec(2), so children start as they would without us, and one in the same process
+//! group gets the terminal's Ctrl-C itself. On the first signal the waiter
 //!
 //! - runs every teardown registered with [`on_interrupt`] (newest first) and exits
 //!   130, if there are any;
@@ -30,20 +31,21 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 static COOPERATING: AtomicUsize = AtomicUsize::new(0);
 
-/// Blocks SIGINT and SIGTERM here and starts the waiter (once per process).
+/// Handles SIGINT and SIGTERM from now on (once per process): call it first thing in
+/// `main`.
 pub fn install() {
-    use nix::sys::signal::{SigSet, Signal};
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGINT);
-        set.add(Signal::SIGTERM);
-        if let Err(e) = set.thread_block() {
-            eprintln!("warning: cannot block SIGINT/SIGTERM ({e}); Ctrl-C will not tear down what was made");
-            return;
-        }
+        let mut signals =
+            match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("warning: cannot handle SIGINT/SIGTERM ({e}); Ctrl-C will not tear down what was made");
+                    return;
+                }
+            };
         std::thread::spawn(move || {
-            while set.wait().is_ok() {
+            for _ in signals.forever() {
                 if REQUESTED.swap(true, Ordering::SeqCst) {
                     std::process::exit(130);
                 }
